@@ -1,0 +1,327 @@
+"""The SQLite ledger (WAL): the embedded default's durable memory, and its embedding cache.
+
+Every public method runs in one ``BEGIN IMMEDIATE`` transaction, with ``synchronous=FULL`` so a
+committed transaction survives a process kill and a power cut. A crash between two statements
+of one method leaves the ledger as it was before the method (proved in tests/test_ledger.py by
+killing a process at named points between statements).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.codec import decode_chunks, decode_intent, encode_chunks, encode_intent
+from coordinator.crashpoints import CrashHook, no_crash
+from coordinator.errors import TransientStoreError
+from coordinator.model import DeadLetter, DocState, Vector
+from coordinator.ports import Intent
+
+# How long a writer waits for another process's write lock before giving up.
+BUSY_TIMEOUT_S = 30.0
+# SQLite limits bound parameters per statement (32766 in current builds); stay well below it.
+PARAMS_PER_QUERY_MAX = 900
+# Rows fetched per round trip when streaming documents, so iteration never loads the whole table.
+ITER_PAGE_ROWS = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    doc_id        TEXT PRIMARY KEY,
+    version       INTEGER NOT NULL,
+    deleted       INTEGER NOT NULL,
+    chunks        TEXT NOT NULL,
+    metadata_hash TEXT NOT NULL,
+    source_hash   TEXT NOT NULL,
+    updated_at    REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS applied (
+    side    TEXT NOT NULL,
+    doc_id  TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (side, doc_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS intents (
+    doc_id     TEXT PRIMARY KEY,
+    version    INTEGER NOT NULL,
+    payload    TEXT NOT NULL,
+    done       TEXT NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source   TEXT PRIMARY KEY,
+    position TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    source     TEXT NOT NULL,
+    doc_id     TEXT,
+    version    INTEGER,
+    reason     TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    model        TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    vector       BLOB NOT NULL,
+    PRIMARY KEY (model, content_hash)
+) WITHOUT ROWID;
+"""
+
+
+class SqliteLedger:
+    """Ledger port on one SQLite file; safe to share between threads of one process."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        crash_hook: CrashHook = no_crash,
+    ) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._crash = crash_hook
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cur = self._db.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise TransientStoreError(f"ledger busy: {exc}", store="ledger") from exc
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # --- documents -------------------------------------------------------------------------
+
+    def get_docs(self, doc_ids: Iterable[str]) -> dict[str, DocState]:
+        out: dict[str, DocState] = {}
+        for part in _parts(list(dict.fromkeys(doc_ids))):
+            marks = ",".join("?" * len(part))
+            rows = self._read(f"SELECT {_DOC_COLS} FROM documents WHERE doc_id IN ({marks})", part)
+            out.update((str(r[0]), _doc(r)) for r in rows)
+        return out
+
+    def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]:
+        after = ""
+        while True:
+            rows = self._read(
+                f"SELECT {_DOC_COLS} FROM documents WHERE doc_id > ? AND (deleted = 0 OR ?) "
+                "ORDER BY doc_id LIMIT ?",
+                (after, int(include_deleted), ITER_PAGE_ROWS),
+            )
+            yield from (_doc(r) for r in rows)
+            if len(rows) < ITER_PAGE_ROWS:
+                return
+            after = str(rows[-1][0])
+
+    # --- the two-phase protocol ------------------------------------------------------------
+
+    def prepare(self, intents: Sequence[Intent]) -> None:
+        now = self._clock()
+        with self._tx() as cur:
+            for intent in intents:
+                self._check_preparable(cur, intent)
+                cur.execute(
+                    "INSERT INTO intents (doc_id, version, payload, done, created_at) VALUES (?, ?, ?, '[]', ?)",
+                    (intent.doc_id, intent.version, encode_intent(intent), now),
+                )
+                self._crash("ledger.prepare.between_statements")
+
+    def _check_preparable(self, cur: sqlite3.Cursor, intent: Intent) -> None:
+        if cur.execute("SELECT 1 FROM intents WHERE doc_id = ?", (intent.doc_id,)).fetchone():
+            raise ValueError(f"{intent.doc_id} already has a pending intent")
+        row = cur.execute("SELECT version FROM documents WHERE doc_id = ?", (intent.doc_id,)).fetchone()
+        if row is not None and intent.version <= row[0]:
+            raise ValueError(f"{intent.doc_id} v{intent.version} is not above committed v{row[0]}")
+
+    def mark_done(self, side: str, doc_versions: Sequence[tuple[str, int]]) -> None:
+        with self._tx() as cur:
+            for doc_id, version in doc_versions:
+                row = cur.execute(
+                    "SELECT done FROM intents WHERE doc_id = ? AND version = ?", (doc_id, version)
+                )
+                found = row.fetchone()
+                if found is None:
+                    continue
+                done = sorted({*json.loads(found[0]), side})
+                cur.execute("UPDATE intents SET done = ? WHERE doc_id = ?", (json.dumps(done), doc_id))
+                self._crash("ledger.mark_done.between_statements")
+                _upsert_applied(cur, side, doc_id, version)
+
+    def commit(self, doc_versions: Sequence[tuple[str, int]], sides: frozenset[str]) -> int:
+        committed = 0
+        now = self._clock()
+        with self._tx() as cur:
+            for doc_id, version in doc_versions:
+                row = cur.execute(
+                    "SELECT payload, done FROM intents WHERE doc_id = ? AND version = ?", (doc_id, version)
+                ).fetchone()
+                if row is None or not sides <= set(json.loads(row[1])):
+                    continue
+                after = decode_intent(doc_id, version, row[0], frozenset()).after
+                _write_doc(cur, after, now)
+                self._crash("ledger.commit.between_statements")
+                cur.execute("DELETE FROM intents WHERE doc_id = ?", (doc_id,))
+                committed += 1
+        return committed
+
+    def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
+        with self._tx() as cur:
+            cur.executemany("DELETE FROM intents WHERE doc_id = ? AND version = ?", doc_versions)
+
+    def pending(self) -> list[Intent]:
+        rows = self._read("SELECT doc_id, version, payload, done FROM intents ORDER BY created_at, doc_id")
+        return [decode_intent(str(d), int(v), str(p), frozenset(json.loads(str(n)))) for d, v, p, n in rows]  # type: ignore[call-overload]
+
+    def applied_versions(self, side: str, doc_ids: Iterable[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in _parts(list(doc_ids)):
+            marks = ",".join("?" * len(part))
+            rows = self._read(
+                f"SELECT doc_id, version FROM applied WHERE side = ? AND doc_id IN ({marks})", [side, *part]
+            )
+            out.update((str(d), int(v)) for d, v in rows)  # type: ignore[call-overload]
+        return out
+
+    # --- checkpoints and dead letters ------------------------------------------------------
+
+    def get_checkpoint(self, source: str) -> str | None:
+        rows = self._read("SELECT position FROM checkpoints WHERE source = ?", (source,))
+        return str(rows[0][0]) if rows else None
+
+    def set_checkpoint(self, source: str, position: str) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO checkpoints (source, position) VALUES (?, ?) "
+                "ON CONFLICT(source) DO UPDATE SET position = excluded.position",
+                (source, position),
+            )
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        now = self._clock()
+        with self._tx() as cur:
+            cur.executemany(
+                "INSERT INTO dead_letters (source, doc_id, version, reason, payload, attempts, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(d.source, d.doc_id, d.version, d.reason, d.payload, d.attempts, now) for d in letters],
+            )
+
+    def dead_letters(self, *, limit: int) -> list[tuple[int, DeadLetter]]:
+        rows = self._read(
+            "SELECT id, source, reason, payload, doc_id, version, attempts FROM dead_letters ORDER BY id LIMIT ?",
+            (limit,),
+        )
+        return [(int(r[0]), DeadLetter(*r[1:])) for r in rows]  # type: ignore[call-overload, arg-type]
+
+    def counts(self) -> dict[str, int]:
+        queries = {
+            "live_docs": "SELECT COUNT(*) FROM documents WHERE deleted = 0",
+            "tombstones": "SELECT COUNT(*) FROM documents WHERE deleted = 1",
+            "chunks": "SELECT COALESCE(SUM(json_array_length(chunks)), 0) FROM documents WHERE deleted = 0",
+            "pending_intents": "SELECT COUNT(*) FROM intents",
+            "dead_letters": "SELECT COUNT(*) FROM dead_letters",
+        }
+        return {name: int(self._read(sql)[0][0]) for name, sql in queries.items()}  # type: ignore[call-overload]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class SqliteEmbeddingCache:
+    """Durable vectors keyed by (model id, content hash), stored as float32 blobs."""
+
+    def __init__(self, ledger: SqliteLedger) -> None:
+        self._ledger = ledger
+
+    def get_many(self, model_id: str, hashes: Iterable[str]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for part in _parts(list(dict.fromkeys(hashes))):
+            marks = ",".join("?" * len(part))
+            rows = self._ledger._read(
+                f"SELECT content_hash, vector FROM embeddings WHERE model = ? AND content_hash IN ({marks})",
+                [model_id, *part],
+            )
+            out.update((str(h), np.frombuffer(v, dtype=np.float32).tolist()) for h, v in rows)  # type: ignore[arg-type]
+        return out
+
+    def put_many(self, model_id: str, vectors: Mapping[str, Vector]) -> None:
+        rows = [(model_id, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()]
+        with self._ledger._tx() as cur:
+            cur.executemany(
+                "INSERT OR REPLACE INTO embeddings (model, content_hash, vector) VALUES (?, ?, ?)", rows
+            )
+
+
+_DOC_COLS = "doc_id, version, deleted, chunks, metadata_hash, source_hash"
+
+
+def _doc(row: tuple[object, ...]) -> DocState:
+    doc_id = str(row[0])
+    return DocState(
+        doc_id=doc_id,
+        version=int(row[1]),  # type: ignore[call-overload]
+        deleted=bool(row[2]),
+        chunks=decode_chunks(doc_id, str(row[3])),
+        metadata_hash=str(row[4]),
+        source_hash=str(row[5]),
+    )
+
+
+def _write_doc(cur: sqlite3.Cursor, state: DocState, now: float) -> None:
+    cur.execute(
+        "INSERT INTO documents (doc_id, version, deleted, chunks, metadata_hash, source_hash, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(doc_id) DO UPDATE SET version = excluded.version, "
+        "deleted = excluded.deleted, chunks = excluded.chunks, metadata_hash = excluded.metadata_hash, "
+        "source_hash = excluded.source_hash, updated_at = excluded.updated_at",
+        (
+            state.doc_id,
+            state.version,
+            int(state.deleted),
+            encode_chunks(state.chunks),
+            state.metadata_hash,
+            state.source_hash,
+            now,
+        ),
+    )
+
+
+def _upsert_applied(cur: sqlite3.Cursor, side: str, doc_id: str, version: int) -> None:
+    cur.execute(
+        "INSERT INTO applied (side, doc_id, version) VALUES (?, ?, ?) ON CONFLICT(side, doc_id) "
+        "DO UPDATE SET version = MAX(version, excluded.version)",
+        (side, doc_id, version),
+    )
+
+
+def _parts(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), PARAMS_PER_QUERY_MAX):
+        yield items[start : start + PARAMS_PER_QUERY_MAX]

@@ -1,0 +1,239 @@
+"""The version-stamped two-phase apply, run synchronously over batches of events.
+
+For a batch of events:
+1. bad records and events that cannot be embedded go to the dead-letter queue;
+2. events are coalesced per document (latest version wins) and planned against the ledger;
+3. vectors for new or changed chunk texts are obtained (cache first, model only on a miss);
+4. *prepare*: every intent is written to the ledger durably;
+5. *apply*: each side (keyword, vector) receives every intent it does not hold yet, with
+   version stamps; a side's success is recorded in the ledger as soon as it returns;
+6. *commit*: intents held by both sides become the documents' committed state.
+A crash anywhere leaves intents in the ledger; ``recover()`` re-drives them before new work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+
+import structlog
+
+from coordinator import crashpoints
+from coordinator.chunking import ChunkingSettings
+from coordinator.errors import PermanentEmbedError
+from coordinator.events import ChangeEvent, canonical_json, event_to_dict
+from coordinator.model import DeadLetter, IndexedChunk, ItemResult
+from coordinator.planner import Plan, PlanKind, plan
+from coordinator.ports import BadRecord, ChunkIndex, HashedEmbedder, Intent, Ledger, SourceRecord, VectorIndex
+
+KEYWORD = "keyword"
+VECTOR = "vector"
+SIDES = frozenset({KEYWORD, VECTOR})
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ApplyStats:
+    """Counters of one run; ``sync`` prints them as its JSON summary."""
+
+    events: int = 0
+    applied_events: int = 0
+    stale_events: int = 0
+    coalesced_events: int = 0
+    upserted_chunks: int = 0
+    rewritten_chunks: int = 0
+    deleted_chunks: int = 0
+    skipped_chunks: int = 0
+    embed_calls: int = 0
+    cache_hits: int = 0
+    dead_letters: int = 0
+    recovered_intents: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class ApplyEngine:
+    """Applies batches of change records to both indexes through the ledger."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        keyword: ChunkIndex,
+        vector: VectorIndex,
+        embedder: HashedEmbedder,
+        chunking: ChunkingSettings,
+        source_name: str,
+        crash: crashpoints.CrashHook = crashpoints.no_crash,
+    ) -> None:
+        self.ledger = ledger
+        self.sides: dict[str, ChunkIndex] = {KEYWORD: keyword, VECTOR: vector}
+        self.vector = vector
+        self.embedder = embedder
+        self.chunking = chunking
+        self.source_name = source_name
+        self.crash = crash
+        self.stats = ApplyStats()
+
+    # --- entry points ----------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Roll every prepared intent forward (both sides, then commit); returns how many."""
+        intents = self.ledger.pending()
+        if intents:
+            log.info("recovering prepared intents", count=len(intents))
+            self._drive(intents)
+            self.stats.recovered_intents += len(intents)
+        return len(intents)
+
+    def apply(self, records: Sequence[SourceRecord]) -> None:
+        """Apply one batch of records; raises a transient error with nothing lost if a store fails."""
+        events = self._dead_letter_bad(records)
+        self.stats.events += len(records)
+        plans = self._plan(self._coalesce(events))
+        plans = self._embed(plans)
+        self.crash(crashpoints.AFTER_EMBED)
+        self.stats.rewritten_chunks += sum(len(p.rewrite) for p in plans)
+        intents = [p.to_intent() for p in plans]
+        self.ledger.prepare(intents)
+        self.crash(crashpoints.AFTER_PREPARE)
+        self._drive(intents)
+
+    # --- planning --------------------------------------------------------------------------
+
+    def _dead_letter_bad(self, records: Sequence[SourceRecord]) -> list[ChangeEvent]:
+        bad = [r for r in records if isinstance(r, BadRecord)]
+        if bad:
+            self._dead_letter(DeadLetter(self.source_name, b.reason, b.payload, doc_id=b.doc_id) for b in bad)
+        return [r for r in records if isinstance(r, ChangeEvent)]
+
+    def _coalesce(self, events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
+        """Keep the newest event per document; older ones in the same batch are superseded."""
+        latest: dict[str, ChangeEvent] = {}
+        for event in events:
+            kept = latest.get(event.doc_id)
+            if kept is None or event.version > kept.version:
+                latest[event.doc_id] = event
+        self.stats.coalesced_events += len(events) - len(latest)
+        return list(latest.values())
+
+    def _plan(self, events: Sequence[ChangeEvent]) -> list[Plan]:
+        states = self.ledger.get_docs(e.doc_id for e in events)
+        plans = [plan(e, states.get(e.doc_id), self.chunking) for e in events]
+        self.stats.stale_events += sum(p.kind is PlanKind.STALE for p in plans)
+        self._events_by_doc = {e.doc_id: e for e in events}
+        return [p for p in plans if p.kind is PlanKind.APPLY]
+
+    # --- embedding -------------------------------------------------------------------------
+
+    def _embed(self, plans: list[Plan]) -> list[Plan]:
+        """Make sure every chunk to write has a cached vector; poison documents are dead-lettered."""
+        try:
+            self._cache_vectors([c for p in plans for c in p.upserts])
+            return plans
+        except PermanentEmbedError:
+            return [p for p in plans if self._embed_one(p)]
+
+    def _embed_one(self, p: Plan) -> bool:
+        try:
+            self._cache_vectors(list(p.upserts))
+            return True
+        except PermanentEmbedError as exc:
+            event = self._events_by_doc[p.doc_id]
+            self._dead_letter([_letter(self.source_name, event, f"embedding failed: {exc}")])
+            return False
+
+    def _cache_vectors(self, chunks: Sequence[IndexedChunk]) -> dict[str, list[float]]:
+        """Vectors by content hash: cache, then the vector index's stored copy, then the model."""
+        before_calls, before_hits = self.embedder.embed_calls, self.embedder.cache_hits
+        vectors = self.embedder.lookup(c.content_hash for c in chunks)
+        missing = [c for c in chunks if c.content_hash not in vectors]
+        if missing:
+            stored = self.vector.fetch_vectors([c.chunk_id for c in missing])
+            vectors |= self.embedder.embed_hashed(
+                [(c.content_hash, c.text) for c in missing if c.chunk_id not in stored]
+            )
+            vectors |= {c.content_hash: stored[c.chunk_id] for c in missing if c.chunk_id in stored}
+        self.stats.embed_calls += self.embedder.embed_calls - before_calls
+        self.stats.cache_hits += self.embedder.cache_hits - before_hits
+        return vectors
+
+    # --- apply and commit ------------------------------------------------------------------
+
+    def _drive(self, intents: Sequence[Intent]) -> None:
+        """Bring every intent to both sides, recording each side's success, then commit."""
+        live = list(intents)
+        for side in (KEYWORD, VECTOR):
+            live = self._apply_side(side, live)
+            self.crash(crashpoints.AFTER_KEYWORD_APPLY if side == KEYWORD else crashpoints.AFTER_VECTOR_APPLY)
+        committed = self.ledger.commit([(i.doc_id, i.version) for i in live], SIDES)
+        assert committed == len(live), f"committed {committed} of {len(live)} intents held by both sides"
+        self._count_committed(live)
+        self.crash(crashpoints.AFTER_COMMIT)
+
+    def _apply_side(self, side: str, intents: list[Intent]) -> list[Intent]:
+        todo = [i for i in intents if side not in i.done]
+        if not todo:
+            return intents
+        index = self.sides[side]
+        upserts = [c for i in todo for c in i.upserts]
+        if side == VECTOR:
+            vectors = self._cache_vectors(upserts)
+            upserts = [replace(c, vector=vectors[c.content_hash]) for c in upserts]
+        deletes = [d for i in todo for d in i.deletes]
+        results = [
+            *(index.upsert(upserts).rejected() if upserts else []),
+            *(index.delete(deletes).rejected() if deletes else []),
+        ]
+        rejected = self._reject(side, todo, results)
+        self.ledger.mark_done(side, [(i.doc_id, i.version) for i in todo if i.doc_id not in rejected])
+        return [i for i in intents if i.doc_id not in rejected]
+
+    def _reject(self, side: str, intents: Sequence[Intent], results: Iterable[ItemResult]) -> set[str]:
+        """Documents a side refused for good: their intents are dropped and dead-lettered."""
+        owner = {c.chunk_id: i.doc_id for i in intents for c in (*i.upserts, *i.deletes)}
+        reasons = {owner[r.chunk_id]: r.reason for r in results}
+        if not reasons:
+            return set()
+        doomed = [i for i in intents if i.doc_id in reasons]
+        self.ledger.abort([(i.doc_id, i.version) for i in doomed])
+        self._dead_letter(
+            DeadLetter(
+                self.source_name,
+                f"{side} index rejected: {reasons[i.doc_id]}",
+                _intent_payload(i),
+                doc_id=i.doc_id,
+                version=i.version,
+            )
+            for i in doomed
+        )
+        return set(reasons)
+
+    def _count_committed(self, intents: Sequence[Intent]) -> None:
+        self.stats.applied_events += len(intents)
+        for i in intents:
+            self.stats.upserted_chunks += len(i.upserts)
+            self.stats.deleted_chunks += len(i.deletes)
+            written = {c.chunk_id for c in i.upserts}
+            self.stats.skipped_chunks += sum(c.chunk_id not in written for c in i.after.chunks)
+
+    def _dead_letter(self, letters: Iterable[DeadLetter]) -> None:
+        batch = list(letters)
+        self.ledger.add_dead_letters(batch)
+        self.stats.dead_letters += len(batch)
+        for letter in batch:
+            log.warning("dead-lettered", doc_id=letter.doc_id, version=letter.version, reason=letter.reason)
+
+
+def _letter(source: str, event: ChangeEvent, reason: str) -> DeadLetter:
+    return DeadLetter(
+        source, reason, canonical_json(event_to_dict(event)), doc_id=event.doc_id, version=event.version
+    )
+
+
+def _intent_payload(intent: Intent) -> str:
+    return canonical_json(
+        {"doc_id": intent.doc_id, "version": intent.version, "chunks": [c.chunk_id for c in intent.upserts]}
+    )

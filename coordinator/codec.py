@@ -1,0 +1,82 @@
+"""JSON encodings of ledger records, shared by every ledger adapter (SQLite, Postgres)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from coordinator.chunking import chunk_id
+from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk
+from coordinator.ports import Intent
+
+
+def encode_chunks(chunks: tuple[ChunkState, ...]) -> str:
+    """Chunks of a document as ``[[hash, version], ...]`` by position (IDs are derivable)."""
+    assert all(c.chunk_index == i for i, c in enumerate(chunks)), "chunks are stored densely by position"
+    return json.dumps([[c.content_hash, c.version] for c in chunks], separators=(",", ":"))
+
+
+def decode_chunks(doc_id: str, raw: str) -> tuple[ChunkState, ...]:
+    return tuple(ChunkState(chunk_id(doc_id, i), i, h, v) for i, (h, v) in enumerate(json.loads(raw)))
+
+
+def doc_to_json(state: DocState) -> dict[str, Any]:
+    return {
+        "doc_id": state.doc_id,
+        "version": state.version,
+        "deleted": state.deleted,
+        "chunks": json.loads(encode_chunks(state.chunks)),
+        "metadata_hash": state.metadata_hash,
+        "source_hash": state.source_hash,
+    }
+
+
+def doc_from_json(raw: dict[str, Any]) -> DocState:
+    return DocState(
+        doc_id=raw["doc_id"],
+        version=raw["version"],
+        deleted=raw["deleted"],
+        chunks=decode_chunks(raw["doc_id"], json.dumps(raw["chunks"])),
+        metadata_hash=raw["metadata_hash"],
+        source_hash=raw["source_hash"],
+    )
+
+
+def encode_intent(intent: Intent) -> str:
+    return json.dumps(
+        {
+            "upserts": [_chunk_to_json(c) for c in intent.upserts],
+            "deletes": [[d.chunk_id, d.version] for d in intent.deletes],
+            "after": doc_to_json(intent.after),
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def decode_intent(doc_id: str, version: int, raw: str, done: frozenset[str]) -> Intent:
+    body = json.loads(raw)
+    return Intent(
+        doc_id=doc_id,
+        version=version,
+        upserts=tuple(_chunk_from_json(c) for c in body["upserts"]),
+        deletes=tuple(ChunkDelete(cid, v) for cid, v in body["deletes"]),
+        after=doc_from_json(body["after"]),
+        done=done,
+    )
+
+
+def _chunk_to_json(c: IndexedChunk) -> dict[str, Any]:
+    return {
+        "id": c.chunk_id,
+        "doc": c.doc_id,
+        "i": c.chunk_index,
+        "text": c.text,
+        "hash": c.content_hash,
+        "v": c.version,
+        "meta": dict(c.metadata),
+    }
+
+
+def _chunk_from_json(raw: dict[str, Any]) -> IndexedChunk:
+    return IndexedChunk(raw["id"], raw["doc"], raw["i"], raw["text"], raw["hash"], raw["v"], raw["meta"])

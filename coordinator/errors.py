@@ -1,0 +1,86 @@
+"""lockstep's own error hierarchy.
+
+Adapters convert every backend error at their boundary into one of these and raise it
+``from`` the original, so the domain never sees a store client's exception type::
+
+    LockstepError
+    ├── InvalidEvent            bad input: goes to the dead-letter queue, never retried
+    ├── ConfigError             settings that cannot work; raised at start-up
+    ├── StoreError              a keyword index, vector index or ledger failed
+    │   ├── TransientStoreError     retriable: timeouts, 429, 5xx, connection resets
+    │   └── PermanentStoreError     not retriable: mapping conflicts, auth, rejected docs
+    ├── EmbedError              the embedding model failed
+    │   ├── TransientEmbedError     retriable: timeouts, 429, 5xx
+    │   └── PermanentEmbedError     not retriable: wrong dimension, rejected input
+    └── SourceError             a change source cannot be read
+"""
+
+from __future__ import annotations
+
+
+class LockstepError(Exception):
+    """Root of every error lockstep raises on purpose."""
+
+    retriable: bool = False
+
+
+class InvalidEvent(LockstepError):
+    """A change event that cannot be applied as given; ``reason`` says why in one line."""
+
+    def __init__(self, reason: str, *, doc_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.doc_id = doc_id
+
+
+class ConfigError(LockstepError):
+    """Settings that cannot work together."""
+
+
+class StoreError(LockstepError):
+    """A store (index or ledger) failed; ``retriable`` says whether trying again can help."""
+
+    def __init__(self, message: str, *, store: str = "", retriable: bool = False) -> None:
+        super().__init__(message)
+        self.store = store
+        self.retriable = retriable
+
+
+class TransientStoreError(StoreError):
+    """A store failure that may succeed when retried."""
+
+    def __init__(self, message: str, *, store: str = "") -> None:
+        super().__init__(message, store=store, retriable=True)
+
+
+class PermanentStoreError(StoreError):
+    """A store failure that will fail again the same way."""
+
+    def __init__(self, message: str, *, store: str = "") -> None:
+        super().__init__(message, store=store, retriable=False)
+
+
+class EmbedError(LockstepError):
+    """The embedder failed."""
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class TransientEmbedError(EmbedError):
+    """An embedder failure that may succeed when retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=True)
+
+
+class PermanentEmbedError(EmbedError):
+    """An embedder failure that will fail again the same way."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+
+class SourceError(LockstepError):
+    """A change source cannot be read."""

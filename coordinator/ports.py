@@ -1,0 +1,225 @@
+"""The ports: what the domain needs from the outside world, as typing.Protocols.
+
+Every adapter in ``adapters/`` implements one of these; each port has one contract test suite
+parametrized over all of its adapters (``tests/contract``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from coordinator.events import ChangeEvent
+from coordinator.model import (
+    ChunkDelete,
+    DeadLetter,
+    DocState,
+    IndexedChunk,
+    SearchHit,
+    StoredChunk,
+    Vector,
+    WriteResult,
+)
+
+
+@runtime_checkable
+class ChunkIndex(Protocol):
+    """What both indexes share: versioned writes by chunk ID, real-time reads, full scans.
+
+    Writes are idempotent and version-stamped: an item whose version is not strictly above the
+    stored one is reported SUPERSEDED and changes nothing (ES/OpenSearch external versioning; the
+    Tantivy adapter gates itself; Milvus cannot, so the ledger gates before it is called).
+    Whole-request failures raise TransientStoreError (retry) or PermanentStoreError.
+    """
+
+    name: str
+
+    def ensure(self) -> None:
+        """Create the index/collection with its explicit schema if it does not exist."""
+
+    def upsert(self, chunks: Sequence[IndexedChunk]) -> WriteResult:
+        """Write chunks (one item per chunk ID per call), each at its own version."""
+
+    def delete(self, deletes: Sequence[ChunkDelete]) -> WriteResult:
+        """Delete chunks by ID, each at a version above any it was written with."""
+
+    def get(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
+        """Read chunks by ID, bypassing any refresh delay; absent IDs are left out."""
+
+    def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
+        """Stream every live chunk once, without loading the index into memory."""
+
+    def count(self) -> int:
+        """Number of live chunks, read with the store's strongest consistency."""
+
+    def drop(self) -> None:
+        """Remove the whole index/collection (tests, rebuild cleanup)."""
+
+    def close(self) -> None:
+        """Release connections and handles."""
+
+
+@runtime_checkable
+class KeywordIndex(ChunkIndex, Protocol):
+    """A full-text index over chunk texts (Tantivy, OpenSearch, Elasticsearch)."""
+
+    def search(self, query: str, k: int) -> list[SearchHit]:
+        """BM25 top-k chunks for ``query`` (refreshing first if the store needs it)."""
+
+
+@runtime_checkable
+class VectorIndex(ChunkIndex, Protocol):
+    """A vector index over chunk embeddings (Milvus in its three forms)."""
+
+    dim: int
+
+    def search(self, vector: Vector, k: int) -> list[SearchHit]:
+        """Nearest k chunks to ``vector``."""
+
+    def fetch_vectors(self, chunk_ids: Sequence[str]) -> dict[str, list[float]]:
+        """The stored vectors of these chunks (used when the embedding cache lacks them)."""
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns chunk texts into vectors. ``model_id`` names the vector space (cache key part)."""
+
+    model_id: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector of length ``dim`` per text, in order."""
+
+
+@runtime_checkable
+class HashedEmbedder(Protocol):
+    """An embedder behind a cache keyed by (model id, content hash).
+
+    ``embed_calls`` counts texts actually sent to the model; ``cache_hits`` counts texts served
+    from the cache. Identical texts in one call are embedded once.
+    """
+
+    model_id: str
+    dim: int
+    embed_calls: int
+    cache_hits: int
+
+    def embed_hashed(self, items: Sequence[tuple[str, str]]) -> dict[str, list[float]]:
+        """Vectors for (content_hash, text) pairs, embedding only hashes the cache lacks."""
+
+    def lookup(self, hashes: Iterable[str]) -> dict[str, list[float]]:
+        """Cached vectors only; never calls the model."""
+
+
+@runtime_checkable
+class EmbeddingCache(Protocol):
+    """Vectors already computed, keyed by (model id, content hash)."""
+
+    def get_many(self, model_id: str, hashes: Iterable[str]) -> dict[str, list[float]]: ...
+
+    def put_many(self, model_id: str, vectors: Mapping[str, Vector]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A prepared document change: what must reach both indexes before ``after`` is committed.
+
+    ``upserts`` carry no vectors (they live in the embedding cache); ``done`` holds the names of
+    the sides that already hold this intent.
+    """
+
+    doc_id: str
+    version: int
+    upserts: tuple[IndexedChunk, ...]
+    deletes: tuple[ChunkDelete, ...]
+    after: DocState
+    done: frozenset[str] = frozenset()
+
+
+class Ledger(Protocol):
+    """Durable per-document state, the two-phase protocol's intents, checkpoints and the DLQ.
+
+    Every method is one transaction: a crash between statements leaves no half-state.
+    """
+
+    def get_docs(self, doc_ids: Iterable[str]) -> dict[str, DocState]:
+        """Committed state of the given documents; unknown documents are left out."""
+
+    def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]:
+        """Every document (tombstones too when asked), in doc_id order."""
+
+    def prepare(self, intents: Sequence[Intent]) -> None:
+        """Record intents durably. Raises ValueError if a document already has one pending
+        or if an intent's version is not above the committed version (the ledger's gate)."""
+
+    def mark_done(self, side: str, doc_versions: Sequence[tuple[str, int]]) -> None:
+        """Record that ``side`` now holds these (doc_id, version) intents."""
+
+    def commit(self, doc_versions: Sequence[tuple[str, int]], sides: frozenset[str]) -> int:
+        """Commit every listed intent that all ``sides`` hold: its ``after`` state becomes the
+        document's state and the intent is removed. Returns the number committed."""
+
+    def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
+        """Drop these intents without committing (a side rejected them for good; they go to the
+        dead-letter queue and the committed state stays as it was)."""
+
+    def pending(self) -> list[Intent]:
+        """Every prepared, not yet committed intent (re-driven on start)."""
+
+    def applied_versions(self, side: str, doc_ids: Iterable[str]) -> dict[str, int]:
+        """Per-index applied version of each document."""
+
+    def get_checkpoint(self, source: str) -> str | None:
+        """The position after the last applied event of ``source``, or None."""
+
+    def set_checkpoint(self, source: str, position: str) -> None: ...
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
+
+    def dead_letters(self, *, limit: int) -> list[tuple[int, DeadLetter]]: ...
+
+    def counts(self) -> dict[str, int]:
+        """Numbers per ledger state: live_docs, tombstones, chunks, pending_intents, dead_letters."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A source record that could not be turned into a ChangeEvent."""
+
+    reason: str
+    payload: str
+    position: str | None = None
+    doc_id: str | None = None
+
+
+SourceRecord = ChangeEvent | BadRecord
+
+
+class KnownDocs(Protocol):
+    """The read side of the ledger that sources diffing a snapshot need."""
+
+    def get_docs(self, doc_ids: Iterable[str]) -> dict[str, DocState]: ...
+
+    def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]: ...
+
+
+class ChangeSource(Protocol):
+    """A stream or snapshot of document changes.
+
+    Checkpoint semantics: ``commit(position)`` records "the position after the last applied
+    event"; ``read()`` after a restart resumes from the last committed position, so events after
+    it are delivered again (at-least-once) and the ledger's version gate makes that harmless.
+    """
+
+    name: str
+
+    def read(self) -> Iterator[SourceRecord]:
+        """Records from the last committed position to the current end of the source."""
+
+    def commit(self, position: str) -> None:
+        """Persist ``position`` as the place to resume from."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,7 @@
+"""Shared test configuration. Real servers are started by the fixture plugins listed here."""
+
+pytest_plugins = [
+    "tests.support.keyword_servers",
+    "tests.support.milvus_servers",
+    "tests.support.embed_server",
+]
