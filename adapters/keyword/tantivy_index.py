@@ -1,0 +1,371 @@
+"""The keyword index on Tantivy: an on-disk index in one directory, in this process.
+
+Tantivy has no conditional writes, so this adapter gates versions itself: before a write it reads
+the stored version of every chunk in the call (one term-set query), and an item whose version is
+not strictly above it is SUPERSEDED. A delete leaves a *tombstone* document (``deleted=true``,
+with the delete's version) so that a late, older upsert after it is SUPERSEDED too; tombstones
+are never returned by get, scan, count or search. Unlike ES/OpenSearch (``gc_deletes``), these
+tombstones are kept forever.
+
+Each write call is one commit (durable on return) and is visible to reads right after it. One
+writer is held for the adapter's life: Tantivy allows one writer per directory, which also makes
+this the only process that can write the index.
+
+Every document carries ``seq``, a counter unique per written document. Scans walk ``seq`` in
+windows of SCAN_PAGE_SIZE values, so a scan holds one page in memory whatever the index size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+import tantivy
+
+from adapters.keyword._search_engine import (
+    CHUNK_INDEX_MAX,
+    check_unique_ids,
+    metadata_json,
+    request_rejection,
+)
+from coordinator.errors import PermanentStoreError, TransientStoreError
+from coordinator.model import (
+    ChunkDelete,
+    IndexedChunk,
+    ItemResult,
+    ItemStatus,
+    SearchHit,
+    StoredChunk,
+    WriteResult,
+)
+
+log = structlog.get_logger(__name__)
+
+# Memory for the writer's indexing buffer; above it Tantivy flushes a segment mid-call. 64 MiB
+# holds a few thousand chunks per call comfortably (Tantivy needs >= 15 MB per thread).
+WRITER_HEAP_BYTES = 64 * 1024 * 1024
+# Indexing threads; these machines have two cores and the embedder wants one.
+WRITER_THREADS = 1
+# Chunk IDs per version lookup query.
+LOOKUP_IDS_MAX = 1000
+# seq values per scan window, i.e. the most documents one scan page holds.
+SCAN_PAGE_SIZE = 1000
+# The most hits one search may ask for, as on ES/OpenSearch (index.max_result_window).
+SEARCH_K_MAX = 10_000
+# Our own name for the text analyzer, used for the field and for queries alike.
+TEXT_ANALYZER = "lockstep_text"
+# Tantivy's default tokenizer drops tokens longer than this; ours does the same.
+TOKEN_CHARS_MAX = 40
+
+
+def _text_analyzer() -> tantivy.TextAnalyzer:
+    """Split on non-alphanumerics, drop over-long tokens, lowercase: ES's standard analyzer, roughly."""
+    return (
+        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
+        .filter(tantivy.Filter.remove_long(TOKEN_CHARS_MAX))
+        .filter(tantivy.Filter.lowercase())
+        .build()
+    )
+
+
+def _schema() -> tantivy.Schema:
+    builder = tantivy.SchemaBuilder()
+    # "raw": IDs are matched exactly, never tokenized.
+    builder.add_text_field("chunk_id", stored=True, tokenizer_name="raw", index_option="basic")
+    builder.add_text_field("doc_id", stored=True, tokenizer_name="raw", index_option="basic")
+    builder.add_integer_field("chunk_index", stored=True)
+    builder.add_text_field("text", stored=True, tokenizer_name=TEXT_ANALYZER)
+    builder.add_text_field("content_hash", stored=True, tokenizer_name="raw", index_option="basic")
+    builder.add_integer_field("version", stored=True)
+    # Stored only, as JSON bytes: metadata round-trips exactly and is never indexed.
+    builder.add_bytes_field("metadata", stored=True)
+    builder.add_boolean_field("deleted", stored=True, indexed=True)
+    builder.add_integer_field("seq", stored=True, indexed=True, fast=True)
+    return builder.build()
+
+
+class TantivyKeywordIndex:
+    """A KeywordIndex in the directory ``path``; ``name`` names it to the rest of lockstep."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.name = name
+        self.path = Path(path)
+        self._schema = _schema()
+        self._index: tantivy.Index | None = None
+        self._writer: tantivy.IndexWriter | None = None
+        self._next_seq = 0
+        self._log = log.bind(store="tantivy", index=name)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create the index directory and index unless they exist, then open it."""
+        if self._index is not None:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TransientStoreError(f"cannot create {self.path}: {exc}", store="tantivy") from exc
+        self._open()
+
+    def _open(self) -> tantivy.Index:
+        try:
+            index = tantivy.Index(self._schema, path=str(self.path), reuse=True)
+        except (OSError, ValueError) as exc:
+            raise PermanentStoreError(
+                f"cannot open tantivy index at {self.path}: {exc}", store="tantivy"
+            ) from exc
+        index.register_tokenizer(TEXT_ANALYZER, _text_analyzer())
+        # Reads see a commit as soon as write() reloads, not at some later background refresh.
+        index.config_reader(reload_policy="Manual")
+        self._index = index
+        self._next_seq = _max_seq(index.searcher()) + 1
+        return index
+
+    def _opened(self) -> tantivy.Index:
+        """The open index; a directory written by an earlier process is reopened as it is."""
+        if self._index is not None:
+            return self._index
+        if not tantivy.Index.exists(str(self.path)):
+            raise PermanentStoreError(f"no tantivy index at {self.path}; call ensure()", store="tantivy")
+        return self._open()
+
+    def drop(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Release the writer (and with it the directory lock) and the reader."""
+        if self._writer is not None:
+            self._writer.wait_merging_threads()
+        self._writer = None
+        self._index = None
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def upsert(self, chunks: Sequence[IndexedChunk]) -> WriteResult:
+        check_unique_ids([c.chunk_id for c in chunks])
+        results: dict[str, ItemResult] = {}
+        candidates: list[tuple[IndexedChunk, str]] = []
+        for chunk in chunks:
+            metadata = metadata_json(chunk.metadata)
+            reason = _upsert_rejection(chunk, metadata)
+            if reason:
+                results[chunk.chunk_id] = self._rejected(chunk.chunk_id, reason)
+            else:
+                candidates.append((chunk, metadata or "{}"))
+        gated = self._gate([(c.chunk_id, c.version) for c, _ in candidates])
+        results |= gated
+        docs = [
+            (c.chunk_id, self._live_doc(c, meta))
+            for c, meta in candidates
+            if gated[c.chunk_id].status is ItemStatus.APPLIED
+        ]
+        self._write(docs)
+        return WriteResult(tuple(results[c.chunk_id] for c in chunks))
+
+    def delete(self, deletes: Sequence[ChunkDelete]) -> WriteResult:
+        check_unique_ids([d.chunk_id for d in deletes])
+        results: dict[str, ItemResult] = {}
+        candidates: list[ChunkDelete] = []
+        for d in deletes:
+            reason = request_rejection(d.chunk_id, d.version)
+            if reason:
+                results[d.chunk_id] = self._rejected(d.chunk_id, reason)
+            else:
+                candidates.append(d)
+        gated = self._gate([(d.chunk_id, d.version) for d in candidates])
+        results |= gated
+        docs = [
+            (d.chunk_id, self._tombstone(d))
+            for d in candidates
+            if gated[d.chunk_id].status is ItemStatus.APPLIED
+        ]
+        self._write(docs)
+        return WriteResult(tuple(results[d.chunk_id] for d in deletes))
+
+    def _gate(self, items: Sequence[tuple[str, int]]) -> dict[str, ItemResult]:
+        """APPLIED where the version is above the stored one (tombstones included), else SUPERSEDED."""
+        stored = self._stored_versions([chunk_id for chunk_id, _ in items])
+        return {
+            chunk_id: ItemResult(
+                chunk_id,
+                ItemStatus.APPLIED if version > stored.get(chunk_id, -1) else ItemStatus.SUPERSEDED,
+            )
+            for chunk_id, version in items
+        }
+
+    def _rejected(self, chunk_id: str, reason: str) -> ItemResult:
+        self._log.warning("keyword item rejected", chunk_id=chunk_id, reason=reason)
+        return ItemResult(chunk_id, ItemStatus.REJECTED, reason)
+
+    def _write(self, docs: Sequence[tuple[str, tantivy.Document]]) -> None:
+        """Replace each chunk's document (live or tombstone) in one commit, then make it visible."""
+        if not docs:
+            return
+        index = self._opened()
+        writer = self._writer_for(index)
+        try:
+            for chunk_id, doc in docs:
+                # Deletes apply to documents added before them, so the new one survives.
+                writer.delete_documents_by_term("chunk_id", chunk_id)
+                writer.add_document(doc)
+            writer.commit()
+        except (OSError, ValueError) as exc:
+            writer.rollback()
+            raise TransientStoreError(f"tantivy commit failed: {exc}", store="tantivy") from exc
+        index.reload()
+
+    def _writer_for(self, index: tantivy.Index) -> tantivy.IndexWriter:
+        if self._writer is None:
+            try:
+                self._writer = index.writer(heap_size=WRITER_HEAP_BYTES, num_threads=WRITER_THREADS)
+            except ValueError as exc:
+                # Most often another process (or adapter) holds the directory's writer lock.
+                raise TransientStoreError(f"cannot get the tantivy writer: {exc}", store="tantivy") from exc
+        return self._writer
+
+    def _live_doc(self, chunk: IndexedChunk, metadata: str) -> tantivy.Document:
+        doc = tantivy.Document()
+        doc.add_text("chunk_id", chunk.chunk_id)
+        doc.add_text("doc_id", chunk.doc_id)
+        doc.add_integer("chunk_index", chunk.chunk_index)
+        doc.add_text("text", chunk.text)
+        doc.add_text("content_hash", chunk.content_hash)
+        doc.add_integer("version", chunk.version)
+        doc.add_bytes("metadata", metadata.encode())
+        doc.add_boolean("deleted", False)
+        doc.add_integer("seq", self._take_seq())
+        return doc
+
+    def _tombstone(self, delete: ChunkDelete) -> tantivy.Document:
+        doc = tantivy.Document()
+        doc.add_text("chunk_id", delete.chunk_id)
+        doc.add_integer("version", delete.version)
+        doc.add_boolean("deleted", True)
+        doc.add_integer("seq", self._take_seq())
+        return doc
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def _stored_versions(self, chunk_ids: Sequence[str]) -> dict[str, int]:
+        """Version of every stored document (live or tombstone) among ``chunk_ids``."""
+        versions: dict[str, int] = {}
+        for doc in self._docs_by_id(chunk_ids):
+            versions[_first(doc, "chunk_id")] = int(_first(doc, "version"))
+        return versions
+
+    def _docs_by_id(self, chunk_ids: Sequence[str]) -> Iterator[dict[str, list[Any]]]:
+        index = self._opened()
+        searcher = index.searcher()
+        for start in range(0, len(chunk_ids), LOOKUP_IDS_MAX):
+            part = list(chunk_ids[start : start + LOOKUP_IDS_MAX])
+            query = tantivy.Query.term_set_query(self._schema, "chunk_id", part)
+            for _, address in searcher.search(query, limit=len(part), count=False).hits:
+                yield searcher.doc(address).to_dict()
+
+    def get(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
+        """Live chunks by ID, as of the last commit (every write commits before it returns)."""
+        docs = self._docs_by_id(list(dict.fromkeys(chunk_ids)))
+        chunks = (_stored_chunk(d, with_text=True) for d in docs if not _first(d, "deleted"))
+        return {c.chunk_id: c for c in chunks}
+
+    def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
+        """Every live chunk once, from one snapshot, one seq window at a time."""
+        searcher = self._opened().searcher()
+        end = _max_seq(searcher) + 1
+        for low in range(0, end, SCAN_PAGE_SIZE):
+            query = self._live_in_window(low, min(low + SCAN_PAGE_SIZE, end))
+            for _, address in searcher.search(query, limit=SCAN_PAGE_SIZE, count=False).hits:
+                yield _stored_chunk(searcher.doc(address).to_dict(), with_text=with_text)
+
+    def _live_in_window(self, low: int, high: int) -> tantivy.Query:
+        window = tantivy.Query.range_query(
+            self._schema,
+            "seq",
+            tantivy.FieldType.Integer,
+            low,
+            high,
+            include_lower=True,
+            include_upper=False,
+            use_inverted_index=True,
+        )
+        return tantivy.Query.boolean_query(
+            [(tantivy.Occur.Must, window), (tantivy.Occur.MustNot, self._tombstones())]
+        )
+
+    def _tombstones(self) -> tantivy.Query:
+        return tantivy.Query.term_query(self._schema, "deleted", True)
+
+    def count(self) -> int:
+        searcher = self._opened().searcher()
+        query = tantivy.Query.term_query(self._schema, "deleted", False)
+        result = searcher.search(query, limit=1, count=True)
+        return int(result.count)  # type: ignore[attr-defined]  # in the binding, missing from its stub
+
+    def search(self, query: str, k: int) -> list[SearchHit]:
+        """BM25 over the text, any query word matching (like ES ``match``); no query syntax."""
+        words = _text_analyzer().analyze(query)
+        if k <= 0 or not words:
+            return []
+        searcher = self._opened().searcher()
+        terms = [(tantivy.Occur.Should, tantivy.Query.term_query(self._schema, "text", w)) for w in words]
+        match = tantivy.Query.boolean_query(terms)
+        live = tantivy.Query.boolean_query(
+            [(tantivy.Occur.Must, match), (tantivy.Occur.MustNot, self._tombstones())]
+        )
+        hits = searcher.search(live, limit=min(k, SEARCH_K_MAX), count=False).hits
+        return [_search_hit(searcher.doc(address).to_dict(), float(score)) for score, address in hits]
+
+
+def _upsert_rejection(chunk: IndexedChunk, metadata: str | None) -> str:
+    """The same refusals as the search engines, so every keyword backend accepts the same chunks."""
+    reason = request_rejection(chunk.chunk_id, chunk.version)
+    if reason:
+        return reason
+    if not 0 <= chunk.chunk_index <= CHUNK_INDEX_MAX:
+        return f"chunk_index {chunk.chunk_index} is outside 0..{CHUNK_INDEX_MAX}"
+    if metadata is None:
+        return "metadata is not JSON-serializable"
+    return ""
+
+
+def _max_seq(searcher: tantivy.Searcher) -> int:
+    """The highest seq in the snapshot, or -1 for an empty index."""
+    hits = searcher.search(tantivy.Query.all_query(), limit=1, count=False, order_by_field="seq").hits
+    return int(hits[0][0]) if hits else -1
+
+
+def _first(doc: dict[str, list[Any]], field: str) -> Any:
+    values = doc.get(field) or [None]
+    return values[0]
+
+
+def _stored_chunk(doc: dict[str, list[Any]], *, with_text: bool) -> StoredChunk:
+    return StoredChunk(
+        chunk_id=str(_first(doc, "chunk_id")),
+        doc_id=str(_first(doc, "doc_id")),
+        chunk_index=int(_first(doc, "chunk_index")),
+        content_hash=str(_first(doc, "content_hash")),
+        version=int(_first(doc, "version")),
+        text=str(_first(doc, "text")) if with_text else None,
+        metadata=json.loads(bytes(_first(doc, "metadata"))),
+    )
+
+
+def _search_hit(doc: dict[str, list[Any]], score: float) -> SearchHit:
+    return SearchHit(
+        chunk_id=str(_first(doc, "chunk_id")),
+        doc_id=str(_first(doc, "doc_id")),
+        score=score,
+        text=str(_first(doc, "text")),
+    )
