@@ -80,90 +80,86 @@ class HashingEmbedder:
         return out
 
     def _embed_stream(self, encoded: Sequence[bytes]) -> npt.NDArray[np.float32]:
-        stream = b"".join(encoded)
-        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-        doc_of_byte = np.repeat(np.arange(len(encoded), dtype=np.int64), lengths)
-        raw = np.frombuffer(stream, dtype=np.uint8)
-        spans = _SpanHasher(raw)
-        docs, hashes, weights = _features(raw, spans, doc_of_byte)
-        hashes = _fmix64(hashes ^ self._seed_mix)
-        return self._accumulate(len(encoded), docs, hashes, weights)
-
-    def _accumulate(self, n: int, docs: npt.NDArray[np.int64], hashes: U64,
-                    weights: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
-        buckets = (hashes % np.uint64(self.dim)).astype(np.int64)
-        signs = np.where(hashes >> np.uint64(63), -1.0, 1.0)
-        flat = np.bincount(docs * self.dim + buckets, weights=signs * weights, minlength=n * self.dim)
-        matrix = flat.reshape(n, self.dim)
+        stream = _Stream(encoded, self.dim)
+        counts = self._bucket_counts(stream, *stream.words()) * WORD_WEIGHT
+        for n in NGRAM_SIZES:
+            counts += self._bucket_counts(stream, *stream.ngrams(n)) * NGRAM_WEIGHT
+        matrix = counts[:, : self.dim] - counts[:, self.dim :]
         _fill_empty_rows(matrix, self.dim, int(self._seed_mix))
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        return (matrix / norms).astype(np.float32)
+        unit: npt.NDArray[np.float32] = (matrix / norms).astype(np.float32)
+        return unit
+
+    def _bucket_counts(self, stream: _Stream, hashes: U64, offsets: U64) -> npt.NDArray[np.float64]:
+        """Per text, how many features fell in each of 2*dim signed buckets.
+
+        The top 32 bits of the mixed hash pick one of 2*dim slots by multiply-shift (Lemire's
+        fast range, no division): slot s < dim adds +1 to bucket s, slot s >= dim adds -1 to
+        bucket s - dim.
+        """
+        mixed = _fmix64(hashes ^ self._seed_mix)
+        slots = ((mixed >> _S32) * np.uint64(2 * self.dim)) >> _S32
+        index = (slots + offsets).view(np.int64)
+        flat = np.bincount(index, minlength=stream.count * 2 * self.dim)
+        return flat.reshape(stream.count, 2 * self.dim).astype(np.float64)
 
 
-class _SpanHasher:
-    """Polynomial hashes of arbitrary byte spans of one stream, in O(1) per span.
+class _Stream:
+    """One sub-batch's normalized texts as a single byte stream, with O(1) span hashes.
 
-    With Q the inverse of the base modulo 2**64, ``G[i] = sum(b[j] * Q**(j+1) for j < i)``, and
-    the hash of span [s, e) is ``(G[e] - G[s]) * BASE**e = sum(b[j] * BASE**(e-1-j))``: the usual
-    polynomial hash, independent of where the span sits in the stream. uint64 arithmetic wraps
-    modulo 2**64 by design here.
+    Every text starts and ends with a space, so adjacent texts are separated by two spaces.
+
+    Span hashes: with Q the inverse of the base modulo 2**64 and
+    ``G[i] = sum(b[j] * Q**(j+1) for j < i)``, the hash of span [s, e) is
+    ``(G[e] - G[s]) * BASE**e = sum(b[j] * BASE**(e-1-j))``, the usual polynomial hash,
+    independent of where the span sits in the stream. uint64 arithmetic wraps modulo 2**64 by
+    design here.
     """
 
-    def __init__(self, raw: npt.NDArray[np.uint8]) -> None:
-        size = raw.shape[0]
+    def __init__(self, encoded: Sequence[bytes], dim: int) -> None:
+        self.count = len(encoded)
+        raw = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.size = raw.shape[0]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=self.count)
+        # Each byte's text index, pre-multiplied into that text's row of the flat count array.
+        self._row_offset = np.repeat(np.arange(self.count, dtype=np.uint64) * np.uint64(2 * dim), lengths)
         # Byte values shifted by one so that a NUL byte still changes the hash.
         values = raw.astype(np.uint64) + np.uint64(1)
-        self._base_pow = _powers(_BASE, size + 1)
-        prefix = np.zeros(size + 1, dtype=np.uint64)
-        np.cumsum(values * _powers(_BASE_INV, size + 1)[1:], out=prefix[1:])
-        self._prefix = prefix
+        self._base_pow = _powers(_BASE, self.size + 1)
+        self._prefix = np.zeros(self.size + 1, dtype=np.uint64)
+        np.cumsum(values * _powers(_BASE_INV, self.size + 1)[1:], out=self._prefix[1:])
+        self._space_at = np.flatnonzero(raw == _SPACE)
+        self._run = _run_lengths(self._space_at, self.size)
+        word_starts = self._space_at[:-1] + 1
+        word_stops = self._space_at[1:]
+        nonempty = word_stops > word_starts
+        self._word_starts, self._word_stops = word_starts[nonempty], word_stops[nonempty]
 
-    def hash(self, starts: npt.NDArray[np.int64], stops: npt.NDArray[np.int64]) -> U64:
-        return (self._prefix[stops] - self._prefix[starts]) * self._base_pow[stops]
+    def words(self) -> tuple[U64, U64]:
+        """(hash, row offset) of every word: the runs between two spaces."""
+        starts, stops = self._word_starts, self._word_stops
+        spans = (self._prefix[stops] - self._prefix[starts]) * self._base_pow[stops]
+        return spans ^ np.uint64(_WORD_SALT), self._row_offset[starts]
 
+    def ngrams(self, n: int) -> tuple[U64, U64]:
+        """(hash, row offset) of every n-gram inside one padded word.
 
-def _features(raw: npt.NDArray[np.uint8], spans: _SpanHasher, doc_of_byte: npt.NDArray[np.int64]
-              ) -> tuple[npt.NDArray[np.int64], U64, npt.NDArray[np.float64]]:
-    """Every feature of the stream as (document index, unsalted hash, weight) arrays."""
-    is_space = raw == _SPACE
-    parts = [_word_features(is_space, spans, doc_of_byte)]
-    parts.extend(_ngram_features(is_space, spans, doc_of_byte, n) for n in NGRAM_SIZES)
-    docs = np.concatenate([p[0] for p in parts])
-    hashes = np.concatenate([p[1] for p in parts])
-    weights = np.concatenate([p[2] for p in parts])
-    return docs, hashes, weights
-
-
-def _word_features(is_space: npt.NDArray[np.bool_], spans: _SpanHasher,
-                   doc_of_byte: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], U64,
-                                                                npt.NDArray[np.float64]]:
-    """Words are the runs between two spaces; every text starts and ends with one."""
-    space_at = np.flatnonzero(is_space)
-    starts, stops = space_at[:-1] + 1, space_at[1:]
-    keep = stops > starts
-    starts, stops = starts[keep], stops[keep]
-    hashes = spans.hash(starts, stops) ^ np.uint64(_WORD_SALT)
-    return doc_of_byte[starts], hashes, np.full(starts.shape[0], WORD_WEIGHT)
+        Inside a word means no space except possibly the first and last byte; no such n-gram
+        (n >= 3) crosses two texts, whose boundary is two adjacent spaces. Hashing every
+        position and then selecting is faster than gathering only the selected spans.
+        """
+        starts = max(0, self.size - n + 1)
+        inside = self._run[:starts] >= n - 1
+        whole = (self._prefix[n:] - self._prefix[:-n]) * self._base_pow[n:]
+        return whole[inside] ^ np.uint64(_NGRAM_SALT ^ n), self._row_offset[:starts][inside]
 
 
-def _ngram_features(is_space: npt.NDArray[np.bool_], spans: _SpanHasher,
-                    doc_of_byte: npt.NDArray[np.int64], n: int
-                    ) -> tuple[npt.NDArray[np.int64], U64, npt.NDArray[np.float64]]:
-    """n-grams inside one padded word: no space except possibly the first and last byte.
-
-    Texts are separated by two adjacent spaces, so no such n-gram (n >= 3) crosses two texts.
-    """
-    size = is_space.shape[0]
-    if size < n:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.float64)
-    spaces_before = np.zeros(size + 1, dtype=np.int64)
-    np.cumsum(is_space, out=spaces_before[1:])
-    starts = np.arange(size - n + 1, dtype=np.int64)
-    inner_spaces = spaces_before[starts + n - 1] - spaces_before[starts + 1]
-    starts = starts[inner_spaces == 0]
-    hashes = spans.hash(starts, starts + n) ^ np.uint64(_NGRAM_SALT ^ n)
-    return doc_of_byte[starts], hashes, np.full(starts.shape[0], NGRAM_WEIGHT)
+def _run_lengths(space_at: npt.NDArray[np.intp], size: int) -> npt.NDArray[np.int64]:
+    """For each byte i, the distance to the first space strictly after it (to ``size`` if none)."""
+    next_space = np.append(space_at[1:], size)
+    gaps = np.diff(np.append(space_at, size))
+    run: npt.NDArray[np.int64] = np.repeat(next_space, gaps) - np.arange(space_at[0], size)
+    return run
 
 
 def _normalize(text: str) -> bytes:
@@ -204,6 +200,7 @@ def _powers(base: int, count: int) -> U64:
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB93FE1A85B53)
 _S33 = np.uint64(33)
+_S32 = np.uint64(32)
 
 
 def _fmix64(h: U64) -> U64:
