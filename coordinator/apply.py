@@ -193,7 +193,7 @@ class ApplyEngine:
 
     def _reject(self, side: str, intents: Sequence[Intent], results: Iterable[ItemResult]) -> set[str]:
         """Documents a side refused for good: their intents are dropped and dead-lettered."""
-        owner = {c.chunk_id: i.doc_id for i in intents for c in (*i.upserts, *i.deletes)}
+        owner = {cid: i.doc_id for i in intents for cid in _chunk_ids(i)}
         reasons = {owner[r.chunk_id]: r.reason for r in results}
         if not reasons:
             return set()
@@ -225,6 +225,10 @@ class ApplyEngine:
         self.stats.dead_letters += len(batch)
         for letter in batch:
             log.warning("dead-lettered", doc_id=letter.doc_id, version=letter.version, reason=letter.reason)
+
+
+def _chunk_ids(intent: Intent) -> list[str]:
+    return [c.chunk_id for c in intent.upserts] + [d.chunk_id for d in intent.deletes]
 
 
 def _letter(source: str, event: ChangeEvent, reason: str) -> DeadLetter:

@@ -1,0 +1,132 @@
+"""The ``lockstep`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
+from coordinator.errors import LockstepError
+from coordinator.sync import run_sync
+from lockstep import demo as demo_module
+from lockstep.bootstrap import build_source, runtime
+from lockstep.logging import configure_logging
+from lockstep.progress import record_progress
+from lockstep.settings import Settings, load_settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Keep a keyword and a vector index in step with their source.",
+)
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="YAML config file.", exists=True, dir_okay=False)
+]
+
+
+def _crash_hook(point: str | None) -> CrashHook:
+    """Test-only: SIGKILL this process when the named protocol point is reached."""
+    if point is None:
+        return no_crash
+    if point not in PROTOCOL_POINTS:
+        raise typer.BadParameter(f"unknown crash point {point!r}; one of {', '.join(PROTOCOL_POINTS)}")
+
+    def hook(name: str) -> None:
+        if name == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _load(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except LockstepError as exc:
+        err.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.callback()
+def main(
+    log_level: Annotated[str, typer.Option(help="Log level for the JSON logs on stderr.")] = "warning",
+) -> None:
+    configure_logging(log_level)
+
+
+@app.command()
+def sync(
+    config: ConfigOpt,
+    crash_at: Annotated[str | None, typer.Option(hidden=True, help="Test-only crash point.")] = None,
+) -> None:
+    """Consume the source to its end, apply it to both indexes, print a JSON summary, exit.
+
+    Exits 1 if anything went to the dead-letter queue, 2 on an error.
+    """
+    settings = _load(config)
+    try:
+        with runtime(settings, crash=_crash_hook(crash_at)) as rt:
+            source = build_source(settings, rt.ledger)
+            try:
+                with record_progress(err, "syncing") as progress:
+                    stats = run_sync(
+                        source, rt.engine, batch_events=settings.sync.batch_events, progress=progress
+                    )
+            finally:
+                source.close()
+    except LockstepError as exc:
+        err.print(f"[red]sync failed:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    summary = stats.as_dict()
+    typer.echo(json.dumps(summary, sort_keys=True))
+    if summary["dead_letters"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(config: ConfigOpt) -> None:
+    """Counts per index and per ledger state."""
+    settings = _load(config)
+    with runtime(settings) as rt:
+        counts = {
+            "ledger": rt.ledger.counts(),
+            "keyword": {"kind": settings.keyword.kind, "chunks": rt.keyword.count()},
+            "vector": {"kind": "milvus", "chunks": rt.vector.count()},
+            "embedder": rt.embedder.model_id,
+        }
+    typer.echo(json.dumps(counts, indent=2, sort_keys=True))
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[
+        Path, typer.Option(help="Where the demo's embedded stores live (wiped first).")
+    ] = Path("./lockstep-data/demo"),
+    docs: Annotated[int, typer.Option(min=10, max=5000, help="Documents in the sample corpus.")] = 300,
+    embedder: Annotated[str, typer.Option(help="auto | hashing | sentence-transformers")] = "auto",
+) -> None:
+    """The main job on the embedded default: Tantivy + milvus-lite + SQLite ledger."""
+    ok = demo_module.run(data_dir, docs=docs, embedder_kind=embedder, console=Console())
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def points() -> None:
+    """List the named crash points of the apply protocol."""
+    table = Table("crash point")
+    for point in PROTOCOL_POINTS:
+        table.add_row(point)
+    Console().print(table)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m lockstep`
+    sys.exit(app())

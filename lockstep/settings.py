@@ -1,0 +1,143 @@
+"""lockstep's one settings object: a YAML file, overridden by ``LOCKSTEP_*`` environment variables.
+
+Nested keys use ``__`` in variable names, e.g. ``LOCKSTEP_KEYWORD__PASSWORD`` or
+``LOCKSTEP_VECTOR__TOKEN``, so credentials can come from Kubernetes Secrets instead of the file.
+Adapters never read the environment; only this module does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from adapters.vector.settings import VectorSettings
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from adapters.keyword.settings import KeywordSettings
+from coordinator.chunking import ChunkingSettings
+from coordinator.errors import ConfigError
+
+DEFAULT_DATA_DIR = "./lockstep-data"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class JsonlSourceSettings(_Frozen):
+    kind: Literal["jsonl"] = "jsonl"
+    path: str
+    name: str = "jsonl"
+
+
+class FolderSourceSettings(_Frozen):
+    kind: Literal["folder"] = "folder"
+    path: str
+    name: str = "folder"
+    patterns: tuple[str, ...] = ("*.md", "*.txt")
+
+
+class SqlSourceSettings(_Frozen):
+    kind: Literal["sql"] = "sql"
+    # A SQLAlchemy URL; it may carry a password, so it is a secret.
+    url: SecretStr
+    table: str
+    name: str = "sql"
+    id_column: str = "id"
+    text_column: str = "text"
+    metadata_column: str | None = None
+    metadata_columns: tuple[str, ...] = ()
+    updated_at_column: str = "updated_at"
+    deleted_at_column: str | None = None
+    version_column: str | None = None
+
+
+SourceSettings = Annotated[
+    JsonlSourceSettings | FolderSourceSettings | SqlSourceSettings, Field(discriminator="kind")
+]
+
+
+class LedgerSettings(_Frozen):
+    kind: Literal["sqlite"] = "sqlite"
+    path: str = f"{DEFAULT_DATA_DIR}/ledger.db"
+
+
+class EmbedderSettings(_Frozen):
+    """``auto`` uses the local model when its extra is installed, else the hashing embedder."""
+
+    kind: Literal["auto", "hashing", "sentence-transformers", "openai"] = "auto"
+    dim: int = Field(default=384, gt=0)
+    model_path: str | None = None
+    base_url: str | None = None
+    model: str | None = None
+    api_key: SecretStr | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+
+
+class ChunkingConfig(_Frozen):
+    max_chars: int = Field(default=1000, ge=1)
+    overlap_chars: int = Field(default=0, ge=0)
+
+    def to_domain(self) -> ChunkingSettings:
+        return ChunkingSettings(self.max_chars, self.overlap_chars)
+
+
+class SyncConfig(_Frozen):
+    # Events applied per ledger transaction and per bulk write: big enough to amortize round
+    # trips to both stores, small enough that a crash re-drives little.
+    batch_events: int = Field(default=500, ge=1, le=10_000)
+
+
+def _default_keyword() -> KeywordSettings:
+    return KeywordSettings(kind="tantivy", path=f"{DEFAULT_DATA_DIR}/tantivy")
+
+
+def _default_vector() -> VectorSettings:
+    return VectorSettings(uri=f"{DEFAULT_DATA_DIR}/milvus.db")
+
+
+class Settings(BaseSettings):
+    """Everything lockstep needs to run, validated at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LOCKSTEP_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    source: SourceSettings | None = None
+    keyword: KeywordSettings = Field(default_factory=_default_keyword)
+    vector: VectorSettings = Field(default_factory=_default_vector)
+    ledger: LedgerSettings = LedgerSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
+    chunking: ChunkingConfig = ChunkingConfig()
+    sync: SyncConfig = SyncConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init values; the environment overrides it.
+        return env_settings, init_settings
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Read a YAML config (or none: the embedded defaults) and apply environment overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a YAML mapping")
+    try:
+        return Settings(**data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
