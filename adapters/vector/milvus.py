@@ -1,0 +1,699 @@
+"""The vector index on Milvus, through pymilvus's MilvusClient: one adapter for all three forms.
+
+It runs unchanged against a milvus-lite file (``uri`` ends in ``.db``; pymilvus serves it from an
+in-process server), a ``milvus-lite server`` and a real Milvus server (2.3.5 here). What it relies
+on, and why (see shared/reference/semantics.md, "Milvus"):
+
+- Milvus has no conditional writes, so the ledger gates versions before calling this adapter;
+  upserts and deletes are reported APPLIED, and the ``version`` field is still written so that an
+  auditor can compare it with the ledger.
+- Upsert only, never insert (insert never checks primary keys: duplicate entities). Each batch is
+  collapsed to one row per primary key, keeping the highest version: Milvus 2.3.5 keeps *both*
+  rows when one upsert request names a key twice.
+- Deletes go by primary key only. pymilvus's ``delete(ids=...)`` builds ``chunk_id in ['...']``
+  without escaping (an id holding a quote breaks the expression, ``a','b`` would delete ``b`` as
+  well), so this adapter builds the same primary-key expression itself, with every id escaped.
+- Every call carries ``timeout=``: pymilvus's own default is no timeout with up to 75 retries.
+  Given a timeout, pymilvus retries only until that much time has passed (``retry_times`` is then
+  ignored), so the timeout also bounds its retries; lockstep's own retry loop sits above.
+- Verification reads (``get``, ``scan``, ``count``, ``fetch_vectors``) use Strong consistency.
+- ``scan`` streams with ``query_iterator`` and checks the result against ``count(*)``; iterators
+  have had gaps (milvus#52055), so on disagreement it falls back to primary-key range scans.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.exceptions import ConnectError, MilvusUnavailableException
+
+from adapters.vector.settings import VectorSettings
+from coordinator.errors import PermanentStoreError, TransientStoreError
+from coordinator.model import (
+    ChunkDelete,
+    IndexedChunk,
+    ItemResult,
+    ItemStatus,
+    SearchHit,
+    StoredChunk,
+    Vector,
+    WriteResult,
+)
+
+log = structlog.get_logger(__name__)
+
+STORE = "milvus"
+
+# Schema limits. Document IDs are at most 512 bytes (coordinator.events.DOC_ID_BYTES_MAX); a chunk
+# ID adds a separator and an index. VARCHAR lengths are bytes; 1 KiB leaves room for both.
+ID_BYTES_MAX = 1024
+TEXT_BYTES_MAX = 65_535  # Milvus's largest VARCHAR
+CONTENT_HASH_CHARS_MAX = 64  # a hex SHA-256
+METADATA_BYTES_MAX = 65_536  # Milvus's default limit for one JSON value
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# Write requests: Milvus refuses requests of tens of MB (and 2.3.5 buffers whole requests in
+# memory), so a request carries at most this many rows and (estimated) bytes.
+UPSERT_BATCH_ROWS_MAX = 1_000
+UPSERT_BATCH_BYTES_MAX = 4 * 1024 * 1024
+# Requests by primary key (get, delete, fetch_vectors) list their IDs in one expression; these
+# bound the expression to a size every Milvus parses quickly.
+IDS_PER_REQUEST_MAX = 1_000
+ID_EXPRESSION_BYTES_MAX = 256 * 1024
+
+# Milvus caps a query's ``limit`` and a search's top-k at 16,384.
+QUERY_LIMIT_MAX = 16_384
+SEARCH_K_MAX = 16_384
+# Rows per query_iterator page. A page may carry texts of up to 64 KiB each; 1,000 of them stay
+# far below the 256 MiB gRPC message limit of Milvus standalone and milvus-lite.
+SCAN_PAGE_ROWS_MAX = 1_000
+# Rows per query of the range-scan fallback (ranges holding more are split in two).
+RANGE_PAGE_ROWS_MAX = 4_096
+
+STRONG = "Strong"
+METRIC = "COSINE"
+# AUTOINDEX is accepted by Milvus 2.3.5 and milvus-lite alike (each picks its own index type).
+INDEX_TYPE = "AUTOINDEX"
+
+# Milvus status codes worth retrying: 1 unexpected / service not ready (also pymilvus's own
+# "retry timeout"), 2 unavailable / connect failed, 3-5 and 7-8 memory, request, internal, disk
+# and rate limits, 101 collection not loaded (a restarted server reloads it on its own).
+TRANSIENT_CODES = frozenset({1, 2, 3, 4, 5, 7, 8, 101})
+# gRPC statuses worth retrying: the server or the network is down, overloaded or slow.
+TRANSIENT_GRPC_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+STORED_FIELDS = ("chunk_id", "doc_id", "chunk_index", "content_hash", "version")
+
+T = TypeVar("T")
+
+
+class MilvusVectorIndex:
+    """A VectorIndex over one Milvus collection (explicit schema, COSINE metric)."""
+
+    def __init__(self, settings: VectorSettings, dim: int) -> None:
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        self.settings = settings
+        self.dim = dim
+        self.name = settings.collection
+        self.timeout_s = settings.request_timeout_s
+        self._client: MilvusClient | None = None
+        self._log = log.bind(store=STORE, collection=self.name)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create the collection, its vector index and load it; check an existing one's schema."""
+        client = self._connect()
+        if not self._call("has_collection", client.has_collection, self.name):
+            self._create(client)
+        self._check_schema(client)
+        self._ensure_index(client)
+        self._ensure_loaded(client)
+
+    def drop(self) -> None:
+        client = self._connect()
+        self._call("drop_collection", client.drop_collection, self.name)
+        self._log.info("collection dropped")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def upsert(self, chunks: Sequence[IndexedChunk]) -> WriteResult:
+        """Upsert chunks, one row per chunk ID (the newest version of any ID named twice)."""
+        rejected = {i: reason for i, c in enumerate(chunks) if (reason := self._rejection(c))}
+        newest = _newest_by_id((i, c) for i, c in enumerate(chunks) if i not in rejected)
+        rows = [_row(chunks[i]) for i in sorted(newest.values())]
+        for batch in _batches(rows, _row_bytes, UPSERT_BATCH_ROWS_MAX, UPSERT_BATCH_BYTES_MAX):
+            self._upsert_batch(batch)
+        self._log.debug("upserted", rows=len(rows), rejected=len(rejected))
+        return WriteResult(tuple(_write_item(i, c.chunk_id, newest, rejected) for i, c in enumerate(chunks)))
+
+    def delete(self, deletes: Sequence[ChunkDelete]) -> WriteResult:
+        """Delete chunks by primary key; IDs that could never be stored are trivially absent."""
+        newest = _newest_by_id(enumerate(deletes))
+        storable = [
+            deletes[i].chunk_id for i in sorted(newest.values()) if not _id_rejection(deletes[i].chunk_id)
+        ]
+        client = self._connect()
+        for batch in _batches(storable, _id_bytes, IDS_PER_REQUEST_MAX, ID_EXPRESSION_BYTES_MAX):
+            self._call("delete", client.delete, self.name, filter=_pk_in(batch))
+        self._log.debug("deleted", ids=len(storable))
+        return WriteResult(tuple(_write_item(i, d.chunk_id, newest, {}) for i, d in enumerate(deletes)))
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def get(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
+        """Read chunks (with text and metadata) by ID at Strong consistency; absent IDs are left out."""
+        fields = [*STORED_FIELDS, "text", "metadata"]
+        rows = self._query_by_ids(chunk_ids, fields)
+        return {str(r["chunk_id"]): _stored(r, with_text=True) for r in rows}
+
+    def fetch_vectors(self, chunk_ids: Sequence[str]) -> dict[str, list[float]]:
+        """The stored vectors of these chunks; absent IDs are left out."""
+        rows = self._query_by_ids(chunk_ids, ["chunk_id", "vector"])
+        return {str(r["chunk_id"]): [float(x) for x in r["vector"]] for r in rows}
+
+    def count(self) -> int:
+        """Number of entities, by ``count(*)`` at Strong consistency."""
+        return self._count_where("")
+
+    def search(self, vector: Vector, k: int) -> list[SearchHit]:
+        """The k chunks nearest to ``vector`` by cosine similarity, best first."""
+        if not 1 <= k <= SEARCH_K_MAX:
+            raise ValueError(f"k must be within 1..{SEARCH_K_MAX}, got {k}")
+        if len(vector) != self.dim:
+            raise ValueError(f"vector has {len(vector)} dimensions, the index {self.dim}")
+        client = self._connect()
+        result = self._call(
+            "search",
+            client.search,
+            self.name,
+            data=[[float(x) for x in vector]],
+            limit=k,
+            anns_field="vector",
+            search_params={"metric_type": METRIC},
+            output_fields=["chunk_id", "doc_id", "text"],
+            consistency_level=STRONG,
+        )
+        return [_hit(h) for h in result[0]]
+
+    def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
+        """Stream every live chunk once, cross-checked against ``count(*)``.
+
+        Holds the IDs seen so far (not the chunks). If the iterator's rows disagree with
+        ``count(*)``, the chunks it missed are found by primary-key range scans.
+        """
+        expected = self.count()
+        seen: set[str] = set()
+        for row in self._iterate(_scan_fields(with_text)):
+            if row["chunk_id"] not in seen:
+                seen.add(str(row["chunk_id"]))
+                yield _stored(row, with_text=with_text)
+        if len(seen) == expected:
+            return
+        self._log.warning("query_iterator disagrees with count(*)", rows=len(seen), count=expected)
+        for chunk in self.range_scan(with_text=with_text):
+            if chunk.chunk_id not in seen:
+                seen.add(chunk.chunk_id)
+                yield chunk
+        if len(seen) != expected:
+            self._log.warning("range scan disagrees with count(*) too", rows=len(seen), count=expected)
+
+    def range_scan(
+        self, *, with_text: bool = False, page_rows: int = RANGE_PAGE_ROWS_MAX
+    ) -> Iterator[StoredChunk]:
+        """Stream every live chunk once, by primary-key ranges, in primary-key order.
+
+        A range whose query comes back full is split at the median ID of what came back, so each
+        half holds strictly fewer entities and the splitting ends; nothing relies on the order in
+        which Milvus returns rows.
+        """
+        if not 2 <= page_rows <= QUERY_LIMIT_MAX:
+            raise ValueError(f"page_rows must be within 2..{QUERY_LIMIT_MAX}, got {page_rows}")
+        for rows in self._complete_ranges(_scan_fields(with_text), page_rows):
+            for row in sorted(rows, key=lambda r: str(r["chunk_id"])):
+                yield _stored(row, with_text=with_text)
+
+    def duplicate_ids(self, *, page_rows: int = RANGE_PAGE_ROWS_MAX) -> dict[str, int]:
+        """Every chunk ID held by more than one entity, with its number of entities (invariant I4).
+
+        Queries return one row per primary key, but ``count(*)`` counts entities; a primary-key
+        range where the two differ holds a duplicate, and is narrowed down to single IDs.
+        """
+        found: dict[str, int] = {}
+        for lo, hi, ids in self._ranges_of_ids(page_rows):
+            if self._count_where(_range_expr(lo, hi)) > len(ids):
+                found |= self._duplicates_among(ids)
+        return found
+
+    # --- collection set-up -------------------------------------------------------------------
+
+    def _create(self, client: MilvusClient) -> None:
+        try:
+            self._call(
+                "create_collection",
+                client.create_collection,
+                self.name,
+                schema=self._schema(client),
+                index_params=self._index_params(client),
+                consistency_level=STRONG,
+            )
+            self._log.info("collection created", dim=self.dim)
+        except PermanentStoreError:
+            # Another process may have created it meanwhile; then the schema check decides.
+            if not self._call("has_collection", client.has_collection, self.name):
+                raise
+
+    def _schema(self, client: MilvusClient) -> Any:
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("chunk_id", DataType.VARCHAR, is_primary=True, max_length=ID_BYTES_MAX)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=ID_BYTES_MAX)
+        schema.add_field("chunk_index", DataType.INT64)
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_BYTES_MAX)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=CONTENT_HASH_CHARS_MAX)
+        schema.add_field("version", DataType.INT64)
+        schema.add_field("metadata", DataType.JSON)
+        return schema
+
+    def _index_params(self, client: MilvusClient) -> Any:
+        params = client.prepare_index_params()
+        params.add_index("vector", index_type=INDEX_TYPE, metric_type=METRIC)
+        return params
+
+    def _check_schema(self, client: MilvusClient) -> None:
+        described = self._call("describe_collection", client.describe_collection, self.name)
+        problem = _schema_problem(described, self.dim)
+        if problem:
+            raise PermanentStoreError(
+                f"collection {self.name!r} exists with another schema: {problem}", store=STORE
+            )
+
+    def _ensure_index(self, client: MilvusClient) -> None:
+        """Create the vector index if a crash struck between creating the collection and it."""
+        if "vector" in self._call("list_indexes", client.list_indexes, self.name):
+            return
+        self._call("create_index", client.create_index, self.name, self._index_params(client))
+        self._log.info("vector index created")
+
+    def _ensure_loaded(self, client: MilvusClient) -> None:
+        """Load the collection: a reopened milvus-lite file or a restarted server may not have."""
+        state = self._call("get_load_state", client.get_load_state, self.name)
+        if str(state.get("state")) != "Loaded":
+            self._call("load_collection", client.load_collection, self.name)
+            self._log.info("collection loaded", was=str(state.get("state")))
+
+    # --- wire helpers ------------------------------------------------------------------------
+
+    def _connect(self) -> MilvusClient:
+        """The client, built on first use (so constructing the adapter does no I/O)."""
+        if self._client is None:
+            with _wire("connect"):
+                self._client = _client(self.settings)
+        return self._client
+
+    def _call(self, operation: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call one pymilvus method with the request timeout, translating its errors."""
+        with _wire(operation):
+            return method(*args, timeout=self.timeout_s, **kwargs)
+
+    def _upsert_batch(self, rows: list[dict[str, Any]]) -> None:
+        result = self._call("upsert", self._connect().upsert, self.name, rows)
+        acknowledged = _upsert_count(result)
+        if acknowledged is not None and acknowledged != len(rows):
+            # The rows are idempotent to send again, so a short acknowledgement is retriable.
+            raise TransientStoreError(
+                f"milvus acknowledged {acknowledged} of {len(rows)} upserted rows", store=STORE
+            )
+
+    def _query(self, expr: str, fields: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
+        extra = {} if limit is None else {"limit": limit}
+        rows = self._call(
+            "query",
+            self._connect().query,
+            self.name,
+            filter=expr,
+            output_fields=list(fields),
+            consistency_level=STRONG,
+            **extra,
+        )
+        return [dict(r) for r in rows]
+
+    def _query_by_ids(self, chunk_ids: Iterable[str], fields: Sequence[str]) -> list[dict[str, Any]]:
+        ids = sorted({i for i in chunk_ids if not _id_rejection(i)})
+        rows: list[dict[str, Any]] = []
+        for batch in _batches(ids, _id_bytes, IDS_PER_REQUEST_MAX, ID_EXPRESSION_BYTES_MAX):
+            rows.extend(self._query(_pk_in(batch), fields))
+        return rows
+
+    def _count_where(self, expr: str) -> int:
+        [row] = self._query(expr, ["count(*)"])
+        return int(row["count(*)"])
+
+    def _iterate(self, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Rows of a Strong query_iterator over the whole collection, page by page."""
+        iterator = self._call(
+            "query_iterator",
+            self._connect().query_iterator,
+            self.name,
+            batch_size=SCAN_PAGE_ROWS_MAX,
+            filter="",
+            output_fields=list(fields),
+            consistency_level=STRONG,
+        )
+        try:
+            while page := self._next_page(iterator):
+                yield from (dict(r) for r in page)
+        finally:
+            iterator.close()
+
+    def _next_page(self, iterator: Any) -> list[Any]:
+        with _wire("query_iterator.next"):
+            return list(iterator.next())
+
+    def _complete_ranges(self, fields: Sequence[str], page_rows: int) -> Iterator[list[dict[str, Any]]]:
+        """The rows of primary-key ranges small enough to come back whole, in key order."""
+        pending: list[tuple[str, str | None]] = [("", None)]
+        while pending:
+            lo, hi = pending.pop()
+            rows = self._query(_range_expr(lo, hi), fields, limit=page_rows)
+            if len(rows) < page_rows:
+                yield rows
+                continue
+            mid = _median_id(rows)
+            # Pushed high half first so that the low half is scanned first: key order overall.
+            pending.extend([(mid, hi), (lo, mid)])
+
+    def _ranges_of_ids(self, page_rows: int) -> Iterator[tuple[str, str | None, list[str]]]:
+        """Primary-key ranges [lo, hi) covering the collection, each with all its IDs."""
+        pending: list[tuple[str, str | None]] = [("", None)]
+        while pending:
+            lo, hi = pending.pop()
+            ids = [
+                str(r["chunk_id"]) for r in self._query(_range_expr(lo, hi), ["chunk_id"], limit=page_rows)
+            ]
+            if len(ids) < page_rows:
+                yield lo, hi, ids
+                continue
+            mid = sorted(ids)[len(ids) // 2]
+            pending.extend([(mid, hi), (lo, mid)])
+
+    def _duplicates_among(self, ids: list[str]) -> dict[str, int]:
+        """Entity counts of the duplicated IDs among ``ids``, halving the list down to single IDs."""
+        found: dict[str, int] = {}
+        pending = [sorted(ids)]
+        while pending:
+            group = pending.pop()
+            entities = self._count_where(_pk_in(group))
+            if entities <= len(group):
+                continue
+            if len(group) == 1:
+                found[group[0]] = entities
+                continue
+            half = len(group) // 2
+            pending.extend([group[:half], group[half:]])
+        return found
+
+    def _rejection(self, chunk: IndexedChunk) -> str:
+        """Why Milvus would refuse this chunk (failing its whole request), or "" if it is fine."""
+        return (
+            _id_rejection(chunk.chunk_id)
+            or _field_rejection(chunk)
+            or _vector_rejection(chunk.vector, self.dim)
+        )
+
+
+# --- client and errors -------------------------------------------------------------------------
+
+
+def _client(settings: VectorSettings) -> MilvusClient:
+    """A dedicated client (its own channel: closing it never affects another adapter's)."""
+    if settings.is_embedded:
+        # pymilvus refuses a .db path whose directory does not exist yet.
+        Path(settings.uri).parent.mkdir(parents=True, exist_ok=True)
+    auth: dict[str, Any] = {}
+    if settings.token is not None:
+        auth["token"] = settings.token.get_secret_value()
+    if settings.user is not None and settings.password is not None:
+        auth["user"] = settings.user
+        auth["password"] = settings.password.get_secret_value()
+    if settings.uses_tls:
+        auth["secure"] = True
+    if settings.server_pem_path is not None:
+        auth["server_pem_path"] = settings.server_pem_path
+    if settings.server_name is not None:
+        auth["server_name"] = settings.server_name
+    return MilvusClient(
+        uri=settings.uri,
+        db_name=settings.db_name,
+        timeout=settings.connect_timeout_s,
+        dedicated=True,
+        **auth,
+    )
+
+
+@contextmanager
+def _wire(operation: str) -> Iterator[None]:
+    """Translate pymilvus and gRPC errors into lockstep's transient / permanent store errors."""
+    started = time.monotonic()
+    try:
+        yield
+    except (MilvusException, grpc.RpcError) as exc:
+        elapsed_s = round(time.monotonic() - started, 3)
+        message = f"milvus {operation} failed after {elapsed_s} s: {_describe(exc)}"
+        if _is_transient(exc):
+            raise TransientStoreError(message, store=STORE) from exc
+        raise PermanentStoreError(message, store=STORE) from exc
+
+
+def _is_transient(exc: MilvusException | grpc.RpcError) -> bool:
+    if isinstance(exc, ConnectError | MilvusUnavailableException):
+        return True
+    if isinstance(exc, grpc.RpcError):
+        return _grpc_code(exc) in TRANSIENT_GRPC_CODES
+    if type(exc) is not MilvusException:
+        # pymilvus's subclasses name client-side checks: parameters, types, schema mismatches.
+        return False
+    code = exc.code
+    if isinstance(code, grpc.StatusCode):
+        return code in TRANSIENT_GRPC_CODES
+    return int(code) in TRANSIENT_CODES
+
+
+def _grpc_code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(exc, "code", None)
+    return code() if callable(code) else None
+
+
+def _describe(exc: MilvusException | grpc.RpcError) -> str:
+    if isinstance(exc, MilvusException):
+        return f"code={exc.code} {exc.message}"
+    return f"grpc {_grpc_code(exc)}"
+
+
+# --- rows, expressions and batches -------------------------------------------------------------
+
+
+def _row(chunk: IndexedChunk) -> dict[str, Any]:
+    assert chunk.vector is not None, "checked by _vector_rejection"
+    return {
+        "chunk_id": chunk.chunk_id,
+        "vector": [float(x) for x in chunk.vector],
+        "doc_id": chunk.doc_id,
+        "chunk_index": chunk.chunk_index,
+        "text": chunk.text,
+        "content_hash": chunk.content_hash,
+        "version": chunk.version,
+        "metadata": dict(chunk.metadata),
+    }
+
+
+def _row_bytes(row: Mapping[str, Any]) -> int:
+    """An estimate of a row's size on the wire (strings, 4 bytes per float, JSON, overhead)."""
+    strings = (row["chunk_id"], row["doc_id"], row["text"], row["content_hash"])
+    metadata = json.dumps(row["metadata"], ensure_ascii=False)
+    return sum(len(s.encode()) for s in strings) + len(metadata.encode()) + 4 * len(row["vector"]) + 64
+
+
+def _id_bytes(chunk_id: str) -> int:
+    return len(chunk_id.encode()) + 4  # the quotes and separator around it in an expression
+
+
+def _batches(
+    items: Sequence[T], size_of: Callable[[T], int], count_max: int, bytes_max: int
+) -> Iterator[list[T]]:
+    """Split items into batches of at most ``count_max`` items and ``bytes_max`` bytes."""
+    batch: list[T] = []
+    size = 0
+    for item in items:
+        item_size = size_of(item)
+        if batch and (len(batch) == count_max or size + item_size > bytes_max):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item_size
+    if batch:
+        yield batch
+
+
+def _quote(value: str) -> str:
+    """``value`` as a double-quoted string literal that Milvus 2.3 and milvus-lite both parse."""
+    escaped = (
+        value.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+    return f'"{escaped}"'
+
+
+def _pk_in(chunk_ids: Sequence[str]) -> str:
+    return f"chunk_id in [{','.join(_quote(i) for i in chunk_ids)}]"
+
+
+def _range_expr(lo: str, hi: str | None) -> str:
+    """Primary keys in [lo, hi); ``hi`` None means no upper bound. Strings compare bytewise."""
+    lower = f"chunk_id >= {_quote(lo)}"
+    return lower if hi is None else f"{lower} and chunk_id < {_quote(hi)}"
+
+
+def _median_id(rows: Sequence[Mapping[str, Any]]) -> str:
+    ids = sorted(str(r["chunk_id"]) for r in rows)
+    return ids[len(ids) // 2]
+
+
+def _scan_fields(with_text: bool) -> list[str]:
+    return [*STORED_FIELDS, "text", "metadata"] if with_text else list(STORED_FIELDS)
+
+
+def _newest_by_id(items: Iterable[tuple[int, IndexedChunk | ChunkDelete]]) -> dict[str, int]:
+    """For each chunk ID, the position of its item with the highest version (the last on ties)."""
+    newest: dict[str, tuple[int, int]] = {}
+    for position, item in items:
+        kept = newest.get(item.chunk_id)
+        if kept is None or item.version >= kept[0]:
+            newest[item.chunk_id] = (item.version, position)
+    return {chunk_id: position for chunk_id, (_, position) in newest.items()}
+
+
+def _write_item(
+    position: int, chunk_id: str, newest: Mapping[str, int], rejected: Mapping[int, str]
+) -> ItemResult:
+    if position in rejected:
+        return ItemResult(chunk_id, ItemStatus.REJECTED, rejected[position])
+    if newest.get(chunk_id) == position:
+        return ItemResult(chunk_id, ItemStatus.APPLIED)
+    return ItemResult(chunk_id, ItemStatus.SUPERSEDED, "a newer version of this chunk is in the same call")
+
+
+def _upsert_count(result: Any) -> int | None:
+    """The number of rows Milvus says it upserted, when the answer says so."""
+    if isinstance(result, Mapping) and "upsert_count" in result:
+        return int(result["upsert_count"])
+    return None
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+def _id_rejection(chunk_id: str) -> str:
+    if not chunk_id:
+        return "empty chunk_id"
+    if "\x00" in chunk_id:
+        return "chunk_id contains a NUL character"
+    return _utf8_rejection("chunk_id", chunk_id, ID_BYTES_MAX)
+
+
+def _utf8_rejection(field: str, value: str, bytes_max: int) -> str:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"{field} is not valid UTF-8"
+    return f"{field} is longer than {bytes_max} bytes" if size > bytes_max else ""
+
+
+def _field_rejection(chunk: IndexedChunk) -> str:
+    return (
+        _utf8_rejection("doc_id", chunk.doc_id, ID_BYTES_MAX)
+        or _utf8_rejection("text", chunk.text, TEXT_BYTES_MAX)
+        or _utf8_rejection("content_hash", chunk.content_hash, CONTENT_HASH_CHARS_MAX)
+        or _int64_rejection("version", chunk.version)
+        or _int64_rejection("chunk_index", chunk.chunk_index)
+        or _metadata_rejection(chunk.metadata)
+    )
+
+
+def _int64_rejection(field: str, value: int) -> str:
+    return "" if INT64_MIN <= value <= INT64_MAX else f"{field} {value} does not fit in INT64"
+
+
+def _metadata_rejection(metadata: Mapping[str, Any]) -> str:
+    try:
+        encoded = json.dumps(dict(metadata), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"metadata is not JSON: {exc}"
+    return _utf8_rejection("metadata", encoded, METADATA_BYTES_MAX)
+
+
+def _vector_rejection(vector: Vector | None, dim: int) -> str:
+    if vector is None:
+        return "chunk has no vector"
+    if len(vector) != dim:
+        return f"vector has {len(vector)} dimensions, the index {dim}"
+    if not all(math.isfinite(x) for x in vector):
+        return "vector has a NaN or infinite component"
+    if not any(vector):
+        return "vector is all zeros (no cosine similarity)"
+    return ""
+
+
+# --- reading rows back -------------------------------------------------------------------------
+
+
+def _stored(row: Mapping[str, Any], *, with_text: bool) -> StoredChunk:
+    return StoredChunk(
+        chunk_id=str(row["chunk_id"]),
+        doc_id=str(row["doc_id"]),
+        chunk_index=int(row["chunk_index"]),
+        content_hash=str(row["content_hash"]),
+        version=int(row["version"]),
+        text=str(row["text"]) if with_text else None,
+        metadata=dict(row.get("metadata") or {}) if with_text else None,
+    )
+
+
+def _hit(hit: Mapping[str, Any]) -> SearchHit:
+    entity = hit["entity"]
+    return SearchHit(
+        chunk_id=str(entity["chunk_id"]),
+        doc_id=str(entity["doc_id"]),
+        score=float(hit["distance"]),
+        text=str(entity["text"]),
+    )
+
+
+def _schema_problem(described: Mapping[str, Any], dim: int) -> str:
+    """How an existing collection's fields differ from the schema this adapter writes ("" if not)."""
+    fields = {f["name"]: f for f in described.get("fields", [])}
+    expected = {
+        "chunk_id": DataType.VARCHAR,
+        "vector": DataType.FLOAT_VECTOR,
+        "doc_id": DataType.VARCHAR,
+        "chunk_index": DataType.INT64,
+        "text": DataType.VARCHAR,
+        "content_hash": DataType.VARCHAR,
+        "version": DataType.INT64,
+        "metadata": DataType.JSON,
+    }
+    for name, data_type in expected.items():
+        if name not in fields:
+            return f"field {name!r} is missing"
+        if fields[name]["type"] != data_type:
+            return f"field {name!r} is {fields[name]['type']}, expected {data_type}"
+    if not fields["chunk_id"].get("is_primary"):
+        return "chunk_id is not the primary key"
+    stored_dim = int(fields["vector"].get("params", {}).get("dim", -1))
+    return "" if stored_dim == dim else f"vector dim is {stored_dim}, expected {dim}"
