@@ -146,19 +146,39 @@ class ApplyEngine:
             return False
 
     def _cache_vectors(self, chunks: Sequence[IndexedChunk]) -> dict[str, list[float]]:
-        """Vectors by content hash: cache, then the vector index's stored copy, then the model."""
+        """Vectors for chunks about to be prepared; counts model calls and cache hits."""
         before_calls, before_hits = self.embedder.embed_calls, self.embedder.cache_hits
-        vectors = self.embedder.lookup(c.content_hash for c in chunks)
-        missing = [c for c in chunks if c.content_hash not in vectors]
-        if missing:
-            stored = self.vector.fetch_vectors([c.chunk_id for c in missing])
-            vectors |= self.embedder.embed_hashed(
-                [(c.content_hash, c.text) for c in missing if c.chunk_id not in stored]
-            )
-            vectors |= {c.content_hash: stored[c.chunk_id] for c in missing if c.chunk_id in stored}
+        vectors = self._vectors(chunks)
         self.stats.embed_calls += self.embedder.embed_calls - before_calls
         self.stats.cache_hits += self.embedder.cache_hits - before_hits
         return vectors
+
+    def _vectors(self, chunks: Sequence[IndexedChunk]) -> dict[str, list[float]]:
+        """Vectors by content hash: cache, then the vector index's stored copy, then the model."""
+        vectors = self.embedder.lookup(c.content_hash for c in chunks)
+        missing = [c for c in chunks if c.content_hash not in vectors]
+        if missing:
+            stored = self._stored_vectors(missing)
+            vectors |= stored
+            vectors |= self.embedder.embed_hashed(
+                [(c.content_hash, c.text) for c in missing if c.content_hash not in stored]
+            )
+        return vectors
+
+    def _stored_vectors(self, chunks: Sequence[IndexedChunk]) -> dict[str, list[float]]:
+        """Vectors the vector index already holds for these exact texts (same ID, same hash).
+
+        A metadata-only rewrite whose vector fell out of the cache reuses the stored one; a chunk
+        whose text changed must never inherit its old text's vector.
+        """
+        held = self.vector.get([c.chunk_id for c in chunks])
+        same = [
+            c for c in chunks if (s := held.get(c.chunk_id)) is not None and s.content_hash == c.content_hash
+        ]
+        if not same:
+            return {}
+        fetched = self.vector.fetch_vectors([c.chunk_id for c in same])
+        return {c.content_hash: fetched[c.chunk_id] for c in same if c.chunk_id in fetched}
 
     # --- apply and commit ------------------------------------------------------------------
 
@@ -180,7 +200,9 @@ class ApplyEngine:
         index = self.sides[side]
         upserts = [c for i in todo for c in i.upserts]
         if side == VECTOR:
-            vectors = self._cache_vectors(upserts)
+            calls = self.embedder.embed_calls
+            vectors = self._vectors(upserts)
+            self.stats.embed_calls += self.embedder.embed_calls - calls
             upserts = [replace(c, vector=vectors[c.content_hash]) for c in upserts]
         deletes = [d for i in todo for d in i.deletes]
         results = [

@@ -8,12 +8,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
-from adapters.vector.milvus import MilvusVectorIndex
 
 from adapters.embedders.cached import CachedEmbedder
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
+from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError

@@ -12,11 +12,11 @@ import random
 import shutil
 from pathlib import Path
 
-from adapters.vector.settings import VectorSettings
 from rich.console import Console
 from rich.table import Table
 
 from adapters.keyword.settings import KeywordSettings
+from adapters.vector.settings import VectorSettings
 from coordinator.chunking import chunk_id, chunk_text, content_hash
 from coordinator.events import ChangeEvent, Op, event_to_dict
 from coordinator.invariants import ExpectedChunk, Violation, check_index
@@ -51,9 +51,10 @@ def run(data_dir: Path, *, docs: int, embedder_kind: str, console: Console) -> b
             f"[bold]lockstep demo[/bold]: {docs} documents, embedder [cyan]{rt.embedder.model_id}[/cyan]"
         )
         initial = _sync(rt, settings, [_upsert(d) for d in corpus.values()], console, "initial load")
-        round_events = _scripted_round(corpus, deleted)
-        edits = _sync(rt, settings, round_events, console, "edit round")
-        _print_stats(console, initial, edits)
+        changes, replays = _scripted_round(corpus, deleted)
+        edits = _sync(rt, settings, changes, console, "edit round")
+        stale = _sync(rt, settings, replays, console, "replays")
+        _print_stats(console, initial, edits, stale)
         _print_search(console, rt)
         violations = _verify(rt, settings, corpus, deleted)
     _print_verdict(console, violations)
@@ -64,7 +65,7 @@ def _upsert(doc: Doc) -> ChangeEvent:
     return ChangeEvent(Op.UPSERT, doc.doc_id, doc.version, doc.text, doc.metadata)
 
 
-def _scripted_round(corpus: dict[str, Doc], deleted: set[str]) -> list[ChangeEvent]:
+def _scripted_round(corpus: dict[str, Doc], deleted: set[str]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
     """Edits, deletes, shrinks, metadata-only changes, then stale replays of older versions."""
     rng = random.Random(11)
     ids = sorted(corpus)
@@ -85,9 +86,9 @@ def _scripted_round(corpus: dict[str, Doc], deleted: set[str]) -> list[ChangeEve
         deleted.add(doc_id)
         events.append(ChangeEvent(Op.DELETE, doc_id, doc.version + 1))
     # A consumer restart replays older events; a late upsert arrives for a deleted document.
-    events += [_upsert(d) for d in originals]
-    events.append(ChangeEvent(Op.UPSERT, ids[18], 1, "a late, older copy that must not come back", {}))
-    return events
+    replays = [_upsert(d) for d in originals]
+    replays.append(ChangeEvent(Op.UPSERT, ids[18], 1, "a late, older copy that must not come back", {}))
+    return events, replays
 
 
 def _sync(
@@ -104,8 +105,8 @@ def _sync(
     return {k: v - before[k] for k, v in rt.engine.stats.as_dict().items()}
 
 
-def _print_stats(console: Console, initial: dict[str, int], edits: dict[str, int]) -> None:
-    table = Table("", "initial load", "edit round", title="what lockstep did")
+def _print_stats(console: Console, *rounds: dict[str, int]) -> None:
+    table = Table("", "initial load", "edit round", "stale replays", title="what lockstep did")
     rows = {
         "events": "events read",
         "applied_events": "documents changed",
@@ -119,7 +120,7 @@ def _print_stats(console: Console, initial: dict[str, int], edits: dict[str, int
         "dead_letters": "dead letters",
     }
     for key, label in rows.items():
-        table.add_row(label, str(initial[key]), str(edits[key]))
+        table.add_row(label, *(str(r[key]) for r in rounds))
     console.print(table)
 
 

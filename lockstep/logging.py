@@ -21,12 +21,21 @@ def _scrub(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+# Third-party loggers that report expected conditions as warnings or tracebacks:
+# - milvus-lite's in-process gRPC server does not implement AllocTimestamp, so every
+#   query_iterator makes grpc log a NotImplementedError traceback and pymilvus warn that it
+#   falls back to a client-side timestamp (harmless: our scans are cross-checked by count).
+_QUIET_LOGGERS = {"grpc._server": logging.CRITICAL, "pymilvus.orm.iterator": logging.ERROR}
+
+
 def configure_logging(level: str = "info") -> None:
     """Route stdlib and structlog logs as JSON to stderr at ``level``."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
     logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s", force=True)
+    for name, quiet_level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(quiet_level, numeric))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

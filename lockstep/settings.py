@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from adapters.vector.settings import VectorSettings
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters.keyword.settings import KeywordSettings
+from adapters.vector.settings import VectorSettings
 from coordinator.chunking import ChunkingSettings
 from coordinator.errors import ConfigError
 
