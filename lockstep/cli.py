@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -126,7 +125,3 @@ def points() -> None:
     for point in PROTOCOL_POINTS:
         table.add_row(point)
     Console().print(table)
-
-
-def run() -> None:  # pragma: no cover - console entry for `python -m lockstep`
-    sys.exit(app())

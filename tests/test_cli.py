@@ -1,0 +1,206 @@
+"""The `lockstep` command line, run as a real process against the embedded default stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from adapters.ledger.sqlite import SqliteLedger
+from coordinator.crashpoints import PROTOCOL_POINTS
+from coordinator.events import TEXT_BYTES_MAX
+from coordinator.invariants import ExpectedChunk, check_index
+from lockstep.bootstrap import runtime
+from lockstep.settings import load_settings
+
+LOCKSTEP = [sys.executable, "-m", "lockstep"]
+CLI_TIMEOUT_S = 300
+
+
+def _config(tmp_path: Path, **overrides: Any) -> Path:
+    config = {
+        "source": {"kind": "jsonl", "path": str(tmp_path / "events.jsonl"), "name": "events"},
+        "keyword": {"kind": "tantivy", "path": str(tmp_path / "tantivy")},
+        "vector": {"uri": str(tmp_path / "milvus.db")},
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+        "embedder": {"kind": "hashing"},
+        "chunking": {"max_chars": 80},
+        "sync": {"batch_events": 4},
+        **overrides,
+    }
+    path = tmp_path / "lockstep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _write_events(tmp_path: Path, *lines: str | dict[str, Any], mode: str = "a") -> None:
+    with (tmp_path / "events.jsonl").open(mode + "b") as out:
+        for line in lines:
+            raw = line if isinstance(line, str) else json.dumps(line)
+            out.write(raw.encode("utf-8", "surrogateescape") + b"\n")
+
+
+def _lockstep(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LOCKSTEP, *args],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _doc(doc_id: str, version: int, paragraphs: int = 3, **meta: Any) -> dict[str, Any]:
+    text = "\n\n".join(f"{doc_id} paragraph {i} about refunds and invoices" for i in range(paragraphs))
+    return {"op": "upsert", "doc_id": doc_id, "version": version, "text": text, "metadata": meta}
+
+
+def _assert_indexes_equal(config: Path, live: dict[str, dict[str, Any]], deleted: set[str]) -> None:
+    settings = load_settings(config)
+    from coordinator.chunking import chunk_id, chunk_text, content_hash
+
+    expected = {
+        chunk_id(d, i): ExpectedChunk(chunk_id(d, i), content_hash(t))
+        for d, ev in live.items()
+        for i, t in enumerate(chunk_text(ev["text"], settings.chunking.to_domain()))
+    }
+    with runtime(settings) as rt:
+        violations = [
+            *check_index("keyword", expected, deleted, list(rt.keyword.scan())),
+            *check_index("vector", expected, deleted, list(rt.vector.scan())),
+        ]
+        assert rt.ledger.counts()["pending_intents"] == 0
+    assert violations == [], "\n".join(map(str, violations))
+
+
+def test_sync_prints_a_json_summary_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """sync applies everything, prints the summary keys, and a second run applies only new events."""
+    config = _config(tmp_path)
+    _write_events(tmp_path, _doc("a", 1), _doc("b", 1), {"op": "delete", "doc_id": "c", "version": 1})
+    first = _lockstep("sync", "-c", str(config))
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert {
+        "events",
+        "upserted_chunks",
+        "deleted_chunks",
+        "skipped_chunks",
+        "stale_events",
+        "embed_calls",
+        "dead_letters",
+    } <= summary.keys()
+    assert (
+        summary["events"] == 3
+        and summary["dead_letters"] == 0
+        and summary["embed_calls"] == summary["upserted_chunks"]
+    )
+    edited = _doc("a", 2)
+    edited["text"] = edited["text"].replace("paragraph 1", "paragraph one")
+    _write_events(tmp_path, edited)
+    second = json.loads(_lockstep("sync", "-c", str(config)).stdout)
+    assert second["events"] == 1 and second["embed_calls"] == 1 and second["skipped_chunks"] == 2
+    _assert_indexes_equal(config, {"a": edited, "b": _doc("b", 1)}, {"c"})
+
+
+def test_bad_input_goes_to_the_dead_letter_queue_and_the_rest_is_applied(tmp_path: Path) -> None:
+    """Malformed lines are dead-lettered with their reasons, sync exits 1, good events still land."""
+    config = _config(tmp_path)
+    oversize = {
+        "op": "upsert",
+        "doc_id": "big",
+        "version": 1,
+        "text": "x" * (TEXT_BYTES_MAX + 1),
+        "metadata": {},
+    }
+    _write_events(
+        tmp_path,
+        _doc("good-1", 1),
+        "{not json",
+        {"op": "rename", "doc_id": "x", "version": 1},
+        {"op": "upsert", "doc_id": "y", "text": "no version"},
+        oversize,
+        '{"op": "upsert", "doc_id": "z", "version": 1, "text": "bad \udcff byte"}',
+        _doc("good-2", 1),
+    )
+    result = _lockstep("sync", "-c", str(config))
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout)["dead_letters"] == 5
+    reasons = [letter.reason for _, letter in SqliteLedger(tmp_path / "ledger.db").dead_letters(limit=10)]
+    assert len(reasons) == 5
+    for needle in ("JSON", "unknown op", "missing version", "larger than", "UTF-8"):
+        assert any(needle in r for r in reasons), f"no dead letter mentions {needle!r}: {reasons}"
+    _assert_indexes_equal(config, {"good-1": _doc("good-1", 1), "good-2": _doc("good-2", 1)}, set())
+
+
+@pytest.mark.parametrize("point", PROTOCOL_POINTS)
+def test_a_kill_at_any_crash_point_converges_on_the_next_sync(tmp_path: Path, point: str) -> None:
+    """SIGKILL at each protocol boundary, then a plain rerun: both indexes equal the source."""
+    config = _config(tmp_path)
+    live = {f"d{i}": _doc(f"d{i}", 1) for i in range(10)}
+    _write_events(tmp_path, *live.values())
+    crashed = _lockstep("sync", "-c", str(config), "--crash-at", point)
+    assert crashed.returncode == -9, f"not killed at {point}: {crashed.stderr[-2000:]}"
+    shrunk = _doc("d3", 2, paragraphs=1)
+    live["d3"] = shrunk
+    _write_events(tmp_path, shrunk, {"op": "delete", "doc_id": "d4", "version": 2})
+    del live["d4"]
+    rerun = _lockstep("sync", "-c", str(config))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    _assert_indexes_equal(config, live, {"d4"})
+
+
+def test_status_reports_counts_per_index_and_ledger_state(tmp_path: Path) -> None:
+    """status shows ledger states and both indexes' chunk counts."""
+    config = _config(tmp_path)
+    _write_events(
+        tmp_path, _doc("a", 1), _doc("b", 1, paragraphs=2), {"op": "delete", "doc_id": "b", "version": 2}
+    )
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    status = json.loads(_lockstep("status", "-c", str(config)).stdout)
+    assert status["ledger"]["live_docs"] == 1 and status["ledger"]["tombstones"] == 1
+    assert status["keyword"]["chunks"] == status["vector"]["chunks"] == status["ledger"]["chunks"] == 3
+
+
+def test_secrets_from_the_environment_never_reach_the_logs(tmp_path: Path, opensearch_api_url: str) -> None:
+    """A password given by environment variable is used but never printed, even at debug level."""
+    secret = "s3cr3t-Pa55word-never-logged"
+    config = _config(
+        tmp_path,
+        keyword={
+            "kind": "opensearch",
+            "url": opensearch_api_url,
+            "index": "cli-secrets",
+            "username": "lockstep",
+        },
+    )
+    _write_events(tmp_path, _doc("a", 1))
+    result = _lockstep(
+        "--log-level", "debug", "sync", "-c", str(config), env={"LOCKSTEP_KEYWORD__PASSWORD": secret}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "POST" in result.stderr or "bulk" in result.stderr.lower(), "debug logs were not produced at all"
+    assert secret not in result.stdout + result.stderr
+
+
+def test_config_errors_exit_2_with_a_clear_message(tmp_path: Path) -> None:
+    """An invalid config is refused at start-up with exit status 2."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("keyword: {kind: opensearch}\n")
+    result = _lockstep("status", "-c", str(config))
+    assert result.returncode == 2 and "url" in result.stderr
+
+
+def test_demo_proves_both_indexes_equal_the_source(tmp_path: Path) -> None:
+    """The README's main job runs end to end on the embedded default and ends in agreement."""
+    result = _lockstep("demo", "--data-dir", str(tmp_path / "demo"), "--docs", "40", "--embedder", "hashing")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "both indexes equal the source" in result.stdout
+    assert "stale events ignored" in result.stdout
