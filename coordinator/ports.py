@@ -223,3 +223,12 @@ class ChangeSource(Protocol):
         """Persist ``position`` as the place to resume from."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReconcilableSource(Protocol):
+    """A snapshot source that can tell which known documents vanished without a trace
+    (hard deletes in a SQL table); ``sync`` applies these deletes after reading changes."""
+
+    def reconcile_ids(self) -> Iterator[ChangeEvent]:
+        """Delete events for ledger documents that no longer exist at the source."""

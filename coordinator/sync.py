@@ -1,5 +1,8 @@
 """Batch sync: read a source to its end, apply it in bounded batches, checkpoint after each.
 
+Snapshot sources that can detect hard deletes (``ReconcilableSource``) get an ID
+reconciliation pass at the end of every run.
+
 The checkpoint written after a batch is the position after its last record, and it is written
 only once every event of the batch is committed in both indexes, dead-lettered, or stale.
 """
@@ -11,7 +14,8 @@ from itertools import islice
 
 from coordinator import crashpoints
 from coordinator.apply import ApplyEngine, ApplyStats
-from coordinator.ports import ChangeSource, SourceRecord
+from coordinator.events import ChangeEvent
+from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord
 
 ProgressFn = Callable[[int], None]
 
@@ -36,10 +40,16 @@ def run_sync(
             source.commit(position)
             engine.crash(crashpoints.AFTER_CHECKPOINT)
         progress(len(batch))
+    if isinstance(source, ReconcilableSource):
+        for deletes in _batches(source.reconcile_ids(), batch_events):
+            engine.apply(deletes)
+            progress(len(deletes))
     return engine.stats
 
 
-def _batches(records: Iterator[SourceRecord], size: int) -> Iterator[list[SourceRecord]]:
+def _batches(
+    records: Iterator[SourceRecord] | Iterator[ChangeEvent], size: int
+) -> Iterator[list[SourceRecord]]:
     while batch := list(islice(records, size)):
         yield batch
 

@@ -204,3 +204,52 @@ def test_demo_proves_both_indexes_equal_the_source(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "both indexes equal the source" in result.stdout
     assert "stale events ignored" in result.stdout
+
+
+def test_sync_from_a_sql_table_follows_updates_soft_and_hard_deletes(tmp_path: Path) -> None:
+    """A SQL table source: watermark picks up edits, deleted_at tombstones and vanished rows."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'kb.sqlite'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as db:
+        db.exec_driver_sql(
+            "CREATE TABLE articles (id TEXT PRIMARY KEY, body TEXT, lang TEXT, updated_at TIMESTAMP, deleted_at TIMESTAMP)"
+        )
+        for i in range(6):
+            db.exec_driver_sql(
+                "INSERT INTO articles VALUES (?, ?, 'en', ?, NULL)",
+                (f"a{i}", f"article {i} about invoices\n\nsecond part {i}", f"2026-01-01 00:00:0{i}"),
+            )
+    source = {"kind": "sql", "url": url, "table": "articles", "text_column": "body", "metadata_columns": ["lang"],
+              "deleted_at_column": "deleted_at"}
+    config = _config(tmp_path, source=source)
+    first = _lockstep("sync", "-c", str(config))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)["applied_events"] == 6
+    with engine.begin() as db:
+        db.exec_driver_sql("UPDATE articles SET body = 'rewritten', updated_at = '2026-01-02 00:00:00' WHERE id = 'a1'")
+        db.exec_driver_sql("UPDATE articles SET deleted_at = '2026-01-02', updated_at = '2026-01-02 00:00:01' WHERE id = 'a2'")
+        db.exec_driver_sql("DELETE FROM articles WHERE id = 'a3'")
+    second = _lockstep("sync", "-c", str(config))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads(second.stdout)["applied_events"] == 3
+    live = {f"a{i}": {"text": f"article {i} about invoices\n\nsecond part {i}"} for i in (0, 4, 5)}
+    live["a1"] = {"text": "rewritten"}
+    _assert_indexes_equal(config, live, {"a2", "a3"})
+
+
+def test_sync_from_a_folder_follows_new_changed_and_removed_files(tmp_path: Path) -> None:
+    """A folder source: new and edited files are applied, removed files deleted from both indexes."""
+    docs = tmp_path / "docs"
+    (docs / "guides").mkdir(parents=True)
+    (docs / "guides" / "refunds.md").write_text("# Refunds\n\nWithin 30 days.")
+    (docs / "shipping.txt").write_text("Parcels leave within 24 hours.")
+    config = _config(tmp_path, source={"kind": "folder", "path": str(docs)})
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    (docs / "guides" / "refunds.md").write_text("# Refunds\n\nWithin 14 days now.")
+    (docs / "shipping.txt").unlink()
+    second = _lockstep("sync", "-c", str(config))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads(second.stdout)["applied_events"] == 2
+    _assert_indexes_equal(config, {"guides/refunds.md": {"text": "# Refunds\n\nWithin 14 days now."}}, {"shipping.txt"})
