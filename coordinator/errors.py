@@ -12,7 +12,8 @@ Adapters convert every backend error at their boundary into one of these and rai
     ├── EmbedError              the embedding model failed
     │   ├── TransientEmbedError     retriable: timeouts, 429, 5xx
     │   └── PermanentEmbedError     not retriable: wrong dimension, rejected input
-    └── SourceError             a change source cannot be read
+    ├── SourceError             a change source cannot be read
+    └── FencedError             this process no longer owns the shard it writes for
 """
 
 from __future__ import annotations
@@ -84,3 +85,7 @@ class PermanentEmbedError(EmbedError):
 
 class SourceError(LockstepError):
     """A change source cannot be read."""
+
+
+class FencedError(LockstepError):
+    """A write carried an ownership epoch that is no longer current: another owner took over."""

@@ -122,6 +122,14 @@ class EmbeddingCache(Protocol):
 
 
 @dataclass(frozen=True)
+class Fence:
+    """Proof of shard ownership: writes carrying a stale epoch are rejected with FencedError."""
+
+    shard: int
+    epoch: int
+
+
+@dataclass(frozen=True)
 class Intent:
     """A prepared document change: what must reach both indexes before ``after`` is committed.
 
@@ -149,16 +157,27 @@ class Ledger(Protocol):
     def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]:
         """Every document (tombstones too when asked), in doc_id order."""
 
-    def prepare(self, intents: Sequence[Intent]) -> None:
+    def prepare(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
         """Record intents durably. Raises ValueError if a document already has one pending
-        or if an intent's version is not above the committed version (the ledger's gate)."""
+        or if an intent's version is not above the committed version (the ledger's gate),
+        and FencedError if ``fence`` is no longer the shard's current epoch."""
 
-    def mark_done(self, side: str, doc_versions: Sequence[tuple[str, int]]) -> None:
+    def mark_done(self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None) -> None:
         """Record that ``side`` now holds these (doc_id, version) intents."""
 
-    def commit(self, doc_versions: Sequence[tuple[str, int]], sides: frozenset[str]) -> int:
+    def commit(
+        self, doc_versions: Sequence[tuple[str, int]], sides: frozenset[str], fence: Fence | None = None
+    ) -> int:
         """Commit every listed intent that all ``sides`` hold: its ``after`` state becomes the
         document's state and the intent is removed. Returns the number committed."""
+
+    def claim_shard(self, shard: int, owner: str, lease_s: float) -> Fence:
+        """Own ``shard`` for ``lease_s`` seconds. A new owner gets a higher epoch, which fences
+        every earlier owner; renewing one's own live lease keeps the epoch. Raises FencedError
+        while another owner's lease is live."""
+
+    def renew_shard(self, fence: Fence, owner: str, lease_s: float) -> None:
+        """Extend a lease; FencedError if ``fence`` is no longer current or has expired."""
 
     def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
         """Drop these intents without committing (a side rejected them for good; they go to the

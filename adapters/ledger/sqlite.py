@@ -20,9 +20,9 @@ import numpy as np
 
 from coordinator.codec import decode_chunks, decode_intent, encode_chunks, encode_intent
 from coordinator.crashpoints import CrashHook, no_crash
-from coordinator.errors import TransientStoreError
+from coordinator.errors import FencedError, TransientStoreError
 from coordinator.model import DeadLetter, DocState, Vector
-from coordinator.ports import Intent
+from coordinator.ports import Fence, Intent
 
 # How long a writer waits for another process's write lock before giving up.
 BUSY_TIMEOUT_S = 30.0
@@ -67,6 +67,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload    TEXT NOT NULL,
     attempts   INTEGER NOT NULL,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shard_leases (
+    shard      INTEGER PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    epoch      INTEGER NOT NULL,
+    expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS embeddings (
     model        TEXT NOT NULL,
@@ -144,9 +150,10 @@ class SqliteLedger:
 
     # --- the two-phase protocol ------------------------------------------------------------
 
-    def prepare(self, intents: Sequence[Intent]) -> None:
+    def prepare(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
         now = self._clock()
         with self._tx() as cur:
+            self._check_fence(cur, fence, now)
             for intent in intents:
                 self._check_preparable(cur, intent)
                 cur.execute(
@@ -162,8 +169,11 @@ class SqliteLedger:
         if row is not None and intent.version <= row[0]:
             raise ValueError(f"{intent.doc_id} v{intent.version} is not above committed v{row[0]}")
 
-    def mark_done(self, side: str, doc_versions: Sequence[tuple[str, int]]) -> None:
+    def mark_done(
+        self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None
+    ) -> None:
         with self._tx() as cur:
+            self._check_fence(cur, fence, self._clock())
             for doc_id, version in doc_versions:
                 row = cur.execute(
                     "SELECT done FROM intents WHERE doc_id = ? AND version = ?", (doc_id, version)
@@ -176,10 +186,13 @@ class SqliteLedger:
                 self._crash("ledger.mark_done.between_statements")
                 _upsert_applied(cur, side, doc_id, version)
 
-    def commit(self, doc_versions: Sequence[tuple[str, int]], sides: frozenset[str]) -> int:
+    def commit(
+        self, doc_versions: Sequence[tuple[str, int]], sides: frozenset[str], fence: Fence | None = None
+    ) -> int:
         committed = 0
         now = self._clock()
         with self._tx() as cur:
+            self._check_fence(cur, fence, now)
             for doc_id, version in doc_versions:
                 row = cur.execute(
                     "SELECT payload, done FROM intents WHERE doc_id = ? AND version = ?", (doc_id, version)
@@ -192,6 +205,49 @@ class SqliteLedger:
                 cur.execute("DELETE FROM intents WHERE doc_id = ?", (doc_id,))
                 committed += 1
         return committed
+
+    # --- shard ownership -------------------------------------------------------------------
+
+    def claim_shard(self, shard: int, owner: str, lease_s: float) -> Fence:
+        now = self._clock()
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT owner, epoch, expires_at FROM shard_leases WHERE shard = ?", (shard,)
+            ).fetchone()
+            if row is not None and row[0] != owner and row[2] > now:
+                raise FencedError(
+                    f"shard {shard} is owned by {row[0]} (epoch {row[1]}) for {row[2] - now:.1f} s more"
+                )
+            keep = row is not None and row[0] == owner and row[2] > now
+            epoch = row[1] if keep else (row[1] + 1 if row is not None else 1)
+            cur.execute(
+                "INSERT INTO shard_leases (shard, owner, epoch, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(shard) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, "
+                "expires_at = excluded.expires_at",
+                (shard, owner, epoch, now + lease_s),
+            )
+        return Fence(shard, int(epoch))
+
+    def renew_shard(self, fence: Fence, owner: str, lease_s: float) -> None:
+        now = self._clock()
+        with self._tx() as cur:
+            self._check_fence(cur, fence, now)
+            cur.execute(
+                "UPDATE shard_leases SET expires_at = ? WHERE shard = ? AND owner = ?",
+                (now + lease_s, fence.shard, owner),
+            )
+
+    @staticmethod
+    def _check_fence(cur: sqlite3.Cursor, fence: Fence | None, now: float) -> None:
+        """Inside the write transaction: the fence must be the shard's current, unexpired epoch."""
+        if fence is None:
+            return
+        row = cur.execute(
+            "SELECT epoch, expires_at FROM shard_leases WHERE shard = ?", (fence.shard,)
+        ).fetchone()
+        if row is None or row[0] != fence.epoch or row[1] <= now:
+            current = "none" if row is None else f"epoch {row[0]}"
+            raise FencedError(f"shard {fence.shard} epoch {fence.epoch} is fenced (current: {current})")
 
     def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
         with self._tx() as cur:

@@ -12,17 +12,33 @@ import pytest
 
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from coordinator.chunking import ChunkingSettings
+from coordinator.errors import FencedError
 from coordinator.events import ChangeEvent, Op
 from coordinator.model import DeadLetter
 from coordinator.planner import plan
-from coordinator.ports import Intent
+from coordinator.ports import Fence, Intent
 
 SIDES = frozenset({"keyword", "vector"})
 
 
+class Clock:
+    """A hand-wound clock, so lease expiry is tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now_s = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest.fixture(params=["sqlite"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqliteLedger]:
-    led = SqliteLedger(tmp_path / "ledger.db")
+def ledger(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[SqliteLedger]:
+    led = SqliteLedger(tmp_path / "ledger.db", clock=clock)
     yield led
     led.close()
 
@@ -152,3 +168,35 @@ def test_kill_between_statements_leaves_no_half_state(tmp_path: Path, point: str
         assert len(pending) == 3 and all(p.done == frozenset() for p in pending)
     else:
         assert len(pending) == 3 and docs == {} and all(p.done == SIDES for p in pending)
+
+
+def test_a_new_owner_fences_the_old_one(ledger: SqliteLedger, clock: Clock) -> None:
+    """After a lease expires, a new owner gets a higher epoch and the old epoch can no longer write."""
+    old = ledger.claim_shard(3, "replica-a", lease_s=10)
+    assert old == Fence(3, 1)
+    with pytest.raises(FencedError, match="owned by replica-a"):
+        ledger.claim_shard(3, "replica-b", lease_s=10)
+    clock.now_s += 11
+    new = ledger.claim_shard(3, "replica-b", lease_s=10)
+    assert new.epoch == 2
+    for write in (
+        lambda: ledger.prepare([_intent("a", 1)], fence=old),
+        lambda: ledger.mark_done("keyword", [("a", 1)], fence=old),
+        lambda: ledger.commit([("a", 1)], SIDES, fence=old),
+        lambda: ledger.renew_shard(old, "replica-a", lease_s=10),
+    ):
+        with pytest.raises(FencedError):
+            write()
+    ledger.prepare([_intent("a", 1)], fence=new)
+    assert [i.doc_id for i in ledger.pending()] == ["a"]
+
+
+def test_renewing_keeps_the_epoch_and_an_expired_lease_stops_writes(ledger: SqliteLedger, clock: Clock) -> None:
+    """Renewal extends the lease at the same epoch; a lease left to expire fences its own owner."""
+    fence = ledger.claim_shard(0, "replica-a", lease_s=10)
+    clock.now_s += 8
+    ledger.renew_shard(fence, "replica-a", lease_s=10)
+    assert ledger.claim_shard(0, "replica-a", lease_s=10) == fence
+    clock.now_s += 10.5
+    with pytest.raises(FencedError):
+        ledger.prepare([_intent("a", 1)], fence=fence)
