@@ -14,17 +14,27 @@ A crash anywhere leaves intents in the ledger; ``recover()`` re-drives them befo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
 
 import structlog
 
 from coordinator import crashpoints
 from coordinator.chunking import ChunkingSettings
-from coordinator.errors import PermanentEmbedError
+from coordinator.errors import EmbedError, PermanentEmbedError, StoreError
 from coordinator.events import ChangeEvent, canonical_json, event_to_dict
-from coordinator.model import DeadLetter, IndexedChunk, ItemResult
+from coordinator.model import DeadLetter, IndexedChunk
 from coordinator.planner import Plan, PlanKind, plan
-from coordinator.ports import BadRecord, ChunkIndex, HashedEmbedder, Intent, Ledger, SourceRecord, VectorIndex
+from coordinator.ports import (
+    BadRecord,
+    ChunkIndex,
+    Fence,
+    HashedEmbedder,
+    Intent,
+    Ledger,
+    SourceRecord,
+    VectorIndex,
+)
 
 KEYWORD = "keyword"
 VECTOR = "vector"
@@ -49,9 +59,11 @@ class ApplyStats:
     cache_hits: int = 0
     dead_letters: int = 0
     recovered_intents: int = 0
+    side_retries: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The integer counters (per-side retries are reported separately as metrics)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "side_retries"}
 
 
 class ApplyEngine:
@@ -76,20 +88,33 @@ class ApplyEngine:
         self.source_name = source_name
         self.crash = crash
         self.stats = ApplyStats()
+        # One thread per side, so the keyword and vector writes of a batch run in parallel.
+        self._pool = ThreadPoolExecutor(max_workers=len(SIDES), thread_name_prefix="lockstep-side")
 
     # --- entry points ----------------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Roll every prepared intent forward (both sides, then commit); returns how many."""
+    def recover(self, fence: Fence | None = None, doc_ids: Iterable[str] | None = None) -> int:
+        """Roll prepared intents forward (both sides, then commit); returns how many.
+
+        ``doc_ids`` limits recovery to some documents (a shard recovers only its own)."""
         intents = self.ledger.pending()
+        if doc_ids is not None:
+            mine = set(doc_ids)
+            intents = [i for i in intents if i.doc_id in mine]
         if intents:
             log.info("recovering prepared intents", count=len(intents))
-            self._drive(intents)
+            self.drive(intents, fence)
             self.stats.recovered_intents += len(intents)
         return len(intents)
 
-    def apply(self, records: Sequence[SourceRecord]) -> None:
+    def apply(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> None:
         """Apply one batch of records; raises a transient error with nothing lost if a store fails."""
+        self.drive(self.prepare(records, fence), fence)
+
+    def prepare(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> list[Intent]:
+        """Phase 1: dead-letter bad records, coalesce, plan, embed, and record intents durably.
+
+        Returns the prepared intents; stale and coalesced events are counted and need nothing more."""
         events = self._dead_letter_bad(records)
         self.stats.events += len(records)
         plans = self._plan(self._coalesce(events))
@@ -97,9 +122,12 @@ class ApplyEngine:
         self.crash(crashpoints.AFTER_EMBED)
         self.stats.rewritten_chunks += sum(len(p.rewrite) for p in plans)
         intents = [p.to_intent() for p in plans]
-        self.ledger.prepare(intents)
+        self.ledger.prepare(intents, fence)
         self.crash(crashpoints.AFTER_PREPARE)
-        self._drive(intents)
+        return intents
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
     # --- planning --------------------------------------------------------------------------
 
@@ -182,24 +210,50 @@ class ApplyEngine:
 
     # --- apply and commit ------------------------------------------------------------------
 
-    def _drive(self, intents: Sequence[Intent]) -> None:
-        """Bring every intent to both sides, recording each side's success, then commit."""
-        live = list(intents)
-        for side in (KEYWORD, VECTOR):
-            live = self._apply_side(side, live)
-            self.crash(crashpoints.AFTER_KEYWORD_APPLY if side == KEYWORD else crashpoints.AFTER_VECTOR_APPLY)
-        committed = self.ledger.commit([(i.doc_id, i.version) for i in live], SIDES)
+    def drive(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+        """Bring every intent to both sides in parallel, record each side's success as soon as it
+        returns, then commit what both hold. If a side fails, the other side's progress is kept
+        and the failure is raised: the intents stay prepared for the caller to retry."""
+        if not intents:
+            return
+        outcomes = list(
+            self._pool.map(lambda side: self._apply_side(side, intents, fence), (KEYWORD, VECTOR))
+        )
+        rejected = self._reject(intents, {d: r for refused, _ in outcomes for d, r in refused.items()})
+        failures = [exc for _, exc in outcomes if exc is not None]
+        if failures:
+            raise failures[0]
+        live = [i for i in intents if i.doc_id not in rejected]
+        committed = self.ledger.commit([(i.doc_id, i.version) for i in live], SIDES, fence)
         assert committed == len(live), f"committed {committed} of {len(live)} intents held by both sides"
         self._count_committed(live)
         self.crash(crashpoints.AFTER_COMMIT)
 
-    def _apply_side(self, side: str, intents: list[Intent]) -> list[Intent]:
+    def _apply_side(
+        self, side: str, intents: Sequence[Intent], fence: Fence | None
+    ) -> tuple[dict[str, str], Exception | None]:
+        """Write one side; returns (rejected doc -> reason, transient failure or None)."""
         todo = [i for i in intents if side not in i.done]
         if not todo:
-            return intents
+            return {}, None
+        try:
+            refused = self._write_side(side, todo)
+            self.ledger.mark_done(
+                side, [(i.doc_id, i.version) for i in todo if i.doc_id not in refused], fence
+            )
+        except (StoreError, EmbedError) as exc:
+            if not exc.retriable:
+                raise
+            self.stats.side_retries[side] = self.stats.side_retries.get(side, 0) + 1
+            log.warning("side failed; intents stay prepared", side=side, intents=len(todo), error=str(exc))
+            return {}, exc
+        self.crash(crashpoints.AFTER_KEYWORD_APPLY if side == KEYWORD else crashpoints.AFTER_VECTOR_APPLY)
+        return refused, None
+
+    def _write_side(self, side: str, todo: Sequence[Intent]) -> dict[str, str]:
         index = self.sides[side]
         upserts = [c for i in todo for c in i.upserts]
-        if side == VECTOR:
+        if side == VECTOR and upserts:
             calls = self.embedder.embed_calls
             vectors = self._vectors(upserts)
             self.stats.embed_calls += self.embedder.embed_calls - calls
@@ -209,25 +263,18 @@ class ApplyEngine:
             *(index.upsert(upserts).rejected() if upserts else []),
             *(index.delete(deletes).rejected() if deletes else []),
         ]
-        rejected = self._reject(side, todo, results)
-        self.ledger.mark_done(side, [(i.doc_id, i.version) for i in todo if i.doc_id not in rejected])
-        return [i for i in intents if i.doc_id not in rejected]
+        owner = {cid: i.doc_id for i in todo for cid in _chunk_ids(i)}
+        return {owner[r.chunk_id]: f"{side} index rejected: {r.reason}" for r in results}
 
-    def _reject(self, side: str, intents: Sequence[Intent], results: Iterable[ItemResult]) -> set[str]:
-        """Documents a side refused for good: their intents are dropped and dead-lettered."""
-        owner = {cid: i.doc_id for i in intents for cid in _chunk_ids(i)}
-        reasons = {owner[r.chunk_id]: r.reason for r in results}
+    def _reject(self, intents: Sequence[Intent], reasons: dict[str, str]) -> set[str]:
+        """Documents a side refused for good: their intents are dropped and dead-lettered once."""
         if not reasons:
             return set()
         doomed = [i for i in intents if i.doc_id in reasons]
         self.ledger.abort([(i.doc_id, i.version) for i in doomed])
         self._dead_letter(
             DeadLetter(
-                self.source_name,
-                f"{side} index rejected: {reasons[i.doc_id]}",
-                _intent_payload(i),
-                doc_id=i.doc_id,
-                version=i.version,
+                self.source_name, reasons[i.doc_id], _intent_payload(i), doc_id=i.doc_id, version=i.version
             )
             for i in doomed
         )

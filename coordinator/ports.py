@@ -162,7 +162,9 @@ class Ledger(Protocol):
         or if an intent's version is not above the committed version (the ledger's gate),
         and FencedError if ``fence`` is no longer the shard's current epoch."""
 
-    def mark_done(self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None) -> None:
+    def mark_done(
+        self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None
+    ) -> None:
         """Record that ``side`` now holds these (doc_id, version) intents."""
 
     def commit(

@@ -119,6 +119,7 @@ class Runtime:
     engine: ApplyEngine
 
     def close(self) -> None:
+        self.engine.close()
         for part in (self.keyword, self.vector, self.ledger):
             part.close()
 
