@@ -13,7 +13,7 @@ A crash anywhere leaves intents in the ledger; ``recover()`` re-drives them befo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 
@@ -93,14 +93,11 @@ class ApplyEngine:
 
     # --- entry points ----------------------------------------------------------------------
 
-    def recover(self, fence: Fence | None = None, doc_ids: Iterable[str] | None = None) -> int:
+    def recover(self, fence: Fence | None = None, owns: Callable[[str], bool] | None = None) -> int:
         """Roll prepared intents forward (both sides, then commit); returns how many.
 
-        ``doc_ids`` limits recovery to some documents (a shard recovers only its own)."""
-        intents = self.ledger.pending()
-        if doc_ids is not None:
-            mine = set(doc_ids)
-            intents = [i for i in intents if i.doc_id in mine]
+        ``owns`` limits recovery to some documents (a shard recovers only its own)."""
+        intents = [i for i in self.ledger.pending() if owns is None or owns(i.doc_id)]
         if intents:
             log.info("recovering prepared intents", count=len(intents))
             self.drive(intents, fence)

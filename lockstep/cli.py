@@ -57,8 +57,10 @@ def _load(config: Path | None) -> Settings:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     log_level: Annotated[str, typer.Option(help="Log level for the JSON logs on stderr.")] = "warning",
 ) -> None:
+    ctx.obj = {"log_level": log_level}
     configure_logging(log_level)
 
 
@@ -89,6 +91,31 @@ def sync(
     typer.echo(json.dumps(summary, sort_keys=True))
     if summary["dead_letters"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    config: ConfigOpt,
+    exit_when_idle: Annotated[
+        bool, typer.Option(help="Stop once the source is read to its end and everything is committed.")
+    ] = False,
+    crash_at: Annotated[str | None, typer.Option(hidden=True, help="Test-only crash point.")] = None,
+) -> None:
+    """The long-running service: shard actors on Ray, two-phase apply, /healthz /readyz /metrics."""
+    from lockstep.service import Service
+
+    settings = _load(config)
+    if crash_at is not None:
+        _crash_hook(crash_at)  # validates the name
+    try:
+        code = Service(
+            settings, log_level=ctx.obj["log_level"], crash_at=crash_at, exit_when_idle=exit_when_idle
+        ).run()
+    except LockstepError as exc:
+        err.print(f"[red]run failed:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
 
 
 @app.command()

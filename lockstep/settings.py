@@ -91,6 +91,29 @@ class SyncConfig(_Frozen):
     batch_events: int = Field(default=500, ge=1, le=10_000)
 
 
+class RunSettings(_Frozen):
+    """``lockstep run``: the long-running service on Ray."""
+
+    # Join an existing Ray cluster at this address; empty starts a local one in this process.
+    ray_address: str | None = None
+    ray_num_cpus: int | None = Field(default=None, ge=1)
+    shards: int = Field(default=2, ge=1, le=256)
+    # A shard owner must renew its lease within this time or another replica may take over.
+    lease_s: float = Field(default=30.0, gt=1.0)
+    # Distinct documents waiting per shard before the reader is pushed back.
+    mailbox_docs_max: int = Field(default=2000, ge=1)
+    # Documents a shard prepares and applies together in one step.
+    batch_docs_max: int = Field(default=200, ge=1)
+    # Envelopes the reader sends to one shard per Ray call.
+    offer_batch_max: int = Field(default=500, ge=1)
+    # How long shutdown waits for in-flight work to commit before giving up.
+    grace_s: float = Field(default=30.0, ge=0)
+    # Snapshot sources (folder, SQL table) are polled this often.
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=9464, ge=0, le=65535)
+
+
 def _default_keyword() -> KeywordSettings:
     return KeywordSettings(kind="tantivy", path=f"{DEFAULT_DATA_DIR}/tantivy")
 
@@ -113,6 +136,7 @@ class Settings(BaseSettings):
     embedder: EmbedderSettings = EmbedderSettings()
     chunking: ChunkingConfig = ChunkingConfig()
     sync: SyncConfig = SyncConfig()
+    run: RunSettings = RunSettings()
 
     @classmethod
     def settings_customise_sources(

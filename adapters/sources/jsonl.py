@@ -14,7 +14,8 @@ newline is read as a complete line: writers that append to a live file must writ
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +33,8 @@ from coordinator.ports import SourceRecord
 LINE_BYTES_MAX = 3 * TEXT_BYTES_MAX + 2 * METADATA_BYTES_MAX
 # How much of an oversize line is read at a time while skipping to its end.
 SKIP_CHUNK_BYTES = 1024 * 1024
+# How long `follow` waits before looking for appended lines again.
+FOLLOW_POLL_S = 0.2
 _BLANK = b" \t\r\n"
 _UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -46,6 +49,8 @@ class _Line:
     start: int
     end: int
     oversize: bool = False
+    # False for a last line without its newline: a writer may still be appending to it.
+    terminated: bool = True
 
 
 class JsonlSource:
@@ -70,6 +75,36 @@ class JsonlSource:
         try:
             with self.path.open("rb") as handle:
                 yield from self._records(handle, start)
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.path}: {exc}") from exc
+
+    def follow(self, stop: Callable[[], bool], poll_s: float = FOLLOW_POLL_S) -> Iterator[SourceRecord]:
+        """Like ``read()``, then wait for appended lines until ``stop()`` is true.
+
+        Unlike ``read()``, a last line without its newline is left for a later poll, because a
+        live writer may still be appending to it.
+        """
+        offset = self._start_offset()
+        while not stop():
+            before = offset
+            for record, end in self._complete_records(offset):
+                offset = end
+                if record is not None:
+                    yield record
+            if offset == before:
+                time.sleep(poll_s)
+
+    def _complete_records(self, offset: int) -> Iterator[tuple[SourceRecord | None, int]]:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(offset)
+                for line in _lines(handle, offset, self._line_bytes_max):
+                    if not line.terminated:
+                        return
+                    keep = line.oversize or line.data.strip(_BLANK)
+                    yield (self._record(line) if keep else None), line.end
+        except FileNotFoundError:
+            return
         except OSError as exc:
             raise SourceError(f"cannot read {self.path}: {exc}") from exc
 
@@ -137,7 +172,7 @@ def _lines(handle: BinaryIO, start: int, line_bytes_max: int) -> Iterator[_Line]
             yield _Line(chunk[: 4 * PAYLOAD_CHARS_MAX], begin, end, oversize=True)
         else:
             end = begin + len(chunk)
-            yield _Line(chunk.rstrip(b"\r\n"), begin, end)
+            yield _Line(chunk.rstrip(b"\r\n"), begin, end, terminated=chunk.endswith(b"\n"))
         begin = end
 
 

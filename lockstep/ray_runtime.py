@@ -1,0 +1,315 @@
+"""Every Ray API call lockstep makes lives in this module.
+
+Topology of ``lockstep run``:
+- one ``IndexWriterActor`` per side (keyword, vector) owns that index's client; embedded stores
+  (a Tantivy directory, a milvus-lite file) allow a single writer process, and for servers one
+  writer per side batches best;
+- N ``ShardActor``s, each hosting a plain ``coordinator.shard.ShardWorker`` with its own ledger
+  connection and embedder, claim their shard's lease (epoch) in the ledger, re-drive the shard's
+  prepared intents, then run the apply loop on a background thread;
+- the reader (the driver process, ``lockstep/service.py``) routes batches of envelopes to the
+  shards: one Ray call per batch, never one per event.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import ray
+import structlog
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from adapters.embedders.cached import CachedEmbedder
+from adapters.ledger.sqlite import SqliteEmbeddingCache
+from adapters.vector.milvus import MilvusVectorIndex
+from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
+from coordinator.crashpoints import CrashHook
+from coordinator.errors import FencedError, LockstepError, TransientStoreError
+from coordinator.model import ChunkDelete, IndexedChunk, SearchHit, StoredChunk, Vector, WriteResult
+from coordinator.ports import ChunkIndex
+from coordinator.routing import shard_of
+from coordinator.shard import Backoff, Envelope, ShardStatus, ShardWorker
+from lockstep.bootstrap import build_embedder, build_keyword, build_ledger
+from lockstep.logging import configure_logging
+from lockstep.settings import Settings
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+# A write of one bounded batch to one index; beyond this the call counts as failed (retried).
+INDEX_CALL_TIMEOUT_S = 120.0
+# Control calls (offer, drain, status): the actors answer these between steps.
+CONTROL_CALL_TIMEOUT_S = 60.0
+# Starting a shard includes claiming its lease and re-driving its prepared intents.
+SHARD_START_TIMEOUT_S = 600.0
+# A shard's apply loop sleeps this long when it has nothing to do.
+IDLE_SLEEP_S = 0.01
+# Threads per actor: the apply loop plus concurrent offer/drain/status calls.
+ACTOR_CONCURRENCY = 4
+
+
+def start_ray(address: str | None, num_cpus: int | None) -> None:
+    """Join ``address`` or start a local Ray (no dashboard; actor logs stay in Ray's log files)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def stop_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _call(ref: Any, timeout_s: float, what: str) -> Any:
+    """ray.get with a timeout; Ray failures become lockstep errors (the cause's own when it is one)."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, LockstepError):
+            raise cause from exc
+        raise TransientStoreError(f"{what} failed in its actor: {cause!r}", store=what) from exc
+    except (GetTimeoutError, RayActorError) as exc:
+        raise TransientStoreError(f"{what} did not answer: {exc.__class__.__name__}", store=what) from exc
+    except RayError as exc:
+        raise TransientStoreError(f"{what}: {exc}", store=what) from exc
+
+
+@ray.remote(max_concurrency=1)
+class IndexWriterActor:
+    """Owns one side's index client; every write to that index goes through here."""
+
+    def __init__(self, side: str, settings: Settings, dim: int, log_level: str) -> None:
+        configure_logging(log_level)
+        self.index: ChunkIndex = (
+            build_keyword(settings.keyword)
+            if side == KEYWORD
+            else MilvusVectorIndex(settings.vector, dim=dim)
+        )
+        self.index.ensure()
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.index, method)(*args)
+
+    def close(self) -> None:
+        self.index.close()
+
+
+class ActorIndex:
+    """A ChunkIndex (and VectorIndex) whose every call goes to an IndexWriterActor."""
+
+    def __init__(self, handle: Any, name: str, dim: int = 0) -> None:
+        self.handle = handle
+        self.name = name
+        self.dim = dim
+
+    def _do(self, method: str, *args: Any) -> Any:
+        return _call(self.handle.call.remote(method, *args), INDEX_CALL_TIMEOUT_S, f"{self.name} index")
+
+    def ensure(self) -> None:
+        self._do("ensure")
+
+    def upsert(self, chunks: Sequence[IndexedChunk]) -> WriteResult:
+        result: WriteResult = self._do("upsert", list(chunks))
+        return result
+
+    def delete(self, deletes: Sequence[ChunkDelete]) -> WriteResult:
+        result: WriteResult = self._do("delete", list(deletes))
+        return result
+
+    def get(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
+        result: dict[str, StoredChunk] = self._do("get", list(chunk_ids))
+        return result
+
+    def fetch_vectors(self, chunk_ids: Sequence[str]) -> dict[str, list[float]]:
+        result: dict[str, list[float]] = self._do("fetch_vectors", list(chunk_ids))
+        return result
+
+    def count(self) -> int:
+        return int(self._do("count"))
+
+    def search(self, query: str | Vector, k: int) -> list[SearchHit]:
+        result: list[SearchHit] = self._do("search", query, k)
+        return result
+
+    def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
+        raise NotImplementedError("scans read the store directly (audit), never through the writer")
+
+    def drop(self) -> None:
+        self._do("drop")
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    shard: int
+    shards: int
+    owner: str
+    lease_s: float
+    mailbox_docs_max: int
+    batch_docs_max: int
+    log_level: str
+
+
+@ray.remote(max_concurrency=ACTOR_CONCURRENCY)
+class ShardActor:
+    """Hosts one ShardWorker and runs its apply loop on a thread."""
+
+    def __init__(
+        self,
+        config: ShardConfig,
+        settings: Settings,
+        writers: dict[str, Any],
+        crash_at: tuple[str, int] | None,
+    ) -> None:
+        configure_logging(config.log_level)
+        structlog.contextvars.bind_contextvars(shard=config.shard)
+        self.config = config
+        self.ledger = build_ledger(settings, _crash_hook(crash_at))
+        inner = build_embedder(settings.embedder)
+        keyword = ActorIndex(writers[KEYWORD], KEYWORD)
+        vector = ActorIndex(writers[VECTOR], VECTOR, dim=inner.dim)
+        self.engine = ApplyEngine(
+            ledger=self.ledger,
+            keyword=keyword,
+            vector=vector,  # type: ignore[arg-type]  # ActorIndex is structurally a VectorIndex
+            embedder=CachedEmbedder(inner, SqliteEmbeddingCache(self.ledger)),
+            chunking=settings.chunking.to_domain(),
+            source_name=settings.source.name if settings.source else "run",
+            crash=_crash_hook(crash_at),
+        )
+        self.fence = self.ledger.claim_shard(config.shard, config.owner, config.lease_s)
+        self.recovered = self.engine.recover(
+            self.fence, owns=lambda d: shard_of(d, config.shards) == config.shard
+        )
+        self.worker = ShardWorker(
+            config.shard,
+            self.engine,
+            fence=self.fence,
+            mailbox_docs_max=config.mailbox_docs_max,
+            batch_docs_max=config.batch_docs_max,
+            backoff=Backoff(),
+            clock=time.monotonic,
+        )
+        self._finished: list[int] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._fatal = ""
+        self._renewed_at = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name=f"shard-{config.shard}", daemon=True)
+        self._thread.start()
+
+    def ready(self) -> int:
+        return self.recovered
+
+    def offer(self, envelopes: list[Envelope]) -> int:
+        return self.worker.offer(envelopes)
+
+    def drain(self) -> tuple[list[int], ShardStatus, str]:
+        """Seqs finished since the last drain, the shard's status, and a fatal error if any."""
+        with self._lock:
+            finished, self._finished = self._finished, []
+        return finished, self.worker.status(), self._fatal
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=CONTROL_CALL_TIMEOUT_S)
+        self.engine.close()
+        self.ledger.close()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._renew_lease()
+                done = self.worker.step()
+                if done:
+                    with self._lock:
+                        self._finished.extend(done)
+                elif self.worker.idle or not done:
+                    time.sleep(IDLE_SLEEP_S)
+        except FencedError as exc:
+            self._fatal = f"fenced: {exc}"
+            log.error("shard fenced; stopping", error=str(exc))
+        except Exception as exc:  # a programmer error: stop this shard loudly, /readyz reports it
+            self._fatal = f"{exc.__class__.__name__}: {exc}"
+            log.exception("shard loop crashed")
+
+    def _renew_lease(self) -> None:
+        """Renew at a third of the lease so a slow step never lets it lapse."""
+        now = time.monotonic()
+        if now - self._renewed_at >= self.config.lease_s / 3:
+            self.ledger.renew_shard(self.fence, self.config.owner, self.config.lease_s)
+            self._renewed_at = now
+
+
+def _crash_hook(crash_at: tuple[str, int] | None) -> CrashHook:
+    """Test-only: at the named point, SIGKILL the whole service (the driver) and this actor."""
+
+    def hook(name: str) -> None:
+        if crash_at is not None and name == crash_at[0]:
+            os.kill(crash_at[1], signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+class ShardCluster:
+    """The actors of one ``lockstep run``: two index writers and N shards."""
+
+    def __init__(
+        self, settings: Settings, *, owner: str, dim: int, crash_at: tuple[str, int] | None, log_level: str
+    ) -> None:
+        rs = settings.run
+        self.shards_n = rs.shards
+        self.writers = {
+            side: IndexWriterActor.remote(side, settings, dim, log_level)  # type: ignore[attr-defined]
+            for side in (KEYWORD, VECTOR)
+        }
+        configs = [
+            ShardConfig(i, rs.shards, owner, rs.lease_s, rs.mailbox_docs_max, rs.batch_docs_max, log_level)
+            for i in range(rs.shards)
+        ]
+        self.shards = [ShardActor.remote(c, settings, self.writers, crash_at) for c in configs]  # type: ignore[attr-defined]
+        self.recovered = sum(
+            _call([s.ready.remote() for s in self.shards], SHARD_START_TIMEOUT_S, "shard start")
+        )
+
+    def route(self, doc_key: str) -> int:
+        return shard_of(doc_key, self.shards_n)
+
+    def offer(self, batches: dict[int, list[Envelope]]) -> dict[int, int]:
+        """Offer each shard its batch in one call per shard; returns how many each accepted."""
+        refs = {i: self.shards[i].offer.remote(b) for i, b in batches.items() if b}
+        accepted = _call(list(refs.values()), CONTROL_CALL_TIMEOUT_S, "shard offer")
+        return dict(zip(refs.keys(), accepted, strict=True))
+
+    def drain(self) -> list[tuple[list[int], ShardStatus, str]]:
+        result: list[tuple[list[int], ShardStatus, str]] = _call(
+            [s.drain.remote() for s in self.shards], CONTROL_CALL_TIMEOUT_S, "shard drain"
+        )
+        return result
+
+    def stop(self) -> None:
+        for handle, what in [(s, "shard stop") for s in self.shards]:
+            _quietly(lambda h=handle, w=what: _call(h.stop.remote(), CONTROL_CALL_TIMEOUT_S, w))
+        for writer in self.writers.values():
+            _quietly(lambda w=writer: _call(w.close.remote(), CONTROL_CALL_TIMEOUT_S, "writer close"))
+
+
+def _quietly(fn: Callable[[], T]) -> T | None:
+    try:
+        return fn()
+    except LockstepError as exc:
+        log.warning("ignored during shutdown", error=str(exc))
+        return None

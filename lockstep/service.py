@@ -1,0 +1,242 @@
+"""``lockstep run``: the reader loop that feeds shard actors and advances the checkpoint.
+
+The reader numbers every record (``seq``), routes it by ``shard_of(doc_id)`` and offers shards
+their batches in one Ray call each. Shards report finished seqs; the low watermark turns them
+into the position to commit. A full shard mailbox leaves records in the reader's buffer, which
+stops the reader thread at its bounded queue: backpressure reaches the source, nothing drops.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from coordinator import crashpoints
+from coordinator.events import ChangeEvent
+from coordinator.ports import ChangeSource, SourceRecord
+from coordinator.routing import shard_of
+from coordinator.shard import Envelope, ShardStatus
+from coordinator.watermark import LowWatermark
+from lockstep.bootstrap import build_embedder, build_ledger, build_source
+from lockstep.metrics import Metrics
+from lockstep.ops_http import OpsServer
+from lockstep.ray_runtime import ShardCluster, start_ray, stop_ray
+from lockstep.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Records read ahead of the shards; when full, the reader thread waits (backpressure).
+READ_QUEUE_MAX = 10_000
+# The main loop's tick: how often it offers, drains and checkpoints when there is little to do.
+TICK_S = 0.02
+
+
+@dataclass
+class _State:
+    buffers: dict[int, list[Envelope]]
+    read_at: dict[int, float] = field(default_factory=dict)
+    statuses: list[ShardStatus] = field(default_factory=list)
+    fatal: list[str] = field(default_factory=list)
+    reader_done: bool = False
+    started: bool = False
+    stopping: bool = False
+    committed: str | None = None
+
+
+class Service:
+    """One ``lockstep run`` process."""
+
+    def __init__(
+        self, settings: Settings, *, log_level: str, crash_at: str | None = None, exit_when_idle: bool = False
+    ) -> None:
+        self.settings = settings
+        self.rs = settings.run
+        self.log_level = log_level
+        self.crash_at = crash_at
+        self.exit_when_idle = exit_when_idle
+        self.metrics = Metrics()
+        self.stop_requested = threading.Event()
+        self.watermark = LowWatermark()
+        self.state = _State(buffers={i: [] for i in range(self.rs.shards)})
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.ops: OpsServer | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status."""
+        self._install_signals()
+        self.ops = OpsServer(
+            self.rs.http_host, self.rs.http_port, self.metrics.registry, self.readiness
+        ).start()
+        log.info("serving", port=self.ops.port, owner=self.owner)
+        start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
+        ledger = build_ledger(self.settings)
+        source = build_source(self.settings, ledger)
+        cluster = ShardCluster(
+            self.settings,
+            owner=self.owner,
+            dim=_dim(self.settings),
+            crash_at=(self.crash_at, os.getpid()) if self.crash_at else None,
+            log_level=self.log_level,
+        )
+        log.info("shards ready", shards=self.rs.shards, recovered_intents=cluster.recovered)
+        self.state.started = True
+        try:
+            self._serve(cluster, source)
+        finally:
+            cluster.stop()
+            source.close()
+            ledger.close()
+            stop_ray()
+            self.ops.stop()
+        return 1 if self.state.fatal else 0
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_requested.set())
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready once shards are up and no index is failing; otherwise the reasons."""
+        s = self.state
+        reasons = [f"shard fatal: {f}" for f in s.fatal]
+        reasons += [f"shard {st.shard} degraded: {st.last_error}" for st in s.statuses if st.last_error]
+        if not s.started:
+            reasons.append("starting: re-driving prepared intents")
+        if s.stopping:
+            reasons.append("shutting down")
+        return not reasons, reasons
+
+    # --- the reader loop -------------------------------------------------------------------
+
+    def _serve(self, cluster: ShardCluster, source: ChangeSource) -> None:
+        records: queue.Queue[SourceRecord | None] = queue.Queue(maxsize=READ_QUEUE_MAX)
+        reader = threading.Thread(target=self._read, args=(source, records), name="reader", daemon=True)
+        reader.start()
+        while not self.stop_requested.is_set():
+            self._tick(cluster, source, records)
+            if self.exit_when_idle and self._idle():
+                break
+            if self.state.fatal:
+                break
+        self._shutdown(cluster, source, records)
+
+    def _tick(
+        self, cluster: ShardCluster, source: ChangeSource, records: queue.Queue[SourceRecord | None]
+    ) -> None:
+        self._pull(records)
+        self._offer(cluster)
+        self._drain(cluster)
+        self._checkpoint(source)
+
+    def _read(self, source: ChangeSource, records: queue.Queue[SourceRecord | None]) -> None:
+        try:
+            for record in self._records(source):
+                while not self.stop_requested.is_set():
+                    try:
+                        records.put(record, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop_requested.is_set():
+                    return
+        finally:
+            records.put(None)
+
+    def _records(self, source: ChangeSource) -> Iterator[SourceRecord]:
+        follow = getattr(source, "follow", None)
+        if follow is not None and not self.exit_when_idle:
+            yield from follow(self.stop_requested.is_set)
+            return
+        while True:
+            yield from source.read()
+            if self.exit_when_idle or self.stop_requested.wait(self.rs.poll_interval_s):
+                return
+
+    def _pull(self, records: queue.Queue[SourceRecord | None]) -> None:
+        """Move records from the reader into per-shard buffers, unless the buffers are full."""
+        room = self.rs.offer_batch_max * self.rs.shards - sum(map(len, self.state.buffers.values()))
+        deadline = time.monotonic() + TICK_S
+        while room > 0:
+            try:
+                record = records.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if record is None:
+                self.state.reader_done = True
+                return
+            seq = self.watermark.track(record.position)
+            self.state.read_at[seq] = time.monotonic()
+            key = record.doc_id if isinstance(record, ChangeEvent) else f"bad:{seq}"
+            self.state.buffers[shard_of(key, self.rs.shards)].append(Envelope(seq, record))
+            room -= 1
+
+    def _offer(self, cluster: ShardCluster) -> None:
+        batches = {i: b[: self.rs.offer_batch_max] for i, b in self.state.buffers.items() if b}
+        if not batches:
+            return
+        for shard, taken in cluster.offer(batches).items():
+            del self.state.buffers[shard][:taken]
+
+    def _drain(self, cluster: ShardCluster) -> None:
+        now = time.monotonic()
+        statuses = []
+        for finished, status, fatal in cluster.drain():
+            self.watermark.finish(finished)
+            for seq in finished:
+                read_at = self.state.read_at.pop(seq, None)
+                if read_at is not None:
+                    self.metrics.lag.observe(now - read_at)
+            self.metrics.absorb(status.shard, status.stats, status.retries)
+            self.metrics.waiting.labels(str(status.shard)).set(status.waiting_docs)
+            self.metrics.in_flight.labels(str(status.shard)).set(status.in_flight_docs)
+            statuses.append(status)
+            if fatal and fatal not in self.state.fatal:
+                self.state.fatal.append(fatal)
+        self.state.statuses = statuses
+        self.metrics.degraded.set(int(any(s.last_error for s in statuses)))
+        self.metrics.outstanding.set(self.watermark.outstanding)
+        oldest = min(self.state.read_at.values(), default=now)
+        self.metrics.oldest_s.set(now - oldest)
+
+    def _checkpoint(self, source: ChangeSource) -> None:
+        position = self.watermark.checkpoint()
+        if position is None or position == self.state.committed:
+            return
+        source.commit(position)
+        self.state.committed = position
+        if self.crash_at == crashpoints.AFTER_CHECKPOINT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _idle(self) -> bool:
+        s = self.state
+        return s.reader_done and not any(s.buffers.values()) and self.watermark.outstanding == 0
+
+    def _shutdown(
+        self, cluster: ShardCluster, source: ChangeSource, records: queue.Queue[SourceRecord | None]
+    ) -> None:
+        """Stop reading, then let in-flight work commit for at most ``grace_s``."""
+        self.state.stopping = True
+        self.stop_requested.set()
+        deadline = time.monotonic() + self.rs.grace_s
+        while self.watermark.outstanding and time.monotonic() < deadline and not self.state.fatal:
+            self._offer(cluster)
+            self._drain(cluster)
+            self._checkpoint(source)
+            time.sleep(TICK_S)
+        log.info("stopped", unfinished=self.watermark.outstanding, checkpoint=self.state.committed)
+
+
+def _dim(settings: Settings) -> int:
+    """The vector size, without loading a model into the driver when the settings say it."""
+    if settings.embedder.kind in ("hashing", "openai"):
+        return settings.embedder.dim
+    return build_embedder(settings.embedder).dim
