@@ -196,13 +196,24 @@ class ApplyEngine:
         A metadata-only rewrite whose vector fell out of the cache reuses the stored one; a chunk
         whose text changed must never inherit its old text's vector.
         """
-        held = self.vector.get([c.chunk_id for c in chunks])
+        try:
+            held = self.vector.get([c.chunk_id for c in chunks])
+        except StoreError as exc:
+            # An unreachable vector index must not stop the keyword side: embed instead.
+            if not exc.retriable:
+                raise
+            return {}
         same = [
             c for c in chunks if (s := held.get(c.chunk_id)) is not None and s.content_hash == c.content_hash
         ]
         if not same:
             return {}
-        fetched = self.vector.fetch_vectors([c.chunk_id for c in same])
+        try:
+            fetched = self.vector.fetch_vectors([c.chunk_id for c in same])
+        except StoreError as exc:
+            if not exc.retriable:
+                raise
+            return {}
         return {c.content_hash: fetched[c.chunk_id] for c in same if c.chunk_id in fetched}
 
     # --- apply and commit ------------------------------------------------------------------

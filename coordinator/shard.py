@@ -122,6 +122,8 @@ class ShardWorker:
 
     def step(self) -> list[int]:
         """One unit of work; returns the seqs it finished (empty if idle or backing off)."""
+        if self.clock() < self._retry_at:
+            return []
         if self._in_flight:
             return self._retry_in_flight()
         batch = self._take()
@@ -163,8 +165,6 @@ class ShardWorker:
         return finished + [s for k in prepared for s in batch[k].seqs]
 
     def _retry_in_flight(self) -> list[int]:
-        if self.clock() < self._retry_at:
-            return []
         held = dict(self._in_flight)
         # Intents may have been committed or aborted by the failed attempt's other side already.
         pending = {i.doc_id: i for i in self.engine.ledger.pending() if i.doc_id in held}

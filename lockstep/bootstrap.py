@@ -6,18 +6,20 @@ import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
 from adapters.embedders.cached import CachedEmbedder
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.settings import KeywordSettings
+from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError
-from coordinator.ports import ChangeSource, Embedder, KeywordIndex
+from coordinator.ports import ChangeSource, Embedder, EmbeddingCache, KeywordIndex
 from lockstep.settings import (
     EmbedderSettings,
     FolderSourceSettings,
@@ -28,9 +30,30 @@ from lockstep.settings import (
 
 log = structlog.get_logger(__name__)
 
+if TYPE_CHECKING:
+    from adapters.ledger.postgres import PostgresLedger
 
-def build_ledger(settings: Settings, crash: CrashHook = no_crash) -> SqliteLedger:
+    AnyLedger = SqliteLedger | PostgresLedger
+else:
+    AnyLedger = SqliteLedger
+
+
+def build_ledger(settings: Settings, crash: CrashHook = no_crash) -> AnyLedger:
+    """The SQLite ledger (embedded default) or the Postgres one (several replicas)."""
+    if isinstance(settings.ledger, PostgresLedgerSettings):
+        from adapters.ledger.postgres import PostgresLedger
+
+        return PostgresLedger.from_settings(settings.ledger, crash_hook=crash)
     return SqliteLedger(settings.ledger.path, crash_hook=crash)
+
+
+def build_embedding_cache(ledger: AnyLedger) -> EmbeddingCache:
+    """The durable (model, hash) → vector cache lives beside the ledger's tables."""
+    if isinstance(ledger, SqliteLedger):
+        return SqliteEmbeddingCache(ledger)
+    from adapters.ledger.postgres import PostgresEmbeddingCache
+
+    return PostgresEmbeddingCache(ledger)
 
 
 def build_keyword(settings: KeywordSettings) -> KeywordIndex:
@@ -76,7 +99,7 @@ def build_embedder(settings: EmbedderSettings) -> Embedder:
     )
 
 
-def build_source(settings: Settings, ledger: SqliteLedger) -> ChangeSource:
+def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
     src = settings.source
     if src is None:
         raise ConfigError("this command needs a `source` in the config")
@@ -112,7 +135,7 @@ class Runtime:
     """Every collaborator of one lockstep process, built once and closed together."""
 
     settings: Settings
-    ledger: SqliteLedger
+    ledger: AnyLedger
     keyword: KeywordIndex
     vector: MilvusVectorIndex
     embedder: CachedEmbedder
@@ -129,7 +152,7 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
     """Build ledger, both indexes, the cached embedder and the apply engine; close them after."""
     ledger = build_ledger(settings, crash)
     inner = build_embedder(settings.embedder)
-    embedder = CachedEmbedder(inner, SqliteEmbeddingCache(ledger))
+    embedder = CachedEmbedder(inner, build_embedding_cache(ledger))
     keyword = build_keyword(settings.keyword)
     vector = MilvusVectorIndex(settings.vector, dim=inner.dim)
     keyword.ensure()

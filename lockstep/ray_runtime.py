@@ -26,7 +26,6 @@ import structlog
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from adapters.embedders.cached import CachedEmbedder
-from adapters.ledger.sqlite import SqliteEmbeddingCache
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook
@@ -35,7 +34,7 @@ from coordinator.model import ChunkDelete, IndexedChunk, SearchHit, StoredChunk,
 from coordinator.ports import ChunkIndex
 from coordinator.routing import shard_of
 from coordinator.shard import Backoff, Envelope, ShardStatus, ShardWorker
-from lockstep.bootstrap import build_embedder, build_keyword, build_ledger
+from lockstep.bootstrap import build_embedder, build_embedding_cache, build_keyword, build_ledger
 from lockstep.logging import configure_logging
 from lockstep.settings import Settings
 
@@ -184,7 +183,7 @@ class ShardActor:
             ledger=self.ledger,
             keyword=keyword,
             vector=vector,  # type: ignore[arg-type]  # ActorIndex is structurally a VectorIndex
-            embedder=CachedEmbedder(inner, SqliteEmbeddingCache(self.ledger)),
+            embedder=CachedEmbedder(inner, build_embedding_cache(self.ledger)),
             chunking=settings.chunking.to_domain(),
             source_name=settings.source.name if settings.source else "run",
             crash=_crash_hook(crash_at),
@@ -258,10 +257,18 @@ def _crash_hook(crash_at: tuple[str, int] | None) -> CrashHook:
 
     def hook(name: str) -> None:
         if crash_at is not None and name == crash_at[0]:
-            os.kill(crash_at[1], signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_service(crash_at[1])
 
     return hook
+
+
+def kill_service(driver_pid: int) -> None:
+    """SIGKILL the service like a container kill: the driver's whole process group when the driver
+    leads one (tests start it so), else the driver and this process."""
+    if os.getpgid(driver_pid) == driver_pid:
+        os.killpg(driver_pid, signal.SIGKILL)
+    os.kill(driver_pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ShardCluster:

@@ -28,7 +28,7 @@ from coordinator.watermark import LowWatermark
 from lockstep.bootstrap import build_embedder, build_ledger, build_source
 from lockstep.metrics import Metrics
 from lockstep.ops_http import OpsServer
-from lockstep.ray_runtime import ShardCluster, start_ray, stop_ray
+from lockstep.ray_runtime import ShardCluster, kill_service, start_ray, stop_ray
 from lockstep.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -66,19 +66,20 @@ class Service:
         self.stop_requested = threading.Event()
         self.watermark = LowWatermark()
         self.state = _State(buffers={i: [] for i in range(self.rs.shards)})
-        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.owner = f"{self.rs.replica or os.uname().nodename}#{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ops: OpsServer | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status."""
-        self._install_signals()
         self.ops = OpsServer(
             self.rs.http_host, self.rs.http_port, self.metrics.registry, self.readiness
         ).start()
         log.info("serving", port=self.ops.port, owner=self.owner)
         start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
+        # After ray.init, which installs handlers of its own that would kill the driver at once.
+        self._install_signals()
         ledger = build_ledger(self.settings)
         source = build_source(self.settings, ledger)
         cluster = ShardCluster(
@@ -200,6 +201,7 @@ class Service:
             self.metrics.in_flight.labels(str(status.shard)).set(status.in_flight_docs)
             statuses.append(status)
             if fatal and fatal not in self.state.fatal:
+                log.error("shard stopped", shard=status.shard, reason=fatal)
                 self.state.fatal.append(fatal)
         self.state.statuses = statuses
         self.metrics.degraded.set(int(any(s.last_error for s in statuses)))
@@ -214,7 +216,7 @@ class Service:
         source.commit(position)
         self.state.committed = position
         if self.crash_at == crashpoints.AFTER_CHECKPOINT:
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_service(os.getpid())
 
     def _idle(self) -> bool:
         s = self.state

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters.keyword.settings import KeywordSettings
+from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.vector.settings import VectorSettings
 from coordinator.chunking import ChunkingSettings
 from coordinator.errors import ConfigError
@@ -64,6 +65,19 @@ class LedgerSettings(_Frozen):
     path: str = f"{DEFAULT_DATA_DIR}/ledger.db"
 
 
+def _ledger_kind(value: Any) -> str:
+    """``kind`` may be left out: the embedded SQLite ledger is the default."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "sqlite"))
+    return str(getattr(value, "kind", "sqlite"))
+
+
+AnyLedgerSettings = Annotated[
+    Annotated[LedgerSettings, Tag("sqlite")] | Annotated[PostgresLedgerSettings, Tag("postgres")],
+    Discriminator(_ledger_kind),
+]
+
+
 class EmbedderSettings(_Frozen):
     """``auto`` uses the local model when its extra is installed, else the hashing embedder."""
 
@@ -97,6 +111,10 @@ class RunSettings(_Frozen):
     # Join an existing Ray cluster at this address; empty starts a local one in this process.
     ray_address: str | None = None
     ray_num_cpus: int | None = Field(default=None, ge=1)
+    # This replica's name in shard leases (defaults to the host name; on Kubernetes the pod
+    # name). Two live processes must never share it: a restart of the same replica takes its
+    # shards over at once, fencing its previous incarnation.
+    replica: str | None = Field(default=None, pattern=r"^[^#]+$")
     shards: int = Field(default=2, ge=1, le=256)
     # A shard owner must renew its lease within this time or another replica may take over.
     lease_s: float = Field(default=30.0, gt=1.0)
@@ -132,7 +150,7 @@ class Settings(BaseSettings):
     source: SourceSettings | None = None
     keyword: KeywordSettings = Field(default_factory=_default_keyword)
     vector: VectorSettings = Field(default_factory=_default_vector)
-    ledger: LedgerSettings = LedgerSettings()
+    ledger: AnyLedgerSettings = LedgerSettings()
     embedder: EmbedderSettings = EmbedderSettings()
     chunking: ChunkingConfig = ChunkingConfig()
     sync: SyncConfig = SyncConfig()

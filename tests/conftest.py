@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.keyword_servers",
     "tests.support.milvus_servers",
     "tests.support.embed_server",
+    "tests.support.postgres_servers",
 ]

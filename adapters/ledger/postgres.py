@@ -1,0 +1,587 @@
+"""The Postgres ledger: the durable memory of several replicas sharing one database.
+
+Same protocol and semantics as the SQLite ledger (``adapters/ledger/sqlite.py``): every public
+method is one transaction (READ COMMITTED), and a crash between two statements of a method leaves
+the ledger as it was before it (the server rolls back a dead client's transaction). What changes
+is that several processes write at once, so every check-then-write is made race-free by the
+database itself, never by a read in one statement and a write in another:
+
+- prepare's gate inserts the intent first (``INSERT ... ON CONFLICT DO NOTHING``): a second
+  replica preparing the same document waits on the first one's uncommitted key and then finds it
+  taken. Holding the only intent row of a document also means no commit of that document can be in
+  flight, so the committed version read next is stable.
+- a fence is checked with the shard's lease row locked ``FOR UPDATE`` inside the write's
+  transaction, so a new owner's ``claim_shard`` waits until every write under the old epoch has
+  committed or rolled back: no old-epoch write lands after a new epoch exists.
+- ``claim_shard`` on a shard nobody has claimed inserts with ``ON CONFLICT DO NOTHING``, so of two
+  replicas racing for it exactly one gets epoch 1 and the other sees its lease.
+
+Connections: one connection per ledger, guarded by a lock, reopened after it breaks. A replica is
+one process whose ledger calls are short transactions serialised by the apply loop anyway, so a
+pool would add a dependency (psycopg_pool) and idle connections without adding throughput;
+replicas scale by process, each with its own connection.
+
+Errors: a lost connection, a timeout, a deadlock or a serialisation failure raises
+TransientStoreError (retry; the connection is reopened on the next call); constraint, data and
+SQL errors raise PermanentStoreError. A failure while committing leaves the outcome unknown, as
+with any database: a retried ``prepare`` may then find its own intent pending, which the
+re-drive of pending intents on start resolves.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+
+from adapters.ledger.settings import (
+    CONNECT_TIMEOUT_S,
+    DEFAULT_SCHEMA,
+    SCHEMA_PATTERN,
+    STATEMENT_TIMEOUT_S,
+    PostgresLedgerSettings,
+)
+from coordinator.codec import decode_chunks, decode_intent, encode_chunks, encode_intent
+from coordinator.crashpoints import CrashHook, no_crash
+from coordinator.errors import ConfigError, FencedError, PermanentStoreError, StoreError, TransientStoreError
+from coordinator.model import DeadLetter, DocState, Vector
+from coordinator.ports import Fence, Intent, claimed_epoch
+
+log = structlog.get_logger(__name__)
+
+STORE = "ledger"
+
+# A replica frozen inside a transaction (SIGSTOP, a stalled VM) holds its row locks, the shard
+# lease row included, for at most this long before the server ends its session.
+IDLE_IN_TRANSACTION_TIMEOUT_S = 60.0
+# libpq rounds connect_timeout to whole seconds and treats anything below 2 as 2.
+CONNECT_TIMEOUT_MIN_S = 2
+# Keys per ``= ANY(%s)`` array: bounds one statement's result set, not a protocol limit.
+KEYS_PER_QUERY_MAX = 10_000
+# Rows fetched per round trip when streaming documents, so iteration never loads the whole table.
+ITER_PAGE_ROWS = 1000
+# SQLSTATE classes that fail the same way on retry although psycopg calls them operational:
+# 28 = invalid authorization (wrong password), 3D = invalid catalog name (no such database).
+PERMANENT_SQLSTATE_CLASSES = ("28", "3D")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    doc_id        TEXT COLLATE "C" PRIMARY KEY,
+    version       BIGINT NOT NULL,
+    deleted       BOOLEAN NOT NULL,
+    chunks        JSONB NOT NULL,
+    metadata_hash TEXT NOT NULL,
+    source_hash   TEXT NOT NULL,
+    updated_at    DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS applied (
+    side    TEXT NOT NULL,
+    doc_id  TEXT COLLATE "C" NOT NULL,
+    version BIGINT NOT NULL,
+    PRIMARY KEY (side, doc_id)
+);
+CREATE TABLE IF NOT EXISTS intents (
+    doc_id     TEXT COLLATE "C" PRIMARY KEY,
+    version    BIGINT NOT NULL,
+    payload    TEXT NOT NULL,
+    done       TEXT[] NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source   TEXT PRIMARY KEY,
+    position TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source     TEXT NOT NULL,
+    doc_id     TEXT,
+    version    BIGINT,
+    reason     TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    attempts   INTEGER NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shard_leases (
+    shard      INTEGER PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    epoch      BIGINT NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    model        TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    vector       BYTEA NOT NULL,
+    PRIMARY KEY (model, content_hash)
+);
+"""
+
+Cursor = psycopg.Cursor[TupleRow]
+
+
+class PostgresLedger:
+    """Ledger port on one Postgres schema; safe to share between threads and between replicas."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        crash_hook: CrashHook = no_crash,
+        schema: str = DEFAULT_SCHEMA,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+    ) -> None:
+        _check_schema_name(schema)
+        self.schema = schema
+        self._dsn = dsn
+        self._where = _describe(dsn)
+        self._clock = clock
+        self._crash = crash_hook
+        self._connect_timeout_s = connect_timeout_s
+        self._statement_timeout_s = statement_timeout_s
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[TupleRow] | None = None
+        self._log = log.bind(ledger=self._where, schema=schema)
+        self._create_schema()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: PostgresLedgerSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        crash_hook: CrashHook = no_crash,
+    ) -> PostgresLedger:
+        return cls(
+            settings.dsn.get_secret_value(),
+            clock=clock,
+            crash_hook=crash_hook,
+            schema=settings.schema_name,
+            connect_timeout_s=settings.connect_timeout_s,
+            statement_timeout_s=settings.statement_timeout_s,
+        )
+
+    def __repr__(self) -> str:
+        # Never the DSN itself: it may carry a password.
+        return f"PostgresLedger({self._where}, schema={self.schema!r})"
+
+    # --- connection and transactions -------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[Cursor]:
+        """One transaction on the shared connection; backend errors leave as StoreErrors."""
+        with self._lock:
+            try:
+                conn = self._connection()
+                with conn.transaction(), conn.cursor() as cur:
+                    yield cur
+            except psycopg.DatabaseError as exc:
+                raise self._store_error(exc) from exc
+
+    def _connection(self) -> psycopg.Connection[TupleRow]:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        self._conn = psycopg.connect(
+            self._dsn,
+            autocommit=True,  # transactions are explicit: conn.transaction() in _tx
+            connect_timeout=max(CONNECT_TIMEOUT_MIN_S, math.ceil(self._connect_timeout_s)),
+            options=self._session_options(),
+            application_name="lockstep-ledger",
+        )
+        self._log.info("ledger connected")
+        return self._conn
+
+    def _session_options(self) -> str:
+        """Server settings for our session, appended to any the DSN sets (the last one wins)."""
+        ours = (
+            f"-c statement_timeout={_ms(self._statement_timeout_s)} "
+            f"-c idle_in_transaction_session_timeout={_ms(IDLE_IN_TRANSACTION_TIMEOUT_S)} "
+            f"-c search_path={self.schema}"
+        )
+        theirs = conninfo_to_dict(self._dsn).get("options")
+        return f"{theirs} {ours}" if theirs else ours
+
+    def _store_error(self, exc: psycopg.DatabaseError) -> StoreError:
+        """Map a backend error; a lost connection is dropped so the next call reconnects."""
+        lost = self._conn is None or self._conn.broken or self._conn.closed
+        if lost:
+            self._drop_connection()
+        message = f"postgres ledger {self._where}: {type(exc).__name__}: {exc}"
+        if lost or _is_transient(exc):
+            self._log.warning("ledger transient error", error=type(exc).__name__, connection_lost=lost)
+            return TransientStoreError(message, store=STORE)
+        self._log.error("ledger permanent error", error=type(exc).__name__, sqlstate=exc.sqlstate)
+        return PermanentStoreError(message, store=STORE)
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    def _create_schema(self) -> None:
+        """Create the schema and tables if missing; replicas starting together take turns."""
+        with self._tx() as cur:
+            # CREATE ... IF NOT EXISTS is not safe against a concurrent identical CREATE (it can
+            # fail with a unique violation in the catalog), so creators serialise on a lock.
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"lockstep.schema.{self.schema}",))
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            cur.execute(_SCHEMA)
+
+    # --- documents -------------------------------------------------------------------------
+
+    def get_docs(self, doc_ids: Iterable[str]) -> dict[str, DocState]:
+        out: dict[str, DocState] = {}
+        with self._tx() as cur:
+            for part in _parts(list(dict.fromkeys(doc_ids))):
+                cur.execute(f"SELECT {_DOC_COLS} FROM documents WHERE doc_id = ANY(%s)", (part,))
+                out.update((str(r[0]), _doc(r)) for r in cur.fetchall())
+        return out
+
+    def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]:
+        return self._iter_docs_where("(NOT deleted OR %s)", include_deleted)
+
+    def iter_docs_changed_since(self, since: float) -> Iterator[DocState]:
+        """Every document (tombstones too) committed at or after ``since`` (Unix seconds), in
+        doc_id order; the auditor's ``--since`` reads this."""
+        return self._iter_docs_where("updated_at >= %s", since)
+
+    def _iter_docs_where(self, condition: str, value: object) -> Iterator[DocState]:
+        """Pages by key (one short transaction per page), so no lock is held between yields."""
+        after = ""
+        while True:
+            with self._tx() as cur:
+                cur.execute(
+                    f"SELECT {_DOC_COLS} FROM documents WHERE doc_id > %s AND {condition} "
+                    "ORDER BY doc_id LIMIT %s",
+                    (after, value, ITER_PAGE_ROWS),
+                )
+                rows = cur.fetchall()
+            yield from (_doc(r) for r in rows)
+            if len(rows) < ITER_PAGE_ROWS:
+                return
+            after = str(rows[-1][0])
+
+    # --- the two-phase protocol ------------------------------------------------------------
+
+    def prepare(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+        now = self._clock()
+        with self._tx() as cur:
+            _check_fence(cur, fence, now)
+            # In doc_id order, so two replicas preparing overlapping batches lock keys in the same
+            # order and cannot deadlock.
+            for intent in sorted(intents, key=lambda i: i.doc_id):
+                _insert_intent(cur, intent, now)
+                self._crash("ledger.prepare.between_statements")
+                _check_above_committed(cur, intent)
+
+    def mark_done(
+        self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None
+    ) -> None:
+        with self._tx() as cur:
+            _check_fence(cur, fence, self._clock())
+            for doc_id, version in doc_versions:
+                if not _add_done_side(cur, side, doc_id, version):
+                    continue
+                self._crash("ledger.mark_done.between_statements")
+                _upsert_applied(cur, side, doc_id, version)
+
+    def commit(
+        self, doc_versions: Sequence[tuple[str, int]], sides: frozenset[str], fence: Fence | None = None
+    ) -> int:
+        committed = 0
+        now = self._clock()
+        with self._tx() as cur:
+            _check_fence(cur, fence, now)
+            for doc_id, version in doc_versions:
+                after = _committable_state(cur, doc_id, version, sides)
+                if after is None:
+                    continue
+                _write_doc(cur, after, now)
+                self._crash("ledger.commit.between_statements")
+                cur.execute("DELETE FROM intents WHERE doc_id = %s", (doc_id,))
+                committed += 1
+        return committed
+
+    # --- shard ownership -------------------------------------------------------------------
+
+    def claim_shard(self, shard: int, owner: str, lease_s: float) -> Fence:
+        now = self._clock()
+        with self._tx() as cur:
+            epoch = _claim_unclaimed(cur, shard, owner, now + lease_s)
+            if epoch is None:
+                epoch = _claim_claimed(cur, shard, owner, now, lease_s)
+        self._log.info("shard claimed", shard=shard, owner=owner, epoch=epoch)
+        return Fence(shard, epoch)
+
+    def renew_shard(self, fence: Fence, owner: str, lease_s: float) -> None:
+        now = self._clock()
+        with self._tx() as cur:
+            _check_fence(cur, fence, now)
+            cur.execute(
+                "UPDATE shard_leases SET expires_at = %s WHERE shard = %s AND owner = %s",
+                (now + lease_s, fence.shard, owner),
+            )
+
+    def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
+        with self._tx() as cur:
+            cur.executemany("DELETE FROM intents WHERE doc_id = %s AND version = %s", doc_versions)
+
+    def pending(self) -> list[Intent]:
+        with self._tx() as cur:
+            cur.execute("SELECT doc_id, version, payload, done FROM intents ORDER BY created_at, doc_id")
+            rows = cur.fetchall()
+        return [decode_intent(d, v, p, frozenset(n)) for d, v, p, n in rows]
+
+    def applied_versions(self, side: str, doc_ids: Iterable[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with self._tx() as cur:
+            for part in _parts(list(dict.fromkeys(doc_ids))):
+                cur.execute(
+                    "SELECT doc_id, version FROM applied WHERE side = %s AND doc_id = ANY(%s)", (side, part)
+                )
+                out.update((str(d), int(v)) for d, v in cur.fetchall())
+        return out
+
+    # --- checkpoints and dead letters ------------------------------------------------------
+
+    def get_checkpoint(self, source: str) -> str | None:
+        with self._tx() as cur:
+            row = cur.execute("SELECT position FROM checkpoints WHERE source = %s", (source,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_checkpoint(self, source: str, position: str) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT INTO checkpoints (source, position) VALUES (%s, %s) "
+                "ON CONFLICT (source) DO UPDATE SET position = excluded.position",
+                (source, position),
+            )
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        now = self._clock()
+        with self._tx() as cur:
+            cur.executemany(
+                "INSERT INTO dead_letters (source, doc_id, version, reason, payload, attempts, created_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                [(d.source, d.doc_id, d.version, d.reason, d.payload, d.attempts, now) for d in letters],
+            )
+
+    def dead_letters(self, *, limit: int) -> list[tuple[int, DeadLetter]]:
+        with self._tx() as cur:
+            cur.execute(
+                "SELECT id, source, reason, payload, doc_id, version, attempts FROM dead_letters "
+                "ORDER BY id LIMIT %s",
+                (limit,),
+            )
+            rows = cur.fetchall()
+        return [(int(r[0]), DeadLetter(*r[1:])) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT (SELECT COUNT(*) FROM documents WHERE NOT deleted), "
+                "(SELECT COUNT(*) FROM documents WHERE deleted), "
+                "(SELECT COALESCE(SUM(jsonb_array_length(chunks)), 0) FROM documents WHERE NOT deleted), "
+                "(SELECT COUNT(*) FROM intents), (SELECT COUNT(*) FROM dead_letters)"
+            ).fetchone()
+        assert row is not None, "a SELECT without FROM returns one row"
+        names = ("live_docs", "tombstones", "chunks", "pending_intents", "dead_letters")
+        return {name: int(value) for name, value in zip(names, row, strict=True)}
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+
+
+class PostgresEmbeddingCache:
+    """Durable vectors keyed by (model id, content hash), stored as float32 ``bytea``."""
+
+    def __init__(self, ledger: PostgresLedger) -> None:
+        self._ledger = ledger
+
+    def get_many(self, model_id: str, hashes: Iterable[str]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        with self._ledger._tx() as cur:
+            for part in _parts(list(dict.fromkeys(hashes))):
+                cur.execute(
+                    "SELECT content_hash, vector FROM embeddings WHERE model = %s AND content_hash = ANY(%s)",
+                    (model_id, part),
+                )
+                out.update((str(h), np.frombuffer(v, dtype=np.float32).tolist()) for h, v in cur.fetchall())
+        return out
+
+    def put_many(self, model_id: str, vectors: Mapping[str, Vector]) -> None:
+        rows = [(model_id, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in vectors.items()]
+        with self._ledger._tx() as cur:
+            cur.executemany(
+                "INSERT INTO embeddings (model, content_hash, vector) VALUES (%s, %s, %s) "
+                "ON CONFLICT (model, content_hash) DO UPDATE SET vector = excluded.vector",
+                rows,
+            )
+
+
+# --- statements: each runs inside the caller's transaction ------------------------------------
+
+_DOC_COLS = "doc_id, version, deleted, chunks::text, metadata_hash, source_hash"
+
+
+def _check_fence(cur: Cursor, fence: Fence | None, now: float) -> None:
+    """The fence must be the shard's current, unexpired epoch; the lease row stays locked until
+    the caller's transaction ends, so no new epoch can be issued while this write is in flight."""
+    if fence is None:
+        return
+    row = cur.execute(
+        "SELECT epoch, expires_at FROM shard_leases WHERE shard = %s FOR UPDATE", (fence.shard,)
+    ).fetchone()
+    if row is None or row[0] != fence.epoch or row[1] <= now:
+        current = "none" if row is None else f"epoch {row[0]}"
+        log.warning("write fenced", shard=fence.shard, epoch=fence.epoch, current=current)
+        raise FencedError(f"shard {fence.shard} epoch {fence.epoch} is fenced (current: {current})")
+
+
+def _insert_intent(cur: Cursor, intent: Intent, now: float) -> None:
+    """The first half of the gate: insert, or find the document's intent already there (a
+    concurrent uncommitted insert of the same doc_id is waited for, then counts as there)."""
+    inserted = cur.execute(
+        "INSERT INTO intents (doc_id, version, payload, done, created_at) VALUES (%s, %s, %s, '{}', %s) "
+        "ON CONFLICT (doc_id) DO NOTHING RETURNING doc_id",
+        (intent.doc_id, intent.version, encode_intent(intent), now),
+    ).fetchone()
+    if inserted is None:
+        raise ValueError(f"{intent.doc_id} already has a pending intent")
+
+
+def _check_above_committed(cur: Cursor, intent: Intent) -> None:
+    """The second half of the gate. Our uncommitted intent row excludes every commit of this
+    document, so the committed version cannot change before our transaction ends."""
+    row = cur.execute("SELECT version FROM documents WHERE doc_id = %s", (intent.doc_id,)).fetchone()
+    if row is not None and intent.version <= row[0]:
+        raise ValueError(f"{intent.doc_id} v{intent.version} is not above committed v{row[0]}")
+
+
+def _add_done_side(cur: Cursor, side: str, doc_id: str, version: int) -> bool:
+    """Add ``side`` to the intent's done set in one statement; False if there is no such intent."""
+    updated = cur.execute(
+        "UPDATE intents SET done = ARRAY(SELECT DISTINCT s FROM unnest(array_append(done, %s)) AS s ORDER BY s) "
+        "WHERE doc_id = %s AND version = %s RETURNING doc_id",
+        (side, doc_id, version),
+    ).fetchone()
+    return updated is not None
+
+
+def _committable_state(cur: Cursor, doc_id: str, version: int, sides: frozenset[str]) -> DocState | None:
+    """The intent's ``after`` state if every side holds it (its row locked), else None."""
+    row = cur.execute(
+        "SELECT payload, done FROM intents WHERE doc_id = %s AND version = %s FOR UPDATE", (doc_id, version)
+    ).fetchone()
+    if row is None or not sides <= set(row[1]):
+        return None
+    return decode_intent(doc_id, version, row[0], frozenset()).after
+
+
+def _claim_unclaimed(cur: Cursor, shard: int, owner: str, expires_at: float) -> int | None:
+    """Epoch 1 if nobody ever claimed ``shard``; of racing claimants exactly one inserts."""
+    row = cur.execute(
+        "INSERT INTO shard_leases (shard, owner, epoch, expires_at) VALUES (%s, %s, 1, %s) "
+        "ON CONFLICT (shard) DO NOTHING RETURNING epoch",
+        (shard, owner, expires_at),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _claim_claimed(cur: Cursor, shard: int, owner: str, now: float, lease_s: float) -> int:
+    """Renew, take over or refuse (``claimed_epoch``'s rules) an existing lease, its row locked."""
+    row = cur.execute(
+        "SELECT owner, epoch, expires_at FROM shard_leases WHERE shard = %s FOR UPDATE", (shard,)
+    ).fetchone()
+    assert row is not None, "the lease row exists: the insert conflicted and rows are never deleted"
+    epoch = claimed_epoch(shard, owner, (str(row[0]), int(row[1]), float(row[2])), now)
+    cur.execute(
+        "UPDATE shard_leases SET owner = %s, epoch = %s, expires_at = %s WHERE shard = %s",
+        (owner, epoch, now + lease_s, shard),
+    )
+    return epoch
+
+
+def _write_doc(cur: Cursor, state: DocState, now: float) -> None:
+    cur.execute(
+        "INSERT INTO documents (doc_id, version, deleted, chunks, metadata_hash, source_hash, updated_at) "
+        "VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT (doc_id) DO UPDATE SET version = excluded.version, "
+        "deleted = excluded.deleted, chunks = excluded.chunks, metadata_hash = excluded.metadata_hash, "
+        "source_hash = excluded.source_hash, updated_at = excluded.updated_at",
+        (
+            state.doc_id,
+            state.version,
+            state.deleted,
+            encode_chunks(state.chunks),
+            state.metadata_hash,
+            state.source_hash,
+            now,
+        ),
+    )
+
+
+def _upsert_applied(cur: Cursor, side: str, doc_id: str, version: int) -> None:
+    cur.execute(
+        "INSERT INTO applied (side, doc_id, version) VALUES (%s, %s, %s) ON CONFLICT (side, doc_id) "
+        "DO UPDATE SET version = GREATEST(applied.version, excluded.version)",
+        (side, doc_id, version),
+    )
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def _doc(row: tuple[Any, ...]) -> DocState:
+    doc_id = str(row[0])
+    return DocState(
+        doc_id=doc_id,
+        version=int(row[1]),
+        deleted=bool(row[2]),
+        chunks=decode_chunks(doc_id, str(row[3])),
+        metadata_hash=str(row[4]),
+        source_hash=str(row[5]),
+    )
+
+
+def _is_transient(exc: psycopg.DatabaseError) -> bool:
+    """Timeouts, deadlocks, serialisation failures, shutdowns: psycopg's OperationalError,
+    except the SQLSTATE classes that fail the same way on retry."""
+    sqlstate = exc.sqlstate or ""
+    return isinstance(exc, psycopg.OperationalError) and not sqlstate.startswith(PERMANENT_SQLSTATE_CLASSES)
+
+
+def _describe(dsn: str) -> str:
+    """Host, port, database and user of a DSN, for logs and repr: never its password."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        # ``from None``: psycopg's message quotes the malformed DSN, password included.
+        raise ConfigError("the postgres ledger DSN cannot be parsed") from None
+    keys = ("host", "port", "dbname", "user")
+    return " ".join(f"{k}={parts[k]}" for k in keys if parts.get(k))
+
+
+def _check_schema_name(schema: str) -> None:
+    if not re.fullmatch(SCHEMA_PATTERN, schema):
+        raise ConfigError(f"schema {schema!r} must match {SCHEMA_PATTERN}")
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _parts(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), KEYS_PER_QUERY_MAX):
+        yield items[start : start + KEYS_PER_QUERY_MAX]

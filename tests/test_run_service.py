@@ -1,0 +1,383 @@
+"""`lockstep run` on Ray, as a real process: crash points, ordering, probes, fencing."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from adapters.keyword.settings import KeywordSettings
+from adapters.ledger.sqlite import SqliteLedger
+from adapters.vector.milvus import MilvusVectorIndex
+from adapters.vector.settings import VectorSettings
+from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
+from coordinator.crashpoints import PROTOCOL_POINTS
+from coordinator.invariants import ExpectedChunk, check_index, versions_never_go_back
+from lockstep.bootstrap import build_keyword, runtime
+from lockstep.settings import load_settings
+
+LOCKSTEP = [sys.executable, "-m", "lockstep"]
+RUN_TIMEOUT_S = 300
+CHUNKING = ChunkingSettings(max_chars=80)
+# How long a test waits for the service to reach a state before failing.
+WAIT_S = 120.0
+
+
+def _config(tmp_path: Path, **overrides: Any) -> Path:
+    config = {
+        "source": {"kind": "jsonl", "path": str(tmp_path / "events.jsonl"), "name": "events"},
+        "keyword": {"kind": "tantivy", "path": str(tmp_path / "tantivy")},
+        "vector": {"uri": str(tmp_path / "milvus.db")},
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+        "embedder": {"kind": "hashing"},
+        "chunking": {"max_chars": CHUNKING.max_chars},
+        "run": {"shards": 2, "http_port": 0, "batch_docs_max": 50},
+        **overrides,
+    }
+    path = tmp_path / "lockstep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _text(doc_id: str, version: int, paragraphs: int) -> str:
+    return "\n\n".join(f"{doc_id} v{version} part {i} on refunds" for i in range(paragraphs))
+
+
+def _upsert(doc_id: str, version: int, paragraphs: int = 3) -> dict[str, Any]:
+    return {"op": "upsert", "doc_id": doc_id, "version": version, "text": _text(doc_id, version, paragraphs),
+            "metadata": {"v": version}}
+
+
+def _append(tmp_path: Path, events: list[dict[str, Any]]) -> None:
+    with (tmp_path / "events.jsonl").open("a") as out:
+        out.writelines(json.dumps(e) + "\n" for e in events)
+
+
+def _run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LOCKSTEP, "run", "-c", str(config), *args], capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        check=False, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def _history(docs: int, versions: int, seed: int, prefix: str = "doc") -> tuple[list[dict[str, Any]], dict[str, dict[str, Any] | None]]:
+    """Per doc: versions 1..n of upserts (sizes vary, so documents grow and shrink), some ending
+    in a delete; returns the events in order and the newest state per doc (None = deleted)."""
+    rng = random.Random(seed)
+    events: list[dict[str, Any]] = []
+    final: dict[str, dict[str, Any] | None] = {}
+    for d in range(docs):
+        doc_id = f"{prefix}-{d:04d}"
+        for v in range(1, versions + 1):
+            events.append(_upsert(doc_id, v, rng.randint(1, 5)))
+        final[doc_id] = events[-1]
+        if rng.random() < 0.2:
+            events.append({"op": "delete", "doc_id": doc_id, "version": versions + 1})
+            final[doc_id] = None
+    return events, final
+
+
+def _expected(final: dict[str, dict[str, Any] | None]) -> tuple[dict[str, ExpectedChunk], set[str]]:
+    expected = {
+        chunk_id(d, i): ExpectedChunk(chunk_id(d, i), content_hash(t))
+        for d, ev in final.items() if ev is not None
+        for i, t in enumerate(chunk_text(ev["text"], CHUNKING))
+    }
+    return expected, {d for d, ev in final.items() if ev is None}
+
+
+def _assert_converged(config: Path, final: dict[str, dict[str, Any] | None]) -> None:
+    expected, deleted = _expected(final)
+    settings = load_settings(config)
+    with runtime(settings) as rt:
+        violations = [
+            *check_index("keyword", expected, deleted, list(rt.keyword.scan())),
+            *check_index("vector", expected, deleted, list(rt.vector.scan())),
+        ]
+        counts = rt.ledger.counts()
+    assert violations == [], "\n".join(map(str, violations[:20]))
+    assert counts["pending_intents"] == 0 and counts["dead_letters"] == 0
+
+
+@pytest.mark.parametrize("point", PROTOCOL_POINTS)
+def test_a_kill_at_any_crash_point_converges_after_restart(tmp_path: Path, point: str) -> None:
+    """SIGKILL of the whole service at each protocol boundary, then a restart: both indexes equal
+    the source, with no duplicate entity, no chunk of a deleted document and nothing pending."""
+    config = _config(tmp_path)
+    events, final = _history(docs=150, versions=2, seed=PROTOCOL_POINTS.index(point))
+    _append(tmp_path, events)
+    crashed = _run(config, "--exit-when-idle", "--crash-at", point)
+    assert crashed.returncode == -signal.SIGKILL, f"not killed at {point}: {crashed.stderr[-3000:]}"
+    more, final2 = _history(docs=20, versions=3, seed=7, prefix="late")
+    _append(tmp_path, more)
+    final.update(final2)
+    restarted = _run(config, "--exit-when-idle")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    _assert_converged(config, final)
+
+
+def test_reordered_and_duplicated_histories_end_at_the_newest_version(
+    tmp_path: Path, opensearch_api_url: str, lite_server: Any
+) -> None:
+    """Versions shuffled within a window and each event sent 1-3 times: the final state is each
+    document's newest version, and versions observed in both stores never go back."""
+    suffix = uuid.uuid4().hex[:8]
+    keyword = {"kind": "opensearch", "url": opensearch_api_url, "index": f"order-{suffix}"}
+    vector = {"uri": lite_server.uri, "collection": f"order_{suffix}"}
+    config = _config(tmp_path, keyword=keyword, vector=vector)
+    events, final = _history(docs=60, versions=6, seed=11)
+    rng = random.Random(5)
+    shuffled = [e for e in _shuffle_within(events, window=8, rng=rng) for _ in range(rng.randint(1, 3))]
+    _append(tmp_path, shuffled)
+    observed: list[tuple[str, int]] = []
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_versions, args=(keyword, vector, sorted(final), observed, stop))
+    poller.start()
+    try:
+        result = _run(config, "--exit-when-idle")
+    finally:
+        stop.set()
+        poller.join()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(observed) > 50, "the poller observed too little to prove anything"
+    assert versions_never_go_back("both", observed) == []
+    _assert_converged(config, final)
+
+
+def _shuffle_within(events: list[dict[str, Any]], *, window: int, rng: random.Random) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(events), window):
+        part = events[start : start + window]
+        rng.shuffle(part)
+        out += part
+    return out
+
+
+def _poll_versions(keyword: dict[str, Any], vector: dict[str, Any], doc_ids: list[str],
+                   observed: list[tuple[str, int]], stop: threading.Event) -> None:
+    """Read chunk-0 of every document from both stores until stopped, recording versions seen."""
+    kw = build_keyword(KeywordSettings(**keyword))
+    vec = MilvusVectorIndex(VectorSettings(**vector), dim=384)
+    ids = [chunk_id(d, 0) for d in doc_ids]
+    try:
+        while not stop.is_set():
+            for side, index in (("kw", kw), ("vec", vec)):
+                try:
+                    held = index.get(ids)
+                except Exception:  # the index may not exist yet at the start of the run
+                    continue
+                observed.extend((f"{side}:{cid}", c.version) for cid, c in held.items())
+            time.sleep(0.05)
+    finally:
+        kw.close()
+        vec.close()
+
+
+def test_probes_metrics_and_graceful_shutdown(tmp_path: Path) -> None:
+    """A running service answers /healthz and /readyz, exports metrics, follows appended events,
+    and on SIGTERM drains and checkpoints before exiting 0."""
+    config = _config(tmp_path, run={"shards": 2, "http_port": _free_port(), "batch_docs_max": 50})
+    port = yaml.safe_load(config.read_text())["run"]["http_port"]
+    _append(tmp_path, [_upsert(f"a{i}", 1) for i in range(30)])
+    proc = subprocess.Popen([*LOCKSTEP, "--log-level", "info", "run", "-c", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait(lambda: _get(base + "/readyz").status_code == 200, "ready")
+        assert _get(base + "/healthz").json() == {"alive": True}
+        _append(tmp_path, [_upsert(f"b{i}", 1) for i in range(20)] + [{"op": "delete", "doc_id": "a0", "version": 2}])
+        _wait(lambda: _metric(base, 'lockstep_events_total{outcome="applied"}') >= 51, "51 applied events")
+        metrics = _get(base + "/metrics").text
+        for name in ("lockstep_embed_calls_total", "lockstep_freshness_lag_seconds_bucket",
+                     "lockstep_prepared_intents", "lockstep_unfinished_events"):
+            assert name in metrics, f"{name} missing from /metrics"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, err[-3000:]
+    size = (tmp_path / "events.jsonl").stat().st_size
+    assert SqliteLedger(tmp_path / "ledger.db").get_checkpoint("events") == str(size)
+    final: dict[str, dict[str, Any] | None] = {f"a{i}": _upsert(f"a{i}", 1) for i in range(30)}
+    final |= {f"b{i}": _upsert(f"b{i}", 1) for i in range(20)}
+    final["a0"] = None
+    _assert_converged(config, final)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(url: str) -> httpx.Response:
+    try:
+        return httpx.get(url, timeout=5.0)
+    except httpx.TransportError:
+        return httpx.Response(599)
+
+
+def _metric(base: str, sample: str) -> float:
+    for line in _get(base + "/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _wait(predicate: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_paused_owner_that_resumes_after_losing_its_lease_is_fenced(
+    tmp_path: Path, opensearch_api_url: str, lite_server: Any
+) -> None:
+    """Replica A is SIGSTOPped past its lease; replica B takes the shards over; when A resumes,
+    its ledger writes are rejected by epoch and it stops, while B's results stand."""
+    suffix = uuid.uuid4().hex[:8]
+    keyword = {"kind": "opensearch", "url": opensearch_api_url, "index": f"fence-{suffix}"}
+    vector = {"uri": lite_server.uri, "collection": f"fence_{suffix}"}
+    run_a = {"shards": 2, "http_port": 0, "lease_s": 3.0, "replica": "replica-a"}
+    config_a = _config(tmp_path, keyword=keyword, vector=vector, run=run_a)
+    config_b = tmp_path / "b.yaml"
+    config_b.write_text(config_a.read_text().replace("replica-a", "replica-b"))
+    _append(tmp_path, [_upsert(f"d{i}", 1) for i in range(20)])
+    a = subprocess.Popen([*LOCKSTEP, "--log-level", "info", "run", "-c", str(config_a)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] == 20, "replica A applied the first events")
+        _signal_tree(a.pid, signal.SIGSTOP)
+        time.sleep(4.0)  # past A's 3 s lease
+        _append(tmp_path, [_upsert(f"d{i}", 2) for i in range(20)])
+        b = _run(config_b, "--exit-when-idle")
+        assert b.returncode == 0, b.stderr[-3000:]
+        _append(tmp_path, [_upsert(f"d{i}", 3) for i in range(5)])
+        _signal_tree(a.pid, signal.SIGCONT)
+        _, a_err = a.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if a.poll() is None:
+            _signal_tree(a.pid, signal.SIGKILL)
+            a.wait()
+    assert a.returncode == 1, f"replica A was not stopped by its fence: {a_err[-3000:]}"
+    assert "fenced" in a_err
+    final: dict[str, dict[str, Any] | None] = {f"d{i}": _upsert(f"d{i}", 2) for i in range(20)}
+    _assert_converged(config_a, final)
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """Signal a service and every process it started (Ray's raylet and workers leave its group)."""
+    root = psutil.Process(pid)
+    for proc in [*root.children(recursive=True), root]:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            continue
+
+
+def _start_service(config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([*LOCKSTEP, "--log-level", "info", "run", "-c", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop_service(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    return err
+
+
+def _outage_config(tmp_path: Path, keyword_url: str, vector_uri: str) -> tuple[Path, str]:
+    suffix = uuid.uuid4().hex[:8]
+    port = _free_port()
+    config = _config(
+        tmp_path,
+        keyword={"kind": "opensearch", "url": keyword_url, "index": f"outage-{suffix}", "request_timeout_s": 2.0},
+        vector={"uri": vector_uri, "collection": f"outage_{suffix}", "request_timeout_s": 5.0, "connect_timeout_s": 2.0},
+        run={"shards": 2, "http_port": port, "batch_docs_max": 50},
+    )
+    return config, f"http://127.0.0.1:{port}"
+
+
+def _count(settings_kwargs: dict[str, Any], ids: list[str]) -> int:
+    index = build_keyword(KeywordSettings(**settings_kwargs))
+    try:
+        return len(index.get(ids))
+    finally:
+        index.close()
+
+
+def test_a_vector_index_outage_loses_nothing_and_the_keyword_side_keeps_up(
+    tmp_path: Path, opensearch_api_url: str, real_milvus: Any
+) -> None:
+    """The real Milvus server is killed mid-stream: OpenSearch keeps receiving writes, /readyz says
+    degraded, and after Milvus restarts everything converges with zero loss."""
+    config, base = _outage_config(tmp_path, opensearch_api_url, real_milvus.uri)
+    keyword = yaml.safe_load(config.read_text())["keyword"]
+    final: dict[str, dict[str, Any] | None] = {f"a{i}": _upsert(f"a{i}", 1) for i in range(30)}
+    _append(tmp_path, list(final.values()))
+    proc = _start_service(config)
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] == 30, "the first events committed")
+        real_milvus.kill9()
+        outage = {f"b{i}": _upsert(f"b{i}", 1) for i in range(30)}
+        _append(tmp_path, list(outage.values()))
+        final |= outage
+        b_ids = [chunk_id(d, 0) for d in outage]
+        _wait(lambda: _count(keyword, b_ids) == 30, "the keyword side applied events during the outage")
+        _wait(lambda: _get(base + "/readyz").status_code == 503, "/readyz reporting degraded")
+        assert "degraded" in _get(base + "/readyz").text
+        assert ledger.counts()["pending_intents"] > 0, "documents must stay prepared while Milvus is down"
+        real_milvus.start()
+        _wait(lambda: ledger.counts()["pending_intents"] == 0 and ledger.counts()["live_docs"] == 60, "convergence")
+        _wait(lambda: _get(base + "/readyz").status_code == 200, "/readyz ready again")
+    finally:
+        if real_milvus.pid is None:
+            real_milvus.start()
+        err = _stop_service(proc)
+    assert proc.returncode == 0, err[-3000:]
+    _assert_converged(config, final)
+
+
+def test_a_keyword_index_outage_loses_nothing(tmp_path: Path, lite_server: Any) -> None:
+    """The OpenSearch-API server is paused (SIGSTOP) mid-stream: writes time out and are retried,
+    documents stay prepared, and after SIGCONT everything converges with zero loss."""
+    from chaos.servers import OpenSearchApiServer
+
+    with OpenSearchApiServer() as search:
+        config, base = _outage_config(tmp_path, search.url, lite_server.uri)
+        final: dict[str, dict[str, Any] | None] = {f"a{i}": _upsert(f"a{i}", 1) for i in range(20)}
+        _append(tmp_path, list(final.values()))
+        proc = _start_service(config)
+        try:
+            ledger = SqliteLedger(tmp_path / "ledger.db")
+            _wait(lambda: ledger.counts()["live_docs"] == 20, "the first events committed")
+            with search.paused():
+                outage = {f"b{i}": _upsert(f"b{i}", 1) for i in range(20)}
+                _append(tmp_path, list(outage.values()))
+                final |= outage
+                _wait(lambda: _get(base + "/readyz").status_code == 503, "/readyz reporting degraded")
+                assert ledger.counts()["live_docs"] == 20, "nothing may commit while the keyword index is away"
+            _wait(lambda: ledger.counts()["pending_intents"] == 0 and ledger.counts()["live_docs"] == 40, "convergence")
+        finally:
+            err = _stop_service(proc)
+        assert proc.returncode == 0, err[-3000:]
+        _assert_converged(config, final)
