@@ -296,6 +296,11 @@ class ApplyEngine:
             written = {c.chunk_id for c in i.upserts}
             self.stats.skipped_chunks += sum(c.chunk_id not in written for c in i.after.chunks)
 
+    def dead_letter_event(self, event: ChangeEvent, reason: str, attempts: int) -> None:
+        """Give up on one event (a poison document): it goes to the DLQ with its reason."""
+        self._dead_letter([replace(_letter(self.source_name, event, reason), attempts=attempts)])
+        self.stats.events += 1
+
     def _dead_letter(self, letters: Iterable[DeadLetter]) -> None:
         batch = list(letters)
         self.ledger.add_dead_letters(batch)

@@ -10,6 +10,11 @@ Plain Python, testable without Ray; ``lockstep/ray_runtime.py`` hosts one per Ra
   down) is *in flight*: newer events for it wait and coalesce until it commits.
 - ``step`` first retries in-flight intents (capped exponential backoff), then takes up to
   ``batch_docs_max`` waiting documents, prepares and drives them. It returns the seqs finished.
+- Poison documents: when preparing a batch fails on the embedder, the shard isolates, preparing
+  one document per step and rotating failing ones to the back. A document is dead-lettered
+  after ``poison_attempts_max`` failures on its own, but only once another document has been
+  prepared since its first failure: that proves the embedder works and this input does not,
+  so an embedder outage never empties the mailbox into the DLQ.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class ShardWorker:
         batch_docs_max: int,
         backoff: Backoff,
         clock: Callable[[], float],
+        poison_attempts_max: int = 3,
     ) -> None:
         self.shard = shard
         self.engine = engine
@@ -94,6 +100,11 @@ class ShardWorker:
         self._attempt = 0
         self._retry_at = 0.0
         self._last_error = ""
+        self.poison_attempts_max = poison_attempts_max
+        self._isolate = False
+        self._prepared_batches = 0
+        # doc_id -> (failures, prepared batches counted at its first failure)
+        self._suspects: dict[str, tuple[int, int]] = {}
 
     # --- mailbox ---------------------------------------------------------------------------
 
@@ -131,22 +142,59 @@ class ShardWorker:
             return []
         try:
             intents = self.engine.prepare([w.event for w in batch.values()], self.fence)
-        except (StoreError, EmbedError) as exc:
+        except EmbedError as exc:
+            return self._embed_failed(batch, exc)
+        except StoreError as exc:
             self._put_back(batch)
             self._failed(exc)
             return []
+        self._prepared(batch)
         return self._drive(batch, intents)
 
     def _take(self) -> dict[str, _Waiting]:
+        limit = 1 if self._isolate else self.batch_docs_max
         with self._lock:
-            keys = [k for k in self._waiting if k not in self._in_flight][: self.batch_docs_max]
+            keys = [k for k in self._waiting if k not in self._in_flight][:limit]
             return {k: self._waiting.pop(k) for k in keys}
 
-    def _put_back(self, batch: dict[str, _Waiting]) -> None:
+    def _embed_failed(self, batch: dict[str, _Waiting], exc: EmbedError) -> list[int]:
+        """Isolate documents after an embedder failure; dead-letter a proven poison document."""
+        if not exc.retriable:
+            raise exc
+        for key in batch:
+            failures, since = self._suspects.get(key, (0, self._prepared_batches))
+            self._suspects[key] = (failures + 1, since)
+        if len(batch) == 1:
+            [(key, slot)] = batch.items()
+            failures, since = self._suspects[key]
+            if failures >= self.poison_attempts_max and self._prepared_batches > since:
+                return self._give_up(key, slot, exc, failures)
+        self._isolate = True
+        self._put_back(batch, to_back=True)
+        self._failed(exc)
+        return []
+
+    def _give_up(self, key: str, slot: _Waiting, exc: EmbedError, failures: int) -> list[int]:
+        assert isinstance(slot.event, ChangeEvent), "only change events reach the embedder"
+        self.engine.dead_letter_event(slot.event, f"embedding failed {failures} times: {exc}", failures)
+        del self._suspects[key]
+        self._isolate = bool(self._suspects)
+        return slot.seqs
+
+    def _prepared(self, batch: dict[str, _Waiting]) -> None:
+        self._prepared_batches += 1
+        for key in batch:
+            self._suspects.pop(key, None)
+        self._isolate = bool(self._suspects)
+
+    def _put_back(self, batch: dict[str, _Waiting], *, to_back: bool = False) -> None:
+        """Return taken documents to the mailbox (in front, or behind the others to rotate)."""
         with self._lock:
-            for key, slot in batch.items():
+            for key, slot in reversed(batch.items()):
                 newer = self._waiting.pop(key, None)
                 self._waiting[key] = slot
+                if not to_back:
+                    self._waiting.move_to_end(key, last=False)
                 if newer is not None:
                     slot.seqs += newer.seqs
                     slot.event = newer.event if _newer(newer.event, slot.event) else slot.event
