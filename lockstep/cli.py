@@ -16,6 +16,7 @@ from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
 from coordinator.errors import LockstepError
 from coordinator.sync import run_sync
 from lockstep import demo as demo_module
+from lockstep import dlq_cli
 from lockstep.bootstrap import build_source, runtime
 from lockstep.logging import configure_logging
 from lockstep.progress import record_progress
@@ -26,6 +27,7 @@ app = typer.Typer(
     add_completion=False,
     help="Keep a keyword and a vector index in step with their source.",
 )
+app.add_typer(dlq_cli.app, name="dlq")
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[

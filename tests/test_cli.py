@@ -253,3 +253,27 @@ def test_sync_from_a_folder_follows_new_changed_and_removed_files(tmp_path: Path
     assert second.returncode == 0, second.stderr[-2000:]
     assert json.loads(second.stdout)["applied_events"] == 2
     _assert_indexes_equal(config, {"guides/refunds.md": {"text": "# Refunds\n\nWithin 14 days now."}}, {"shipping.txt"})
+
+
+def test_dlq_list_show_replay_and_drop(tmp_path: Path) -> None:
+    """Dead letters can be listed, shown, replayed once their payload is a valid event, and dropped."""
+    config = _config(tmp_path)
+    _write_events(tmp_path, _doc("good", 1), "{broken", {"op": "upsert", "doc_id": "nv", "text": "no version"})
+    assert _lockstep("sync", "-c", str(config)).returncode == 1
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    from coordinator.model import DeadLetter
+
+    ledger.add_dead_letters([DeadLetter("events", "embedding failed: timeout", json.dumps(_doc("late", 1)),
+                                        doc_id="late", version=1)])
+    listed = json.loads(_lockstep("dlq", "list", "-c", str(config), "--json").stdout)
+    assert [entry["doc_id"] for entry in listed] == [None, "nv", "late"]
+    shown = json.loads(_lockstep("dlq", "show", "-c", str(config), str(listed[1]["id"])).stdout)
+    assert shown["reason"] == "missing version" and "no version" in shown["payload"] and shown["created_at"]
+    replayed = _lockstep("dlq", "replay", "-c", str(config), "--all")
+    assert json.loads(replayed.stdout) == {"replayed": 1, "still_invalid": 2, "dead_lettered_again": 0}
+    after = {e["doc_id"]: e for e in json.loads(_lockstep("dlq", "list", "-c", str(config), "--json").stdout)}
+    assert set(after) == {None, "nv"} and after["nv"]["attempts"] == 2
+    dropped = _lockstep("dlq", "drop", "-c", str(config), *(str(e["id"]) for e in after.values()))
+    assert json.loads(dropped.stdout) == {"dropped": 2}
+    assert json.loads(_lockstep("dlq", "list", "-c", str(config), "--json").stdout) == []
+    _assert_indexes_equal(config, {"good": _doc("good", 1), "late": _doc("late", 1)}, set())

@@ -387,6 +387,27 @@ class PostgresLedger:
             rows = cur.fetchall()
         return [(int(r[0]), DeadLetter(*r[1:])) for r in rows]
 
+    def dead_letter(self, letter_id: int) -> tuple[DeadLetter, float] | None:
+        """One dead letter and when it was first recorded (seconds since the epoch)."""
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT source, reason, payload, doc_id, version, attempts, created_at FROM dead_letters WHERE id = %s",
+                (letter_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return DeadLetter(*row[:6]), float(row[6])
+
+    def drop_dead_letters(self, letter_ids: Sequence[int]) -> int:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (list(letter_ids),))
+            return int(cur.rowcount)
+
+    def retry_failed(self, letter_id: int, reason: str) -> None:
+        """A replay failed again: count the attempt and keep the newest reason."""
+        with self._tx() as cur:
+            cur.execute("UPDATE dead_letters SET attempts = attempts + 1, reason = %s WHERE id = %s", (reason, letter_id))
+
     def counts(self) -> dict[str, int]:
         with self._tx() as cur:
             row = cur.execute(

@@ -305,6 +305,30 @@ class SqliteLedger:
         )
         return [(int(r[0]), DeadLetter(*r[1:])) for r in rows]  # type: ignore[call-overload, arg-type]
 
+    def dead_letter(self, letter_id: int) -> tuple[DeadLetter, float] | None:
+        """One dead letter and when it was first recorded (seconds since the epoch)."""
+        rows = self._read(
+            "SELECT source, reason, payload, doc_id, version, attempts, created_at FROM dead_letters WHERE id = ?",
+            (letter_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return DeadLetter(*r[:6]), float(r[6])  # type: ignore[arg-type]
+
+    def drop_dead_letters(self, letter_ids: Sequence[int]) -> int:
+        dropped = 0
+        with self._tx() as cur:
+            for part in _parts([str(i) for i in letter_ids]):
+                cur.execute(f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(part))})", part)
+                dropped += cur.rowcount
+        return dropped
+
+    def retry_failed(self, letter_id: int, reason: str) -> None:
+        """A replay failed again: count the attempt and keep the newest reason."""
+        with self._tx() as cur:
+            cur.execute("UPDATE dead_letters SET attempts = attempts + 1, reason = ? WHERE id = ?", (reason, letter_id))
+
     def counts(self) -> dict[str, int]:
         queries = {
             "live_docs": "SELECT COUNT(*) FROM documents WHERE deleted = 0",

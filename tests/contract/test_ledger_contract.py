@@ -193,8 +193,14 @@ def test_checkpoints_and_dead_letters(ledger: AnyLedger) -> None:
     ledger.set_checkpoint("s", "20")
     assert ledger.get_checkpoint("s") == "20"
     ledger.add_dead_letters([DeadLetter("s", "missing version", '{"op":"upsert"}', doc_id="x")])
-    [(_, letter)] = ledger.dead_letters(limit=10)
+    [(letter_id, letter)] = ledger.dead_letters(limit=10)
     assert letter.reason == "missing version" and letter.doc_id == "x" and letter.attempts == 1
+    ledger.retry_failed(letter_id, "still missing version")
+    found = ledger.dead_letter(letter_id)
+    assert found is not None and found[0].attempts == 2 and found[0].reason == "still missing version"
+    assert found[1] > 0
+    assert ledger.drop_dead_letters([letter_id, letter_id + 1000]) == 1
+    assert ledger.dead_letter(letter_id) is None and ledger.dead_letters(limit=10) == []
 
 
 def test_embedding_cache_round_trips_float32(ledger: AnyLedger) -> None:
