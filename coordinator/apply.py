@@ -43,6 +43,10 @@ SIDES = frozenset({KEYWORD, VECTOR})
 log = structlog.get_logger(__name__)
 
 
+def _no_clock() -> float:
+    return 0.0
+
+
 @dataclass
 class ApplyStats:
     """Counters of one run; ``sync`` prints them as its JSON summary."""
@@ -60,10 +64,12 @@ class ApplyStats:
     dead_letters: int = 0
     recovered_intents: int = 0
     side_retries: dict[str, int] = field(default_factory=dict)
+    side_seconds: dict[str, float] = field(default_factory=dict)
+    side_writes: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        """The integer counters (per-side retries are reported separately as metrics)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "side_retries"}
+        """The integer counters (per-side figures are reported separately as metrics)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("side_")}
 
 
 class ApplyEngine:
@@ -79,8 +85,11 @@ class ApplyEngine:
         chunking: ChunkingSettings,
         source_name: str,
         crash: crashpoints.CrashHook = crashpoints.no_crash,
+        clock: Callable[[], float] = _no_clock,
     ) -> None:
         self.ledger = ledger
+        # A monotonic clock for per-index apply latency; the domain never reads time itself.
+        self.clock = clock
         self.sides: dict[str, ChunkIndex] = {KEYWORD: keyword, VECTOR: vector}
         self.vector = vector
         self.embedder = embedder
@@ -99,7 +108,7 @@ class ApplyEngine:
         ``owns`` limits recovery to some documents (a shard recovers only its own)."""
         intents = [i for i in self.ledger.pending() if owns is None or owns(i.doc_id)]
         if intents:
-            log.info("recovering prepared intents", count=len(intents))
+            log.info("recovering prepared intents", count=len(intents), phase="recover")
             self.drive(intents, fence)
             self.stats.recovered_intents += len(intents)
         return len(intents)
@@ -245,7 +254,10 @@ class ApplyEngine:
         if not todo:
             return {}, None
         try:
+            started = self.clock()
             refused = self._write_side(side, todo)
+            self.stats.side_seconds[side] = self.stats.side_seconds.get(side, 0.0) + self.clock() - started
+            self.stats.side_writes[side] = self.stats.side_writes.get(side, 0) + 1
             self.ledger.mark_done(
                 side, [(i.doc_id, i.version) for i in todo if i.doc_id not in refused], fence
             )
@@ -253,7 +265,13 @@ class ApplyEngine:
             if not exc.retriable:
                 raise
             self.stats.side_retries[side] = self.stats.side_retries.get(side, 0) + 1
-            log.warning("side failed; intents stay prepared", side=side, intents=len(todo), error=str(exc))
+            log.warning(
+                "side failed; intents stay prepared",
+                side=side,
+                intents=len(todo),
+                error=str(exc),
+                phase="apply",
+            )
             return {}, exc
         self.crash(crashpoints.AFTER_KEYWORD_APPLY if side == KEYWORD else crashpoints.AFTER_VECTOR_APPLY)
         return refused, None
@@ -306,7 +324,13 @@ class ApplyEngine:
         self.ledger.add_dead_letters(batch)
         self.stats.dead_letters += len(batch)
         for letter in batch:
-            log.warning("dead-lettered", doc_id=letter.doc_id, version=letter.version, reason=letter.reason)
+            log.warning(
+                "dead-lettered",
+                doc_id=letter.doc_id,
+                version=letter.version,
+                reason=letter.reason,
+                phase="dead_letter",
+            )
 
 
 def _chunk_ids(intent: Intent) -> list[str]:

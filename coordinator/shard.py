@@ -70,6 +70,8 @@ class ShardStatus:
     last_error: str
     stats: dict[str, int]
     retries: dict[str, int]
+    apply_seconds: dict[str, float]
+    apply_writes: dict[str, int]
 
 
 class ShardWorker:
@@ -233,7 +235,14 @@ class ShardWorker:
         self._attempt += 1
         self._retry_at = self.clock() + delay_s
         self._last_error = str(exc)
-        log.warning("shard backing off", shard=self.shard, attempt=self._attempt, delay_s=delay_s, error=str(exc))
+        log.warning(
+            "shard backing off",
+            shard=self.shard,
+            attempt=self._attempt,
+            delay_s=delay_s,
+            error=str(exc),
+            phase="retry",
+        )
 
     def _succeeded(self) -> None:
         self._attempt = 0
@@ -249,6 +258,8 @@ class ShardWorker:
                 self._last_error,
                 self.engine.stats.as_dict(),
                 dict(self.engine.stats.side_retries),
+                dict(self.engine.stats.side_seconds),
+                dict(self.engine.stats.side_writes),
             )
 
     @property

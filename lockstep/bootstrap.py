@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,6 +166,7 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
         chunking=settings.chunking.to_domain(),
         source_name=source_name or (settings.source.name if settings.source else "api"),
         crash=crash,
+        clock=time.monotonic,
     )
     log.info("runtime ready", keyword=settings.keyword.kind, embedder=inner.model_id, dim=inner.dim)
     rt = Runtime(settings, ledger, keyword, vector, embedder, engine)

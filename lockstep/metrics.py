@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from coordinator.shard import ShardStatus
+
 # Freshness lag buckets, seconds: sub-second for a healthy service, minutes during an outage.
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -59,6 +61,17 @@ class Metrics:
         self.dlq = Gauge("lockstep_dead_letters", "Dead letters in the ledger.", registry=r)
         self.degraded = Gauge("lockstep_degraded", "1 while some index is failing.", registry=r)
         self._seen: dict[tuple[int, str], int] = {}
+        self._seen_f: dict[tuple[int, str], float] = {}
+
+    def absorb_status(self, status: ShardStatus) -> None:
+        """Turn a shard's cumulative figures into counter increments and gauges."""
+        self.absorb(status.shard, status.stats, status.retries)
+        for side, seconds in status.apply_seconds.items():
+            self.apply_seconds.labels(side).inc(self._delta_f(status.shard, f"secs:{side}", seconds))
+        for side, n in status.apply_writes.items():
+            self.apply_writes.labels(side).inc(self._delta(status.shard, f"writes:{side}", n))
+        self.waiting.labels(str(status.shard)).set(status.waiting_docs)
+        self.in_flight.labels(str(status.shard)).set(status.in_flight_docs)
 
     def absorb(self, shard: int, stats: dict[str, int], retries: dict[str, int] | None = None) -> None:
         """Turn a shard's cumulative counters into counter increments."""
@@ -70,6 +83,11 @@ class Metrics:
         self.cache_hits.inc(self._delta(shard, "cache_hits", stats["cache_hits"]))
         for side, n in (retries or {}).items():
             self.side_retries.labels(side).inc(self._delta(shard, f"retry:{side}", n))
+
+    def _delta_f(self, shard: int, key: str, value: float) -> float:
+        before = self._seen_f.get((shard, key), 0.0)
+        self._seen_f[(shard, key)] = value
+        return max(0.0, value - before)
 
     def _delta(self, shard: int, key: str, value: int) -> int:
         before = self._seen.get((shard, key), 0)

@@ -187,6 +187,7 @@ class ShardActor:
             chunking=settings.chunking.to_domain(),
             source_name=settings.source.name if settings.source else "run",
             crash=_crash_hook(crash_at),
+            clock=time.monotonic,
         )
         self.fence = self.ledger.claim_shard(config.shard, config.owner, config.lease_s)
         self.recovered = self.engine.recover(

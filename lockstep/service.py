@@ -25,7 +25,7 @@ from coordinator.ports import ChangeSource, SourceRecord
 from coordinator.routing import shard_of
 from coordinator.shard import Envelope, ShardStatus
 from coordinator.watermark import LowWatermark
-from lockstep.bootstrap import build_embedder, build_ledger, build_source
+from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
 from lockstep.metrics import Metrics
 from lockstep.ops_http import OpsServer
 from lockstep.ray_runtime import ShardCluster, kill_service, start_ray, stop_ray
@@ -35,6 +35,8 @@ log = structlog.get_logger(__name__)
 
 # Records read ahead of the shards; when full, the reader thread waits (backpressure).
 READ_QUEUE_MAX = 10_000
+# The ledger is asked for the DLQ size this often (a COUNT over a small table).
+LEDGER_GAUGES_INTERVAL_S = 5.0
 # The main loop's tick: how often it offers, drains and checkpoints when there is little to do.
 TICK_S = 0.02
 
@@ -68,6 +70,8 @@ class Service:
         self.state = _State(buffers={i: [] for i in range(self.rs.shards)})
         self.owner = f"{self.rs.replica or os.uname().nodename}#{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ops: OpsServer | None = None
+        self.ledger: AnyLedger | None = None
+        self._gauges_at = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -80,7 +84,7 @@ class Service:
         start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
         # After ray.init, which installs handlers of its own that would kill the driver at once.
         self._install_signals()
-        ledger = build_ledger(self.settings)
+        ledger = self.ledger = build_ledger(self.settings)
         source = build_source(self.settings, ledger)
         cluster = ShardCluster(
             self.settings,
@@ -196,9 +200,7 @@ class Service:
                 read_at = self.state.read_at.pop(seq, None)
                 if read_at is not None:
                     self.metrics.lag.observe(now - read_at)
-            self.metrics.absorb(status.shard, status.stats, status.retries)
-            self.metrics.waiting.labels(str(status.shard)).set(status.waiting_docs)
-            self.metrics.in_flight.labels(str(status.shard)).set(status.in_flight_docs)
+            self.metrics.absorb_status(status)
             statuses.append(status)
             if fatal and fatal not in self.state.fatal:
                 log.error("shard stopped", shard=status.shard, reason=fatal)

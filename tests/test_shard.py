@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from adapters.embedders.cached import CachedEmbedder
 from adapters.embedders.hashing import HashingEmbedder
@@ -60,11 +61,17 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     keyword.ensure()
     vector.inner.ensure()
     engine = ApplyEngine(
-        ledger=ledger, keyword=keyword, vector=vector, embedder=CachedEmbedder(embedder, SqliteEmbeddingCache(ledger)),
-        chunking=ChunkingSettings(100), source_name="test",
+        ledger=ledger,
+        keyword=keyword,
+        vector=vector,
+        embedder=CachedEmbedder(embedder, SqliteEmbeddingCache(ledger)),
+        chunking=ChunkingSettings(100),
+        source_name="test",
     )
     clock = Clock()
-    worker = ShardWorker(0, engine, fence=None, mailbox_docs_max=4, batch_docs_max=10, backoff=Backoff(), clock=clock)
+    worker = ShardWorker(
+        0, engine, fence=None, mailbox_docs_max=4, batch_docs_max=10, backoff=Backoff(), clock=clock
+    )
     yield Rig(worker, ledger, embedder, vector, clock)
     engine.close()
     keyword.close()
@@ -78,7 +85,9 @@ def _up(doc_id: str, version: int, text: str = "") -> ChangeEvent:
 
 def test_newer_events_coalesce_and_every_seq_is_finished(rig: Rig) -> None:
     """Three versions of one document waiting together apply once, at the newest; all seqs finish."""
-    assert rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("a", 3)), Envelope(2, _up("a", 2))]) == 3
+    assert (
+        rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("a", 3)), Envelope(2, _up("a", 2))]) == 3
+    )
     assert sorted(rig.run_until_idle()) == [0, 1, 2]
     assert rig.ledger.get_docs(["a"])["a"].version == 3
 
@@ -113,7 +122,11 @@ def test_a_poison_document_is_dead_lettered_and_the_rest_flows_on(rig: Rig) -> N
     """A document the embedder always fails on goes to the DLQ with its attempts; others apply."""
     poison = _up("bad", 1, "text with \x00POISON\x00 inside")
     rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, poison), Envelope(2, _up("b", 1))])
-    assert sorted(rig.run_until_idle()) == [0, 1, 2]
+    with capture_logs() as logs:
+        assert sorted(rig.run_until_idle()) == [0, 1, 2]
+    assert any(e["event"] == "shard backing off" and e["shard"] == 0 and e["phase"] == "retry" for e in logs)
+    [dead] = [e for e in logs if e["event"] == "dead-lettered"]
+    assert dead["doc_id"] == "bad" and dead["version"] == 1 and dead["phase"] == "dead_letter"
     assert rig.embedder.injected["poison_document"] >= 3
     [(_, letter)] = rig.ledger.dead_letters(limit=10)
     assert letter.doc_id == "bad" and letter.attempts >= 3 and "embedding failed" in letter.reason
