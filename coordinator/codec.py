@@ -46,7 +46,7 @@ def encode_intent(intent: Intent) -> str:
     return json.dumps(
         {
             "upserts": [_chunk_to_json(c) for c in intent.upserts],
-            "deletes": [[d.chunk_id, d.version] for d in intent.deletes],
+            "deletes": [_delete_to_json(d) for d in intent.deletes],
             "after": doc_to_json(intent.after),
         },
         separators=(",", ":"),
@@ -60,14 +60,14 @@ def decode_intent(doc_id: str, version: int, raw: str, done: frozenset[str]) -> 
         doc_id=doc_id,
         version=version,
         upserts=tuple(_chunk_from_json(c) for c in body["upserts"]),
-        deletes=tuple(ChunkDelete(cid, v) for cid, v in body["deletes"]),
+        deletes=tuple(_delete_from_json(d) for d in body["deletes"]),
         after=doc_from_json(body["after"]),
         done=done,
     )
 
 
 def _chunk_to_json(c: IndexedChunk) -> dict[str, Any]:
-    return {
+    encoded = {
         "id": c.chunk_id,
         "doc": c.doc_id,
         "i": c.chunk_index,
@@ -76,7 +76,26 @@ def _chunk_to_json(c: IndexedChunk) -> dict[str, Any]:
         "v": c.version,
         "meta": dict(c.metadata),
     }
+    # Written only when set, so intents of live events keep their earlier encoding.
+    return encoded | {"eq": True} if c.overwrite_equal else encoded
 
 
 def _chunk_from_json(raw: dict[str, Any]) -> IndexedChunk:
-    return IndexedChunk(raw["id"], raw["doc"], raw["i"], raw["text"], raw["hash"], raw["v"], raw["meta"])
+    return IndexedChunk(
+        raw["id"],
+        raw["doc"],
+        raw["i"],
+        raw["text"],
+        raw["hash"],
+        raw["v"],
+        raw["meta"],
+        overwrite_equal=bool(raw.get("eq", False)),
+    )
+
+
+def _delete_to_json(d: ChunkDelete) -> list[Any]:
+    return [d.chunk_id, d.version, 1] if d.overwrite_equal else [d.chunk_id, d.version]
+
+
+def _delete_from_json(raw: list[Any]) -> ChunkDelete:
+    return ChunkDelete(raw[0], raw[1], overwrite_equal=len(raw) > 2 and bool(raw[2]))

@@ -52,6 +52,10 @@ class IndexedChunk:
     version: int
     metadata: Mapping[str, Any] = field(default_factory=dict)
     vector: Vector | None = None
+    # A reconciler repair (coordinator/reconcile.py): a gated index also accepts it at a version
+    # equal to the stored one (ES ``external_gte``), because the ledger is authoritative for what
+    # that version holds. Live events never set it.
+    overwrite_equal: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class ChunkDelete:
 
     chunk_id: str
     version: int
+    # As on IndexedChunk: a reconciler's delete, accepted at a version equal to the stored one.
+    overwrite_equal: bool = False
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,9 @@ def claimed_epoch(shard: int, owner: str, current: tuple[str, int, float] | None
     if holder == owner and expires_at > now:
         return epoch
     if expires_at > now and replica_of(holder) != replica_of(owner):
-        raise FencedError(f"shard {shard} is owned by {holder} (epoch {epoch}) for {expires_at - now:.1f} s more")
+        raise FencedError(
+            f"shard {shard} is owned by {holder} (epoch {epoch}) for {expires_at - now:.1f} s more"
+        )
     return epoch + 1
 
 

@@ -15,8 +15,8 @@ from rich.table import Table
 from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
 from coordinator.errors import LockstepError
 from coordinator.sync import run_sync
+from lockstep import audit_cli, dlq_cli
 from lockstep import demo as demo_module
-from lockstep import dlq_cli
 from lockstep.bootstrap import build_source, runtime
 from lockstep.logging import configure_logging
 from lockstep.progress import record_progress
@@ -28,6 +28,7 @@ app = typer.Typer(
     help="Keep a keyword and a vector index in step with their source.",
 )
 app.add_typer(dlq_cli.app, name="dlq")
+audit_cli.register(app)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[

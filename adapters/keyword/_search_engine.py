@@ -154,7 +154,7 @@ class BulkOp:
 
 
 def upsert_op(index: str, chunk: IndexedChunk, metadata: str) -> BulkOp:
-    action = {"index": _action_meta(index, chunk.chunk_id, chunk.version)}
+    action = {"index": _action_meta(index, chunk.chunk_id, chunk.version, chunk.overwrite_equal)}
     source = (
         f'{{"chunk_id":{json.dumps(chunk.chunk_id)},"doc_id":{json.dumps(chunk.doc_id)},'
         f'"chunk_index":{chunk.chunk_index},"text":{json.dumps(chunk.text, ensure_ascii=False)},'
@@ -164,12 +164,15 @@ def upsert_op(index: str, chunk: IndexedChunk, metadata: str) -> BulkOp:
 
 
 def delete_op(index: str, delete: ChunkDelete) -> BulkOp:
-    action = {"delete": _action_meta(index, delete.chunk_id, delete.version)}
+    action = {"delete": _action_meta(index, delete.chunk_id, delete.version, delete.overwrite_equal)}
     return BulkOp(delete.chunk_id, True, (json.dumps(action),))
 
 
-def _action_meta(index: str, chunk_id: str, version: int) -> dict[str, Any]:
-    return {"_index": index, "_id": chunk_id, "version": version, "version_type": "external"}
+def _action_meta(index: str, chunk_id: str, version: int, overwrite_equal: bool = False) -> dict[str, Any]:
+    # external_gte only for a reconciler's repair, which rewrites what the ledger holds for that
+    # very version (coordinator/reconcile.py); every live write stays strictly greater.
+    version_type = "external_gte" if overwrite_equal else "external"
+    return {"_index": index, "_id": chunk_id, "version": version, "version_type": version_type}
 
 
 def batches(ops: Sequence[BulkOp]) -> Iterator[list[BulkOp]]:

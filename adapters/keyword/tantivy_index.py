@@ -158,7 +158,7 @@ class TantivyKeywordIndex:
                 results[chunk.chunk_id] = self._rejected(chunk.chunk_id, reason)
             else:
                 candidates.append((chunk, metadata or "{}"))
-        gated = self._gate([(c.chunk_id, c.version) for c, _ in candidates])
+        gated = self._gate([(c.chunk_id, c.version, c.overwrite_equal) for c, _ in candidates])
         results |= gated
         docs = [
             (c.chunk_id, self._live_doc(c, meta))
@@ -178,7 +178,7 @@ class TantivyKeywordIndex:
                 results[d.chunk_id] = self._rejected(d.chunk_id, reason)
             else:
                 candidates.append(d)
-        gated = self._gate([(d.chunk_id, d.version) for d in candidates])
+        gated = self._gate([(d.chunk_id, d.version, d.overwrite_equal) for d in candidates])
         results |= gated
         docs = [
             (d.chunk_id, self._tombstone(d))
@@ -188,15 +188,21 @@ class TantivyKeywordIndex:
         self._write(docs)
         return WriteResult(tuple(results[d.chunk_id] for d in deletes))
 
-    def _gate(self, items: Sequence[tuple[str, int]]) -> dict[str, ItemResult]:
-        """APPLIED where the version is above the stored one (tombstones included), else SUPERSEDED."""
-        stored = self._stored_versions([chunk_id for chunk_id, _ in items])
+    def _gate(self, items: Sequence[tuple[str, int, bool]]) -> dict[str, ItemResult]:
+        """APPLIED where the version is above the stored one (tombstones included), else SUPERSEDED.
+
+        A reconciler's repair (``overwrite_equal``) is also applied at an equal version, as ES's
+        ``external_gte`` does.
+        """
+        stored = self._stored_versions([chunk_id for chunk_id, _, _ in items])
         return {
             chunk_id: ItemResult(
                 chunk_id,
-                ItemStatus.APPLIED if version > stored.get(chunk_id, -1) else ItemStatus.SUPERSEDED,
+                ItemStatus.APPLIED
+                if version > stored.get(chunk_id, -1) or (equal_ok and version == stored.get(chunk_id))
+                else ItemStatus.SUPERSEDED,
             )
-            for chunk_id, version in items
+            for chunk_id, version, equal_ok in items
         }
 
     def _rejected(self, chunk_id: str, reason: str) -> ItemResult:

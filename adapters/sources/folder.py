@@ -51,6 +51,16 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
+class CurrentFile:
+    """One file as the folder holds it now; ``version`` is 0 (a folder's versions are the ledger's)."""
+
+    doc_id: str
+    version: int
+    text: str
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
 class _File:
     doc_id: str
     path: Path
@@ -91,6 +101,17 @@ class FolderSource:
                 if record is not None:
                     yield record
         yield from (self._delete(s) for s in live.rest())
+
+    def iter_current(self) -> Iterator[CurrentFile | SourceRecord]:
+        """Every matching file as it is now, in doc_id order (what the auditor compares with);
+        unreadable files come as BadRecords, with the version the ledger does not know: 0."""
+        for file in self._walk(self.root, ""):
+            text = self._load(file)
+            if isinstance(text, str):
+                metadata = {"path": file.doc_id, "title": _title(file.path, text)}
+                yield CurrentFile(file.doc_id, 0, text, metadata)
+            elif text is not None:
+                yield text
 
     def commit(self, position: str) -> None:
         """Nothing to store: a snapshot source's position is the ledger itself.

@@ -1,0 +1,591 @@
+"""The cross-index auditor and reconciler, against real stores corrupted behind lockstep's back.
+
+Stacks (the contract suites' matrix): Tantivy + a milvus-lite file; OpenSearch-API server + the
+Milvus 2.3.5 server; Elasticsearch (through the header proxy) + a milvus-lite server. Every test
+gets a fresh index, collection and ledger. Corruptions go through the adapters or raw clients,
+never through the ledger, exactly as an operator's mistake or a store bug would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from milvus_lite.server_manager import server_manager_instance
+from pymilvus import MilvusClient
+
+from adapters.keyword.es_compat_proxy import EsCompatProxy
+from adapters.keyword.settings import KeywordSettings
+from adapters.vector.settings import VectorSettings
+from coordinator.audit import (
+    BUCKETS,
+    Auditor,
+    Digests,
+    DocView,
+    Observed,
+    Report,
+    bucket_of,
+    check_view_invariants,
+    classify,
+    record_digest,
+    reservoir,
+)
+from coordinator.chunking import ChunkingSettings, chunk_id, content_hash
+from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk
+from coordinator.reconcile import RateLimiter, Reconciler, plan_repair
+from coordinator.sync import run_sync
+from lockstep.bootstrap import Runtime, build_source, runtime
+from lockstep.settings import Settings
+from tests.support.milvus_servers import LiteServer, RealMilvus
+
+DIM = 16
+CHUNKING = {"max_chars": 40}
+DOCS = 20
+# Repairs in tests are not throttled: the rate limiter has its own unit test.
+TEST_OPS_PER_S = 1e9
+CLI_TIMEOUT_S = 300
+AUDIT_CLI = [sys.executable, "-m", "lockstep.audit_cli"]
+
+STACKS = ["tantivy+milvus-lite-file", "opensearch+milvus-2.3.5", "elasticsearch+milvus-lite-server"]
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+def _text(doc_id: str, version: int, paragraphs: int = 3) -> str:
+    return "\n\n".join(f"{doc_id} v{version} paragraph {p} about refunds" for p in range(paragraphs))
+
+
+def _event(doc_id: str, version: int, paragraphs: int = 3) -> dict[str, Any]:
+    text = _text(doc_id, version, paragraphs)
+    return {"op": "upsert", "doc_id": doc_id, "version": version, "text": text, "metadata": {"d": doc_id}}
+
+
+def _append(path: Path, *events: dict[str, Any]) -> None:
+    with path.open("a") as out:
+        out.writelines(json.dumps(e) + "\n" for e in events)
+
+
+def _stores(request: pytest.FixtureRequest, stack: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """(keyword settings, vector URI) of one stack, starting its servers through the fixtures."""
+    name = f"au-{uuid.uuid4().hex[:10]}"
+    if stack.startswith("tantivy"):
+        return {"kind": "tantivy", "path": str(tmp_path / "tantivy"), "index": name}, str(tmp_path / "m.db")
+    if stack.startswith("opensearch"):
+        real: RealMilvus = request.getfixturevalue("real_milvus")
+        url = request.getfixturevalue("opensearch_api_url")
+        return {"kind": "opensearch", "url": url, "index": name}, real.uri
+    proxy: EsCompatProxy = request.getfixturevalue("es_compat_proxy")
+    lite: LiteServer = request.getfixturevalue("lite_server")
+    return {"kind": "elasticsearch", "url": proxy.url, "index": name}, lite.uri
+
+
+def _settings(tmp_path: Path, keyword: dict[str, Any], vector_uri: str, source: dict[str, Any]) -> Settings:
+    return Settings.model_validate(
+        {
+            "source": source,
+            "keyword": KeywordSettings(**keyword),
+            "vector": VectorSettings(uri=vector_uri, collection=f"au_{uuid.uuid4().hex}"),
+            "ledger": {"path": str(tmp_path / "ledger.db")},
+            "embedder": {"kind": "hashing", "dim": DIM},
+            "chunking": CHUNKING,
+        }
+    )
+
+
+@pytest.fixture(params=STACKS)
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
+    keyword, vector_uri = _stores(request, request.param, tmp_path)
+    source = {"kind": "jsonl", "path": str(tmp_path / "events.jsonl"), "name": "events"}
+    settings = _settings(tmp_path, keyword, vector_uri, source)
+    yield request.param, settings
+    with runtime(settings) as rt:
+        rt.keyword.drop()
+        rt.vector.drop()
+    if vector_uri.endswith(".db"):
+        server_manager_instance.release_server(vector_uri)
+
+
+def _sync(settings: Settings) -> dict[str, int]:
+    with runtime(settings) as rt:
+        source = build_source(settings, rt.ledger)
+        try:
+            return run_sync(source, rt.engine, batch_events=50).as_dict()
+        finally:
+            source.close()
+
+
+def _auditor(settings: Settings, rt: Runtime) -> Auditor:
+    source = build_source(settings, rt.ledger)
+    listable = source if hasattr(source, "iter_current") else None
+    return Auditor(
+        ledger=rt.ledger,
+        keyword=rt.keyword,
+        vector=rt.vector,
+        source=listable,  # type: ignore[arg-type]  # checked structurally just above
+        chunking=settings.chunking.to_domain(),
+        reference_name="test",
+    )
+
+
+def _audit(settings: Settings) -> Report:
+    with runtime(settings) as rt:
+        return _auditor(settings, rt).full().report
+
+
+def _reconcile(settings: Settings, **kwargs: Any) -> dict[str, Any]:
+    with runtime(settings) as rt:
+        reconciler = Reconciler(
+            auditor=_auditor(settings, rt),
+            engine=rt.engine,
+            ledger=rt.ledger,
+            keyword=rt.keyword,
+            vector=rt.vector,
+            chunking=settings.chunking.to_domain(),
+            limiter=RateLimiter(TEST_OPS_PER_S),
+        )
+        return reconciler.run(dry_run=kwargs.get("dry_run", False), max_ops=kwargs.get("max_ops")).as_json()
+
+
+def _counts(report: Report) -> dict[str, Any]:
+    """Only the non-zero counts, for exact comparisons that read well in a failure."""
+    out: dict[str, Any] = {}
+    for key, value in report.counts.items():
+        if isinstance(value, dict):
+            nonzero = {k: v for k, v in value.items() if v}
+            if nonzero:
+                out[key] = nonzero
+        elif value:
+            out[key] = value
+    return out
+
+
+def _loaded(settings: Settings, deleted: tuple[str, ...] = ()) -> None:
+    path = Path(str(settings.source.path))  # type: ignore[union-attr]  # jsonl settings have a path
+    _append(path, *(_event(f"d{i}", 1) for i in range(DOCS)))
+    _append(path, *({"op": "delete", "doc_id": d, "version": 2} for d in deleted))
+    summary = _sync(settings)
+    assert summary["dead_letters"] == 0
+
+
+def _copy(rt: Runtime, cid: str, **changes: Any) -> IndexedChunk:
+    """A chunk as the keyword index holds it, changed, ready to be written behind the ledger's back."""
+    held = rt.keyword.get([cid])[cid]
+    base = IndexedChunk(
+        cid,
+        held.doc_id,
+        held.chunk_index,
+        held.text or "",
+        held.content_hash,
+        held.version,
+        held.metadata or {},
+    )
+    return replace(base, **changes)
+
+
+def _with_vector(rt: Runtime, chunk: IndexedChunk) -> IndexedChunk:
+    return replace(chunk, vector=[1.0] + [0.5] * (DIM - 1))
+
+
+# --- the matrix: corrupt, audit exactly, reconcile, audit clean --------------------------------
+
+
+def test_a_clean_system_audits_clean(stack: tuple[str, Settings]) -> None:
+    """No false positives: a freshly synced system (deletes included) has no finding at all."""
+    _, settings = stack
+    _loaded(settings, deleted=("d18", "d19"))
+    report = _audit(settings)
+    assert _counts(report) == {}, report.as_json()
+    assert report.clean and report.buckets_divergent == 0
+    assert report.scanned["keyword_chunks"] == report.scanned["vector_chunks"] == 3 * (DOCS - 2)
+
+
+def test_corruptions_are_reported_exactly_and_reconcile_repairs_them(stack: tuple[str, Settings]) -> None:
+    """Each behind-the-back corruption shows up in its category and index, and nothing else;
+    reconcile repairs all of it through the ledger, and the next audit is clean."""
+    name, settings = stack
+    _loaded(settings, deleted=("d19",))
+    real_milvus = name.endswith("2.3.5")
+    with runtime(settings) as rt:
+        # keyword: a deleted chunk (with a tombstone above the ledger's version), a ghost of an
+        # unknown document, a text edited at the same version, an orphan beyond the chunk count.
+        rt.keyword.delete([ChunkDelete(chunk_id("d1", 0), 2)])
+        rt.keyword.upsert([_copy(rt, chunk_id("d0", 0), chunk_id="zz:chunk-0", doc_id="zz", version=3)])
+        rt.keyword.upsert([_copy(rt, chunk_id("d4", 1), text="tampered text", overwrite_equal=True)])
+        rt.keyword.upsert([_copy(rt, chunk_id("d5", 0), chunk_id=chunk_id("d5", 7), chunk_index=7)])
+        # vector: a deleted chunk, a ghost of a deleted document, an older version, an edited text.
+        rt.vector.delete([ChunkDelete(chunk_id("d2", 1), 99)])
+        rt.vector.upsert(
+            [_with_vector(rt, _copy(rt, chunk_id("d0", 0), chunk_id="d19:chunk-0", doc_id="d19"))]
+        )
+        rt.vector.upsert([_with_vector(rt, _copy(rt, chunk_id("d3", 0), version=0))])
+        rt.vector.upsert([_with_vector(rt, _copy(rt, chunk_id("d4", 2), text="also tampered"))])
+        if real_milvus:
+            _insert_duplicate(settings, rt, chunk_id("d6", 0))
+    report = _audit(settings)
+    expected: dict[str, Any] = {
+        "keyword": {"missing": 1, "ghost": 1, "stale": 1, "orphan": 1},
+        "vector": {"missing": 1, "ghost": 1, "stale": 2} | ({"duplicate": 1} if real_milvus else {}),
+        "cross_index": 8,
+    }
+    assert _counts(report) == expected, json.dumps(report.as_json(), indent=1)
+    examples = report.examples
+    assert examples["keyword"]["missing"][0]["chunk_id"] == "d1:chunk-0"
+    assert examples["keyword"]["orphan"][0]["chunk_id"] == "d5:chunk-7"
+    assert examples["vector"]["ghost"][0]["chunk_id"] == "d19:chunk-0"
+
+    summary = _reconcile(settings)
+    assert summary["remaining_findings"] == 0, json.dumps(summary, indent=1)
+    assert summary["embed_calls"] == 0, "every repaired text had a cached vector"
+    after = _audit(settings)
+    assert after.clean, json.dumps(after.as_json(), indent=1)
+    _later_events_still_apply(settings)
+
+
+def _later_events_still_apply(settings: Settings) -> None:
+    """A same-version repair leaves the ledger's gate as it was: the next real version applies."""
+    with runtime(settings) as rt:
+        assert rt.ledger.get_docs(["d4"])["d4"].version == 1, "a same-version repair must not bump"
+    path = Path(str(settings.source.path))  # type: ignore[union-attr]  # jsonl settings have a path
+    _append(path, _event("d4", 2), _event("d1", 5))
+    summary = _sync(settings)
+    assert summary["applied_events"] == 2 and summary["stale_events"] == 0
+    assert _audit(settings).clean
+    with runtime(settings) as rt:
+        assert "d4 v2" in (rt.keyword.get([chunk_id("d4", 1)])[chunk_id("d4", 1)].text or "")
+
+
+def _insert_duplicate(settings: Settings, rt: Runtime, cid: str) -> None:
+    """A second entity for an existing key: Milvus 2.3.5's ``insert`` does not check keys."""
+    held = rt.vector.get([cid])[cid]
+    vector = rt.vector.fetch_vectors([cid])[cid]
+    row = {
+        "chunk_id": cid,
+        "vector": vector,
+        "doc_id": held.doc_id,
+        "chunk_index": held.chunk_index,
+        "text": held.text,
+        "content_hash": held.content_hash,
+        "version": held.version,
+        "metadata": dict(held.metadata or {}),
+    }
+    client = MilvusClient(uri=settings.vector.uri, timeout=30)
+    try:
+        client.insert(settings.vector.collection, [row], timeout=30)
+    finally:
+        client.close()
+
+
+def test_a_dropped_index_is_rebuilt_from_the_cache_without_embedding(stack: tuple[str, Settings]) -> None:
+    """Dropping the whole vector collection makes every chunk missing there; reconcile refills it
+    from cached vectors (zero model calls) and the audit is clean again."""
+    _, settings = stack
+    _loaded(settings)
+    with runtime(settings) as rt:
+        rt.vector.drop()
+    report = _audit(settings)
+    assert _counts(report) == {"vector": {"missing": 3 * DOCS}, "cross_index": 3 * DOCS}
+    summary = _reconcile(settings)
+    assert summary["remaining_findings"] == 0 and summary["embed_calls"] == 0
+    assert _audit(settings).clean
+
+
+# --- embedded stack only: sources that list themselves, modes, budget ---------------------------
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[Settings]:
+    settings = _settings(
+        tmp_path,
+        {"kind": "tantivy", "path": str(tmp_path / "tantivy")},
+        str(tmp_path / "m.db"),
+        {"kind": "jsonl", "path": str(tmp_path / "events.jsonl"), "name": "events"},
+    )
+    yield settings
+    server_manager_instance.release_server(settings.vector.uri)
+
+
+def test_a_sql_source_is_compared_with_the_ledger_and_redriven(tmp_path: Path) -> None:
+    """Rows changed or hard-deleted without a sync are ledger drift (and stale / ghost in both
+    indexes against the source); reconcile re-drives them and deletes nothing the source has."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'kb.sqlite'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as db:
+        db.exec_driver_sql("CREATE TABLE a (id TEXT PRIMARY KEY, text TEXT, updated_at TIMESTAMP)")
+        for i in range(5):
+            db.exec_driver_sql(
+                "INSERT INTO a VALUES (?, ?, ?)", (f"a{i}", _text(f"a{i}", 1), f"2026-01-01 00:00:0{i}")
+            )
+    source = {"kind": "sql", "url": url, "table": "a"}
+    settings = _settings(
+        tmp_path, {"kind": "tantivy", "path": str(tmp_path / "t")}, str(tmp_path / "m.db"), source
+    )
+    _sync(settings)
+    assert _audit(settings).clean
+    with engine.begin() as db:
+        db.exec_driver_sql("UPDATE a SET text = 'rewritten at the source' WHERE id = 'a1'")
+        db.exec_driver_sql("DELETE FROM a WHERE id = 'a2'")
+    report = _audit(settings)
+    assert _counts(report) == {
+        "keyword": {"stale": 1, "orphan": 2, "ghost": 3},
+        "vector": {"stale": 1, "orphan": 2, "ghost": 3},
+        "ledger_drift": 2,
+    }, report.as_json()
+    summary = _reconcile(settings)
+    assert {r["doc_id"] for r in summary["redrives"]} == {"a1", "a2"}
+    assert _audit(settings).clean
+    with runtime(settings) as rt:
+        assert len(rt.keyword.get([chunk_id(f"a{i}", 0) for i in range(5)])) == 4
+    server_manager_instance.release_server(settings.vector.uri)
+
+
+def test_sample_and_since_probe_documents_by_id(embedded: Settings) -> None:
+    """--sample and --since read chosen documents in real time and find their drift."""
+    _loaded(embedded)
+    with runtime(embedded) as rt:
+        rt.keyword.upsert([_copy(rt, chunk_id("d3", 0), chunk_id=chunk_id("d3", 4), chunk_index=4)])
+        auditor = _auditor(embedded, rt)
+        everything = auditor.sample(DOCS, random.Random(1)).report
+        assert _counts(everything) == {"keyword": {"orphan": 1}, "cross_index": 1}
+        assert auditor.since(0.0).report.documents_checked == DOCS
+        assert auditor.since(4e9).report.documents_checked == 0
+
+
+def test_doc_evidence_shows_a_forgotten_document_everywhere(embedded: Settings) -> None:
+    """--doc proves a deleted document is gone from ledger (tombstone) and both indexes."""
+    _loaded(embedded, deleted=("d7",))
+    with runtime(embedded) as rt:
+        result = _auditor(embedded, rt).document("d7")
+    from coordinator.audit import evidence
+
+    proof = evidence(result.views["d7"], result.findings)
+    assert proof["forgotten"] and proof["clean"]
+    assert proof["ledger"] == {"state": "tombstone", "version": 2, "chunks": 0}
+    assert proof["keyword"]["count"] == proof["vector"]["count"] == 0
+
+
+def test_max_ops_caps_the_work_and_dry_run_changes_nothing(embedded: Settings) -> None:
+    """A dry run prints the plan without writing; --max-ops stops before the budget is exceeded."""
+    _loaded(embedded)
+    with runtime(embedded) as rt:
+        rt.vector.delete([ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(6)])
+    plan = _reconcile(embedded, dry_run=True)
+    assert len(plan["repairs"]) == 6 and all(r["sides"] == ["vector"] for r in plan["repairs"])
+    assert not _audit(embedded).clean
+    capped = _reconcile(embedded, max_ops=1)
+    assert capped["ops"] == 0 and capped["skipped_for_budget"] == 6
+    assert _reconcile(embedded)["remaining_findings"] == 0
+
+
+# --- the CLI, as a real process ----------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AUDIT_CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+        env=dict(os.environ),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _config_file(tmp_path: Path, settings: Settings) -> Path:
+    config = {
+        "source": {"kind": "jsonl", "path": str(tmp_path / "events.jsonl"), "name": "events"},
+        "keyword": {"kind": "tantivy", "path": settings.keyword.path},
+        "vector": {"uri": settings.vector.uri, "collection": settings.vector.collection},
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+        "embedder": {"kind": "hashing", "dim": DIM},
+        "chunking": CHUNKING,
+    }
+    path = tmp_path / "lockstep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cli_exit_codes_and_json_schema(embedded: Settings, tmp_path: Path) -> None:
+    """audit exits 0 clean, 1 on drift, 2 on error; --json carries the documented keys."""
+    _loaded(embedded)
+    server_manager_instance.release_server(embedded.vector.uri)
+    config = _config_file(tmp_path, embedded)
+    clean = _cli("audit", "-c", str(config), "--json")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    report = json.loads(clean.stdout)
+    assert set(report) == {
+        "schema_version",
+        "mode",
+        "reference",
+        "clean",
+        "counts",
+        "examples",
+        "scanned",
+        "buckets",
+        "documents_checked",
+        "elapsed_s",
+    }
+    assert report["counts"]["keyword"] == dict.fromkeys(
+        ("missing", "ghost", "stale", "orphan", "duplicate"), 0
+    )
+    with runtime(embedded) as rt:
+        rt.keyword.delete([ChunkDelete(chunk_id("d0", 0), 2)])
+    server_manager_instance.release_server(embedded.vector.uri)
+    drift = _cli("audit", "-c", str(config), "--json")
+    assert drift.returncode == 1, drift.stderr[-2000:]
+    assert json.loads(drift.stdout)["counts"]["keyword"]["missing"] == 1
+    assert _cli("audit", "-c", str(config)).returncode == 1
+    fixed = _cli("reconcile", "-c", str(config))
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert _cli("audit", "-c", str(config), "--doc", "d0", "--json").returncode == 0
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        yaml.safe_dump(
+            {
+                "keyword": {"kind": "opensearch", "url": "http://127.0.0.1:9", "index": "x"},
+                "vector": {"uri": str(tmp_path / "other.db")},
+            }
+        )
+    )
+    assert _cli("audit", "-c", str(broken)).returncode == 2
+    assert _cli("audit", "-c", str(config), "--sample", "3", "--doc", "d0").returncode == 2
+
+
+# --- pure logic: buckets, digests, classification, planning, rate limit --------------------------
+
+
+def test_buckets_are_stable_and_spread() -> None:
+    """A document's bucket never changes between runs and documents spread over the buckets."""
+    assert bucket_of("doc-42") == bucket_of("doc-42")
+    used = {bucket_of(f"doc-{i}") for i in range(20_000)}
+    assert len(used) > 0.95 * BUCKETS
+
+
+def test_digests_ignore_order_but_see_every_difference() -> None:
+    """Digests are order-independent and differ on a changed version, hash, extra or duplicate record."""
+    records = [(f"d{i}", f"d{i}:chunk-0", 1, f"h{i}") for i in range(100)]
+    a, b = Digests(), Digests()
+    for r in records:
+        a.add(*r)
+    for r in reversed(records):
+        b.add(*r)
+    assert a.differing(b) == set()
+    for change in ((1, 2, "h1"), (1, 1, "hX")):
+        c = Digests()
+        for r in records:
+            c.add(r[0], r[1], *(change[1:] if r[0] == f"d{change[0]}" else r[2:]))
+        assert c.differing(a) == {bucket_of("d1")}
+    a.add(*records[5])
+    assert a.differing(b) == {bucket_of("d5")}, "a duplicate record must not cancel out"
+    assert record_digest("x", 1, "h") != record_digest("x", None, "h")
+
+
+def test_classify_names_each_category() -> None:
+    """One view with every kind of index problem yields exactly the expected findings."""
+    chunks = tuple(ChunkState(chunk_id("d", i), i, f"h{i}", 3) for i in range(3))
+    view = DocView("d", DocState("d", 3, False, chunks))
+    view.keyword = {
+        chunk_id("d", 0): Observed(chunk_id("d", 0), 3, "h0"),
+        chunk_id("d", 1): Observed(chunk_id("d", 1), 2, "h1"),
+        chunk_id("d", 2): Observed(chunk_id("d", 2), 3, "h2", text_ok=False),
+        chunk_id("d", 5): Observed(chunk_id("d", 5), 3, "h5"),
+    }
+    view.vector = {c.chunk_id: Observed(c.chunk_id, 3, c.content_hash) for c in chunks[:2]}
+    view.duplicates = {chunk_id("d", 0): 2}
+    got = sorted((f.category.value, f.side, f.chunk_id) for f in classify(view, ChunkingSettings()))
+    assert got == sorted(
+        [
+            ("stale", "keyword", "d:chunk-1"),
+            ("stale", "keyword", "d:chunk-2"),
+            ("orphan", "keyword", "d:chunk-5"),
+            ("missing", "vector", "d:chunk-2"),
+            ("duplicate", "vector", "d:chunk-0"),
+            ("cross_index", "indexes", "d:chunk-1"),
+            ("cross_index", "indexes", "d:chunk-2"),
+            ("cross_index", "indexes", "d:chunk-5"),
+        ]
+    )
+    names = {v.invariant for v in check_view_invariants(view, ChunkingSettings())}
+    assert names == {"I1", "I2", "I4"}, "the auditor's categories are the named invariants"
+
+
+def test_a_same_version_repair_keeps_the_ledger_version() -> None:
+    """Repairing a text corrupted at the ledger's version writes at that version (overwrite-equal)
+    and keeps the document's committed version; only an index ahead of the ledger raises it."""
+    state = DocState("d", 4, False, (ChunkState("d:chunk-0", 0, content_hash("t"), 4),))
+    copy = {"d:chunk-0": _stored("d:chunk-0", "t")}
+    view = DocView(
+        "d", state, keyword={"d:chunk-0": Observed("d:chunk-0", 4, content_hash("t"), text_ok=False)}
+    )
+    view.vector = {"d:chunk-0": Observed("d:chunk-0", 4, content_hash("t"))}
+    repair, missing = plan_repair(view, copy)
+    assert repair is not None and not missing
+    assert repair.after.version == 4 and repair.version == 5 and not repair.bumped
+    assert repair.upserts[0].version == 4 and repair.upserts[0].overwrite_equal
+    assert repair.sides == {"keyword"}
+    ahead = replace(view, keyword={"d:chunk-0": Observed("d:chunk-0", 6, content_hash("t"))})
+    bumped, _ = plan_repair(ahead, copy)
+    assert bumped is not None and bumped.bumped and bumped.after.version == 6
+    assert bumped.sides == {"vector"}, "keyword already holds v6; the vector side follows the raised version"
+
+
+def _stored(cid: str, text: str) -> Any:
+    from coordinator.model import StoredChunk
+
+    return StoredChunk(cid, "d", 0, content_hash(text), 0, text, {})
+
+
+def test_reservoir_sampling_is_uniform_and_seeded() -> None:
+    """The sample has the asked size, is reproducible by seed, and covers the stream evenly."""
+    items = [str(i) for i in range(1000)]
+    assert reservoir(items, 10, random.Random(3)) == reservoir(items, 10, random.Random(3))
+    hits = sum(int(x) < 500 for seed in range(200) for x in reservoir(items, 10, random.Random(seed)))
+    assert 800 < hits < 1200
+
+
+def test_rate_limiter_spaces_operations() -> None:
+    """At 100 ops/s, 300 operations take 3 s of (injected) time."""
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    limiter = RateLimiter(100.0, clock=lambda: now[0], sleep=sleep)
+    for _ in range(3):
+        limiter.acquire(100)
+    assert now[0] == pytest.approx(2.0)
+    limiter.acquire(1)
+    assert now[0] == pytest.approx(3.0)
+
+
+def test_a_folder_source_lists_its_files_for_the_audit(tmp_path: Path) -> None:
+    """A file edited without a sync is ledger drift (stale in both indexes); reconcile re-drives it."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\n\nFirst text.")
+    (docs / "b.txt").write_text("Second text.")
+    source = {"kind": "folder", "path": str(docs)}
+    settings = _settings(
+        tmp_path, {"kind": "tantivy", "path": str(tmp_path / "t")}, str(tmp_path / "m.db"), source
+    )
+    _sync(settings)
+    assert _audit(settings).clean
+    (docs / "b.txt").write_text("Second text, edited.")
+    report = _audit(settings)
+    assert _counts(report) == {"keyword": {"stale": 1}, "vector": {"stale": 1}, "ledger_drift": 1}
+    assert _reconcile(settings)["redrives"] == [{"doc_id": "b.txt", "op": "upsert", "version": 2}]
+    assert _audit(settings).clean
+    server_manager_instance.release_server(settings.vector.uri)
