@@ -534,8 +534,11 @@ class Auditor:
 
     def sample(self, documents: int, rng: random.Random) -> AuditResult:
         """Probe a uniform random sample of the ledger's documents (tombstones included)."""
-        chosen = reservoir(self._ledger_doc_ids(), documents, rng)
-        return self._finish(Report("sample", self.reference_name), self.probe(chosen))
+        return self._finish(Report("sample", self.reference_name), self.probe(self.sample_ids(documents, rng)))
+
+    def sample_ids(self, documents: int, rng: random.Random) -> list[str]:
+        """A uniform random sample of the ledger's document IDs, tombstones included."""
+        return reservoir(self._ledger_doc_ids(), documents, rng)
 
     def since(self, since: float) -> AuditResult:
         """Probe every document the ledger committed at or after ``since`` (Unix seconds)."""

@@ -40,6 +40,10 @@ class Metrics:
         self.side_retries = Counter(
             "lockstep_index_retries", "Failed apply attempts per index.", ["index"], registry=r
         )
+        self.apply_seconds = Counter(
+            "lockstep_index_apply_seconds", "Time spent writing batches per index.", ["index"], registry=r
+        )
+        self.apply_writes = Counter("lockstep_index_apply_writes", "Batches written per index.", ["index"], registry=r)
         self.lag = Histogram(
             "lockstep_freshness_lag_seconds",
             "From event read to committed in both indexes.",
@@ -60,6 +64,12 @@ class Metrics:
         )
         self.dlq = Gauge("lockstep_dead_letters", "Dead letters in the ledger.", registry=r)
         self.degraded = Gauge("lockstep_degraded", "1 while some index is failing.", registry=r)
+        self.drift = Gauge(
+            "lockstep_drift_chunks", "Chunks found drifted by the last continuous audit round.",
+            ["category", "index"], registry=r,
+        )
+        self.audits = Counter("lockstep_audit_rounds", "Continuous audit rounds completed.", registry=r)
+        self.audit_docs = Gauge("lockstep_audit_documents", "Documents checked by the last audit round.", registry=r)
         self._seen: dict[tuple[int, str], int] = {}
         self._seen_f: dict[tuple[int, str], float] = {}
 

@@ -280,6 +280,7 @@ class ShardCluster:
     ) -> None:
         rs = settings.run
         self.shards_n = rs.shards
+        self.dim = dim
         self.writers = {
             side: IndexWriterActor.remote(side, settings, dim, log_level)  # type: ignore[attr-defined]
             for side in (KEYWORD, VECTOR)
@@ -292,6 +293,10 @@ class ShardCluster:
         self.recovered = sum(
             _call([s.ready.remote() for s in self.shards], SHARD_START_TIMEOUT_S, "shard start")
         )
+
+    def readers(self) -> tuple[ActorIndex, ActorIndex]:
+        """Read access to both indexes through their writer actors (for the continuous audit)."""
+        return ActorIndex(self.writers[KEYWORD], KEYWORD), ActorIndex(self.writers[VECTOR], VECTOR, dim=self.dim)
 
     def route(self, doc_key: str) -> int:
         return shard_of(doc_key, self.shards_n)

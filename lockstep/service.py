@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import signal
 import threading
 import time
@@ -20,6 +21,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from coordinator import crashpoints
+from coordinator.audit import Auditor
+from coordinator.continuous_audit import ContinuousAudit, drift_gauges
+from coordinator.errors import LockstepError
 from coordinator.events import ChangeEvent
 from coordinator.ports import ChangeSource, SourceRecord
 from coordinator.routing import shard_of
@@ -95,15 +99,63 @@ class Service:
         )
         log.info("shards ready", shards=self.rs.shards, recovered_intents=cluster.recovered)
         self.state.started = True
+        auditing = self._start_audit(cluster)
         try:
             self._serve(cluster, source)
         finally:
+            if auditing is not None:
+                auditing.join(timeout=self.rs.grace_s)
             cluster.stop()
             source.close()
             ledger.close()
             stop_ray()
             self.ops.stop()
         return 1 if self.state.fatal else 0
+
+    def _start_audit(self, cluster: ShardCluster) -> threading.Thread | None:
+        """The continuous audit thread (reads through the writer actors, so embedded stores work)."""
+        if self.rs.audit_interval_s <= 0:
+            return None
+        audit_ledger = build_ledger(self.settings)
+        keyword, vector = cluster.readers()
+        auditor = Auditor(
+            ledger=audit_ledger,
+            keyword=keyword,
+            vector=vector,
+            source=None,
+            chunking=self.settings.chunking.to_domain(),
+            reference_name="ledger",
+        )
+        rounds = ContinuousAudit(
+            auditor,
+            audit_ledger,
+            self.settings.chunking.to_domain(),
+            sample_docs=self.rs.audit_sample_docs,
+            rng=random.Random(),
+            clock=time.time,
+        )
+        thread = threading.Thread(
+            target=self._audit_loop, args=(rounds, audit_ledger), name="audit", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _audit_loop(self, rounds: ContinuousAudit, audit_ledger: AnyLedger) -> None:
+        try:
+            while not self.stop_requested.wait(self.rs.audit_interval_s):
+                try:
+                    report = rounds.round()
+                except LockstepError as exc:
+                    log.warning("audit round failed", error=str(exc), phase="audit")
+                    continue
+                for gauge in drift_gauges(report):
+                    self.metrics.drift.labels(gauge.category, gauge.index).set(gauge.value)
+                self.metrics.audits.inc()
+                self.metrics.audit_docs.set(report.documents_checked)
+                if report.drift:
+                    log.warning("drift found", drift=report.drift, counts=report.counts, phase="audit")
+        finally:
+            audit_ledger.close()
 
     def _install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -128,6 +128,10 @@ class RunSettings(_Frozen):
     grace_s: float = Field(default=30.0, ge=0)
     # Snapshot sources (folder, SQL table) are polled this often.
     poll_interval_s: float = Field(default=5.0, gt=0)
+    # Continuous audit: every this many seconds, probe what changed plus a random sample and
+    # publish drift gauges (0 turns it off).
+    audit_interval_s: float = Field(default=60.0, ge=0)
+    audit_sample_docs: int = Field(default=200, ge=0, le=100_000)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9464, ge=0, le=65535)
 

@@ -381,3 +381,50 @@ def test_a_keyword_index_outage_loses_nothing(tmp_path: Path, lite_server: Any) 
             err = _stop_service(proc)
         assert proc.returncode == 0, err[-3000:]
         _assert_converged(config, final)
+
+
+def test_the_continuous_audit_publishes_drift_made_behind_locksteps_back(
+    tmp_path: Path, opensearch_api_url: str, lite_server: Any
+) -> None:
+    """Inside lockstep run, audit rounds publish zero drift on a clean system and count a chunk
+    deleted from the keyword index behind lockstep's back."""
+    suffix = uuid.uuid4().hex[:8]
+    keyword = {"kind": "opensearch", "url": opensearch_api_url, "index": f"caudit-{suffix}"}
+    vector = {"uri": lite_server.uri, "collection": f"caudit_{suffix}"}
+    port = _free_port()
+    run = {"shards": 2, "http_port": port, "audit_interval_s": 1.0, "audit_sample_docs": 1000}
+    config = _config(tmp_path, keyword=keyword, vector=vector, run=run)
+    base = f"http://127.0.0.1:{port}"
+    _append(tmp_path, [_upsert(f"d{i}", 1) for i in range(40)])
+    proc = _start_service(config)
+    missing = 'lockstep_drift_chunks{category="missing",index="keyword"}'
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] == 40, "the events committed")
+        rounds_before = _metric(base, "lockstep_audit_rounds_total")
+        _wait(lambda: _metric(base, "lockstep_audit_rounds_total") >= rounds_before + 2, "two clean audit rounds")
+        assert _metric(base, missing) == 0 and _metric(base, "lockstep_audit_documents") == 40
+        from coordinator.model import ChunkDelete
+
+        index = build_keyword(KeywordSettings(**keyword))
+        index.delete([ChunkDelete(chunk_id("d7", 0), 99)])
+        index.close()
+        _wait(lambda: _metric(base, missing) == 1, "the audit to count the missing chunk")
+    finally:
+        err = _stop_service(proc)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_metrics_absorb_every_figure_a_shard_reports() -> None:
+    """Every field of a shard status lands in a metric (a missing metric would crash the service)."""
+    from coordinator.shard import ShardStatus
+    from lockstep.metrics import Metrics
+
+    metrics = Metrics()
+    stats = dict.fromkeys(("events", "applied_events", "stale_events", "coalesced_events", "dead_letters",
+                           "upserted_chunks", "rewritten_chunks", "deleted_chunks", "skipped_chunks",
+                           "embed_calls", "cache_hits"), 3)
+    metrics.absorb_status(ShardStatus(0, 1, 2, 0, "", stats, {"vector": 1}, {"keyword": 0.5}, {"keyword": 2}))
+    assert metrics.apply_seconds.labels("keyword")._value.get() == 0.5
+    assert metrics.apply_writes.labels("keyword")._value.get() == 2
+    assert metrics.events.labels("applied")._value.get() == 3
