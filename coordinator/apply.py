@@ -165,34 +165,40 @@ class ApplyEngine:
     def _embed(self, plans: list[Plan]) -> list[Plan]:
         """Make sure every chunk to write has a cached vector; poison documents are dead-lettered."""
         try:
-            self._cache_vectors([c for p in plans for c in p.upserts])
+            self._cache_vectors([c for p in plans for c in p.upserts], _rewritten(plans))
             return plans
         except PermanentEmbedError:
             return [p for p in plans if self._embed_one(p)]
 
     def _embed_one(self, p: Plan) -> bool:
         try:
-            self._cache_vectors(list(p.upserts))
+            self._cache_vectors(list(p.upserts), _rewritten([p]))
             return True
         except PermanentEmbedError as exc:
             event = self._events_by_doc[p.doc_id]
             self._dead_letter([_letter(self.source_name, event, f"embedding failed: {exc}")])
             return False
 
-    def _cache_vectors(self, chunks: Sequence[IndexedChunk]) -> dict[str, list[float]]:
-        """Vectors for chunks about to be prepared; counts model calls and cache hits."""
+    def _cache_vectors(self, chunks: Sequence[IndexedChunk], rewritten: set[str]) -> dict[str, list[float]]:
+        """Vectors for chunks about to be prepared; counts model calls and cache hits.
+
+        Only metadata-only rewrites (``rewritten``) may reuse the vector index's stored copy: a
+        new or changed text cannot be there, so asking the index for it is a wasted round trip.
+        """
         before_calls, before_hits = self.embedder.embed_calls, self.embedder.cache_hits
-        vectors = self._vectors(chunks)
+        vectors = self._vectors(chunks, lambda c: c.chunk_id in rewritten)
         self.stats.embed_calls += self.embedder.embed_calls - before_calls
         self.stats.cache_hits += self.embedder.cache_hits - before_hits
         return vectors
 
-    def _vectors(self, chunks: Sequence[IndexedChunk]) -> dict[str, list[float]]:
+    def _vectors(
+        self, chunks: Sequence[IndexedChunk], may_be_stored: Callable[[IndexedChunk], bool] = lambda _c: True
+    ) -> dict[str, list[float]]:
         """Vectors by content hash: cache, then the vector index's stored copy, then the model."""
         vectors = self.embedder.lookup(c.content_hash for c in chunks)
         missing = [c for c in chunks if c.content_hash not in vectors]
         if missing:
-            stored = self._stored_vectors(missing)
+            stored = self._stored_vectors([c for c in missing if may_be_stored(c)])
             vectors |= stored
             vectors |= self.embedder.embed_hashed(
                 [(c.content_hash, c.text) for c in missing if c.content_hash not in stored]
@@ -205,6 +211,8 @@ class ApplyEngine:
         A metadata-only rewrite whose vector fell out of the cache reuses the stored one; a chunk
         whose text changed must never inherit its old text's vector.
         """
+        if not chunks:
+            return {}
         try:
             held = self.vector.get([c.chunk_id for c in chunks])
         except StoreError as exc:
@@ -331,6 +339,10 @@ class ApplyEngine:
                 reason=letter.reason,
                 phase="dead_letter",
             )
+
+
+def _rewritten(plans: Sequence[Plan]) -> set[str]:
+    return {c.chunk_id for p in plans for c in p.rewrite}
 
 
 def _chunk_ids(intent: Intent) -> list[str]:

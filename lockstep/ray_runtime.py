@@ -57,6 +57,9 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     """Join ``address`` or start a local Ray (no dashboard; actor logs stay in Ray's log files)."""
     if ray.is_initialized():
         return
+    # Ray starts workers at nice 15 by default; the shard and writer actors are the service's
+    # hot path, so they get the same priority as the stores they talk to.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
