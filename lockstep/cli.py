@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from chaos import cli as chaos_cli
 from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
 from coordinator.errors import LockstepError
 from coordinator.sync import run_sync
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(dlq_cli.app, name="dlq")
 audit_cli.register(app)
+chaos_cli.register(app)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[

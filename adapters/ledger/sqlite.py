@@ -358,7 +358,7 @@ class SqliteEmbeddingCache:
                 f"SELECT content_hash, vector FROM embeddings WHERE model = ? AND content_hash IN ({marks})",
                 [model_id, *part],
             )
-            out.update((str(h), np.frombuffer(v, dtype=np.float32).tolist()) for h, v in rows)  # type: ignore[arg-type]
+            out.update((str(h), np.frombuffer(bytes(v), dtype=np.float32).tolist()) for h, v in rows)  # type: ignore[call-overload]
         return out
 
     def put_many(self, model_id: str, vectors: Mapping[str, Vector]) -> None:
