@@ -315,7 +315,20 @@ class MilvusVectorIndex:
         return self._client
 
     def _call(self, operation: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call one pymilvus method with the request timeout, translating its errors."""
+        """Call one pymilvus method with the request timeout, translating its errors.
+
+        A collection found not loaded (after a server restart, or released by an operator) is
+        loaded once and the call repeated: a restarted milvus-lite server never reloads on its
+        own, and a 2.3.5 server may take tens of seconds to.
+        """
+        try:
+            with _wire(operation):
+                return method(*args, timeout=self.timeout_s, **kwargs)
+        except TransientStoreError as exc:
+            if operation in _LOAD_OPERATIONS or not _not_loaded(exc):
+                raise
+        self._log.warning("collection not loaded; loading it", operation=operation)
+        self._ensure_loaded(self._connect())
         with _wire(operation):
             return method(*args, timeout=self.timeout_s, **kwargs)
 
@@ -466,6 +479,16 @@ def _wire(operation: str) -> Iterator[None]:
         if _is_transient(exc):
             raise TransientStoreError(message, store=STORE) from exc
         raise PermanentStoreError(message, store=STORE) from exc
+
+
+# Milvus's "collection not loaded" status code.
+COLLECTION_NOT_LOADED_CODE = 101
+_LOAD_OPERATIONS = frozenset({"get_load_state", "load_collection"})
+
+
+def _not_loaded(exc: TransientStoreError) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, MilvusException) and str(cause.code) == str(COLLECTION_NOT_LOADED_CODE)
 
 
 def _is_transient(exc: MilvusException | grpc.RpcError) -> bool:

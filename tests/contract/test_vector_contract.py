@@ -574,3 +574,11 @@ def _wait_until_readable(idx: MilvusVectorIndex) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(RELOAD_POLL_INTERVAL_S)
+
+
+def test_a_released_collection_is_loaded_again_on_use(index: MilvusVectorIndex, raw: MilvusClient) -> None:
+    """After the collection is released (as after a server restart), reads load it and succeed."""
+    chunks = _many(5)
+    index.upsert(chunks)
+    raw.release_collection(index.name, timeout=REQUEST_TIMEOUT_S)
+    assert sorted(index.get([c.chunk_id for c in chunks])) == sorted(c.chunk_id for c in chunks)
