@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -18,6 +17,7 @@ from chaos.servers import EmbeddedPostgres, MilvusLiteServer, OpenSearchApiServe
 from coordinator.errors import TransientStoreError
 from coordinator.model import IndexedChunk
 from tests.support.milvus_servers import start_or_fail
+from tests.support.threads import BackgroundCall
 
 # Bounds every request in these tests; a paused server's request is expected to wait, not this long.
 REQUEST_TIMEOUT_S = 30.0
@@ -31,32 +31,12 @@ RELOAD_POLL_INTERVAL_S = 1.0
 DIM = 8
 
 
-class _Call:
-    """Runs ``fn`` in a thread so that a test can watch it hang and then finish."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self.result: object = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], object]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-
-    def finished_within(self, timeout_s: float) -> bool:
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
-
-
 def _assert_hangs_then_answers(
     paused: Callable[[], AbstractContextManager[None]], call: Callable[[], object]
 ) -> object:
     """Start ``call`` inside ``paused()``: it must wait, then answer once the server is resumed."""
     with paused():
-        pending = _Call(call)
+        pending = BackgroundCall(call)
         assert not pending.finished_within(HANG_OBSERVED_S), "a paused server answered"
     assert pending.finished_within(ANSWER_AFTER_RESUME_S), "no answer after resume"
     assert pending.error is None, f"the held request failed after resume: {pending.error!r}"

@@ -33,6 +33,7 @@ from coordinator.model import DeadLetter, DocState
 from coordinator.planner import plan
 from coordinator.ports import EmbeddingCache, Fence, Intent, Ledger
 from tests.support.postgres_servers import PgSchema
+from tests.support.threads import BackgroundCall
 
 SIDES = frozenset({"keyword", "vector"})
 
@@ -322,26 +323,6 @@ class _Held:
             assert self.release.wait(CALL_DEADLINE_S), "the held transaction was never released"
 
 
-class _Call:
-    """Runs ``fn`` in a thread, so a test can watch it wait and then finish."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self.result: object = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], object]) -> None:
-        try:
-            self.result = fn()
-        except BaseException as exc:
-            self.error = exc
-
-    def finished_within(self, timeout_s: float) -> bool:
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
-
-
 @pytest.fixture
 def replicas(pg_schema: PgSchema, clock: Clock) -> Iterator[Callable[..., PostgresLedger]]:
     """Opens ledgers on one shared schema, as separate replicas would; closes them all after."""
@@ -359,14 +340,14 @@ def replicas(pg_schema: PgSchema, clock: Clock) -> Iterator[Callable[..., Postgr
         led.close()
 
 
-def _race(attempts: list[Callable[[], object]]) -> list[_Call]:
+def _race(attempts: list[Callable[[], object]]) -> list[BackgroundCall]:
     """Start every attempt at once (a barrier) and wait for all of them."""
     barrier = threading.Barrier(len(attempts))
 
     def at_once(fn: Callable[[], object]) -> Callable[[], object]:
         return lambda: (barrier.wait(CALL_DEADLINE_S), fn())[1]
 
-    calls = [_Call(at_once(fn)) for fn in attempts]
+    calls = [BackgroundCall(at_once(fn)) for fn in attempts]
     assert all(c.finished_within(CALL_DEADLINE_S) for c in calls), "a racer hung"
     return calls
 
@@ -375,9 +356,9 @@ def test_two_replicas_preparing_one_doc_exactly_one_wins(replicas: Callable[...,
     """A second replica preparing a document waits on the first one's uncommitted intent, then is refused."""
     held = _Held("ledger.prepare.between_statements")
     first_replica, second_replica = replicas(crash_hook=held), replicas()
-    first = _Call(lambda: first_replica.prepare([_intent("x", 1)]))
+    first = BackgroundCall(lambda: first_replica.prepare([_intent("x", 1)]))
     assert held.reached.wait(CALL_DEADLINE_S)
-    second = _Call(lambda: second_replica.prepare([_intent("x", 2)]))
+    second = BackgroundCall(lambda: second_replica.prepare([_intent("x", 2)]))
     assert not second.finished_within(WAIT_OBSERVED_S), "the second prepare did not wait for the first"
     held.release.set()
     assert first.finished_within(CALL_DEADLINE_S) and first.error is None
@@ -406,9 +387,9 @@ def test_prepare_racing_a_commit_sees_the_committed_version(replicas: Callable[.
     committer.prepare([_intent(d, v) for d, v in keys])
     committer.mark_done("keyword", keys)
     committer.mark_done("vector", keys)
-    commit = _Call(lambda: committer.commit(keys, SIDES))
+    commit = BackgroundCall(lambda: committer.commit(keys, SIDES))
     assert held.reached.wait(CALL_DEADLINE_S)
-    prepare = _Call(lambda: preparer.prepare([_intent("x", 2)]))
+    prepare = BackgroundCall(lambda: preparer.prepare([_intent("x", 2)]))
     assert not prepare.finished_within(WAIT_OBSERVED_S), "the prepare did not wait for the commit"
     held.release.set()
     assert commit.finished_within(CALL_DEADLINE_S) and commit.result == 2
@@ -431,10 +412,10 @@ def test_a_takeover_waits_for_the_old_owners_write_in_flight(
     held = _Held("ledger.prepare.between_statements")
     old_owner, new_owner = replicas(crash_hook=held), replicas()
     old = old_owner.claim_shard(1, "replica-a", lease_s=10)
-    write = _Call(lambda: old_owner.prepare([_intent("x", 1)], fence=old))
+    write = BackgroundCall(lambda: old_owner.prepare([_intent("x", 1)], fence=old))
     assert held.reached.wait(CALL_DEADLINE_S)
     clock.now_s += 11
-    claim = _Call(lambda: new_owner.claim_shard(1, "replica-b", lease_s=10))
+    claim = BackgroundCall(lambda: new_owner.claim_shard(1, "replica-b", lease_s=10))
     assert not claim.finished_within(WAIT_OBSERVED_S), "the claim did not wait for the write in flight"
     held.release.set()
     assert write.finished_within(CALL_DEADLINE_S) and write.error is None
@@ -447,7 +428,7 @@ def test_a_statement_timeout_is_a_transient_error(replicas: Callable[..., Postgr
     """A replica blocked behind another's row lock past its statement timeout gets TransientStoreError and stays usable."""
     held = _Held("ledger.prepare.between_statements")
     holder, impatient = replicas(crash_hook=held), replicas(statement_timeout_s=0.3)
-    first = _Call(lambda: holder.prepare([_intent("x", 1)]))
+    first = BackgroundCall(lambda: holder.prepare([_intent("x", 1)]))
     assert held.reached.wait(CALL_DEADLINE_S)
     with pytest.raises(TransientStoreError, match="QueryCanceled"):
         impatient.prepare([_intent("x", 1)])
