@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError
+from coordinator.generations import live
+from coordinator.multi_apply import MultiEngine
 from coordinator.ports import ChangeSource, Embedder, EmbeddingCache, KeywordIndex
 from lockstep.settings import (
     EmbedderSettings,
@@ -27,12 +28,14 @@ from lockstep.settings import (
     JsonlSourceSettings,
     Settings,
     SqlSourceSettings,
+    WebhookSourceSettings,
 )
 
 log = structlog.get_logger(__name__)
 
 if TYPE_CHECKING:
     from adapters.ledger.postgres import PostgresLedger
+    from lockstep.generations import GenerationParts
 
     AnyLedger = SqliteLedger | PostgresLedger
 else:
@@ -112,6 +115,8 @@ def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
         from adapters.sources.folder import FolderSource
 
         return FolderSource(src.path, ledger, name=src.name, patterns=src.patterns)
+    if isinstance(src, WebhookSourceSettings):
+        return build_webhook_source(settings, src, ledger)
     assert isinstance(src, SqlSourceSettings)
     from adapters.sources.sql_table import SqlTableSource
 
@@ -131,45 +136,90 @@ def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
     )
 
 
+def build_webhook_source(settings: Settings, src: WebhookSourceSettings, ledger: AnyLedger) -> ChangeSource:
+    """The webhook's inbox lives where the ledger lives: an SQLite file beside the SQLite ledger,
+    or a table in the Postgres ledger's schema (every replica can then take POSTs)."""
+    from adapters.sources.webhook import Inbox, PostgresInbox, SqliteInbox, WebhookSource, inbox_beside
+
+    inbox: Inbox
+    if isinstance(settings.ledger, PostgresLedgerSettings):
+        if src.inbox_path is not None:
+            raise ConfigError(
+                "source.inbox_path is for the SQLite ledger; the Postgres ledger keeps the inbox in its schema"
+            )
+        inbox = PostgresInbox(
+            settings.ledger.dsn.get_secret_value(),
+            schema=settings.ledger.schema_name,
+            connect_timeout_s=settings.ledger.connect_timeout_s,
+            statement_timeout_s=settings.ledger.statement_timeout_s,
+        )
+    else:
+        inbox = SqliteInbox(src.inbox_path or inbox_beside(settings.ledger.path))
+    return WebhookSource(inbox, ledger, name=src.name, retention_s=src.retention_s)
+
+
 @dataclass
 class Runtime:
-    """Every collaborator of one lockstep process, built once and closed together."""
+    """Every collaborator of one lockstep process, built once and closed together.
+
+    ``ledger``, ``keyword``, ``vector`` and ``embedder`` are the active generation's; ``home``
+    is generation 1's ledger (registry, checkpoints, dead letters, leases, embedding cache);
+    ``engine`` applies to every live generation (one, except while a rebuild is under way or a
+    rollback target is kept)."""
 
     settings: Settings
     ledger: AnyLedger
     keyword: KeywordIndex
     vector: MilvusVectorIndex
     embedder: CachedEmbedder
-    engine: ApplyEngine
+    engine: ApplyEngine | MultiEngine
+    home: AnyLedger
+    generations: list[GenerationParts]
 
     def close(self) -> None:
-        self.engine.close()
-        for part in (self.keyword, self.vector, self.ledger):
-            part.close()
+        for parts in self.generations:
+            parts.close(keep_ledger=parts.ledger is self.home)
+        self.home.close()
 
 
 @contextmanager
 def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_crash) -> Iterator[Runtime]:
-    """Build ledger, both indexes, the cached embedder and the apply engine; close them after."""
-    ledger = build_ledger(settings, crash)
-    inner = build_embedder(settings.embedder)
-    embedder = CachedEmbedder(inner, build_embedding_cache(ledger))
-    keyword = build_keyword(settings.keyword)
-    vector = MilvusVectorIndex(settings.vector, dim=inner.dim)
-    keyword.ensure()
-    vector.ensure()
-    engine = ApplyEngine(
-        ledger=ledger,
-        keyword=keyword,
-        vector=vector,
-        embedder=embedder,
-        chunking=settings.chunking.to_domain(),
-        source_name=source_name or (settings.source.name if settings.source else "api"),
-        crash=crash,
-        clock=time.monotonic,
-    )
-    log.info("runtime ready", keyword=settings.keyword.kind, embedder=inner.model_id, dim=inner.dim)
-    rt = Runtime(settings, ledger, keyword, vector, embedder, engine)
+    """Build the ledger, then each live generation's indexes, cached embedder and apply engine."""
+    from lockstep.generations import build_parts, config_matches, heal_aliases, load_generations
+
+    home = build_ledger(settings, crash)
+    built: list[GenerationParts] = []
+    try:
+        configured = build_embedder(settings.embedder)
+        _, gens = load_generations(settings, home, configured)
+        name = source_name or (settings.source.name if settings.source else "api")
+        for gen in live(gens):
+            reuse = configured if configured.model_id == gen.model_id and configured.dim == gen.dim else None
+            built.append(build_parts(settings, gen, home, source_name=name, crash=crash, inner=reuse))
+        active_parts = built[0]
+        gen = active_parts.generation
+        if not config_matches(settings, gen, configured.model_id):
+            log.warning(
+                "the config's embedder or chunking differs from the active generation's; the "
+                "generation's own are used (a change is a `lockstep rebuild`)",
+                generation=gen.number,
+                active_model=gen.model_id,
+                config_model=configured.model_id,
+                active_chunking=gen.chunking.fingerprint,
+                config_chunking=settings.chunking.to_domain().fingerprint,
+            )
+        heal_aliases(settings, gen, active_parts.keyword, active_parts.vector)
+    except BaseException:
+        for parts in built:
+            parts.close(keep_ledger=parts.ledger is home)
+        home.close()
+        raise
+    engines = [p.engine for p in built]
+    engine: ApplyEngine | MultiEngine = engines[0] if len(engines) == 1 else MultiEngine(engines)
+    log.info("runtime ready", keyword=settings.keyword.kind, embedder=gen.model_id, dim=gen.dim,
+             generations=[p.generation.number for p in built])
+    rt = Runtime(settings, active_parts.ledger, active_parts.keyword, active_parts.vector,
+                 active_parts.embedder, engine, home, built)
     try:
         yield rt
     finally:

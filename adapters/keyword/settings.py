@@ -27,6 +27,9 @@ class KeywordSettings(BaseModel):
     index: str = Field(default="lockstep-chunks", min_length=1)
     # Tantivy: the directory that holds the index.
     path: str | None = None
+    # What readers query: an alias lockstep points at the active generation's index (for
+    # Tantivy, a pointer file). Default: ``<index>-live`` (Tantivy: ``<path>.live``).
+    alias: str | None = None
     # OpenSearch / Elasticsearch: base URL without credentials (they go in the fields below).
     url: str | None = None
     username: str | None = None

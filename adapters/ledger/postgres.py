@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS intents (
     done       TEXT[] NOT NULL,
     created_at DOUBLE PRECISION NOT NULL
 );
+"""
+
+# Tables a generation ledger shares with its home schema (see ``home_schema``): one checkpoint
+# per source, one dead-letter queue, one set of shard leases and one embedding cache.
+_SHARED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
     source   TEXT PRIMARY KEY,
     position TEXT NOT NULL
@@ -141,9 +146,15 @@ class PostgresLedger:
         schema: str = DEFAULT_SCHEMA,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+        home_schema: str | None = None,
     ) -> None:
+        """``home_schema``: generation 1's schema, for a later generation's ledger, which keeps
+        its own documents, intents and applied versions and finds the rest there (search_path)."""
         _check_schema_name(schema)
+        if home_schema is not None:
+            _check_schema_name(home_schema)
         self.schema = schema
+        self.home_schema = home_schema
         self._dsn = dsn
         self._where = _describe(dsn)
         self._clock = clock
@@ -207,7 +218,7 @@ class PostgresLedger:
         ours = (
             f"-c statement_timeout={_ms(self._statement_timeout_s)} "
             f"-c idle_in_transaction_session_timeout={_ms(IDLE_IN_TRANSACTION_TIMEOUT_S)} "
-            f"-c search_path={self.schema}"
+            f"-c search_path={self.schema}{',' + self.home_schema if self.home_schema else ''}"
         )
         theirs = conninfo_to_dict(self._dsn).get("options")
         return f"{theirs} {ours}" if theirs else ours
@@ -237,6 +248,8 @@ class PostgresLedger:
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"lockstep.schema.{self.schema}",))
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
             cur.execute(_SCHEMA)
+            if self.home_schema is None:
+                cur.execute(_SHARED_SCHEMA)
 
     # --- documents -------------------------------------------------------------------------
 

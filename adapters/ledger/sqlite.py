@@ -54,6 +54,11 @@ CREATE TABLE IF NOT EXISTS intents (
     done       TEXT NOT NULL,
     created_at REAL NOT NULL
 ) WITHOUT ROWID;
+"""
+
+# Tables a generation ledger shares with its home ledger (see ``home`` below): one checkpoint
+# per source, one dead-letter queue, one set of shard leases and one embedding cache.
+_SHARED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
     source   TEXT PRIMARY KEY,
     position TEXT NOT NULL
@@ -92,7 +97,10 @@ class SqliteLedger:
         *,
         clock: Callable[[], float] = time.time,
         crash_hook: CrashHook = no_crash,
+        home: str | Path | None = None,
     ) -> None:
+        """``home``: the ledger file of generation 1, for a later generation's ledger, which
+        keeps its own documents, intents and applied versions and shares the rest with home."""
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +113,12 @@ class SqliteLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if home is None:
+            self._db.executescript(_SHARED_SCHEMA)
+        else:
+            # Unqualified names resolve in ``main`` first, then here: the shared tables (which
+            # ``main`` lacks) are the home ledger's, in the same transactions.
+            self._db.execute("ATTACH DATABASE ? AS home", (str(home),))
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:

@@ -32,6 +32,9 @@ class VectorSettings(BaseModel):
     # A milvus-lite file (``./data/milvus.db``) or a server URL without credentials.
     uri: str = Field(min_length=1)
     collection: str = Field(default=DEFAULT_COLLECTION, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    # What readers query: a Milvus alias lockstep points at the active generation's
+    # collection. Default: ``<collection>_live``.
+    alias: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
     db_name: str = ""
     # Either a token (``user:password`` or an API key) or user + password, never both.
     token: SecretStr | None = None

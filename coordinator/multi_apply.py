@@ -1,0 +1,91 @@
+"""Dual apply: every batch goes through the two-phase path of each live generation.
+
+The first engine is the active generation's. Bad records are dead-lettered once, by it (the
+dead-letter queue is shared); the other generations receive the valid events. A batch counts as
+applied only when every generation committed it, so the source checkpoint never passes an event
+that a generation being built has not seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from coordinator.apply import ApplyEngine, ApplyStats
+from coordinator.events import ChangeEvent
+from coordinator.ports import Fence, Intent, SourceRecord
+
+
+class MultiEngine:
+    """The ApplyEngine interface used by ``run_sync``, over several generations."""
+
+    def __init__(self, engines: Sequence[ApplyEngine]) -> None:
+        if not engines:
+            raise ValueError("MultiEngine needs at least one engine")
+        self.engines = list(engines)
+        self.primary = self.engines[0]
+
+    @property
+    def stats(self) -> ApplyStats:
+        return self.primary.stats
+
+    def crash(self, point: str) -> None:
+        self.primary.crash(point)
+
+    def recover(self, fence: Fence | None = None, owns: Callable[[str], bool] | None = None) -> int:
+        return sum(engine.recover(fence, owns) for engine in self.engines)
+
+    def apply(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> None:
+        self.primary.apply(records, fence)
+        events = [r for r in records if isinstance(r, ChangeEvent)]
+        for engine in self.engines[1:]:
+            engine.apply(events, fence)
+
+    # --- the split interface the shard worker uses ------------------------------------------
+
+    @property
+    def ledger(self) -> _PendingEverywhere:
+        return _PendingEverywhere(self.engines)
+
+    def prepare(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> list[Intent]:
+        """Prepare in every generation; returns the active generation's intents (the others'
+        are durable in their ledgers and driven by ``drive`` for the same documents)."""
+        intents = self.primary.prepare(records, fence)
+        events = [r for r in records if isinstance(r, ChangeEvent)]
+        for engine in self.engines[1:]:
+            engine.prepare(events, fence)
+        return intents
+
+    def drive(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+        """Drive, in every generation, whatever is prepared for these documents.
+
+        Each generation's prepared intents are read back from its own ledger, so a retry after a
+        failure in any generation re-drives exactly what is still missing there."""
+        docs = {i.doc_id for i in intents}
+        self.primary.drive(intents, fence)
+        for engine in self.engines[1:]:
+            pending = [i for i in engine.ledger.pending() if i.doc_id in docs]
+            engine.drive(pending, fence)
+
+    def dead_letter_event(self, event: ChangeEvent, reason: str, attempts: int) -> None:
+        self.primary.dead_letter_event(event, reason, attempts)
+        for engine in self.engines[1:]:
+            # The queue is shared; the other generations only drop what they prepared for it.
+            engine.ledger.abort([(event.doc_id, event.version)])
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+
+
+class _PendingEverywhere:
+    """The one ledger read the shard worker makes: intents still prepared, in any generation."""
+
+    def __init__(self, engines: Sequence[ApplyEngine]) -> None:
+        self._engines = engines
+
+    def pending(self) -> list[Intent]:
+        seen: dict[str, Intent] = {}
+        for engine in self._engines:
+            for intent in engine.ledger.pending():
+                seen.setdefault(intent.doc_id, intent)
+        return list(seen.values())

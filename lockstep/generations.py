@@ -1,0 +1,307 @@
+"""Each generation's parts (ledger, both indexes, embedder, apply engine) and readers' aliases.
+
+The registry lives in the *home* ledger (generation 1's). A later generation has its own ledger
+namespace (SQLite ``<ledger>.g<N>.db``, Postgres schema ``<schema>_g<N>``) for its documents,
+intents and applied versions, and shares checkpoints, dead letters, shard leases and the
+embedding cache with home: a swap never moves a source's checkpoint, and a chunk text already
+embedded by the same model is never embedded again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from adapters.embedders.cached import CachedEmbedder
+from adapters.keyword.settings import KeywordSettings
+from adapters.ledger.generations import GenerationRegistry, registry_for
+from adapters.ledger.settings import PostgresLedgerSettings
+from adapters.ledger.sqlite import SqliteLedger
+from adapters.vector.milvus import MilvusVectorIndex
+from adapters.vector.settings import VectorSettings
+from coordinator.apply import ApplyEngine
+from coordinator.crashpoints import CrashHook, no_crash
+from coordinator.generations import Generation, GenState, check_embedder, physical_names
+from coordinator.ports import Embedder, KeywordIndex
+from lockstep.bootstrap import (
+    AnyLedger,
+    build_embedder,
+    build_embedding_cache,
+    build_keyword,
+    build_ledger,
+    local_model_installed,
+)
+from lockstep.settings import EmbedderSettings, Settings
+
+log = structlog.get_logger(__name__)
+
+# Embedder settings that are secrets: never recorded in the registry, always taken from config.
+_SECRET_EMBEDDER_FIELDS = ("api_key",)
+
+
+def keyword_alias(settings: Settings) -> str:
+    kw = settings.keyword
+    if kw.alias:
+        return kw.alias
+    if kw.kind == "tantivy":
+        assert kw.path is not None, "validated by KeywordSettings"
+        return f"{kw.path.rstrip('/')}.live"
+    return f"{kw.index}-live"
+
+
+def vector_alias(settings: Settings) -> str:
+    return settings.vector.alias or f"{settings.vector.collection}_live"
+
+
+def _keyword_base(settings: Settings) -> str:
+    kw = settings.keyword
+    if kw.kind == "tantivy":
+        assert kw.path is not None, "validated by KeywordSettings"
+        return kw.path.rstrip("/")
+    return kw.index
+
+
+def embedder_record(es: EmbedderSettings) -> dict[str, Any]:
+    """The embedder settings a generation records: the resolved kind, no secrets."""
+    kind = es.kind
+    if kind == "auto":
+        kind = "sentence-transformers" if local_model_installed() else "hashing"
+    data = es.model_dump(mode="json", exclude=set(_SECRET_EMBEDDER_FIELDS))
+    data["kind"] = kind
+    return data
+
+
+def generation_embedder_settings(settings: Settings, gen: Generation) -> EmbedderSettings:
+    """What builds ``gen``'s embedder: its record, plus the config's secrets for the same kind."""
+    data = dict(gen.embedder)
+    if data.get("kind") == embedder_record(settings.embedder)["kind"]:
+        data.update({f: getattr(settings.embedder, f) for f in _SECRET_EMBEDDER_FIELDS})
+    return EmbedderSettings(**data)
+
+
+def new_generation(
+    settings: Settings, number: int, embedder: EmbedderSettings, inner: Embedder, chunking: Any, now: float
+) -> Generation:
+    keyword_index, collection = physical_names(_keyword_base(settings), settings.vector.collection, number)
+    return Generation(
+        number=number,
+        state=GenState.BUILDING,
+        keyword_index=keyword_index,
+        vector_collection=collection,
+        embedder=embedder_record(embedder),
+        model_id=inner.model_id,
+        dim=inner.dim,
+        chunking=chunking,
+        created_at=now,
+    )
+
+
+def keyword_settings(settings: Settings, gen: Generation) -> KeywordSettings:
+    if settings.keyword.kind == "tantivy":
+        return settings.keyword.model_copy(update={"path": gen.keyword_index})
+    return settings.keyword.model_copy(update={"index": gen.keyword_index})
+
+
+def vector_settings(settings: Settings, gen: Generation) -> VectorSettings:
+    return settings.vector.model_copy(update={"collection": gen.vector_collection})
+
+
+def generation_settings(settings: Settings, gen: Generation) -> Settings:
+    """``settings`` as seen by one generation's writers (Ray actors build from this)."""
+    return settings.model_copy(
+        update={
+            "keyword": keyword_settings(settings, gen),
+            "vector": vector_settings(settings, gen),
+            "embedder": generation_embedder_settings(settings, gen),
+            "chunking": settings.chunking.model_copy(
+                update={"max_chars": gen.chunking.max_chars, "overlap_chars": gen.chunking.overlap_chars}
+            ),
+        }
+    )
+
+
+def generation_ledger(settings: Settings, number: int, crash: CrashHook = no_crash) -> AnyLedger:
+    """Generation 1 uses the home ledger itself; later ones their own namespace beside it."""
+    if number == 1:
+        return build_ledger(settings, crash)
+    if isinstance(settings.ledger, PostgresLedgerSettings):
+        from adapters.ledger.postgres import PostgresLedger
+
+        ls = settings.ledger
+        return PostgresLedger(
+            ls.dsn.get_secret_value(),
+            crash_hook=crash,
+            schema=f"{ls.schema_name}_g{number}",
+            home_schema=ls.schema_name,
+            connect_timeout_s=ls.connect_timeout_s,
+            statement_timeout_s=ls.statement_timeout_s,
+        )
+    home = Path(settings.ledger.path)
+    return SqliteLedger(_sqlite_generation_path(home, number), crash_hook=crash, home=home)
+
+
+def _sqlite_generation_path(home: Path, number: int) -> Path:
+    return home.with_name(f"{home.stem}.g{number}{home.suffix}")
+
+
+def drop_generation_ledger(settings: Settings, number: int) -> None:
+    """Remove a dropped generation's ledger namespace (never generation 1's: it is home)."""
+    if number == 1:
+        return
+    if isinstance(settings.ledger, PostgresLedgerSettings):
+        import psycopg
+        from psycopg import sql
+
+        ls = settings.ledger
+        with psycopg.connect(ls.dsn.get_secret_value(), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(f"{ls.schema_name}_g{number}")))
+        return
+    path = _sqlite_generation_path(Path(settings.ledger.path), number)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+@dataclass
+class GenerationParts:
+    generation: Generation
+    ledger: AnyLedger
+    keyword: KeywordIndex
+    vector: MilvusVectorIndex
+    embedder: CachedEmbedder
+    engine: ApplyEngine
+
+    def close(self, *, keep_ledger: bool = False) -> None:
+        self.engine.close()
+        self.keyword.close()
+        self.vector.close()
+        if not keep_ledger:
+            self.ledger.close()
+
+
+def build_parts(
+    settings: Settings,
+    gen: Generation,
+    home: AnyLedger,
+    *,
+    source_name: str,
+    crash: CrashHook = no_crash,
+    inner: Embedder | None = None,
+    ensure: bool = True,
+) -> GenerationParts:
+    """Everything that writes ``gen``; refuses an embedder other than the generation's own."""
+    if inner is None:
+        inner = build_embedder(generation_embedder_settings(settings, gen))
+    check_embedder(gen, inner.model_id, inner.dim)
+    ledger = home if gen.number == 1 else generation_ledger(settings, gen.number, crash)
+    keyword = build_keyword(keyword_settings(settings, gen))
+    vector = MilvusVectorIndex(vector_settings(settings, gen), dim=inner.dim, model_id=inner.model_id)
+    if ensure:
+        keyword.ensure()
+        vector.ensure()
+    embedder = CachedEmbedder(inner, build_embedding_cache(home))
+    engine = ApplyEngine(
+        ledger=ledger,
+        keyword=keyword,
+        vector=vector,
+        embedder=embedder,
+        chunking=gen.chunking,
+        source_name=source_name,
+        crash=crash,
+        clock=time.monotonic,
+    )
+    return GenerationParts(gen, ledger, keyword, vector, embedder, engine)
+
+
+def load_generations(
+    settings: Settings, home: AnyLedger, inner: Embedder | Callable[[], Embedder]
+) -> tuple[GenerationRegistry, list[Generation]]:
+    """The registry and its records; the first start of a deployment records generation 1 from
+    the config (its indexes keep their configured names). ``inner`` (the configured embedder,
+    or a function that builds it) is needed only for that first record."""
+    registry = registry_for(home)
+    gens = registry.all()
+    if not gens:
+        embedder: Embedder = inner() if callable(inner) and not hasattr(inner, "model_id") else inner  # type: ignore[assignment]
+        first = new_generation(settings, 1, settings.embedder, embedder, settings.chunking.to_domain(), time.time())
+        first = Generation.from_json({**first.to_json(), "state": GenState.ACTIVE.value, "activated_at": first.created_at,
+                                      "backfill_done": True})
+        if registry.put_if_empty(first):
+            log.info("generation 1 recorded", model=first.model_id, chunking=first.chunking.fingerprint)
+        gens = registry.all()
+    return registry, gens
+
+
+def config_matches(settings: Settings, gen: Generation, inner_model_id: str) -> bool:
+    return inner_model_id == gen.model_id and settings.chunking.to_domain() == gen.chunking
+
+
+# --- aliases -------------------------------------------------------------------------------------
+
+
+def alias_targets(settings: Settings, keyword: KeywordIndex, vector: MilvusVectorIndex) -> tuple[str | None, str | None]:
+    """Where the readers' aliases point now (physical keyword index or directory, collection)."""
+    if settings.keyword.kind == "tantivy":
+        from adapters.keyword.tantivy_index import alias_target as tantivy_target
+
+        kw_target = tantivy_target(keyword_alias(settings))
+        kw = None if kw_target is None else str(kw_target).rstrip("/")
+    else:
+        kw = keyword.alias_target(keyword_alias(settings))  # type: ignore[attr-defined]
+    return kw, vector.alias_target(vector_alias(settings))
+
+
+def point_aliases(settings: Settings, gen: Generation, keyword: KeywordIndex, vector: MilvusVectorIndex) -> dict[str, Any]:
+    """Point both readers' aliases at ``gen``: one ``_aliases`` request, one ``alter_alias``.
+
+    Returns when each engine switched (Unix seconds), for the swap report."""
+    kw_alias, vec_alias = keyword_alias(settings), vector_alias(settings)
+    if settings.keyword.kind == "tantivy":
+        from adapters.keyword.tantivy_index import point_alias as tantivy_point
+
+        tantivy_point(kw_alias, gen.keyword_index)
+    else:
+        keyword.point_alias(kw_alias, gen.keyword_index)  # type: ignore[attr-defined]
+    keyword_at = time.time()
+    vector.point_alias(vec_alias, gen.vector_collection)
+    vector_at = time.time()
+    log.info("aliases point at generation", generation=gen.number, keyword_alias=kw_alias, vector_alias=vec_alias)
+    return {
+        "generation": gen.number,
+        "keyword_alias": kw_alias,
+        "vector_alias": vec_alias,
+        "keyword_switched_at": keyword_at,
+        "vector_switched_at": vector_at,
+    }
+
+
+def heal_aliases(settings: Settings, gen: Generation, keyword: KeywordIndex, vector: MilvusVectorIndex) -> None:
+    """At start-up: readers' aliases that are missing get pointed at the active generation
+    (a first start, or an index dropped and re-created); a wrong target is only reported."""
+    kw, vec = alias_targets(settings, keyword, vector)
+    if kw is None or vec is None:
+        point_aliases(settings, gen, keyword, vector)
+    elif (kw, vec) != (gen.keyword_index.rstrip("/"), gen.vector_collection):
+        log.warning("aliases do not point at the active generation", keyword=kw, vector=vec,
+                    active=gen.number)
+
+
+def drop_generation_stores(settings: Settings, gen: Generation) -> None:
+    """Drop a generation's keyword index (Tantivy directory) and collection, then its ledger
+    namespace (generation 1's tables stay in the home ledger, unused)."""
+    keyword = build_keyword(keyword_settings(settings, gen))
+    vector = MilvusVectorIndex(vector_settings(settings, gen), dim=gen.dim)
+    try:
+        keyword.drop()
+        vector.drop()
+    finally:
+        keyword.close()
+        vector.close()
+    if settings.keyword.kind == "tantivy" and gen.number != 1:
+        shutil.rmtree(gen.keyword_index, ignore_errors=True)
+    drop_generation_ledger(settings, gen.number)

@@ -1,0 +1,435 @@
+"""``lockstep rebuild``: build generation N+1 next to the live one, validate it, swap aliases.
+
+1. *Register* generation N+1 as ``building`` in the registry. From then on every live write
+   (``lockstep run`` and ``lockstep sync``) goes through the two-phase path of both generations.
+2. *Backfill* N+1 from generation N: the ledger's committed version of every document (and
+   every tombstone, so no late event can resurrect a deleted document in N+1), with the text put
+   back together from N's keyword index (the chunker is lossless) and checked against the
+   ledger's source hash. The resume point is saved after every batch: a restarted rebuild goes
+   on from there, and what N+1 already holds is skipped by its own version gate.
+3. *Validate*: a full audit of N+1 against the source (when the source can list its current
+   state) or against generation N; findings are repaired through N+1's engine and audited again.
+   The swap happens only on a clean audit. The configured query set runs against both
+   generations and the overlap of their results is reported.
+4. *Swap*: one ``_aliases`` request and one ``alter_alias``, then the registry; N becomes a
+   standby that stays in step until ``lockstep gc`` drops it after the retention period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from adapters.vector.milvus import MilvusVectorIndex
+from coordinator.audit import Auditor, ListableSource
+from coordinator.chunking import ChunkingSettings
+from coordinator.errors import ConfigError, LockstepError
+from coordinator.events import ChangeEvent, Op
+from coordinator.generations import (
+    Generation,
+    GenState,
+    active,
+    building,
+    expired,
+    next_number,
+    reassemble,
+    rollback_target,
+    start_building,
+    swapped,
+)
+from coordinator.model import DocState
+from coordinator.planner import document_hash
+from coordinator.ports import KeywordIndex
+from coordinator.reconcile import RateLimiter, Reconciler
+from lockstep.bootstrap import AnyLedger, build_embedder, build_keyword, build_ledger, build_source
+from lockstep.generations import (
+    GenerationParts,
+    build_parts,
+    drop_generation_stores,
+    generation_ledger,
+    keyword_settings,
+    load_generations,
+    new_generation,
+    point_aliases,
+    vector_settings,
+)
+from lockstep.settings import EmbedderSettings, Settings
+
+log = structlog.get_logger(__name__)
+
+# Repairs per second while validating the new generation (nobody reads it yet: go fast).
+VALIDATE_REPAIR_OPS_PER_S = 5000.0
+# Audit-and-repair rounds before the rebuild gives up on a generation that will not come clean.
+VALIDATE_ROUNDS_MAX = 3
+
+Progress = Callable[[int, int], None]
+
+
+def _no_progress(_done: int, _total: int) -> None:
+    return None
+
+
+@dataclass
+class RebuildReport:
+    generation: int
+    previous: int
+    backfilled_docs: int = 0
+    resumed_from: str | None = None
+    unreadable_docs: list[str] = field(default_factory=list)
+    embed_calls: int = 0
+    cache_hits: int = 0
+    reference: str = ""
+    audit_rounds: list[dict[str, Any]] = field(default_factory=list)
+    query_overlap: dict[str, Any] = field(default_factory=dict)
+    swap: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "previous": self.previous,
+            "backfilled_docs": self.backfilled_docs,
+            "resumed_from": self.resumed_from,
+            "unreadable_docs": self.unreadable_docs[:20],
+            "unreadable_count": len(self.unreadable_docs),
+            "embed_calls": self.embed_calls,
+            "cache_hits": self.cache_hits,
+            "reference": self.reference,
+            "audit_rounds": self.audit_rounds,
+            "query_overlap": self.query_overlap,
+            "swap": self.swap,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class _Reader:
+    """Generation N as the backfill reads it: its ledger and its keyword index (never its
+    vector collection, which a running service may hold open)."""
+
+    generation: Generation
+    ledger: AnyLedger
+    keyword: KeywordIndex
+
+    def close(self, home: AnyLedger) -> None:
+        self.keyword.close()
+        if self.ledger is not home:
+            self.ledger.close()
+
+
+class GenerationSnapshot:
+    """Generation N's documents as a listable source: the reference when the real source
+    (an event stream) cannot list its current state."""
+
+    def __init__(self, reader: _Reader, unreadable: list[str]) -> None:
+        self._reader = reader
+        self._unreadable = unreadable
+
+    def iter_current(self) -> Iterator[_Doc]:
+        for batch in _batched(self._reader.ledger.iter_docs(), 200):
+            for event in snapshot_events(batch, self._reader, self._unreadable):
+                if event.op is Op.UPSERT:
+                    yield _Doc(event.doc_id, event.version, event.text or "", dict(event.metadata))
+
+
+@dataclass(frozen=True)
+class _Doc:
+    doc_id: str
+    version: int
+    text: str
+    metadata: dict[str, Any]
+
+
+def snapshot_events(states: Sequence[DocState], reader: _Reader, unreadable: list[str]) -> list[ChangeEvent]:
+    """Each document's committed state as an event: deletes for tombstones, upserts whose text
+    is reassembled from the keyword index and matches the ledger's source hash."""
+    wanted = [cid for s in states if not s.deleted for cid in s.live_chunk_ids]
+    stored = reader.keyword.get(wanted) if wanted else {}
+    events = []
+    for state in states:
+        if state.deleted:
+            events.append(ChangeEvent(Op.DELETE, state.doc_id, state.version))
+            continue
+        chunks = [stored.get(cid) for cid in state.live_chunk_ids]
+        texts = [c.text for c in chunks if c is not None and c.text is not None]
+        if len(texts) != len(chunks) or not chunks:
+            unreadable.append(state.doc_id)
+            continue
+        metadata = dict(chunks[0].metadata or {})  # type: ignore[union-attr]
+        text = reassemble(texts, reader.generation.chunking)
+        if document_hash(text, metadata) != state.source_hash:
+            unreadable.append(state.doc_id)
+            continue
+        events.append(ChangeEvent(Op.UPSERT, state.doc_id, state.version, text, metadata))
+    return events
+
+
+def _batched(items: Iterator[DocState], size: int) -> Iterator[list[DocState]]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+class Rebuild:
+    """One ``lockstep rebuild`` (or ``--rollback`` / ``--abort``) run."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # Test only: a real SIGKILL of this process after this many saved backfill batches.
+        self.crash_after_batches: int | None = None
+        self.home = build_ledger(settings)
+        try:
+            self.configured = build_embedder(settings.embedder)
+            self.registry, _ = load_generations(settings, self.home, self.configured)
+        except BaseException:
+            self.home.close()
+            raise
+
+    def close(self) -> None:
+        self.home.close()
+
+    def generations(self) -> list[Generation]:
+        return self.registry.all()
+
+    # --- start / resume -----------------------------------------------------------------------
+
+    def begin(self, embedder: EmbedderSettings, chunking: ChunkingSettings) -> Generation:
+        """Register generation N+1, or return the one being built if it has the same identity."""
+        gens = self.registry.all()
+        inner = build_embedder(embedder)
+        current = building(gens)
+        if current is not None:
+            if (current.model_id, current.dim, current.chunking) != (inner.model_id, inner.dim, chunking):
+                raise ConfigError(
+                    f"generation {current.number} is being built with {current.model_id} / "
+                    f"{current.chunking.fingerprint}; finish it with those options or `lockstep rebuild --abort`"
+                )
+            log.info("resuming rebuild", generation=current.number, position=current.backfill_position)
+            return current
+        act = active(gens)
+        if (act.model_id, act.dim, act.chunking) == (inner.model_id, inner.dim, chunking):
+            raise ConfigError(
+                f"generation {act.number} already uses {act.model_id} / {chunking.fingerprint}: nothing to rebuild"
+            )
+        candidate = new_generation(self.settings, next_number(gens), embedder, inner, chunking, time.time())
+        gen = start_building(gens, candidate)
+        self.registry.put([gen])
+        log.info("generation registered", generation=gen.number, model=gen.model_id, chunking=gen.chunking.fingerprint,
+                 keyword_index=gen.keyword_index, collection=gen.vector_collection)
+        return gen
+
+    def run(self, embedder: EmbedderSettings, chunking: ChunkingSettings, *, swap: bool = True,
+            progress: Progress = _no_progress) -> RebuildReport:
+        gen = self.begin(embedder, chunking)
+        act = active(self.registry.all())
+        report = RebuildReport(generation=gen.number, previous=act.number, resumed_from=gen.backfill_position)
+        reader = self._reader(act)
+        target = build_parts(self.settings, gen, self.home, source_name=self._source_name())
+        try:
+            started = time.monotonic()
+            if not gen.backfill_done:
+                gen = self._backfill(gen, reader, target, report, progress)
+            report.seconds["backfill"] = round(time.monotonic() - started, 3)
+            started = time.monotonic()
+            self._validate(gen, reader, target, report)
+            report.seconds["validate"] = round(time.monotonic() - started, 3)
+            report.query_overlap = self._compare_queries(act, reader, target)
+            report.embed_calls = target.embedder.embed_calls
+            report.cache_hits = target.embedder.cache_hits
+            if swap:
+                report.swap = self._swap_to(gen, target)
+        finally:
+            target.close(keep_ledger=target.ledger is self.home)
+            reader.close(self.home)
+        return report
+
+    def _source_name(self) -> str:
+        return self.settings.source.name if self.settings.source else "api"
+
+    def _reader(self, gen: Generation) -> _Reader:
+        ledger = self.home if gen.number == 1 else generation_ledger(self.settings, gen.number)
+        return _Reader(gen, ledger, build_keyword(keyword_settings(self.settings, gen)))
+
+    # --- backfill -----------------------------------------------------------------------------
+
+    def _backfill(self, gen: Generation, reader: _Reader, target: GenerationParts, report: RebuildReport,
+                  progress: Progress) -> Generation:
+        counts = reader.ledger.counts()
+        total = counts["live_docs"] + counts["tombstones"]
+        done = gen.backfilled_docs
+        position = gen.backfill_position
+        docs = (d for d in reader.ledger.iter_docs(include_deleted=True) if position is None or d.doc_id > position)
+        progress(done, total)
+        for batches, batch in enumerate(_batched(docs, self.settings.rebuild.batch_docs), start=1):
+            events = snapshot_events(batch, reader, report.unreadable_docs)
+            target.engine.apply(events)
+            done += len(batch)
+            gen = replace(gen, backfill_position=batch[-1].doc_id, backfilled_docs=done)
+            self._save(gen)
+            report.backfilled_docs += len(batch)
+            progress(done, total)
+            if self.crash_after_batches is not None and batches >= self.crash_after_batches:
+                os.kill(os.getpid(), signal.SIGKILL)
+        gen = replace(gen, backfill_done=True)
+        self._save(gen)
+        log.info("backfill done", generation=gen.number, docs=done, unreadable=len(report.unreadable_docs))
+        return gen
+
+    def _save(self, gen: Generation) -> None:
+        """Record progress, unless the generation was aborted meanwhile (then stop)."""
+        now = {g.number: g for g in self.registry.all()}.get(gen.number)
+        if now is None or now.state is not GenState.BUILDING:
+            raise ConfigError(f"generation {gen.number} is no longer being built ({now.state if now else 'gone'})")
+        self.registry.put([replace(gen, state=now.state)])
+
+    # --- validate -----------------------------------------------------------------------------
+
+    def _validate(self, gen: Generation, reader: _Reader, target: GenerationParts, report: RebuildReport) -> None:
+        for _ in range(VALIDATE_ROUNDS_MAX):
+            with self._reference(reader, report) as reference:
+                auditor = Auditor(
+                    ledger=target.ledger,
+                    keyword=target.keyword,
+                    vector=target.vector,
+                    source=reference,
+                    chunking=gen.chunking,
+                    reference_name=report.reference,
+                )
+                result = auditor.full()
+                report.audit_rounds.append({"clean": result.report.clean, "counts": result.report.as_json()["counts"]})
+                if result.report.clean:
+                    return
+                log.warning("new generation differs from its reference; repairing", generation=gen.number,
+                            counts=result.report.as_json()["counts"])
+                Reconciler(
+                    auditor=auditor,
+                    engine=target.engine,
+                    ledger=target.ledger,
+                    keyword=target.keyword,
+                    vector=target.vector,
+                    chunking=gen.chunking,
+                    limiter=RateLimiter(VALIDATE_REPAIR_OPS_PER_S),
+                ).run(dry_run=False, max_ops=None)
+        raise LockstepError(
+            f"generation {gen.number} is still not clean after {VALIDATE_ROUNDS_MAX} audit-and-repair rounds; "
+            "not swapping (see the audit rounds in the report)"
+        )
+
+    class _RefCtx:
+        def __init__(self, reference: ListableSource, close: Callable[[], None]) -> None:
+            self.reference, self._close = reference, close
+
+        def __enter__(self) -> ListableSource:
+            return self.reference
+
+        def __exit__(self, *exc: object) -> None:
+            self._close()
+
+    def _reference(self, reader: _Reader, report: RebuildReport) -> Rebuild._RefCtx:
+        """The source itself when it can list its current state, else generation N."""
+        if self.settings.source is not None:
+            source = build_source(self.settings, reader.ledger)
+            if isinstance(source, ListableSource):
+                report.reference = f"source {self.settings.source.name}"
+                return Rebuild._RefCtx(source, source.close)
+            source.close()
+        report.reference = f"generation {reader.generation.number}"
+        return Rebuild._RefCtx(GenerationSnapshot(reader, []), lambda: None)
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def _compare_queries(self, act: Generation, reader: _Reader, target: GenerationParts) -> dict[str, Any]:
+        """Run the configured query set on both generations; report how much their results agree."""
+        path = self.settings.rebuild.queries_path
+        if not path:
+            return {}
+        queries = [q.strip() for q in Path(path).read_text(encoding="utf-8").splitlines() if q.strip()]
+        k = self.settings.rebuild.queries_k
+        old_embedder = build_embedder(_embedder_of(self.settings, act))
+        old_vector = MilvusVectorIndex(vector_settings(self.settings, act), dim=act.dim)
+        per_query = []
+        try:
+            for query in queries:
+                kw = _overlap(_docs(reader.keyword.search(query, k)), _docs(target.keyword.search(query, k)))
+                vec = _overlap(
+                    _docs(old_vector.search(old_embedder.embed([query])[0], k)),
+                    _docs(target.vector.search(target.embedder.embed([query])[0], k)),
+                )
+                per_query.append({"query": query, "keyword_overlap": kw, "vector_overlap": vec})
+        finally:
+            old_vector.close()
+        mean = lambda key: round(sum(q[key] for q in per_query) / len(per_query), 3) if per_query else None  # noqa: E731
+        return {"k": k, "queries": len(per_query), "keyword_overlap_mean": mean("keyword_overlap"),
+                "vector_overlap_mean": mean("vector_overlap"), "per_query": per_query}
+
+    # --- swap, rollback, abort, gc ----------------------------------------------------------------
+
+    def _swap_to(self, gen: Generation, parts: GenerationParts) -> dict[str, Any]:
+        switch = point_aliases(self.settings, gen, parts.keyword, parts.vector)
+        gens = self.registry.all()
+        self.registry.put(swapped(gens, gen.number, time.time(), switch))
+        log.info("swapped", to=gen.number, keyword_at=switch["keyword_switched_at"],
+                 vector_at=switch["vector_switched_at"])
+        return switch
+
+    def swap(self, number: int) -> dict[str, Any]:
+        gens = {g.number: g for g in self.registry.all()}
+        gen = gens.get(number)
+        if gen is None:
+            raise ConfigError(f"no generation {number}")
+        if gen.state is GenState.BUILDING and not gen.backfill_done:
+            raise ConfigError(f"generation {number} is still being backfilled")
+        parts = build_parts(self.settings, gen, self.home, source_name=self._source_name())
+        try:
+            return self._swap_to(gen, parts)
+        finally:
+            parts.close(keep_ledger=parts.ledger is self.home)
+
+    def rollback(self) -> dict[str, Any]:
+        """Point readers back at the standby generation that was active most recently."""
+        return self.swap(rollback_target(self.registry.all()).number)
+
+    def abort(self) -> int:
+        gen = building(self.registry.all())
+        if gen is None:
+            raise ConfigError("no generation is being built")
+        self.registry.put([replace(gen, state=GenState.ABORTED, retired_at=time.time())])
+        drop_generation_stores(self.settings, gen)
+        self.registry.put([replace(gen, state=GenState.DROPPED, retired_at=time.time())])
+        return gen.number
+
+    def gc(self, *, now: float, retention_s: float) -> list[int]:
+        dropped = []
+        for gen in expired(self.registry.all(), now, retention_s):
+            drop_generation_stores(self.settings, gen)
+            self.registry.put([replace(gen, state=GenState.DROPPED)])
+            dropped.append(gen.number)
+            log.info("generation dropped", generation=gen.number)
+        return dropped
+
+
+def _embedder_of(settings: Settings, gen: Generation) -> EmbedderSettings:
+    from lockstep.generations import generation_embedder_settings
+
+    return generation_embedder_settings(settings, gen)
+
+
+def _docs(hits: Sequence[Any]) -> list[str]:
+    out: list[str] = []
+    for hit in hits:
+        if hit.doc_id not in out:
+            out.append(hit.doc_id)
+    return out
+
+
+def _overlap(a: list[str], b: list[str]) -> float:
+    if not a and not b:
+        return 1.0
+    return round(len(set(a) & set(b)) / max(len(set(a)), len(set(b))), 3)

@@ -1,0 +1,215 @@
+"""Blue-green rebuilds: generations, backfill, validation, alias swap, rollback, gc, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from milvus_lite.server_manager import server_manager_instance
+
+from adapters.keyword.tantivy_index import alias_target as tantivy_alias_target
+from adapters.vector.milvus import MilvusVectorIndex
+from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
+from coordinator.errors import ConfigError
+from coordinator.invariants import ExpectedChunk, check_index
+from lockstep.bootstrap import build_embedder, build_ledger, runtime
+from lockstep.generations import build_parts, vector_settings
+from lockstep.rebuild import Rebuild
+from lockstep.settings import EmbedderSettings, load_settings
+
+LOCKSTEP = [sys.executable, "-m", "lockstep"]
+CLI_TIMEOUT_S = 300
+
+
+def _config(tmp_path: Path, **overrides: Any) -> Path:
+    config = {
+        "source": {"kind": "jsonl", "path": str(tmp_path / "events.jsonl"), "name": "events"},
+        "keyword": {"kind": "tantivy", "path": str(tmp_path / "tantivy")},
+        "vector": {"uri": str(tmp_path / "milvus.db")},
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+        "embedder": {"kind": "hashing", "dim": 32},
+        "chunking": {"max_chars": 120},
+        "sync": {"batch_events": 50},
+        "rebuild": {"batch_docs": 10},
+        **overrides,
+    }
+    path = tmp_path / "lockstep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _lockstep(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LOCKSTEP, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False,
+        stdin=subprocess.DEVNULL, env=dict(os.environ),
+    )
+
+
+def _text(doc: int, version: int) -> str:
+    # Paragraphs shared by many documents (boilerplate) and paragraphs of their own.
+    return "\n\n".join(
+        [f"Shared policy paragraph {p % 4} about refunds, invoices and shipping." for p in range(3)]
+        + [f"Document {doc} version {version} paragraph {p} tells its own story." for p in range(doc % 5 + 1)]
+    )
+
+
+def _write_history(tmp_path: Path, docs: int) -> dict[str, dict[str, Any] | None]:
+    """Upserts, edits and deletes; returns each document's final state (None: deleted)."""
+    final: dict[str, dict[str, Any] | None] = {}
+    with (tmp_path / "events.jsonl").open("a") as out:
+        for version in (1, 2):
+            for d in range(docs):
+                if version == 2 and d % 3:
+                    continue
+                event = {"op": "upsert", "doc_id": f"doc-{d:03d}", "version": version, "text": _text(d, version),
+                         "metadata": {"team": f"t{d % 2}"}}
+                out.write(json.dumps(event) + "\n")
+                final[event["doc_id"]] = event
+        for d in range(0, docs, 7):
+            out.write(json.dumps({"op": "delete", "doc_id": f"doc-{d:03d}", "version": 5}) + "\n")
+            final[f"doc-{d:03d}"] = None
+    return final
+
+
+def _expected(final: dict[str, dict[str, Any] | None], chunking: ChunkingSettings) -> tuple[dict[str, ExpectedChunk], set[str]]:
+    expected = {
+        chunk_id(d, i): ExpectedChunk(chunk_id(d, i), content_hash(t))
+        for d, ev in final.items() if ev is not None
+        for i, t in enumerate(chunk_text(ev["text"], chunking))
+    }
+    return expected, {d for d, ev in final.items() if ev is None}
+
+
+def _hashes(final: dict[str, dict[str, Any] | None], chunking: ChunkingSettings) -> set[str]:
+    return {content_hash(t) for ev in final.values() if ev is not None for t in chunk_text(ev["text"], chunking)}
+
+
+def _report(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def _generations(config: Path) -> list[dict[str, Any]]:
+    result = _lockstep("generations", "-c", str(config), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    gens: list[dict[str, Any]] = json.loads(result.stdout)
+    return gens
+
+
+def _check_generation(config: Path, number: int, final: dict[str, dict[str, Any] | None]) -> None:
+    """Both indexes of generation ``number`` hold exactly the final state, cut its own way."""
+    settings = load_settings(config)
+    with runtime(settings) as rt:
+        parts = {p.generation.number: p for p in rt.generations}[number]
+        expected, deleted = _expected(final, parts.generation.chunking)
+        violations = [
+            *check_index("keyword", expected, deleted, list(parts.keyword.scan())),
+            *check_index("vector", expected, deleted, list(parts.vector.scan())),
+        ]
+        assert parts.ledger.counts()["pending_intents"] == 0
+    # The in-process milvus-lite server holds the file until released; the next CLI needs it.
+    server_manager_instance.release_server(settings.vector.uri)
+    assert violations == [], "\n".join(map(str, violations[:20]))
+
+
+def test_a_chunking_only_rebuild_embeds_only_texts_never_seen_and_swaps_and_rolls_back(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    final = _write_history(tmp_path, 60)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    old, new = ChunkingSettings(120), ChunkingSettings(70)
+    # Generation 1 embedded every chunk text it ever saw (versions 1 and 2), so only the texts
+    # the new cut produces and no version ever produced need the model.
+    seen_before = {content_hash(t) for line in (tmp_path / "events.jsonl").read_text().splitlines()
+                   if (ev := json.loads(line))["op"] == "upsert" for t in chunk_text(ev["text"], old)}
+    unseen = _hashes(final, new) - seen_before
+    assert unseen, "the test needs a cut that produces new chunk texts"
+
+    report = _report(_lockstep("rebuild", "-c", str(config), "--chunking", "max_chars=70"))
+
+    assert report["generation"] == 2 and report["previous"] == 1
+    assert report["embed_calls"] == len(unseen)
+    assert report["audit_rounds"][-1]["clean"] is True
+    assert report["swap"]["keyword_switched_at"] <= report["swap"]["vector_switched_at"]
+    assert str(tantivy_alias_target(f"{tmp_path / 'tantivy'}.live")).rstrip("/") == f"{tmp_path / 'tantivy'}-g2"
+    states = {g["number"]: g["state"] for g in _generations(config)}
+    assert states == {1: "standby", 2: "active"}
+    _check_generation(config, 2, final)
+
+    # Live writes after the swap reach both generations (the standby is kept for a rollback).
+    with (tmp_path / "events.jsonl").open("a") as out:
+        edit = {"op": "upsert", "doc_id": "doc-001", "version": 9, "text": _text(1, 9), "metadata": {}}
+        out.write(json.dumps(edit) + "\n")
+    final["doc-001"] = edit
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    _check_generation(config, 2, final)
+    _check_generation(config, 1, final)
+
+    rolled = _report(_lockstep("rebuild", "-c", str(config), "--rollback"))
+    assert rolled["rollback"]["generation"] == 1
+    assert str(tantivy_alias_target(f"{tmp_path / 'tantivy'}.live")).rstrip("/") == str(tmp_path / "tantivy")
+    assert {g["number"]: g["state"] for g in _generations(config)} == {1: "active", 2: "standby"}
+
+    dropped = _report(_lockstep("gc", "-c", str(config), "--retention-s", "0"))
+    assert dropped == {"dropped": [2]}
+    assert not (tmp_path / "tantivy-g2").exists()
+    assert {g["number"]: g["state"] for g in _generations(config)} == {1: "active", 2: "dropped"}
+    _check_generation(config, 1, final)
+
+
+def test_a_model_change_never_mixes_vectors(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    final = _write_history(tmp_path, 20)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    report = _report(_lockstep("rebuild", "-c", str(config), "--embedder", "hashing:dim=48"))
+    # A new model embeds every distinct chunk text once; the cache of the old model is no help.
+    assert report["embed_calls"] == len(_hashes(final, ChunkingSettings(120)))
+    _check_generation(config, 2, final)
+
+    settings = load_settings(config)
+    gens = {g.number: g for g in Rebuild(settings).generations()}
+    old_model = build_embedder(EmbedderSettings(kind="hashing", dim=32))
+    home = build_ledger(settings)
+    try:
+        with pytest.raises(ConfigError, match="refusing to write vectors"):
+            build_parts(settings, gens[2], home, source_name="x", inner=old_model)
+    finally:
+        home.close()
+    # The collection itself remembers its model: even a client that skips the ledger is refused.
+    index = MilvusVectorIndex(vector_settings(settings, gens[2]), dim=48, model_id="another-model")
+    try:
+        with pytest.raises(ConfigError, match="another-model"):
+            index.ensure()
+    finally:
+        index.close()
+        server_manager_instance.release_server(settings.vector.uri)
+
+
+def test_a_rebuild_killed_mid_backfill_resumes_without_re_embedding(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    final = _write_history(tmp_path, 80)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+
+    killed = _lockstep("rebuild", "-c", str(config), "--embedder", "hashing:dim=40", "--crash-after-batches", "3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    gen2 = {g["number"]: g for g in _generations(config)}[2]
+    assert gen2["state"] == "building" and not gen2["backfill_done"] and gen2["backfilled_docs"] == 30
+
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        embedded_before = db.execute(
+            "SELECT COUNT(*) FROM embeddings WHERE model LIKE 'hashing-v%-d40%'"
+        ).fetchone()[0]
+    assert embedded_before > 0
+
+    report = _report(_lockstep("rebuild", "-c", str(config), "--embedder", "hashing:dim=40"))
+    assert report["resumed_from"] == gen2["backfill_position"]
+    assert report["backfilled_docs"] == len(final) - 30
+    assert report["embed_calls"] == len(_hashes(final, ChunkingSettings(120))) - embedded_before
+    _check_generation(config, 2, final)
