@@ -547,6 +547,10 @@ class Auditor:
         doc_ids = [d.doc_id for d in self.ledger.iter_docs_changed_since(since)]
         return self._finish(Report("since", self.reference_name), self.probe(doc_ids))
 
+    def recheck(self, doc_ids: Sequence[str]) -> AuditResult:
+        """Probe these documents again (after repairs, or after live writes in flight settled)."""
+        return self._finish(Report("recheck", self.reference_name), self.probe(doc_ids))
+
     def document(self, doc_id: str) -> AuditResult:
         """Every side's full holdings of one document: both indexes are scanned for its chunks."""
         views = self._collect(lambda d: d == doc_id)

@@ -95,11 +95,12 @@ def reconcile(
         auditor = _make_auditor(settings, rt, source, hash_text=True)
         reconciler = Reconciler(
             auditor=auditor,
-            engine=rt.engine,
+            # Repairs go to the generation readers see; a standby is audited by its own rebuild.
+            engine=rt.generations[0].engine,
             ledger=rt.ledger,
             keyword=rt.keyword,
             vector=rt.vector,
-            chunking=settings.chunking.to_domain(),
+            chunking=rt.generations[0].generation.chunking,
             limiter=RateLimiter(ops_per_s),
         )
         summary = reconciler.run(dry_run=dry_run, max_ops=max_ops).as_json()
@@ -168,7 +169,7 @@ def _make_auditor(
         keyword=rt.keyword,
         vector=rt.vector,
         source=source,
-        chunking=settings.chunking.to_domain(),
+        chunking=rt.generations[0].generation.chunking,
         reference_name=name,
         hash_text=hash_text,
     )

@@ -30,11 +30,14 @@ from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook
 from coordinator.errors import FencedError, LockstepError, TransientStoreError
+from coordinator.generations import Generation, check_embedder
 from coordinator.model import ChunkDelete, IndexedChunk, SearchHit, StoredChunk, Vector, WriteResult
+from coordinator.multi_apply import MultiEngine
 from coordinator.ports import ChunkIndex
 from coordinator.routing import shard_of
 from coordinator.shard import Backoff, Envelope, ShardStatus, ShardWorker
 from lockstep.bootstrap import build_embedder, build_embedding_cache, build_keyword, build_ledger
+from lockstep.generations import generation_embedder_settings, generation_ledger, generation_settings
 from lockstep.logging import configure_logging
 from lockstep.settings import Settings
 
@@ -90,32 +93,53 @@ def _call(ref: Any, timeout_s: float, what: str) -> Any:
 class IndexWriterActor:
     """Owns one side's index client; every write to that index goes through here."""
 
-    def __init__(self, side: str, settings: Settings, dim: int, log_level: str) -> None:
+    def __init__(self, side: str, generations: list[WriterTarget], log_level: str) -> None:
+        """One client per live generation (its physical index names), all in this one process:
+        an embedded store (a milvus-lite file) admits a single process. The vector side refuses
+        a collection built with another model than its generation's."""
         configure_logging(log_level)
-        self.index: ChunkIndex = (
-            build_keyword(settings.keyword)
-            if side == KEYWORD
-            else MilvusVectorIndex(settings.vector, dim=dim)
-        )
-        self.index.ensure()
+        self.indexes: dict[int, ChunkIndex] = {
+            t.number: (
+                build_keyword(t.settings.keyword)
+                if side == KEYWORD
+                else MilvusVectorIndex(t.settings.vector, dim=t.dim, model_id=t.model_id)
+            )
+            for t in generations
+        }
+        for index in self.indexes.values():
+            index.ensure()
 
-    def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.index, method)(*args)
+    def call(self, generation: int, method: str, *args: Any) -> Any:
+        return getattr(self.indexes[generation], method)(*args)
 
     def close(self) -> None:
-        self.index.close()
+        for index in self.indexes.values():
+            index.close()
+
+
+@dataclass(frozen=True)
+class WriterTarget:
+    """What an index writer needs to know of one generation."""
+
+    number: int
+    settings: Settings
+    dim: int
+    model_id: str
 
 
 class ActorIndex:
     """A ChunkIndex (and VectorIndex) whose every call goes to an IndexWriterActor."""
 
-    def __init__(self, handle: Any, name: str, dim: int = 0) -> None:
+    def __init__(self, handle: Any, name: str, dim: int = 0, generation: int = 1) -> None:
         self.handle = handle
         self.name = name
         self.dim = dim
+        self.generation = generation
 
     def _do(self, method: str, *args: Any) -> Any:
-        return _call(self.handle.call.remote(method, *args), INDEX_CALL_TIMEOUT_S, f"{self.name} index")
+        return _call(
+            self.handle.call.remote(self.generation, method, *args), INDEX_CALL_TIMEOUT_S, f"{self.name} index"
+        )
 
     def ensure(self) -> None:
         self._do("ensure")
@@ -172,6 +196,7 @@ class ShardActor:
         self,
         config: ShardConfig,
         settings: Settings,
+        generations: list[Generation],
         writers: dict[str, Any],
         crash_at: tuple[str, int] | None,
     ) -> None:
@@ -179,19 +204,8 @@ class ShardActor:
         structlog.contextvars.bind_contextvars(shard=config.shard)
         self.config = config
         self.ledger = build_ledger(settings, _crash_hook(crash_at))
-        inner = build_embedder(settings.embedder)
-        keyword = ActorIndex(writers[KEYWORD], KEYWORD)
-        vector = ActorIndex(writers[VECTOR], VECTOR, dim=inner.dim)
-        self.engine = ApplyEngine(
-            ledger=self.ledger,
-            keyword=keyword,
-            vector=vector,  # type: ignore[arg-type]  # ActorIndex is structurally a VectorIndex
-            embedder=CachedEmbedder(inner, build_embedding_cache(self.ledger)),
-            chunking=settings.chunking.to_domain(),
-            source_name=settings.source.name if settings.source else "run",
-            crash=_crash_hook(crash_at),
-            clock=time.monotonic,
-        )
+        self._gen_ledgers: list[Any] = []
+        self.engine = self._build_engine(settings, generations, writers, _crash_hook(crash_at))
         self.fence = self.ledger.claim_shard(config.shard, config.owner, config.lease_s)
         self.recovered = self.engine.recover(
             self.fence, owns=lambda d: shard_of(d, config.shards) == config.shard
@@ -213,6 +227,37 @@ class ShardActor:
         self._thread = threading.Thread(target=self._loop, name=f"shard-{config.shard}", daemon=True)
         self._thread.start()
 
+    def _build_engine(
+        self,
+        settings: Settings,
+        generations: list[Generation],
+        writers: dict[str, Any],
+        crash: CrashHook,
+    ) -> ApplyEngine | MultiEngine:
+        """One two-phase engine per live generation (the active one first): each with its own
+        ledger namespace and index writers, all sharing the home ledger's leases, dead-letter
+        queue and embedding cache. One generation: a plain ApplyEngine."""
+        engines = []
+        for gen in generations:
+            ledger = self.ledger if gen.number == 1 else generation_ledger(settings, gen.number, crash)
+            if ledger is not self.ledger:
+                self._gen_ledgers.append(ledger)
+            inner = build_embedder(generation_embedder_settings(settings, gen))
+            check_embedder(gen, inner.model_id, inner.dim)
+            engines.append(
+                ApplyEngine(
+                    ledger=ledger,
+                    keyword=ActorIndex(writers[KEYWORD], KEYWORD, generation=gen.number),
+                    vector=ActorIndex(writers[VECTOR], VECTOR, dim=inner.dim, generation=gen.number),  # type: ignore[arg-type]
+                    embedder=CachedEmbedder(inner, build_embedding_cache(self.ledger)),
+                    chunking=gen.chunking,
+                    source_name=settings.source.name if settings.source else "run",
+                    crash=crash,
+                    clock=time.monotonic,
+                )
+            )
+        return engines[0] if len(engines) == 1 else MultiEngine(engines)
+
     def ready(self) -> int:
         return self.recovered
 
@@ -229,6 +274,8 @@ class ShardActor:
         self._stop.set()
         self._thread.join(timeout=CONTROL_CALL_TIMEOUT_S)
         self.engine.close()
+        for ledger in self._gen_ledgers:
+            ledger.close()
         self.ledger.close()
 
     def _loop(self) -> None:
@@ -279,27 +326,43 @@ class ShardCluster:
     """The actors of one ``lockstep run``: two index writers and N shards."""
 
     def __init__(
-        self, settings: Settings, *, owner: str, dim: int, crash_at: tuple[str, int] | None, log_level: str
+        self,
+        settings: Settings,
+        *,
+        owner: str,
+        generations: list[Generation],
+        crash_at: tuple[str, int] | None,
+        log_level: str,
     ) -> None:
+        """``generations``: every live generation, the active one (which readers see) first."""
         rs = settings.run
         self.shards_n = rs.shards
-        self.dim = dim
+        self.dim = generations[0].dim
+        self.active = generations[0].number
+        targets = [WriterTarget(g.number, generation_settings(settings, g), g.dim, g.model_id) for g in generations]
         self.writers = {
-            side: IndexWriterActor.remote(side, settings, dim, log_level)  # type: ignore[attr-defined]
+            side: IndexWriterActor.remote(side, targets, log_level)  # type: ignore[attr-defined]
             for side in (KEYWORD, VECTOR)
         }
         configs = [
             ShardConfig(i, rs.shards, owner, rs.lease_s, rs.mailbox_docs_max, rs.batch_docs_max, log_level)
             for i in range(rs.shards)
         ]
-        self.shards = [ShardActor.remote(c, settings, self.writers, crash_at) for c in configs]  # type: ignore[attr-defined]
+        self.shards = [
+            ShardActor.remote(c, settings, generations, self.writers, crash_at)  # type: ignore[attr-defined]
+            for c in configs
+        ]
         self.recovered = sum(
             _call([s.ready.remote() for s in self.shards], SHARD_START_TIMEOUT_S, "shard start")
         )
 
     def readers(self) -> tuple[ActorIndex, ActorIndex]:
-        """Read access to both indexes through their writer actors (for the continuous audit)."""
-        return ActorIndex(self.writers[KEYWORD], KEYWORD), ActorIndex(self.writers[VECTOR], VECTOR, dim=self.dim)
+        """Read access to the active generation's indexes through the writer actors (for the
+        continuous audit)."""
+        return (
+            ActorIndex(self.writers[KEYWORD], KEYWORD, generation=self.active),
+            ActorIndex(self.writers[VECTOR], VECTOR, dim=self.dim, generation=self.active),
+        )
 
     def route(self, doc_key: str) -> int:
         return shard_of(doc_key, self.shards_n)

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from adapters.vector.milvus import MilvusVectorIndex
-from coordinator.audit import Auditor, ListableSource
+from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
 from coordinator.chunking import ChunkingSettings
 from coordinator.errors import ConfigError, LockstepError
 from coordinator.events import ChangeEvent, Op
@@ -68,7 +68,9 @@ log = structlog.get_logger(__name__)
 # Repairs per second while validating the new generation (nobody reads it yet: go fast).
 VALIDATE_REPAIR_OPS_PER_S = 5000.0
 # Audit-and-repair rounds before the rebuild gives up on a generation that will not come clean.
-VALIDATE_ROUNDS_MAX = 3
+VALIDATE_ROUNDS_MAX = 5
+# Between rounds, live writes in flight get this long to reach both generations.
+VALIDATE_SETTLE_S = 2.0
 
 Progress = Callable[[int, int], None]
 
@@ -292,35 +294,80 @@ class Rebuild:
     # --- validate -----------------------------------------------------------------------------
 
     def _validate(self, gen: Generation, reader: _Reader, target: GenerationParts, report: RebuildReport) -> None:
-        for _ in range(VALIDATE_ROUNDS_MAX):
-            with self._reference(reader, report) as reference:
-                auditor = Auditor(
-                    ledger=target.ledger,
-                    keyword=target.keyword,
-                    vector=target.vector,
-                    source=reference,
-                    chunking=gen.chunking,
-                    reference_name=report.reference,
-                )
-                result = auditor.full()
-                report.audit_rounds.append({"clean": result.report.clean, "counts": result.report.as_json()["counts"]})
+        """A full audit of the new generation against its reference; documents that differ are
+        given the reference's state (never an older version than the new generation holds: a
+        live write may simply not have reached the reference yet) and probed again."""
+        with self._reference(reader, report) as reference:
+            auditor = Auditor(
+                ledger=target.ledger,
+                keyword=target.keyword,
+                vector=target.vector,
+                source=reference,
+                chunking=gen.chunking,
+                reference_name=report.reference,
+            )
+            exact = isinstance(reference, GenerationSnapshot)
+            result = auditor.full()
+            for _ in range(VALIDATE_ROUNDS_MAX):
+                counts = result.report.as_json()["counts"]
+                report.audit_rounds.append({"mode": result.report.mode, "clean": result.report.clean, "counts": counts})
                 if result.report.clean:
                     return
-                log.warning("new generation differs from its reference; repairing", generation=gen.number,
-                            counts=result.report.as_json()["counts"])
-                Reconciler(
-                    auditor=auditor,
-                    engine=target.engine,
-                    ledger=target.ledger,
-                    keyword=target.keyword,
-                    vector=target.vector,
-                    chunking=gen.chunking,
-                    limiter=RateLimiter(VALIDATE_REPAIR_OPS_PER_S),
-                ).run(dry_run=False, max_ops=None)
-        raise LockstepError(
-            f"generation {gen.number} is still not clean after {VALIDATE_ROUNDS_MAX} audit-and-repair rounds; "
-            "not swapping (see the audit rounds in the report)"
-        )
+                log.warning("new generation differs from its reference", generation=gen.number, counts=counts)
+                docs = sorted({f.doc_id for f in result.findings})
+                self._repair(result, reader, target, exact=exact, unreadable=report.unreadable_docs)
+                time.sleep(VALIDATE_SETTLE_S)
+                result = auditor.recheck(docs)
+                if not result.report.clean and not any(has_ledger_drift(v) for v in result.views.values()):
+                    # Only index-level findings are left: the reconciler's repairs (from the
+                    # new generation's own ledger) fix those.
+                    Reconciler(
+                        auditor=auditor,
+                        engine=target.engine,
+                        ledger=target.ledger,
+                        keyword=target.keyword,
+                        vector=target.vector,
+                        chunking=gen.chunking,
+                        limiter=RateLimiter(VALIDATE_REPAIR_OPS_PER_S),
+                    ).run(dry_run=False, max_ops=None)
+                    result = auditor.recheck(docs)
+        report.audit_rounds.append({"mode": result.report.mode, "clean": result.report.clean,
+                                    "counts": result.report.as_json()["counts"]})
+        if not result.report.clean:
+            raise LockstepError(
+                f"generation {gen.number} is still not clean after {VALIDATE_ROUNDS_MAX} rounds of repair; "
+                "not swapping (see the audit rounds in the report)"
+            )
+
+    def _repair(
+        self, result: AuditResult, reader: _Reader, target: GenerationParts, *, exact: bool, unreadable: list[str]
+    ) -> None:
+        """Bring documents whose new-generation ledger disagrees with the reference in line."""
+        views = [v for v in result.views.values() if has_ledger_drift(v)]
+        known = reader.ledger.get_docs([v.doc_id for v in views]) if exact else {}
+        events = []
+        for view in views:
+            ours = view.ledger.version if view.ledger is not None else 0
+            if view.source is not None:
+                version = view.source.version if exact else max(view.source.version, ours + 1)
+                if exact and version < ours:
+                    continue  # the new generation is ahead: a live write the reference will get
+                events.append(ChangeEvent(Op.UPSERT, view.doc_id, version, view.source.text,
+                                          dict(view.source.metadata)))
+            else:
+                was = known.get(view.doc_id)
+                if exact and was is not None and not was.deleted:
+                    # Live in generation N, but its text could not be read back there: that is
+                    # drift in N (`lockstep reconcile` repairs it), not a reason to delete.
+                    if view.doc_id not in unreadable:
+                        unreadable.append(view.doc_id)
+                    continue
+                version = was.version if was is not None else ours + 1
+                if exact and version < ours:
+                    continue
+                events.append(ChangeEvent(Op.DELETE, view.doc_id, version))
+        if events:
+            target.engine.apply(events)
 
     class _RefCtx:
         def __init__(self, reference: ListableSource, close: Callable[[], None]) -> None:

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from milvus_lite.server_manager import server_manager_instance
+from pymilvus import MilvusClient
 
 from adapters.keyword.tantivy_index import alias_target as tantivy_alias_target
 from adapters.vector.milvus import MilvusVectorIndex
+from chaos.servers import free_port
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.errors import ConfigError
 from coordinator.invariants import ExpectedChunk, check_index
@@ -116,7 +124,8 @@ def _check_generation(config: Path, number: int, final: dict[str, dict[str, Any]
         ]
         assert parts.ledger.counts()["pending_intents"] == 0
     # The in-process milvus-lite server holds the file until released; the next CLI needs it.
-    server_manager_instance.release_server(settings.vector.uri)
+    if settings.vector.is_embedded:
+        server_manager_instance.release_server(settings.vector.uri)
     assert violations == [], "\n".join(map(str, violations[:20]))
 
 
@@ -142,6 +151,9 @@ def test_a_chunking_only_rebuild_embeds_only_texts_never_seen_and_swaps_and_roll
     states = {g["number"]: g["state"] for g in _generations(config)}
     assert states == {1: "standby", 2: "active"}
     _check_generation(config, 2, final)
+    # The audit and the reconciler look at the generation readers see, cut its own way.
+    audited = _lockstep("audit", "-c", str(config), "--json")
+    assert audited.returncode == 0, audited.stdout[-2000:] + audited.stderr[-2000:]
 
     # Live writes after the swap reach both generations (the standby is kept for a rollback).
     with (tmp_path / "events.jsonl").open("a") as out:
@@ -213,3 +225,142 @@ def test_a_rebuild_killed_mid_backfill_resumes_without_re_embedding(tmp_path: Pa
     assert report["backfilled_docs"] == len(final) - 30
     assert report["embed_calls"] == len(_hashes(final, ChunkingSettings(120))) - embedded_before
     _check_generation(config, 2, final)
+
+
+# --- a live rebuild under `lockstep run`, with readers querying the aliases throughout ----------
+
+
+def _start_service(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([*LOCKSTEP, "--log-level", "info", "run", "-c", str(config)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(predicate: Any, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class _Readers:
+    """Queries both aliases in a loop, as a search front end would; counts every failure."""
+
+    def __init__(self, os_url: str, kw_alias: str, milvus_uri: str, vec_alias: str) -> None:
+        self.os_url, self.kw_alias, self.vec_alias = os_url, kw_alias, vec_alias
+        self.milvus = MilvusClient(uri=milvus_uri)
+        self.queries = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not self.stop.is_set():
+                try:
+                    r = http.get(f"{self.os_url}/{self.kw_alias}/_search", params={"q": "text:refunds", "size": 5})
+                    if r.status_code != 200 or r.json()["hits"]["total"]["value"] == 0:
+                        self.failures.append(f"keyword: {r.status_code} {r.text[:200]}")
+                    rows = self.milvus.query(collection_name=self.vec_alias, filter="version >= 0", limit=5,
+                                             output_fields=["chunk_id"])
+                    if not rows:
+                        self.failures.append("vector: no rows through the alias")
+                except Exception as exc:  # every kind of failure counts
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                self.queries += 1
+                time.sleep(0.02)
+
+    def __enter__(self) -> _Readers:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        self.milvus.close()
+
+
+def test_a_live_rebuild_never_fails_a_query_and_ends_equal_to_the_source(
+    tmp_path: Path, opensearch_api_url: str, lite_server: Any
+) -> None:
+    port = free_port()
+    name = f"rb-live-{uuid.uuid4().hex[:6]}"
+    config = _config(
+        tmp_path,
+        keyword={"kind": "opensearch", "url": opensearch_api_url, "index": name},
+        vector={"uri": lite_server.uri, "collection": name.replace("-", "_")},
+        run={"shards": 2, "http_port": port, "audit_interval_s": 0, "grace_s": 30},
+    )
+    final = _write_history(tmp_path, 80)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    kw_alias, vec_alias = f"{name}-live", f"{name.replace('-', '_')}_live"
+    service = _start_service(config, tmp_path / "run.log")
+    stop_writes = threading.Event()
+    rng = random.Random(3)
+
+    def write_live() -> None:
+        version = 10
+        with (tmp_path / "events.jsonl").open("a") as out:
+            while not stop_writes.is_set():
+                doc = f"doc-{rng.randrange(80):03d}"
+                version += 1
+                event = {"op": "upsert", "doc_id": doc, "version": version, "text": _text(rng.randrange(80), version),
+                         "metadata": {"team": "live"}}
+                out.write(json.dumps(event) + "\n")
+                out.flush()
+                final[doc] = event
+                time.sleep(0.05)
+
+    try:
+        _wait(lambda: _ready(port), "the service to be ready")
+        writer = threading.Thread(target=write_live, daemon=True)
+        with _Readers(opensearch_api_url, kw_alias, lite_server.uri, vec_alias) as readers:
+            writer.start()
+            rebuilt = _lockstep("rebuild", "-c", str(config), "--chunking", "max_chars=70")
+            time.sleep(3)  # writes keep flowing after the swap
+            stop_writes.set()
+            writer.join()
+            _wait(lambda: _generation_equals(config, 2, final), "generation 2 to catch up with the last writes")
+            queries_during = readers.queries
+        report = _report(rebuilt)
+        assert report["swap"]["generation"] == 2 and report["audit_rounds"][-1]["clean"] is True
+        assert readers.failures == [], readers.failures[:5]
+        assert queries_during > 20
+        targets = httpx.get(f"{opensearch_api_url}/_alias/{kw_alias}").json()
+        assert list(targets) == [f"{name}-g2"]
+        _check_generation(config, 1, final)  # the standby generation was kept in step
+        # The running service noticed generation 2 and wrote both generations through the
+        # two-phase path (it does not restart for anything else).
+        assert "switching shard actors" in (tmp_path / "run.log").read_text()
+
+        rolled = _report(_lockstep("rebuild", "-c", str(config), "--rollback"))
+        assert rolled["rollback"]["generation"] == 1
+        expected_old, _ = _expected(final, ChunkingSettings(120))
+        httpx.post(f"{opensearch_api_url}/{name}/_refresh")
+        count = httpx.get(f"{opensearch_api_url}/{kw_alias}/_count").json()["count"]
+        assert count == len(expected_old)
+    finally:
+        stop_writes.set()
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.pid, signal.SIGKILL)
+            service.wait()
+
+
+def _generation_equals(config: Path, number: int, final: dict[str, dict[str, Any] | None]) -> bool:
+    try:
+        _check_generation(config, number, final)
+    except AssertionError:
+        return False
+    return True
