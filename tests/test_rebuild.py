@@ -364,3 +364,43 @@ def _generation_equals(config: Path, number: int, final: dict[str, dict[str, Any
     except AssertionError:
         return False
     return True
+
+
+def test_validation_repairs_what_the_new_generation_missed_before_it_swaps(tmp_path: Path) -> None:
+    """Writes that reached only generation 1 (e.g. while no service watched the registry) are
+    found by the validating audit and given to generation 2 at their own versions."""
+    from coordinator.events import ChangeEvent, Op
+
+    config = _config(tmp_path)
+    final = _write_history(tmp_path, 30)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    first = _report(_lockstep("rebuild", "-c", str(config), "--embedder", "hashing:dim=24", "--no-swap"))
+    assert first["swap"] is None and first["audit_rounds"][-1]["clean"] is True
+
+    settings = load_settings(config)
+    with runtime(settings) as rt:
+        gen1 = {p.generation.number: p for p in rt.generations}[1]
+        added = ChangeEvent(Op.UPSERT, "doc-new", 4, _text(99, 4), {"team": "x"})
+        edited = ChangeEvent(Op.UPSERT, "doc-001", 30, _text(1, 30), {"team": "y"})
+        removed = ChangeEvent(Op.DELETE, "doc-002", 30)
+        gen1.engine.apply([added, edited, removed])  # generation 1 only
+    server_manager_instance.release_server(settings.vector.uri)
+    final["doc-new"] = {"text": added.text}
+    final["doc-001"] = {"text": edited.text}
+    final["doc-002"] = None
+
+    second = _report(_lockstep("rebuild", "-c", str(config), "--embedder", "hashing:dim=24"))
+    assert second["audit_rounds"][0]["clean"] is False
+    assert second["audit_rounds"][-1]["clean"] is True and second["swap"]["generation"] == 2
+    _check_generation(config, 2, final)
+    home = build_ledger(settings)
+    try:
+        from lockstep.generations import generation_ledger
+
+        g2 = generation_ledger(settings, 2)
+        states = g2.get_docs(["doc-new", "doc-001", "doc-002"])
+        g2.close()
+    finally:
+        home.close()
+    assert (states["doc-new"].version, states["doc-001"].version) == (4, 30)
+    assert states["doc-002"].deleted and states["doc-002"].version == 30
