@@ -404,3 +404,30 @@ def test_validation_repairs_what_the_new_generation_missed_before_it_swaps(tmp_p
         home.close()
     assert (states["doc-new"].version, states["doc-001"].version) == (4, 30)
     assert states["doc-002"].deleted and states["doc-002"].version == 30
+
+
+def test_generations_on_the_postgres_ledger_share_leases_checkpoints_and_cache_with_home(
+    tmp_path: Path, pg_schema: Any
+) -> None:
+    import psycopg
+
+    config = _config(tmp_path, ledger={"kind": "postgres", "dsn": pg_schema.dsn, "schema": pg_schema.name})
+    final = _write_history(tmp_path, 25)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    report = _report(_lockstep("rebuild", "-c", str(config), "--chunking", "max_chars=70"))
+    assert report["swap"]["generation"] == 2
+    _check_generation(config, 2, final)
+    g2 = f"{pg_schema.name}_g2"
+    with psycopg.connect(pg_schema.dsn) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (g2,))}
+    # Its own documents, intents and applied versions; the rest is home's.
+    assert {"documents", "intents", "applied"} <= tables
+    assert not tables & {"checkpoints", "dead_letters", "shard_leases", "embeddings"}
+
+    assert _report(_lockstep("rebuild", "-c", str(config), "--rollback"))["rollback"]["generation"] == 1
+    assert _report(_lockstep("gc", "-c", str(config), "--retention-s", "0")) == {"dropped": [2]}
+    with psycopg.connect(pg_schema.dsn) as conn:
+        left = conn.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (g2,)).fetchone()
+    assert left is None
+    _check_generation(config, 1, final)
