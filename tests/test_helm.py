@@ -114,7 +114,7 @@ EVERYTHING_ON = {
     "ray": {"mode": "kuberay"},
     "serviceMonitor": {"enabled": True},
     "networkPolicy": {"enabled": True, "egress": [{"to": [{"podSelector": {}}]}]},
-    "rebuild": {"enabled": True},
+    "rebuild": {"enabled": True, "extraArgs": ["--chunking", "max_chars=500"]},
 }
 # Value sets the chart must refuse: one the schema rejects (lint and install both notice), one
 # that passes the schema but that lockstep cannot run (the templates `fail`, which lint ignores).
@@ -531,12 +531,26 @@ def test_dashboard_queries_only_metrics_lockstep_exports(helm: dict[str, Any]) -
         assert needed in exprs, needed
 
 
-def test_audit_cronjob_fails_on_drift_and_rebuild_job_is_off_by_default(helm: dict[str, Any], tmp_path: Path) -> None:
-    """The CronJob runs `lockstep audit -c <mounted config> --json` once per schedule with no
-    retry, so exit 1 (drift) fails the Job; those exact arguments run clean against empty local
-    stores; the rebuild Job renders only when enabled."""
+def _by_component(docs: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+    assert len(found) == 1, f"expected one {kind} of component {component}, found {len(found)}"
+    return found[0]
+
+
+def _run_locally(args: list[str], config: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The rendered container arguments, run here with the mounted config swapped for ``config``."""
+    local_args = [str(config) if a == "/etc/lockstep/lockstep.yaml" else a for a in args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_")}
+    return subprocess.run([sys.executable, "-m", "lockstep", *local_args], capture_output=True, text=True,
+                          env=env, timeout=READY_TIMEOUT_S, check=False, cwd=tmp_path)
+
+
+def test_audit_and_gc_cronjobs_and_the_rebuild_job_run_their_real_commands(helm: dict[str, Any], tmp_path: Path) -> None:
+    """The audit CronJob runs `lockstep audit -c <mounted config> --json` once per schedule with no
+    retry, so exit 1 (drift) fails the Job; the gc CronJob runs `lockstep gc`; the rebuild Job
+    renders only when enabled. Each one's exact arguments run clean against local stores."""
     docs = _docs(helm, "default")
-    cron = _one(docs, "CronJob")
+    cron = _by_component(docs, "CronJob", "audit")
     job = cron["spec"]["jobTemplate"]["spec"]
     container = job["template"]["spec"]["containers"][0]
     args = container["args"]
@@ -547,14 +561,22 @@ def test_audit_cronjob_fails_on_drift_and_rebuild_job_is_off_by_default(helm: di
     assert not [d for d in docs if d["kind"] == "Job"]
     config = tmp_path / "lockstep.yaml"
     config.write_text(yaml.safe_dump(_local_config(_config(docs), tmp_path)))
-    local_args = [str(config) if a == "/etc/lockstep/lockstep.yaml" else a for a in args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_")}
-    audit = subprocess.run([sys.executable, "-m", "lockstep", *local_args], capture_output=True, text=True,
-                           env=env, timeout=READY_TIMEOUT_S, check=False, cwd=tmp_path)
+    audit = _run_locally(args, config, tmp_path)
     assert audit.returncode == 0, audit.stdout[-2000:] + audit.stderr[-2000:]
     assert json.loads(audit.stdout)["clean"] is True
+
+    gc_args = _by_component(docs, "CronJob", "gc")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert gc_args[gc_args.index("gc"):] == ["gc", "-c", "/etc/lockstep/lockstep.yaml"]
+    gc = _run_locally(gc_args, config, tmp_path)
+    assert gc.returncode == 0 and json.loads(gc.stdout) == {"dropped": []}, gc.stderr[-2000:]
+
     rebuild = _one(_docs(helm, "everything"), "Job")
-    assert "rebuild" in rebuild["spec"]["template"]["spec"]["containers"][0]["args"]
+    rebuild_args = rebuild["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert rebuild_args[rebuild_args.index("rebuild"):] == [
+        "rebuild", "-c", "/etc/lockstep/lockstep.yaml", "--chunking", "max_chars=500"]
+    rebuilt = _run_locally(rebuild_args, config, tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert json.loads(rebuilt.stdout)["swap"]["generation"] == 2
 
 
 # --- the package and its entrypoint ----------------------------------------------------------
