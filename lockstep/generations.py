@@ -9,6 +9,7 @@ embedded by the same model is never embedded again.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -286,9 +287,16 @@ def heal_aliases(settings: Settings, gen: Generation, keyword: KeywordIndex, vec
     kw, vec = alias_targets(settings, keyword, vector)
     if kw is None or vec is None:
         point_aliases(settings, gen, keyword, vector)
-    elif (kw, vec) != (gen.keyword_index.rstrip("/"), gen.vector_collection):
+    elif (kw, vec) != (_physical_keyword(settings, gen), gen.vector_collection):
         log.warning("aliases do not point at the active generation", keyword=kw, vector=vec,
                     active=gen.number)
+
+
+def _physical_keyword(settings: Settings, gen: Generation) -> str:
+    """How an alias target names ``gen``'s keyword index (Tantivy pointer files hold absolute paths)."""
+    if settings.keyword.kind == "tantivy":
+        return os.path.abspath(gen.keyword_index.rstrip("/"))
+    return gen.keyword_index
 
 
 def drop_generation_stores(settings: Settings, gen: Generation) -> None:

@@ -9,6 +9,12 @@ so the retry logic here is the only place that decides what is transient.
 
 Every write is versioned (``version_type=external``): an unversioned write would bump the
 internal version and block later external-versioned writes (see reference/semantics.md).
+
+Aliases (blue-green rebuilds): each generation is its own physical index and readers go through
+an alias. ``point_alias`` moves an alias in ONE ``POST /_aliases`` request (remove from the
+indexes holding it + add to the new one), which the engine applies atomically, so a reader never
+sees zero or two indexes behind it. An adapter built with an alias as its index name reads
+(get, count, search, scan) whatever the alias points at.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ ID_BYTES_MAX = 512
 VERSION_MAX = 2**63 - 1  # external versions are non-negative longs
 CHUNK_INDEX_MAX = 2**31 - 1  # the mapping's `integer` type; the engine rejects larger per item
 
+# Characters that make a name a pattern or a list in the alias APIs, never one alias.
+ALIAS_FORBIDDEN_CHARS = "*,?"
+
 # Fields read back by get/scan; `text` is left out of scans unless asked for.
 STORED_FIELDS = ("chunk_id", "doc_id", "chunk_index", "content_hash", "version", "metadata")
 
@@ -126,6 +135,18 @@ def request_rejection(chunk_id: str, version: int) -> str:
     if not 0 <= version <= VERSION_MAX:
         return f"version {version} is outside 0..{VERSION_MAX}"
     return ""
+
+
+def check_alias_name(alias: str) -> None:
+    """An alias is one literal name; a wildcard or a list would match several, silently."""
+    if not alias or any(c in alias for c in ALIAS_FORBIDDEN_CHARS):
+        raise ValueError(f"not a single alias name: {alias!r}")
+
+
+def alias_switch_actions(alias: str, holders: Sequence[str], index: str) -> list[dict[str, Any]]:
+    """The ``_aliases`` actions moving ``alias`` from ``holders`` (concrete names) to ``index``."""
+    removes = [{"remove": {"index": holder, "alias": alias}} for holder in holders if holder != index]
+    return [*removes, {"add": {"index": index, "alias": alias}}]
 
 
 def check_unique_ids(chunk_ids: Sequence[str]) -> None:
@@ -249,7 +270,16 @@ class SearchEngineIndex(ABC):
     # --- the wire: one client call each, raising WireError ---------------------------------
 
     @abstractmethod
-    def _wire_exists(self) -> bool: ...
+    def _wire_exists(self, name: str) -> bool:
+        """Whether an index or an alias called ``name`` exists."""
+
+    @abstractmethod
+    def _wire_get_alias(self, alias: str) -> Mapping[str, Any]:
+        """``GET /_alias/{alias}``: ``{index: {"aliases": {alias: {...}}}}``; a 404 when there is none."""
+
+    @abstractmethod
+    def _wire_update_aliases(self, actions: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+        """One ``POST /_aliases`` request carrying ``actions`` (applied atomically by the engine)."""
 
     @abstractmethod
     def _wire_create(self, mappings: Mapping[str, Any]) -> None: ...
@@ -324,7 +354,7 @@ class SearchEngineIndex(ABC):
 
     def ensure(self) -> None:
         """Create the index with the explicit mapping unless it exists (idempotent, race-safe)."""
-        if self._retrying("exists", self._wire_exists):
+        if self.exists():
             return
         try:
             self._retrying("create", lambda: self._wire_create(INDEX_MAPPINGS))
@@ -333,12 +363,72 @@ class SearchEngineIndex(ABC):
                 raise
         self._log.info("keyword index ensured")
 
+    def exists(self) -> bool:
+        """Whether this adapter's index exists (an alias of that name counts: reads go through it)."""
+        return self._retrying("exists", partial(self._wire_exists, self.name))
+
     def drop(self) -> None:
         try:
             self._retrying("delete index", self._wire_delete_index)
         except PermanentStoreError as exc:
             if not _is_error_type(exc, "index_not_found_exception"):
                 raise
+
+    # --- aliases ---------------------------------------------------------------------------
+
+    def alias_target(self, alias: str) -> str | None:
+        """The one physical index ``alias`` points at, or None when no such alias exists.
+
+        Raises PermanentStoreError when the alias points at several indexes (a reader would
+        search them all) or when ``alias`` names a concrete index rather than an alias.
+        """
+        check_alias_name(alias)
+        holders = self._retrying("get alias", partial(self._alias_holders, alias))
+        if len(holders) > 1:
+            raise PermanentStoreError(
+                f"alias {alias!r} points at {len(holders)} indexes {holders}, not one", store=self.store
+            )
+        if holders:
+            return holders[0]
+        if self._retrying("exists", partial(self._wire_exists, alias)):
+            raise PermanentStoreError(f"{alias!r} is a concrete index, not an alias", store=self.store)
+        return None
+
+    def point_alias(self, alias: str, index: str) -> None:
+        """Point ``alias`` at ``index`` alone, atomically; idempotent.
+
+        One ``POST /_aliases`` request removes the alias from every index holding it and adds it
+        to ``index``; the engine applies both together. Nothing is sent if it already points at
+        ``index`` alone. The switch has happened when this returns (read back to make sure), so
+        a caller that wants the moment of the switch times the call itself. A transient failure
+        is retried from the read, so a retry after a lost answer finds the switch done.
+        """
+        check_alias_name(alias)
+        self._retrying("point alias", partial(self._switch_alias, alias, index))
+        holders = self._retrying("get alias", partial(self._alias_holders, alias))
+        if holders != [index]:
+            # Another writer moved the alias in between; the caller decides whether to repeat.
+            raise TransientStoreError(
+                f"alias {alias!r} points at {holders} right after pointing it at {index!r}",
+                store=self.store,
+            )
+        self._log.info("alias pointed", alias=alias, target=index)
+
+    def _switch_alias(self, alias: str, index: str) -> None:
+        holders = self._alias_holders(alias)
+        if holders == [index]:
+            return
+        self._wire_update_aliases(alias_switch_actions(alias, holders, index))
+
+    def _alias_holders(self, alias: str) -> list[str]:
+        """The indexes ``alias`` points at, sorted (a wire call: raises WireError)."""
+        try:
+            response = self._wire_get_alias(alias)
+        except WireError as err:
+            if err.status == 404:
+                return []
+            raise
+        return sorted(name for name, body in response.items() if alias in (body.get("aliases") or {}))
 
     # --- writes ----------------------------------------------------------------------------
 

@@ -31,9 +31,17 @@ class ElasticsearchKeywordIndex(SearchEngineIndex):
         # Every call carries the timeout explicitly rather than relying on the client default.
         self._client = self._base_client.options(request_timeout=self.timeout_s)
 
-    def _wire_exists(self) -> bool:
+    def _wire_exists(self, name: str) -> bool:
         with _wire():
-            return bool(self._client.indices.exists(index=self.name))
+            return bool(self._client.indices.exists(index=name))
+
+    def _wire_get_alias(self, alias: str) -> Mapping[str, Any]:
+        with _wire():
+            return _body(self._client.indices.get_alias(name=alias))
+
+    def _wire_update_aliases(self, actions: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+        with _wire():
+            return _body(self._client.indices.update_aliases(actions=list(actions)))
 
     def _wire_create(self, mappings: Mapping[str, Any]) -> None:
         with _wire():

@@ -27,9 +27,21 @@ class OpenSearchKeywordIndex(SearchEngineIndex):
         super().__init__(settings, **kwargs)
         self._client = _client(settings)
 
-    def _wire_exists(self) -> bool:
+    def _wire_exists(self, name: str) -> bool:
         with _wire():
-            return bool(self._client.indices.exists(index=self.name, request_timeout=self.timeout_s))
+            return bool(self._client.indices.exists(index=name, request_timeout=self.timeout_s))
+
+    def _wire_get_alias(self, alias: str) -> Mapping[str, Any]:
+        with _wire():
+            return dict(self._client.indices.get_alias(name=alias, request_timeout=self.timeout_s))
+
+    def _wire_update_aliases(self, actions: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+        with _wire():
+            return dict(
+                self._client.indices.update_aliases(
+                    body={"actions": list(actions)}, request_timeout=self.timeout_s
+                )
+            )
 
     def _wire_create(self, mappings: Mapping[str, Any]) -> None:
         with _wire():

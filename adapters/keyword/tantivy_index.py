@@ -13,15 +13,25 @@ this the only process that can write the index.
 
 Every document carries ``seq``, a counter unique per written document. Scans walk ``seq`` in
 windows of SCAN_PAGE_SIZE values, so a scan holds one page in memory whatever the index size.
+
+Tantivy has no aliases, so blue-green rebuilds use an *alias file*: a small JSON file naming the
+index directory readers should use (``point_alias`` / ``alias_target`` below). It is replaced
+atomically (write a temporary file beside it, fsync, rename over it, fsync the directory), so a
+reader finds either the old or the new target, never a torn file. A reader opens the current
+target with ``TantivyKeywordIndex.open_alias`` and keeps reading that generation until it opens
+the alias again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import structlog
 import tantivy
@@ -60,6 +70,10 @@ SEARCH_K_MAX = 10_000
 TEXT_ANALYZER = "lockstep_text"
 # Tantivy's default tokenizer drops tokens longer than this; ours does the same.
 TOKEN_CHARS_MAX = 40
+# An alias file holds one short JSON object; anything larger is not one of ours.
+ALIAS_FILE_BYTES_MAX = 64 * 1024
+# The alias file's format, written into it so that a later format can tell the two apart.
+ALIAS_FORMAT = 1
 
 
 def _text_analyzer() -> tantivy.TextAnalyzer:
@@ -100,7 +114,25 @@ class TantivyKeywordIndex:
         self._next_seq = 0
         self._log = log.bind(store="tantivy", index=name)
 
+    @classmethod
+    def open_alias(cls, alias_path: str | os.PathLike[str], name: str) -> Self:
+        """An adapter on the index the alias file points at now (opened: a missing index raises).
+
+        The adapter stays on that directory; after the alias is pointed elsewhere, open the
+        alias again to read the new generation.
+        """
+        target = alias_target(alias_path)
+        if target is None:
+            raise PermanentStoreError(f"no tantivy alias file at {alias_path}", store="tantivy")
+        index = cls(target, name)
+        index._opened()
+        return index
+
     # --- lifecycle -------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """Whether the directory holds a tantivy index (written by ensure in this or another process)."""
+        return self.path.is_dir() and bool(tantivy.Index.exists(str(self.path)))
 
     def ensure(self) -> None:
         """Create the index directory and index unless they exist, then open it."""
@@ -130,7 +162,7 @@ class TantivyKeywordIndex:
         """The open index; a directory written by an earlier process is reopened as it is."""
         if self._index is not None:
             return self._index
-        if not tantivy.Index.exists(str(self.path)):
+        if not self.exists():
             raise PermanentStoreError(f"no tantivy index at {self.path}; call ensure()", store="tantivy")
         return self._open()
 
@@ -331,6 +363,88 @@ class TantivyKeywordIndex:
         )
         hits = searcher.search(live, limit=min(k, SEARCH_K_MAX), count=False).hits
         return [_search_hit(searcher.doc(address).to_dict(), float(score)) for score, address in hits]
+
+
+# --- the alias file ---------------------------------------------------------------------------
+
+
+def point_alias(alias_path: str | os.PathLike[str], target_dir: str | os.PathLike[str]) -> None:
+    """Point the alias file at the index in ``target_dir``, atomically and durably.
+
+    The target is stored relative to the alias file's directory, so moving the whole data
+    directory keeps the alias valid. The target must already hold an index, as an ES alias
+    can only point at an existing index.
+    """
+    alias = _alias_file(alias_path)
+    target = Path(target_dir).absolute()
+    if not (target.is_dir() and tantivy.Index.exists(str(target))):
+        raise PermanentStoreError(f"cannot point {alias} at {target}: no tantivy index there", store="tantivy")
+    record = {"format": ALIAS_FORMAT, "target": os.path.relpath(target, alias.parent)}
+    try:
+        _replace_atomically(alias, json.dumps(record).encode())
+    except OSError as exc:
+        raise TransientStoreError(f"cannot write the alias file {alias}: {exc}", store="tantivy") from exc
+    log.info("alias pointed", store="tantivy", alias=str(alias), target=str(target))
+
+
+def alias_target(alias_path: str | os.PathLike[str]) -> str | None:
+    """The absolute path of the index directory the alias file points at; None if there is no file."""
+    alias = _alias_file(alias_path)
+    try:
+        with alias.open("rb") as file:
+            raw = file.read(ALIAS_FILE_BYTES_MAX + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TransientStoreError(f"cannot read the alias file {alias}: {exc}", store="tantivy") from exc
+    relative = _alias_record_target(raw)
+    if relative is None:
+        raise PermanentStoreError(f"{alias} is not a lockstep alias file", store="tantivy")
+    return os.path.normpath(alias.parent / relative)
+
+
+def _alias_file(alias_path: str | os.PathLike[str]) -> Path:
+    """The alias file's absolute path; a directory there is an index, never an alias."""
+    alias = Path(alias_path).absolute()
+    if alias.is_dir():
+        raise PermanentStoreError(f"{alias} is a directory (an index?), not an alias file", store="tantivy")
+    return alias
+
+
+def _alias_record_target(raw: bytes) -> str | None:
+    """The target written in an alias file's content, or None if the content is not ours."""
+    if len(raw) > ALIAS_FILE_BYTES_MAX:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("format") != ALIAS_FORMAT:
+        return None
+    target = record.get("target")
+    return target if isinstance(target, str) and target else None
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    # The rename itself is durable only once the directory entry is.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _upsert_rejection(chunk: IndexedChunk, metadata: str | None) -> str:

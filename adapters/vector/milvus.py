@@ -19,6 +19,15 @@ on, and why (see shared/reference/semantics.md, "Milvus"):
 - Verification reads (``get``, ``scan``, ``count``, ``fetch_vectors``) use Strong consistency.
 - ``scan`` streams with ``query_iterator`` and checks the result against ``count(*)``; iterators
   have had gaps (milvus#52055), so on disagreement it falls back to primary-key range scans.
+- Blue-green rebuilds: each generation is its own collection and readers use an alias
+  (``point_alias``: ``create_alias`` / ``alter_alias``, atomic in Milvus). An adapter whose
+  collection name is an alias reads and searches whatever the alias points at.
+- Model guard: given a ``model_id``, the adapter records the embedder's model and dimension in
+  the collection's properties when it creates it, and refuses (ConfigError) a collection recorded
+  with another model or dimension before writing anything. Collection properties set at creation
+  are the one place found to survive on all three forms (milvus-lite keeps no schema or field
+  description; on Milvus 2.3.5, properties set later by ``alter_collection_properties`` were gone
+  after a restart).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.exceptions import ConnectError, MilvusUnavailableException
 
 from adapters.vector.settings import VectorSettings
-from coordinator.errors import PermanentStoreError, TransientStoreError
+from coordinator.errors import ConfigError, PermanentStoreError, StoreError, TransientStoreError
 from coordinator.model import (
     ChunkDelete,
     IndexedChunk,
@@ -101,32 +110,57 @@ TRANSIENT_GRPC_CODES = frozenset(
 
 STORED_FIELDS = ("chunk_id", "doc_id", "chunk_index", "content_hash", "version")
 
+# The collection property recording the embedder whose vectors a collection holds:
+# ``{"model_id": ..., "dim": ...}`` as JSON.
+EMBEDDER_PROPERTY = "lockstep.embedder"
+# Milvus status codes of "no such alias": milvus-lite answers 100, Milvus 2.3.5 1600.
+ALIAS_NOT_FOUND_CODES = frozenset({100, 1600})
+
 T = TypeVar("T")
 
 
 class MilvusVectorIndex:
     """A VectorIndex over one Milvus collection (explicit schema, COSINE metric)."""
 
-    def __init__(self, settings: VectorSettings, dim: int) -> None:
+    def __init__(self, settings: VectorSettings, dim: int, *, model_id: str | None = None) -> None:
+        """``model_id`` names the embedder whose vectors this adapter writes (None: no guard)."""
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
+        if model_id is not None and not model_id:
+            raise ValueError("model_id must be a non-empty string or None")
         self.settings = settings
         self.dim = dim
+        self.model_id = model_id
         self.name = settings.collection
         self.timeout_s = settings.request_timeout_s
         self._client: MilvusClient | None = None
+        # Set once the collection's recorded embedder has been found compatible (see _guard).
+        self._model_checked = model_id is None
         self._log = log.bind(store=STORE, collection=self.name)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def ensure(self) -> None:
-        """Create the collection, its vector index and load it; check an existing one's schema."""
+        """Create the collection, its vector index and load it; check an existing one's schema.
+
+        An existing collection recorded with another embedder (model or dimension) raises
+        ConfigError before anything is changed.
+        """
         client = self._connect()
         if not self._call("has_collection", client.has_collection, self.name):
             self._create(client)
-        self._check_schema(client)
+        described = self._call("describe_collection", client.describe_collection, self.name)
+        self._check_model(described)
+        self._check_schema(described)
         self._ensure_index(client)
         self._ensure_loaded(client)
+
+    def recorded_model(self) -> str | None:
+        """The model id recorded with the collection (None if it was created without one)."""
+        client = self._connect()
+        described = self._call("describe_collection", client.describe_collection, self.name)
+        record = _embedder_record(described, self.name)
+        return None if record is None else record[0]
 
     def drop(self) -> None:
         client = self._connect()
@@ -142,6 +176,7 @@ class MilvusVectorIndex:
 
     def upsert(self, chunks: Sequence[IndexedChunk]) -> WriteResult:
         """Upsert chunks, one row per chunk ID (the newest version of any ID named twice)."""
+        self._guard()
         rejected = {i: reason for i, c in enumerate(chunks) if (reason := self._rejection(c))}
         newest = _newest_by_id((i, c) for i, c in enumerate(chunks) if i not in rejected)
         rows = [_row(chunks[i]) for i in sorted(newest.values())]
@@ -152,6 +187,7 @@ class MilvusVectorIndex:
 
     def delete(self, deletes: Sequence[ChunkDelete]) -> WriteResult:
         """Delete chunks by primary key; IDs that could never be stored are trivially absent."""
+        self._guard()
         newest = _newest_by_id(enumerate(deletes))
         storable = [
             deletes[i].chunk_id for i in sorted(newest.values()) if not _id_rejection(deletes[i].chunk_id)
@@ -248,6 +284,56 @@ class MilvusVectorIndex:
                 found |= self._duplicates_among(ids)
         return found
 
+    # --- aliases -----------------------------------------------------------------------------
+
+    def alias_target(self, alias: str) -> str | None:
+        """The collection ``alias`` points at, or None when no such alias exists.
+
+        Raises PermanentStoreError when ``alias`` names a collection rather than an alias.
+        """
+        client = self._connect()
+        try:
+            described = self._call("describe_alias", client.describe_alias, alias)
+        except StoreError as exc:
+            if not _alias_missing(exc):
+                raise
+            if self._call("has_collection", client.has_collection, alias):
+                raise PermanentStoreError(f"{alias!r} is a collection, not an alias", store=STORE) from exc
+            return None
+        return str(described["collection_name"])
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        """Point ``alias`` at ``collection`` (``create_alias`` when absent, else ``alter_alias``).
+
+        Milvus switches an alias atomically. Idempotent: nothing is sent when it already points
+        there. The switch has happened when this returns (read back to make sure), so a caller
+        that wants the moment of the switch times the call itself.
+        """
+        client = self._connect()
+        current = self.alias_target(alias)
+        if current == collection:
+            return
+        if current is None:
+            self._create_alias(client, alias, collection)
+        else:
+            self._call("alter_alias", client.alter_alias, collection, alias)
+        now = self.alias_target(alias)
+        if now != collection:
+            # Another writer moved the alias in between; the caller decides whether to repeat.
+            raise TransientStoreError(
+                f"alias {alias!r} points at {now!r} right after pointing it at {collection!r}", store=STORE
+            )
+        self._log.info("alias pointed", alias=alias, target=collection, was=current)
+
+    def _create_alias(self, client: MilvusClient, alias: str, collection: str) -> None:
+        try:
+            self._call("create_alias", client.create_alias, collection, alias)
+        except StoreError:
+            # Another process may have created it meanwhile; then it is moved like any alias.
+            if self.alias_target(alias) is None:
+                raise
+            self._call("alter_alias", client.alter_alias, collection, alias)
+
     # --- collection set-up -------------------------------------------------------------------
 
     def _create(self, client: MilvusClient) -> None:
@@ -259,8 +345,9 @@ class MilvusVectorIndex:
                 schema=self._schema(client),
                 index_params=self._index_params(client),
                 consistency_level=STRONG,
+                **self._creation_properties(),
             )
-            self._log.info("collection created", dim=self.dim)
+            self._log.info("collection created", dim=self.dim, model_id=self.model_id)
         except PermanentStoreError:
             # Another process may have created it meanwhile; then the schema check decides.
             if not self._call("has_collection", client.has_collection, self.name):
@@ -283,8 +370,34 @@ class MilvusVectorIndex:
         params.add_index("vector", index_type=INDEX_TYPE, metric_type=METRIC)
         return params
 
-    def _check_schema(self, client: MilvusClient) -> None:
-        described = self._call("describe_collection", client.describe_collection, self.name)
+    def _creation_properties(self) -> dict[str, Any]:
+        """The ``properties`` argument recording this adapter's embedder (none without a model id)."""
+        if self.model_id is None:
+            return {}
+        record = json.dumps({"model_id": self.model_id, "dim": self.dim}, ensure_ascii=False)
+        return {"properties": {EMBEDDER_PROPERTY: record}}
+
+    def _guard(self) -> None:
+        """Check the collection's recorded embedder once per adapter, before its first write."""
+        if self._model_checked:
+            return
+        client = self._connect()
+        self._check_model(self._call("describe_collection", client.describe_collection, self.name))
+
+    def _check_model(self, described: Mapping[str, Any]) -> None:
+        """Raise ConfigError if the collection holds vectors of another model or dimension."""
+        record = _embedder_record(described, self.name)
+        if record is not None and not _same_embedder(record, self.model_id, self.dim):
+            recorded_model, recorded_dim = record
+            own = "an unnamed model" if self.model_id is None else repr(self.model_id)
+            raise ConfigError(
+                f"collection {self.name!r} holds vectors of model {recorded_model!r} (dim {recorded_dim}),"
+                f" but this embedder is {own} (dim {self.dim}): refusing to write into it; rebuild"
+                " into a new collection (generation) for this embedder"
+            )
+        self._model_checked = True
+
+    def _check_schema(self, described: Mapping[str, Any]) -> None:
         problem = _schema_problem(described, self.dim)
         if problem:
             raise PermanentStoreError(
@@ -489,6 +602,21 @@ _LOAD_OPERATIONS = frozenset({"get_load_state", "load_collection"})
 def _not_loaded(exc: TransientStoreError) -> bool:
     cause = exc.__cause__
     return isinstance(cause, MilvusException) and str(cause.code) == str(COLLECTION_NOT_LOADED_CODE)
+
+
+def _alias_missing(exc: StoreError) -> bool:
+    """Whether a describe_alias failed because there is no such alias."""
+    cause = exc.__cause__
+    if not isinstance(cause, MilvusException):
+        return False
+    return _code(cause) in ALIAS_NOT_FOUND_CODES and "alias" in str(cause.message)
+
+
+def _code(exc: MilvusException) -> int | None:
+    try:
+        return int(exc.code)
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_transient(exc: MilvusException | grpc.RpcError) -> bool:
@@ -696,6 +824,26 @@ def _hit(hit: Mapping[str, Any]) -> SearchHit:
         score=float(hit["distance"]),
         text=str(entity["text"]),
     )
+
+
+def _embedder_record(described: Mapping[str, Any], collection: str) -> tuple[str, int] | None:
+    """The (model id, dim) recorded with a collection; None for one created without a record."""
+    raw = (described.get("properties") or {}).get(EMBEDDER_PROPERTY)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+        return str(record["model_id"]), int(record["dim"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"collection {collection!r} has an unreadable {EMBEDDER_PROPERTY} property: {raw!r}"
+        ) from exc
+
+
+def _same_embedder(record: tuple[str, int], model_id: str | None, dim: int) -> bool:
+    """Whether the recorded (model id, dim) fits this adapter (no model id: the dim alone)."""
+    recorded_model, recorded_dim = record
+    return recorded_dim == dim and model_id in (None, recorded_model)
 
 
 def _schema_problem(described: Mapping[str, Any], dim: int) -> str:

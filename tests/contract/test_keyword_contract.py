@@ -8,12 +8,16 @@ LOCKSTEP_TEST_ES_URL is set, a real Elasticsearch. Every test gets a fresh, uniq
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ from adapters.keyword.es_compat_proxy import EsCompatProxy, ProxyRequest, Reply
 from adapters.keyword.opensearch import OpenSearchKeywordIndex
 from adapters.keyword.settings import KeywordSettings
 from adapters.keyword.tantivy_index import TantivyKeywordIndex
+from adapters.keyword.tantivy_index import alias_target as tantivy_alias_target
+from adapters.keyword.tantivy_index import point_alias as tantivy_point_alias
 from coordinator.errors import PermanentStoreError, TransientStoreError
 from coordinator.model import ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
 from coordinator.ports import KeywordIndex
@@ -338,6 +344,254 @@ def test_tantivy_index_survives_a_process_restart(tmp_path: Path) -> None:
     assert index.upsert([IndexedChunk("d:1", "d", 1, "x", "h1", 4)]).items[0].status is SUPERSEDED
     assert [h.chunk_id for h in index.search("persisted", 5)] == ["d:0"]
     index.close()
+
+
+# --- aliases: each generation its own index, readers through an alias ---------------------
+
+# More than one scan page on every backend (Tantivy windows and PIT/scroll pages of 1,000).
+ALIAS_SCAN_CHUNKS = 1_100
+# Alias switches while a reader keeps reading through the alias.
+SWITCHES = 20
+# How long the reader thread may take to notice the end of the switching.
+READER_JOIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Aliases:
+    """One backend's alias operations, by index name.
+
+    On the search engines they are adapter methods; on Tantivy the alias is a file beside the
+    index directories (``root / name``), and targets are directory paths.
+    """
+
+    make_index: MakeIndex
+    root: Path
+    engine: SearchEngineIndex | None
+    made: list[KeywordIndex] = field(default_factory=list)
+
+    def physical(self, name: str) -> KeywordIndex:
+        ix = self.make_index(name)
+        ix.ensure()
+        self.made.append(ix)
+        return ix
+
+    def point(self, alias: str, name: str) -> None:
+        if self.engine is None:
+            tantivy_point_alias(self.root / alias, self.root / name)
+        else:
+            self.engine.point_alias(alias, name)
+
+    def target(self, alias: str) -> str | None:
+        """The name of the index the alias points at (Tantivy: the directory's name)."""
+        if self.engine is None:
+            found = tantivy_alias_target(self.root / alias)
+            return None if found is None else Path(found).name
+        return self.engine.alias_target(alias)
+
+    def reader(self, alias: str) -> KeywordIndex:
+        """An adapter that reads through the alias."""
+        if self.engine is None:
+            return TantivyKeywordIndex.open_alias(self.root / alias, alias)
+        return self.make_index(alias)
+
+
+@pytest.fixture
+def aliases(make_index: MakeIndex, tmp_path: Path) -> Iterator[Aliases]:
+    probe = make_index(unique_name())
+    engine = probe if isinstance(probe, SearchEngineIndex) else None
+    ops = Aliases(make_index, tmp_path, engine)
+    yield ops
+    for ix in ops.made:
+        ix.drop()
+        ix.close()
+    probe.close()
+
+
+def test_exists_follows_ensure_and_drop(make_index: MakeIndex) -> None:
+    """exists() is False before ensure, True after it, and False again after drop."""
+    ix = make_index(unique_name())
+    assert ix.exists() is False  # type: ignore[attr-defined]  # not part of the KeywordIndex port
+    ix.ensure()
+    assert ix.exists() is True  # type: ignore[attr-defined]
+    ix.drop()
+    assert ix.exists() is False  # type: ignore[attr-defined]
+    ix.close()
+
+
+def test_alias_points_at_one_index_and_switches(aliases: Aliases) -> None:
+    """An alias is absent until pointed; pointing is idempotent and moves it to exactly one index."""
+    alias, first, second = unique_name(), unique_name(), unique_name()
+    aliases.physical(first)
+    aliases.physical(second)
+    assert aliases.target(alias) is None
+    aliases.point(alias, first)
+    assert aliases.target(alias) == first
+    aliases.point(alias, first)
+    assert aliases.target(alias) == first
+    aliases.point(alias, second)
+    assert aliases.target(alias) == second
+
+
+def test_reads_through_an_alias_see_the_index_it_points_at(aliases: Aliases) -> None:
+    """get, count, search and a multi-page scan through the alias read the physical index behind it."""
+    alias, first, second = unique_name(), unique_name(), unique_name()
+    old = aliases.physical(first)
+    chunks = [chunk(f"doc{i}:0", 1, f"words number {i}") for i in range(ALIAS_SCAN_CHUNKS)]
+    old.upsert([*chunks, chunk("zebra:0", 1, "a lone zebra"), chunk("gone:0", 1)])
+    old.delete([ChunkDelete("gone:0", 2)])
+    new = aliases.physical(second)
+    fresh = chunk("fresh:0", 1, "a new generation")
+    new.upsert([fresh])
+    aliases.point(alias, first)
+
+    reader = aliases.reader(alias)
+    assert reader.get(["doc7:0", "gone:0", "fresh:0"]) == {"doc7:0": stored(chunks[7])}
+    assert reader.count() == ALIAS_SCAN_CHUNKS + 1
+    assert [h.chunk_id for h in reader.search("zebra", 5)] == ["zebra:0"]
+    assert sorted(c.chunk_id for c in reader.scan()) == sorted([c.chunk_id for c in chunks] + ["zebra:0"])
+
+    aliases.point(alias, second)
+    again = aliases.reader(alias)
+    assert again.get(["doc7:0", "fresh:0"]) == {"fresh:0": stored(fresh)}
+    assert [c.chunk_id for c in again.scan()] == ["fresh:0"]
+    assert again.count() == 1
+    if aliases.engine is None:
+        # A Tantivy reader stays on the directory it opened, until it opens the alias again.
+        assert reader.count() == ALIAS_SCAN_CHUNKS + 1
+    else:
+        # The engines resolve the alias on every request, so the same adapter follows the switch.
+        assert reader.count() == 1
+    reader.close()
+    again.close()
+
+
+def test_readers_never_see_zero_or_two_indexes_during_switches(aliases: Aliases) -> None:
+    """While the alias flips between two indexes, every read through it sees exactly one of them."""
+    alias, first, second = unique_name(), unique_name(), unique_name()
+    aliases.physical(first).upsert([chunk(f"a{i}:0", 1) for i in range(3)])
+    aliases.physical(second).upsert([chunk(f"b{i}:0", 1) for i in range(5)])
+    aliases.point(alias, first)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def read_until_done() -> None:
+        while not done.is_set():
+            reader = aliases.reader(alias)
+            seen.append(reader.count())
+            reader.close()
+
+    thread = threading.Thread(target=read_until_done, daemon=True)
+    thread.start()
+    try:
+        for n in range(SWITCHES):
+            aliases.point(alias, second if n % 2 == 0 else first)
+    finally:
+        done.set()
+        thread.join(READER_JOIN_TIMEOUT_S)
+    assert not thread.is_alive(), "the reader thread hung"
+    assert seen, "the reader never read, so this test proved nothing"
+    assert set(seen) <= {3, 5}
+
+
+def test_alias_target_refuses_a_concrete_index(aliases: Aliases) -> None:
+    """Asking for the target of a name that is a concrete index (or index directory) is an error."""
+    name = unique_name()
+    aliases.physical(name)
+    with pytest.raises(PermanentStoreError, match="not an alias"):
+        aliases.target(name)
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_alias_on_two_indexes_is_an_error_that_point_alias_repairs(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """alias_target refuses an alias held by two indexes; point_alias leaves it on one."""
+    engine = build_engine(engine_settings(request, backend, unique_name()))
+    first, second = (build_engine(engine_settings(request, backend, unique_name())) for _ in range(2))
+    alias = unique_name()
+    try:
+        for ix in (first, second):
+            ix.ensure()
+        # Set up behind the adapter's back: point_alias itself never leaves two holders.
+        engine._wire_update_aliases(
+            [{"add": {"index": first.name, "alias": alias}}, {"add": {"index": second.name, "alias": alias}}]
+        )
+        with pytest.raises(PermanentStoreError, match="2 indexes"):
+            engine.alias_target(alias)
+        engine.point_alias(alias, second.name)
+        assert engine.alias_target(alias) == second.name
+    finally:
+        for ix in (first, second):
+            ix.drop()
+            ix.close()
+        engine.close()
+
+
+class RecordingProxy(EsCompatProxy):
+    """The compat proxy, recording the method and path of every request it forwards."""
+
+    def __init__(self, upstream_url: str) -> None:
+        super().__init__(upstream_url)
+        self.requests: list[tuple[str, str]] = []
+
+    def before_upstream(self, request: ProxyRequest) -> Reply | None:
+        self.requests.append((request.method, request.path.split("?")[0]))
+        return None
+
+
+@pytest.mark.parametrize("kind", ["opensearch", "elasticsearch"])
+def test_point_alias_switches_with_one_aliases_request(kind: str, opensearch_api_url: str) -> None:
+    """Creating and moving an alias each take exactly one POST /_aliases; re-pointing takes none."""
+    with RecordingProxy(opensearch_api_url) as proxy:
+        names = [unique_name() for _ in range(2)]
+        indexes = [build_engine(KeywordSettings(kind=kind, url=proxy.url, index=n)) for n in names]  # type: ignore[arg-type]
+        alias = unique_name()
+        try:
+            for ix in indexes:
+                ix.ensure()
+            switches = []
+            for target in (names[0], names[1], names[1]):
+                proxy.requests.clear()
+                indexes[0].point_alias(alias, target)
+                switches.append(proxy.requests.count(("POST", "/_aliases")))
+            assert switches == [1, 1, 0]
+            assert indexes[0].alias_target(alias) == names[1]
+        finally:
+            for ix in indexes:
+                ix.drop()
+                ix.close()
+
+
+def test_tantivy_alias_file_is_small_relative_and_replaced_whole(tmp_path: Path) -> None:
+    """The alias file names its target relative to itself (so the data directory can move) and
+    switching leaves no temporary file behind."""
+    data = tmp_path / "data"
+    for name in ("gen-1", "gen-2"):
+        TantivyKeywordIndex(str(data / name), name).ensure()
+    alias = data / "kw.live"
+    for _ in range(3):
+        tantivy_point_alias(alias, data / "gen-1")
+        tantivy_point_alias(alias, data / "gen-2")
+    assert sorted(p.name for p in data.iterdir()) == ["gen-1", "gen-2", "kw.live"]
+    assert json.loads(alias.read_text())["target"] == "gen-2"
+    moved = tmp_path / "moved"
+    os.rename(data, moved)
+    assert tantivy_alias_target(moved / "kw.live") == str(moved / "gen-2")
+    assert TantivyKeywordIndex.open_alias(moved / "kw.live", "kw").count() == 0
+
+
+def test_tantivy_alias_refuses_what_is_not_an_alias_or_an_index(tmp_path: Path) -> None:
+    """A missing alias opens nothing, a foreign file is not an alias, and an alias needs an index."""
+    with pytest.raises(PermanentStoreError, match="no tantivy alias"):
+        TantivyKeywordIndex.open_alias(tmp_path / "missing.live", "kw")
+    foreign = tmp_path / "foreign.live"
+    foreign.write_text("not json")
+    with pytest.raises(PermanentStoreError, match="not a lockstep alias file"):
+        tantivy_alias_target(foreign)
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(PermanentStoreError, match="no tantivy index"):
+        tantivy_point_alias(tmp_path / "kw.live", tmp_path / "empty-dir")
+    assert tantivy_alias_target(tmp_path / "kw.live") is None
 
 
 # --- the model check -----------------------------------------------------------------------

@@ -32,7 +32,7 @@ from structlog.testing import capture_logs
 
 from adapters.vector.milvus import SCAN_PAGE_ROWS_MAX, MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
-from coordinator.errors import PermanentStoreError, TransientStoreError
+from coordinator.errors import ConfigError, PermanentStoreError, TransientStoreError
 from coordinator.model import ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
 from coordinator.ports import VectorIndex
 from tests.support.milvus_servers import LiteServer, RealMilvus, free_port
@@ -400,6 +400,152 @@ def test_random_upserts_and_deletes_agree_with_a_dict(index: MilvusVectorIndex, 
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+# --- aliases: each generation its own collection, readers through an alias -----------------
+
+
+@pytest.fixture
+def generations(backend: Backend, raw: MilvusClient) -> Iterator[list[MilvusVectorIndex]]:
+    """Two ensured collections on the backend; aliases made on them are dropped afterwards."""
+    made = [MilvusVectorIndex(_settings(backend.uri), dim=DIM) for _ in range(2)]
+    for idx in made:
+        idx.ensure()
+    yield made
+    for idx in made:
+        for alias in raw.list_aliases(idx.name, timeout=REQUEST_TIMEOUT_S)["aliases"]:
+            raw.drop_alias(alias, timeout=REQUEST_TIMEOUT_S)
+        idx.drop()
+        idx.close()
+
+
+def test_alias_points_at_one_collection_and_reads_follow_it(generations: list[MilvusVectorIndex]) -> None:
+    """point_alias creates, then moves the alias; get, count, search and scan through it read its target."""
+    first, second = generations
+    old = [_chunk(f"old-{i}#0") for i in range(3)]
+    new = _chunk("new#0")
+    first.upsert(old)
+    second.upsert([new])
+    alias = f"a_{uuid.uuid4().hex}"
+    assert first.alias_target(alias) is None
+    first.point_alias(alias, first.name)
+    first.point_alias(alias, first.name)
+    assert first.alias_target(alias) == first.name
+
+    reader = MilvusVectorIndex(first.settings.model_copy(update={"collection": alias}), dim=DIM)
+    try:
+        reader.ensure()
+        assert reader.get([c.chunk_id for c in old] + [new.chunk_id]) == {c.chunk_id: _stored(c) for c in old}
+        assert reader.count() == len(old)
+        assert [h.chunk_id for h in reader.search(old[1].vector or [], 1)] == [old[1].chunk_id]
+        assert sorted(c.chunk_id for c in reader.scan()) == sorted(c.chunk_id for c in old)
+
+        first.point_alias(alias, second.name)
+        assert first.alias_target(alias) == second.name
+        assert reader.get([c.chunk_id for c in old] + [new.chunk_id]) == {new.chunk_id: _stored(new)}
+        assert reader.count() == 1
+        assert [c.chunk_id for c in reader.scan()] == [new.chunk_id]
+    finally:
+        reader.close()
+
+
+def test_alias_target_refuses_a_collection_name(index: MilvusVectorIndex) -> None:
+    """A collection's own name is not an alias: asking for its target is an error, not None."""
+    with pytest.raises(PermanentStoreError, match="is a collection, not an alias"):
+        index.alias_target(index.name)
+
+
+# --- the model guard ---------------------------------------------------------------------------
+
+# A ConfigError of the model guard names the recorded model first, then the adapter's.
+BOTH_MODELS = r"'model-a'.*'model-b'"
+
+
+def test_a_collection_refuses_an_embedder_of_another_model(backend: Backend) -> None:
+    """A collection created for model A records it; an adapter for model B (or another dim) raises
+    ConfigError naming both, on ensure and on a first write, and writes nothing."""
+    vector_settings = _settings(backend.uri)
+    owner = MilvusVectorIndex(vector_settings, dim=DIM, model_id="model-a")
+    owner.ensure()
+    owner.upsert([_chunk("doc-m#0")])
+    others = [
+        MilvusVectorIndex(vector_settings, dim=DIM, model_id="model-b"),
+        MilvusVectorIndex(vector_settings, dim=DIM, model_id="model-b"),
+        MilvusVectorIndex(vector_settings, dim=DIM + 1, model_id="model-a"),
+    ]
+    try:
+        assert owner.recorded_model() == "model-a"
+        with pytest.raises(ConfigError, match=BOTH_MODELS):
+            others[0].ensure()
+        with pytest.raises(ConfigError, match=BOTH_MODELS):
+            others[1].upsert([_chunk("doc-m#1", 2)])
+        with pytest.raises(ConfigError, match="'model-b'"):
+            others[1].delete([ChunkDelete("doc-m#0", 2)])
+        with pytest.raises(ConfigError, match=f"dim {DIM}.*dim {DIM + 1}"):
+            others[2].ensure()
+        assert owner.get(["doc-m#0", "doc-m#1"]) == {"doc-m#0": _stored(_chunk("doc-m#0"))}
+        same = MilvusVectorIndex(vector_settings, dim=DIM, model_id="model-a")
+        unnamed = MilvusVectorIndex(vector_settings, dim=DIM)
+        for accepted in (same, unnamed):
+            accepted.ensure()
+            accepted.close()
+    finally:
+        for idx in others:
+            idx.close()
+        owner.drop()
+        owner.close()
+
+
+def test_the_model_guard_works_through_an_alias(backend: Backend, raw: MilvusClient) -> None:
+    """An adapter on an alias checks the model recorded with the collection the alias points at."""
+    recorded = MilvusVectorIndex(_settings(backend.uri), dim=DIM, model_id="model-a")
+    recorded.ensure()
+    alias = f"a_{uuid.uuid4().hex}"
+    recorded.point_alias(alias, recorded.name)
+    through_alias = MilvusVectorIndex(
+        recorded.settings.model_copy(update={"collection": alias}), dim=DIM, model_id="model-b"
+    )
+    try:
+        assert through_alias.recorded_model() == "model-a"
+        with pytest.raises(ConfigError, match=BOTH_MODELS):
+            through_alias.upsert([_chunk("doc-m#0")])
+        assert recorded.count() == 0
+    finally:
+        through_alias.close()
+        raw.drop_alias(alias, timeout=REQUEST_TIMEOUT_S)
+        recorded.drop()
+        recorded.close()
+
+
+def test_a_collection_without_a_record_is_accepted_and_left_unrecorded(index: MilvusVectorIndex) -> None:
+    """A collection created without a model id (as before the guard existed) takes any model's writes."""
+    assert index.recorded_model() is None
+    later = MilvusVectorIndex(index.settings, dim=DIM, model_id="model-z")
+    try:
+        later.ensure()
+        later.upsert([_chunk("doc-u#0")])
+        assert later.recorded_model() is None
+        assert index.count() == 1
+    finally:
+        later.close()
+
+
+def test_the_model_record_survives_reopening_a_lite_file(tmp_path: Path) -> None:
+    """The recorded model is read back from a milvus-lite file after its server was released."""
+    path = str(tmp_path / "milvus.db")
+    vector_settings = _settings(path)
+    first = MilvusVectorIndex(vector_settings, dim=DIM, model_id="model-a")
+    first.ensure()
+    first.close()
+    server_manager_instance.release_server(path)
+    again = MilvusVectorIndex(vector_settings, dim=DIM, model_id="model-b")
+    try:
+        assert again.recorded_model() == "model-a"
+        with pytest.raises(ConfigError, match=BOTH_MODELS):
+            again.ensure()
+    finally:
+        again.close()
+        server_manager_instance.release_server(path)
 
 
 SECRET_TOKEN = "tok-5ecret-Zq81"
