@@ -223,6 +223,7 @@ class Results:
 
 def run(work: Path, docs_n: int, live_share: float, seed: int) -> Results:
     osmem = OpenSearchApiServer(log_path=work / "osmem.log")
+    (work / "milvus").mkdir()
     milvus = RealMilvusServer(work / "milvus")
     osmem.start()
     milvus.start()

@@ -242,9 +242,10 @@ class Rebuild:
             started = time.monotonic()
             self._validate(gen, reader, target, report)
             report.seconds["validate"] = round(time.monotonic() - started, 3)
-            report.query_overlap = self._compare_queries(act, reader, target)
+            # Chunk embeddings only (the query set's own embeddings come after).
             report.embed_calls = target.embedder.embed_calls
             report.cache_hits = target.embedder.cache_hits
+            report.query_overlap = self._compare_queries(act, reader, target)
             if swap:
                 report.swap = self._swap_to(gen, target)
         finally:

@@ -177,12 +177,21 @@ def test_a_chunking_only_rebuild_embeds_only_texts_never_seen_and_swaps_and_roll
 
 
 def test_a_model_change_never_mixes_vectors(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    queries = tmp_path / "queries.txt"
+    # Each query names one document's own number, so both generations must find that document.
+    queries.write_text("5\n11\n\n13\n")
+    config = _config(tmp_path, rebuild={"batch_docs": 10, "queries_path": str(queries), "queries_k": 5})
     final = _write_history(tmp_path, 20)
     assert _lockstep("sync", "-c", str(config)).returncode == 0
     report = _report(_lockstep("rebuild", "-c", str(config), "--embedder", "hashing:dim=48"))
     # A new model embeds every distinct chunk text once; the cache of the old model is no help.
     assert report["embed_calls"] == len(_hashes(final, ChunkingSettings(120)))
+    # The query set ran on both generations: the same chunks, so the keyword side agrees;
+    # the vector side is another model's opinion, reported as a share in [0, 1].
+    overlap = report["query_overlap"]
+    assert overlap["queries"] == 3 and overlap["k"] == 5
+    assert overlap["keyword_overlap_mean"] == 1.0
+    assert all(0.0 <= q["vector_overlap"] <= 1.0 for q in overlap["per_query"])
     _check_generation(config, 2, final)
 
     settings = load_settings(config)
