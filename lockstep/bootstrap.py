@@ -15,6 +15,7 @@ from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
+from adapters.sources.debezium import KafkaSourceSettings
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
@@ -26,6 +27,7 @@ from lockstep.settings import (
     EmbedderSettings,
     FolderSourceSettings,
     JsonlSourceSettings,
+    PgLogicalSourceSettings,
     Settings,
     SqlSourceSettings,
     WebhookSourceSettings,
@@ -117,6 +119,12 @@ def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
         return FolderSource(src.path, ledger, name=src.name, patterns=src.patterns)
     if isinstance(src, WebhookSourceSettings):
         return build_webhook_source(settings, src, ledger)
+    if isinstance(src, PgLogicalSourceSettings):
+        return build_pg_logical_source(src, ledger)
+    if isinstance(src, KafkaSourceSettings):
+        from adapters.sources.kafka import KafkaDebeziumSource
+
+        return KafkaDebeziumSource(src, ledger, ledger, name=src.name)
     assert isinstance(src, SqlSourceSettings)
     from adapters.sources.sql_table import SqlTableSource
 
@@ -133,6 +141,36 @@ def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
         deleted_at_column=src.deleted_at_column,
         version_column=src.version_column,
         name=src.name,
+    )
+
+
+def build_pg_logical_source(
+    src: PgLogicalSourceSettings, ledger: AnyLedger, *, resnapshot: bool = False
+) -> ChangeSource:
+    """Postgres logical replication; ``resnapshot`` re-creates the slot and re-reads the tables
+    (``lockstep source resnapshot``)."""
+    from adapters.sources.pg_logical import PgLogicalSource
+
+    return PgLogicalSource(
+        src.dsn.get_secret_value(),
+        src.tables,
+        ledger,
+        ledger,
+        slot=src.slot,
+        publication=src.publication,
+        id_column=src.id_column,
+        text_column=src.text_column,
+        metadata_column=src.metadata_column,
+        metadata_columns=src.metadata_columns,
+        table_prefix_ids=src.table_prefix_ids,
+        name=src.name,
+        resnapshot=resnapshot,
+        poll_interval_s=src.poll_interval_s,
+        peek_changes_max=src.peek_changes_max,
+        txn_buffer_changes_max=src.txn_buffer_changes_max,
+        connect_timeout_s=src.connect_timeout_s,
+        statement_timeout_s=src.statement_timeout_s,
+        outage_max_s=src.outage_max_s,
     )
 
 

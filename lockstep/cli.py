@@ -16,7 +16,7 @@ from chaos import cli as chaos_cli
 from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
 from coordinator.errors import LockstepError
 from coordinator.sync import run_sync
-from lockstep import audit_cli, dlq_cli, rebuild_cli
+from lockstep import audit_cli, dlq_cli, rebuild_cli, source_cli
 from lockstep import demo as demo_module
 from lockstep.bootstrap import build_source, runtime
 from lockstep.logging import configure_logging
@@ -29,6 +29,7 @@ app = typer.Typer(
     help="Keep a keyword and a vector index in step with their source.",
 )
 app.add_typer(dlq_cli.app, name="dlq")
+app.add_typer(source_cli.app, name="source")
 audit_cli.register(app)
 rebuild_cli.register(app)
 chaos_cli.register(app)

@@ -20,20 +20,23 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from adapters.sources.webhook import WebhookSource
 from coordinator import crashpoints
 from coordinator.audit import Auditor
 from coordinator.continuous_audit import ContinuousAudit, drift_gauges
 from coordinator.errors import LockstepError
 from coordinator.events import ChangeEvent
-from coordinator.ports import ChangeSource, SourceRecord
+from coordinator.generations import Generation, live
+from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord
 from coordinator.routing import shard_of
 from coordinator.shard import Envelope, ShardStatus
 from coordinator.watermark import LowWatermark
 from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
+from lockstep.generations import generation_ledger, load_generations
 from lockstep.metrics import Metrics
-from lockstep.ops_http import OpsServer
+from lockstep.ops_http import EventsEndpoint, OpsServer
 from lockstep.ray_runtime import ShardCluster, kill_service, start_ray, stop_ray
-from lockstep.settings import Settings
+from lockstep.settings import Settings, WebhookSourceSettings
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +46,9 @@ READ_QUEUE_MAX = 10_000
 LEDGER_GAUGES_INTERVAL_S = 5.0
 # The main loop's tick: how often it offers, drains and checkpoints when there is little to do.
 TICK_S = 0.02
+# How often the registry is read for a generation being built, swapped or dropped; a change
+# restarts the shard actors (after in-flight work commits) so that writes reach the new set.
+GENERATIONS_POLL_S = 2.0
 
 
 @dataclass
@@ -76,73 +82,150 @@ class Service:
         self.ops: OpsServer | None = None
         self.ledger: AnyLedger | None = None
         self._gauges_at = 0.0
+        self._generations_at = 0.0
+        self.generations: list[Generation] = []
+        self._auditing: threading.Thread | None = None
+        self._audit_stop = threading.Event()
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status."""
         self.ops = OpsServer(
-            self.rs.http_host, self.rs.http_port, self.metrics.registry, self.readiness
+            self.rs.http_host,
+            self.rs.http_port,
+            self.metrics.registry,
+            self.readiness,
+            events=isinstance(self.settings.source, WebhookSourceSettings),
         ).start()
         log.info("serving", port=self.ops.port, owner=self.owner)
         start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
         # After ray.init, which installs handlers of its own that would kill the driver at once.
         self._install_signals()
         ledger = self.ledger = build_ledger(self.settings)
-        source = build_source(self.settings, ledger)
-        cluster = ShardCluster(
-            self.settings,
-            owner=self.owner,
-            dim=_dim(self.settings),
-            crash_at=(self.crash_at, os.getpid()) if self.crash_at else None,
-            log_level=self.log_level,
+        self.registry, gens = load_generations(self.settings, ledger, lambda: build_embedder(self.settings.embedder))
+        self.generations = live(gens)
+        active_ledger = ledger if self.generations[0].number == 1 else generation_ledger(
+            self.settings, self.generations[0].number
         )
-        log.info("shards ready", shards=self.rs.shards, recovered_intents=cluster.recovered)
+        # Sources that diff a snapshot read the active generation's versions (checkpoints, which
+        # every generation shares with home, are the same either way).
+        source = build_source(self.settings, active_ledger)
+        self._attach_events(source)
+        self.cluster = cluster = self._new_cluster()
         self.state.started = True
-        auditing = self._start_audit(cluster)
+        self._auditing = self._start_audit(cluster)
         try:
-            self._serve(cluster, source)
+            self._serve(source)
         finally:
-            if auditing is not None:
-                auditing.join(timeout=self.rs.grace_s)
-            cluster.stop()
+            self._stop_audit()
+            self.cluster.stop()
             source.close()
+            if active_ledger is not ledger:
+                active_ledger.close()
             ledger.close()
             stop_ray()
             self.ops.stop()
         return 1 if self.state.fatal else 0
 
+    def _attach_events(self, source: ChangeSource) -> None:
+        """Open ``POST /events`` once the webhook source (and its inbox) exists."""
+        src = self.settings.source
+        if not isinstance(src, WebhookSourceSettings) or not isinstance(source, WebhookSource):
+            return
+        assert self.ops is not None, "the HTTP server starts first"
+        intake = source.intake(batch_events_max=src.batch_events_max, backlog_events_max=src.backlog_events_max)
+        self.ops.attach_events(EventsEndpoint(intake, src.token, src.body_bytes_max, self._events_refusal))
+
+    def _events_refusal(self) -> str | None:
+        """Why POST /events is answered 503 right now, or None (the inbox takes events even while
+        an index is down: that is what it is for)."""
+        if self.stop_requested.is_set() or self.state.stopping:
+            return "shutting down"
+        if self.state.fatal:
+            return "stopped: a shard failed"
+        return None
+
+    def _new_cluster(self) -> ShardCluster:
+        cluster = ShardCluster(
+            self.settings,
+            owner=self.owner,
+            generations=self.generations,
+            crash_at=(self.crash_at, os.getpid()) if self.crash_at else None,
+            log_level=self.log_level,
+        )
+        log.info("shards ready", shards=self.rs.shards, recovered_intents=cluster.recovered,
+                 generations=[g.number for g in self.generations])
+        return cluster
+
+    def _follow_generations(self) -> None:
+        """Restart the shard actors when the set of live generations changed (a rebuild started,
+        a swap, a rollback, a gc): wait until every record read so far is committed, then build
+        actors that write the new set. The reader keeps filling its bounded queue meanwhile."""
+        now = time.monotonic()
+        if now - self._generations_at < GENERATIONS_POLL_S:
+            return
+        self._generations_at = now
+        try:
+            current = live(self.registry.all())
+        except LockstepError as exc:
+            log.warning("cannot read the generation registry", error=str(exc))
+            return
+        if [(g.number, g.state) for g in current] == [(g.number, g.state) for g in self.generations]:
+            return
+        log.info("generations changed; switching shard actors", before=[g.number for g in self.generations],
+                 after=[g.number for g in current])
+        while self.watermark.outstanding and not self.stop_requested.is_set() and not self.state.fatal:
+            self._offer(self.cluster)
+            self._drain(self.cluster)
+            self._checkpoint(self._source)
+            time.sleep(TICK_S)
+        if self.watermark.outstanding:
+            return
+        self._stop_audit()
+        self.cluster.stop()
+        self.generations = current
+        self.cluster = self._new_cluster()
+        self._auditing = self._start_audit(self.cluster)
+
+    def _stop_audit(self) -> None:
+        self._audit_stop.set()
+        if self._auditing is not None:
+            self._auditing.join(timeout=self.rs.grace_s)
+        self._auditing = None
+
     def _start_audit(self, cluster: ShardCluster) -> threading.Thread | None:
         """The continuous audit thread (reads through the writer actors, so embedded stores work)."""
         if self.rs.audit_interval_s <= 0:
             return None
-        audit_ledger = build_ledger(self.settings)
+        self._audit_stop = threading.Event()
+        audit_ledger = generation_ledger(self.settings, self.generations[0].number)
         keyword, vector = cluster.readers()
         auditor = Auditor(
             ledger=audit_ledger,
             keyword=keyword,
             vector=vector,
             source=None,
-            chunking=self.settings.chunking.to_domain(),
+            chunking=self.generations[0].chunking,
             reference_name="ledger",
         )
         rounds = ContinuousAudit(
             auditor,
             audit_ledger,
-            self.settings.chunking.to_domain(),
+            self.generations[0].chunking,
             sample_docs=self.rs.audit_sample_docs,
             rng=random.Random(),
             clock=time.time,
         )
         thread = threading.Thread(
-            target=self._audit_loop, args=(rounds, audit_ledger), name="audit", daemon=True
+            target=self._audit_loop, args=(rounds, audit_ledger, self._audit_stop), name="audit", daemon=True
         )
         thread.start()
         return thread
 
-    def _audit_loop(self, rounds: ContinuousAudit, audit_ledger: AnyLedger) -> None:
+    def _audit_loop(self, rounds: ContinuousAudit, audit_ledger: AnyLedger, stop: threading.Event) -> None:
         try:
-            while not self.stop_requested.wait(self.rs.audit_interval_s):
+            while not stop.wait(self.rs.audit_interval_s) and not self.stop_requested.is_set():
                 try:
                     report = rounds.round()
                 except LockstepError as exc:
@@ -174,17 +257,19 @@ class Service:
 
     # --- the reader loop -------------------------------------------------------------------
 
-    def _serve(self, cluster: ShardCluster, source: ChangeSource) -> None:
+    def _serve(self, source: ChangeSource) -> None:
+        self._source = source
         records: queue.Queue[SourceRecord | None] = queue.Queue(maxsize=READ_QUEUE_MAX)
         reader = threading.Thread(target=self._read, args=(source, records), name="reader", daemon=True)
         reader.start()
         while not self.stop_requested.is_set():
-            self._tick(cluster, source, records)
+            self._tick(self.cluster, source, records)
+            self._follow_generations()
             if self.exit_when_idle and self._idle():
                 break
             if self.state.fatal:
                 break
-        self._shutdown(cluster, source, records)
+        self._shutdown(self.cluster, source, records)
 
     def _tick(
         self, cluster: ShardCluster, source: ChangeSource, records: queue.Queue[SourceRecord | None]
@@ -205,6 +290,11 @@ class Service:
                         continue
                 if self.stop_requested.is_set():
                     return
+        except Exception as exc:
+            # A source that cannot go on (a lost replication slot, an outage beyond its limit):
+            # stop serving with the reason on /readyz and a non-zero exit, never read silently.
+            log.error("source failed; stopping", error=str(exc), error_type=type(exc).__name__)
+            self.state.fatal.append(f"source: {type(exc).__name__}: {exc}")
         finally:
             records.put(None)
 
@@ -213,10 +303,42 @@ class Service:
         if follow is not None and not self.exit_when_idle:
             yield from follow(self.stop_requested.is_set)
             return
+        reconciled_at: float | None = None
         while True:
-            yield from source.read()
+            yield from self._poll(source)
+            if isinstance(source, ReconcilableSource) and self._reconcile_due(reconciled_at):
+                reconciled_at = time.monotonic()
+                yield from self._reconcile(source)
             if self.exit_when_idle or self.stop_requested.wait(self.rs.poll_interval_s):
                 return
+
+    def _poll(self, source: ChangeSource) -> Iterator[SourceRecord]:
+        """One read of a polled source; a failed poll is logged and retried at the next interval."""
+        try:
+            yield from source.read()
+        except LockstepError as exc:
+            if self.exit_when_idle:
+                raise
+            log.warning("poll failed; retrying at the next interval", error=str(exc), phase="read")
+
+    def _reconcile_due(self, reconciled_at: float | None) -> bool:
+        interval_s = self.rs.reconcile_interval_s
+        if interval_s <= 0:
+            return False
+        return reconciled_at is None or time.monotonic() - reconciled_at >= interval_s
+
+    def _reconcile(self, source: ReconcilableSource) -> Iterator[SourceRecord]:
+        """Deletes for documents whose rows vanished without a trace (hard deletes)."""
+        deletes = 0
+        try:
+            for event in source.reconcile_ids():
+                deletes += 1
+                yield event
+        except LockstepError as exc:
+            if self.exit_when_idle:
+                raise
+            log.warning("id reconciliation failed; retrying at the next interval", error=str(exc), phase="reconcile")
+        log.info("ids reconciled", deletes=deletes, phase="reconcile")
 
     def _pull(self, records: queue.Queue[SourceRecord | None]) -> None:
         """Move records from the reader into per-shard buffers, unless the buffers are full."""
@@ -290,9 +412,3 @@ class Service:
             time.sleep(TICK_S)
         log.info("stopped", unfinished=self.watermark.outstanding, checkpoint=self.state.committed)
 
-
-def _dim(settings: Settings) -> int:
-    """The vector size, without loading a model into the driver when the settings say it."""
-    if settings.embedder.kind in ("hashing", "openai"):
-        return settings.embedder.dim
-    return build_embedder(settings.embedder).dim

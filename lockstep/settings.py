@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
+from adapters.sources import webhook
+from adapters.sources.debezium import KafkaSourceSettings
 from adapters.vector.settings import VectorSettings
 from coordinator.chunking import ChunkingSettings
 from coordinator.errors import ConfigError
@@ -55,8 +57,63 @@ class SqlSourceSettings(_Frozen):
     version_column: str | None = None
 
 
+class WebhookSourceSettings(_Frozen):
+    """``POST /events`` on ``run.http_host:run.http_port`` (``adapters/sources/webhook.py``)."""
+
+    kind: Literal["webhook"] = "webhook"
+    name: str = "webhook"
+    # Clients send ``Authorization: Bearer <token>``; set it from a secret
+    # (``LOCKSTEP_SOURCE__TOKEN``). Checked for length here without echoing it.
+    token: SecretStr
+    body_bytes_max: int = Field(default=webhook.BODY_BYTES_MAX, ge=1024, le=256 * 1024 * 1024)
+    batch_events_max: int = Field(default=webhook.BATCH_EVENTS_MAX, ge=1, le=100_000)
+    backlog_events_max: int = Field(default=webhook.BACKLOG_EVENTS_MAX, ge=1)
+    retention_s: float = Field(default=webhook.RETENTION_S, ge=0)
+    # SQLite ledger only: the inbox file (default: beside the ledger, ``<ledger>.webhook-inbox.db``).
+    # With the Postgres ledger the inbox is a table in the ledger's schema.
+    inbox_path: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr) -> SecretStr:
+        if len(token.get_secret_value()) < webhook.TOKEN_CHARS_MIN:
+            raise ValueError(f"the webhook token must have at least {webhook.TOKEN_CHARS_MIN} characters")
+        return token
+
+
+class PgLogicalSourceSettings(_Frozen):
+    """Postgres logical replication (pgoutput) of one or more tables (``adapters/sources/pg_logical.py``)."""
+
+    kind: Literal["postgres_logical"] = "postgres_logical"
+    # A libpq URI or key=value string; it may carry a password (``LOCKSTEP_SOURCE__DSN``).
+    dsn: SecretStr
+    tables: tuple[str, ...] = Field(min_length=1)
+    name: str = "postgres_logical"
+    # Lower-case identifiers: both go into pgoutput's publication_names option unquoted.
+    slot: str = Field(default="lockstep", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    publication: str = Field(default="lockstep", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    id_column: str = "id"
+    text_column: str = "text"
+    metadata_column: str | None = None
+    metadata_columns: tuple[str, ...] = ()
+    # doc_id = "<table>/<id>" instead of "<id>"; required with several tables.
+    table_prefix_ids: bool = False
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    peek_changes_max: int = Field(default=5000, ge=1, le=1_000_000)
+    txn_buffer_changes_max: int = Field(default=10_000, ge=1, le=10_000_000)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    statement_timeout_s: float = Field(default=300.0, gt=0)
+    outage_max_s: float = Field(default=600.0, gt=0)
+
+
 SourceSettings = Annotated[
-    JsonlSourceSettings | FolderSourceSettings | SqlSourceSettings, Field(discriminator="kind")
+    JsonlSourceSettings
+    | FolderSourceSettings
+    | SqlSourceSettings
+    | WebhookSourceSettings
+    | PgLogicalSourceSettings
+    | KafkaSourceSettings,
+    Field(discriminator="kind"),
 ]
 
 
@@ -105,6 +162,21 @@ class SyncConfig(_Frozen):
     batch_events: int = Field(default=500, ge=1, le=10_000)
 
 
+class RebuildSettings(_Frozen):
+    """``lockstep rebuild`` and ``lockstep gc``: blue-green generations."""
+
+    # A swapped-out generation is kept (and kept in step) this long for rollbacks, then
+    # ``lockstep gc`` drops it.
+    retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    # Documents copied into the new generation per two-phase batch; the resume point is saved
+    # after each batch, so a crash re-does at most one batch.
+    batch_docs: int = Field(default=200, ge=1, le=10_000)
+    # A file with one query per line, run against both generations before the swap.
+    queries_path: str | None = None
+    # Hits per query compared between the generations.
+    queries_k: int = Field(default=10, ge=1, le=1000)
+
+
 class RunSettings(_Frozen):
     """``lockstep run``: the long-running service on Ray."""
 
@@ -128,6 +200,10 @@ class RunSettings(_Frozen):
     grace_s: float = Field(default=30.0, ge=0)
     # Snapshot sources (folder, SQL table) are polled this often.
     poll_interval_s: float = Field(default=5.0, gt=0)
+    # Sources that can find rows gone without a trace (a SQL table's hard deletes) are asked
+    # for those deletes after a poll at most this often (0 turns it off): each pass reads every
+    # live ledger document and looks its row up.
+    reconcile_interval_s: float = Field(default=300.0, ge=0)
     # Continuous audit: every this many seconds, probe what changed plus a random sample and
     # publish drift gauges (0 turns it off).
     audit_interval_s: float = Field(default=60.0, ge=0)
@@ -147,8 +223,11 @@ def _default_vector() -> VectorSettings:
 class Settings(BaseSettings):
     """Everything lockstep needs to run, validated at start-up."""
 
+    # hide_input_in_errors: a refused value may be a secret (a token, a password, a DSN), so
+    # validation errors name the key and the rule, never the value.
     model_config = SettingsConfigDict(
-        env_prefix="LOCKSTEP_", env_nested_delimiter="__", frozen=True, extra="forbid"
+        env_prefix="LOCKSTEP_", env_nested_delimiter="__", frozen=True, extra="forbid",
+        hide_input_in_errors=True,
     )
 
     source: SourceSettings | None = None
@@ -159,6 +238,7 @@ class Settings(BaseSettings):
     chunking: ChunkingConfig = ChunkingConfig()
     sync: SyncConfig = SyncConfig()
     run: RunSettings = RunSettings()
+    rebuild: RebuildSettings = RebuildSettings()
 
     @classmethod
     def settings_customise_sources(

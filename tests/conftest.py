@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.milvus_servers",
     "tests.support.embed_server",
     "tests.support.postgres_servers",
+    "tests.support.kafka_servers",
 ]

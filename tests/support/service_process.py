@@ -1,0 +1,77 @@
+"""``lockstep run`` as a real process for the source tests: start, wait, stop, kill -9."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+
+LOCKSTEP = [sys.executable, "-m", "lockstep"]
+# How long a test waits for the service to reach a state before failing.
+WAIT_S = 120.0
+# A graceful stop (SIGTERM: drain, checkpoint, exit) or a restarted run must end within this.
+STOP_TIMEOUT_S = 300.0
+PROBE_TIMEOUT_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_service(config: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*LOCKSTEP, "--log-level", "info", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_service(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM and wait; returns stderr (the JSON log lines)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=STOP_TIMEOUT_S)
+    return err
+
+
+def kill_service(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the service and every process it started (Ray's raylet and workers leave its group)."""
+    root = psutil.Process(proc.pid)
+    for child in [*root.children(recursive=True), root]:
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
+    proc.communicate(timeout=STOP_TIMEOUT_S)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, proc: subprocess.Popen[str] | None = None) -> None:
+    """Poll ``predicate`` until true; fail with the service's log tail if it exits or time runs out."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"the service exited ({proc.returncode}) waiting for {what}: {err[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=PROBE_TIMEOUT_S).status_code == 200
+    except httpx.TransportError:
+        return False
