@@ -341,9 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--live-share", type=float, default=DEFAULT_LIVE_SHARE)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--no-docs", action="store_true", help="Do not rewrite docs/benchmarks.md.")
+    parser.add_argument("--work", type=Path, help="Keep every file here (default: a temporary directory).")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
-        results = run(Path(tmp), args.docs, args.live_share, args.seed)
+    if args.work is not None:
+        args.work.mkdir(parents=True)
+        results = run(args.work, args.docs, args.live_share, args.seed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
+            results = run(Path(tmp), args.docs, args.live_share, args.seed)
     markdown = report(results)
     print(markdown)
     if not args.no_docs:

@@ -54,6 +54,12 @@ class TransientStoreError(StoreError):
         super().__init__(message, store=store, retriable=True)
 
 
+class IntentConflict(TransientStoreError):
+    """Another writer of the same ledger holds a prepared intent for the document, or committed
+    a version at or above the one being prepared (a rebuild's backfill and the live service both
+    write a new generation). Retrying re-plans against what that writer left."""
+
+
 class PermanentStoreError(StoreError):
     """A store failure that will fail again the same way."""
 

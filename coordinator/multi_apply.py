@@ -11,16 +11,28 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from coordinator.apply import ApplyEngine, ApplyStats
+from coordinator.errors import IntentConflict
 from coordinator.events import ChangeEvent
 from coordinator.ports import Fence, Intent, SourceRecord
+
+# A generation being rebuilt is also written by the rebuild's backfill: a batch that meets one of
+# its intents is tried again after a pause, this many times at most.
+CONFLICT_RETRIES_MAX = 100
+CONFLICT_PAUSE_S = 0.2
+
+
+def _no_sleep(_seconds: float) -> None:
+    return None
 
 
 class MultiEngine:
     """The ApplyEngine interface used by ``run_sync``, over several generations."""
 
-    def __init__(self, engines: Sequence[ApplyEngine]) -> None:
+    def __init__(self, engines: Sequence[ApplyEngine], *, sleep: Callable[[float], None] = _no_sleep) -> None:
+        """``sleep`` waits out another writer's intent (the domain reads no clock itself)."""
         if not engines:
             raise ValueError("MultiEngine needs at least one engine")
+        self._sleep = sleep
         self.engines = list(engines)
         self.primary = self.engines[0]
 
@@ -38,7 +50,15 @@ class MultiEngine:
         self.primary.apply(records, fence)
         events = [r for r in records if isinstance(r, ChangeEvent)]
         for engine in self.engines[1:]:
-            engine.apply(events, fence)
+            for attempt in range(CONFLICT_RETRIES_MAX):
+                try:
+                    engine.apply(events, fence)
+                    break
+                except IntentConflict:
+                    # A rebuild's backfill holds an intent for one of these documents.
+                    if attempt == CONFLICT_RETRIES_MAX - 1:
+                        raise
+                    self._sleep(CONFLICT_PAUSE_S)
 
     # --- the split interface the shard worker uses ------------------------------------------
 
@@ -51,8 +71,16 @@ class MultiEngine:
         are durable in their ledgers and driven by ``drive`` for the same documents)."""
         intents = self.primary.prepare(records, fence)
         events = [r for r in records if isinstance(r, ChangeEvent)]
+        done: list[tuple[ApplyEngine, list[Intent]]] = [(self.primary, intents)]
         for engine in self.engines[1:]:
-            engine.prepare(events, fence)
+            try:
+                done.append((engine, engine.prepare(events, fence)))
+            except Exception:
+                # Nothing was written yet: withdraw what the other generations prepared, so
+                # that the caller's retry prepares the batch afresh everywhere.
+                for prepared_in, prepared in done:
+                    prepared_in.ledger.abort([(i.doc_id, i.version) for i in prepared])
+                raise
         return intents
 
     def drive(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:

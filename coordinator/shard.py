@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from coordinator.apply import ApplyEngine
-from coordinator.errors import EmbedError, LockstepError, StoreError
+from coordinator.errors import EmbedError, IntentConflict, LockstepError, StoreError
 from coordinator.events import ChangeEvent
 from coordinator.ports import BadRecord, Fence, Intent, SourceRecord
 
@@ -234,7 +234,10 @@ class ShardWorker:
         delay_s = self.backoff.delay_s(self._attempt)
         self._attempt += 1
         self._retry_at = self.clock() + delay_s
-        self._last_error = str(exc)
+        # Another writer's intent for the same document (a rebuild's backfill) is not an outage:
+        # wait for it without reporting the shard degraded.
+        if not isinstance(exc, IntentConflict):
+            self._last_error = str(exc)
         log.warning(
             "shard backing off",
             shard=self.shard,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
         home.close()
         raise
     engines = [p.engine for p in built]
-    engine: ApplyEngine | MultiEngine = engines[0] if len(engines) == 1 else MultiEngine(engines)
+    engine: ApplyEngine | MultiEngine = engines[0] if len(engines) == 1 else MultiEngine(engines, sleep=time.sleep)
     log.info("runtime ready", keyword=settings.keyword.kind, embedder=gen.model_id, dim=gen.dim,
              generations=[p.generation.number for p in built])
     rt = Runtime(settings, active_parts.ledger, active_parts.keyword, active_parts.vector,

@@ -31,7 +31,7 @@ import structlog
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
 from coordinator.chunking import ChunkingSettings
-from coordinator.errors import ConfigError, LockstepError
+from coordinator.errors import ConfigError, IntentConflict, LockstepError
 from coordinator.events import ChangeEvent, Op
 from coordinator.generations import (
     Generation,
@@ -71,6 +71,10 @@ VALIDATE_REPAIR_OPS_PER_S = 5000.0
 VALIDATE_ROUNDS_MAX = 5
 # Between rounds, live writes in flight get this long to reach both generations.
 VALIDATE_SETTLE_S = 2.0
+# The live service writes the new generation too: a batch that meets one of its intents in
+# flight is tried again after a pause, this many times at most.
+CONFLICT_RETRIES_MAX = 100
+CONFLICT_PAUSE_S = 0.2
 
 Progress = Callable[[int, int], None]
 
@@ -235,6 +239,9 @@ class Rebuild:
         reader = self._reader(act)
         target = build_parts(self.settings, gen, self.home, source_name=self._source_name())
         try:
+            # Intents a killed rebuild left prepared are driven first (the service may be driving
+            # some of them too; both writes carry the same versions).
+            target.engine.recover()
             started = time.monotonic()
             if not gen.backfill_done:
                 gen = self._backfill(gen, reader, target, report, progress)
@@ -272,7 +279,7 @@ class Rebuild:
         progress(done, total)
         for batches, batch in enumerate(_batched(docs, self.settings.rebuild.batch_docs), start=1):
             events = snapshot_events(batch, reader, report.unreadable_docs)
-            target.engine.apply(events)
+            _apply(target, events)
             done += len(batch)
             gen = replace(gen, backfill_position=batch[-1].doc_id, backfilled_docs=done)
             self._save(gen)
@@ -368,7 +375,7 @@ class Rebuild:
                     continue
                 events.append(ChangeEvent(Op.DELETE, view.doc_id, version))
         if events:
-            target.engine.apply(events)
+            _apply(target, events)
 
     class _RefCtx:
         def __init__(self, reference: ListableSource, close: Callable[[], None]) -> None:
@@ -461,6 +468,20 @@ class Rebuild:
             dropped.append(gen.number)
             log.info("generation dropped", generation=gen.number)
         return dropped
+
+
+def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> None:
+    """Apply through the new generation's two-phase path, waiting out the live service's
+    intents in flight for the same documents (they carry newer versions: ours become stale)."""
+    for attempt in range(CONFLICT_RETRIES_MAX):
+        try:
+            target.engine.apply(events)
+            return
+        except IntentConflict as exc:
+            if attempt == CONFLICT_RETRIES_MAX - 1:
+                raise
+            log.info("waiting for a live write of the same document", error=str(exc))
+            time.sleep(CONFLICT_PAUSE_S)
 
 
 def _embedder_of(settings: Settings, gen: Generation) -> EmbedderSettings:

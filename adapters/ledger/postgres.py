@@ -54,7 +54,14 @@ from adapters.ledger.settings import (
 )
 from coordinator.codec import decode_chunks, decode_intent, encode_chunks, encode_intent
 from coordinator.crashpoints import CrashHook, no_crash
-from coordinator.errors import ConfigError, FencedError, PermanentStoreError, StoreError, TransientStoreError
+from coordinator.errors import (
+    ConfigError,
+    FencedError,
+    IntentConflict,
+    PermanentStoreError,
+    StoreError,
+    TransientStoreError,
+)
 from coordinator.model import DeadLetter, DocState, Vector
 from coordinator.ports import Fence, Intent, claimed_epoch
 
@@ -493,7 +500,7 @@ def _insert_intent(cur: Cursor, intent: Intent, now: float) -> None:
         (intent.doc_id, intent.version, encode_intent(intent), now),
     ).fetchone()
     if inserted is None:
-        raise ValueError(f"{intent.doc_id} already has a pending intent")
+        raise IntentConflict(f"{intent.doc_id} already has a pending intent", store=STORE)
 
 
 def _check_above_committed(cur: Cursor, intent: Intent) -> None:
@@ -501,7 +508,7 @@ def _check_above_committed(cur: Cursor, intent: Intent) -> None:
     document, so the committed version cannot change before our transaction ends."""
     row = cur.execute("SELECT version FROM documents WHERE doc_id = %s", (intent.doc_id,)).fetchone()
     if row is not None and intent.version <= row[0]:
-        raise ValueError(f"{intent.doc_id} v{intent.version} is not above committed v{row[0]}")
+        raise IntentConflict(f"{intent.doc_id} v{intent.version} is not above committed v{row[0]}", store=STORE)
 
 
 def _add_done_side(cur: Cursor, side: str, doc_id: str, version: int) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 
 from coordinator.codec import decode_chunks, decode_intent, encode_chunks, encode_intent
 from coordinator.crashpoints import CrashHook, no_crash
-from coordinator.errors import FencedError, TransientStoreError
+from coordinator.errors import FencedError, IntentConflict, TransientStoreError
 from coordinator.model import DeadLetter, DocState, Vector
 from coordinator.ports import Fence, Intent, claimed_epoch
 
@@ -193,10 +193,10 @@ class SqliteLedger:
 
     def _check_preparable(self, cur: sqlite3.Cursor, intent: Intent) -> None:
         if cur.execute("SELECT 1 FROM intents WHERE doc_id = ?", (intent.doc_id,)).fetchone():
-            raise ValueError(f"{intent.doc_id} already has a pending intent")
+            raise IntentConflict(f"{intent.doc_id} already has a pending intent", store="sqlite")
         row = cur.execute("SELECT version FROM documents WHERE doc_id = ?", (intent.doc_id,)).fetchone()
         if row is not None and intent.version <= row[0]:
-            raise ValueError(f"{intent.doc_id} v{intent.version} is not above committed v{row[0]}")
+            raise IntentConflict(f"{intent.doc_id} v{intent.version} is not above committed v{row[0]}", store="sqlite")
 
     def mark_done(
         self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None

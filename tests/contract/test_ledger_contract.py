@@ -27,7 +27,7 @@ from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from chaos.servers import EmbeddedPostgres
 from coordinator.chunking import ChunkingSettings
 from coordinator.crashpoints import CrashHook, no_crash
-from coordinator.errors import ConfigError, FencedError, TransientStoreError
+from coordinator.errors import ConfigError, FencedError, IntentConflict, TransientStoreError
 from coordinator.events import ChangeEvent, Op
 from coordinator.model import DeadLetter, DocState
 from coordinator.planner import plan
@@ -131,12 +131,12 @@ def test_pending_intents_survive_reopen(ledger: AnyLedger, store: Store) -> None
 def test_gate_refuses_a_second_intent_and_old_versions(ledger: AnyLedger) -> None:
     """prepare refuses a document that already has an intent, and versions not above committed."""
     ledger.prepare([_intent("a", 2)])
-    with pytest.raises(ValueError, match="pending"):
+    with pytest.raises(IntentConflict, match="pending"):
         ledger.prepare([_intent("a", 3)])
     ledger.mark_done("keyword", [("a", 2)])
     ledger.mark_done("vector", [("a", 2)])
     ledger.commit([("a", 2)], SIDES)
-    with pytest.raises(ValueError, match="not above"):
+    with pytest.raises(IntentConflict, match="not above"):
         ledger.prepare([_intent("a", 2)])
 
 
@@ -363,7 +363,7 @@ def test_two_replicas_preparing_one_doc_exactly_one_wins(replicas: Callable[...,
     held.release.set()
     assert first.finished_within(CALL_DEADLINE_S) and first.error is None
     assert second.finished_within(CALL_DEADLINE_S)
-    assert isinstance(second.error, ValueError) and "pending" in str(second.error)
+    assert isinstance(second.error, IntentConflict) and "pending" in str(second.error)
     assert [(i.doc_id, i.version) for i in second_replica.pending()] == [("x", 1)]
 
 
@@ -374,7 +374,7 @@ def test_many_replicas_racing_to_prepare_one_doc_exactly_one_wins(
     ledgers = [replicas() for _ in range(RACERS)]
     calls = _race([partial(led.prepare, [_intent("x", 1)]) for led in ledgers])
     assert sum(c.error is None for c in calls) == 1
-    assert all(isinstance(c.error, ValueError) for c in calls if c.error is not None)
+    assert all(isinstance(c.error, IntentConflict) for c in calls if c.error is not None)
     assert len(ledgers[0].pending()) == 1
 
 
@@ -394,7 +394,7 @@ def test_prepare_racing_a_commit_sees_the_committed_version(replicas: Callable[.
     held.release.set()
     assert commit.finished_within(CALL_DEADLINE_S) and commit.result == 2
     assert prepare.finished_within(CALL_DEADLINE_S)
-    assert isinstance(prepare.error, ValueError) and "not above" in str(prepare.error)
+    assert isinstance(prepare.error, IntentConflict) and "not above" in str(prepare.error)
 
 
 def test_replicas_claiming_one_shard_exactly_one_wins(replicas: Callable[..., PostgresLedger]) -> None:
@@ -434,7 +434,7 @@ def test_a_statement_timeout_is_a_transient_error(replicas: Callable[..., Postgr
         impatient.prepare([_intent("x", 1)])
     held.release.set()
     assert first.finished_within(CALL_DEADLINE_S) and first.error is None
-    with pytest.raises(ValueError, match="pending"):
+    with pytest.raises(IntentConflict, match="pending"):
         impatient.prepare([_intent("x", 1)])
 
 
