@@ -26,10 +26,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from lockstep.metrics import Metrics
-from lockstep.settings import Settings, load_settings
+from lockstep.settings import Settings, SourceSettings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "lockstep"
@@ -45,11 +45,9 @@ HELM_SETUP_TIMEOUT_S = 300
 RENDER_TIMEOUT_S = 300
 # `lockstep run` starts Ray and its shard actors before /readyz turns 200.
 READY_TIMEOUT_S = 180
-# Settings the chart reads from Secrets although lockstep 0.1.0 has no field for them yet:
-# the Debezium source's SASL password and the webhook's bearer token (issue 6).
-FUTURE_SECRET_ENV = {"LOCKSTEP_SOURCE__SASL_PASSWORD", "LOCKSTEP_RUN__WEBHOOK_TOKEN"}
-PENDING_SOURCE_KINDS = {"kafka-debezium"}
 POD_NAME = f"{RELEASE}-0"
+# A webhook token stand-in: lockstep refuses one shorter than 16 characters.
+WEBHOOK_TOKEN = "stand-in-webhook-token-0123456789"
 
 
 # --- helm, once per session ------------------------------------------------------------------
@@ -95,31 +93,63 @@ def _secrets(**refs: str) -> dict[str, dict[str, str]]:
     return {key: {"name": name, "key": "value"} for key, name in refs.items()}
 
 
-# Two value sets that together reference every Secret the chart knows (some exclude each other,
-# like basic auth and an API key), so every secret-backed variable is rendered at least once.
+# Value sets that together reference every Secret the chart knows, so every secret-backed variable
+# is rendered at least once. Some exclude each other: basic auth and an API key, and each source
+# kind's own credential (lockstep refuses a source key its kind does not have).
 ALL_SECRETS_A = {
     "config": {"keyword": {"username": "lockstep"},
                "embedder": {"kind": "openai", "base_url": "http://tei/v1", "model": "m", "dim": 384}},
     "secrets": _secrets(keywordPassword="kw", vectorToken="milvus", ledgerDsn="pg", embedderApiKey="emb",
-                        sourceUrl="src", webhookToken="hook"),
+                        sourceUrl="src"),
 }
+KAFKA_SOURCE = {"kind": "kafka", "name": "cdc", "bootstrap_servers": ["k:9093"], "topics": ["pg.public.articles"],
+                "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "lockstep",
+                "tables": {"public.articles": {"doc_id": "article:{id}", "text_columns": ["title", "body"]}}}
 ALL_SECRETS_B = {
-    "config": {"source": {"kind": "kafka-debezium", "name": "cdc", "bootstrap_servers": ["k:9092"], "topics": ["t"],
-                          "sasl_username": "lockstep"},
-               "vector": {"user": "lockstep"}},
+    "config": {"source": KAFKA_SOURCE, "vector": {"user": "lockstep"}},
     "secrets": _secrets(keywordApiKey="kw", vectorPassword="milvus", ledgerDsn="pg", sourceUrl="",
                         sourceSaslPassword="kafka"),
 }
+SOURCE_POSTGRES_LOGICAL = {
+    "config": {"source": {"kind": "postgres_logical", "name": "app", "tables": ["public.articles"]}},
+    "secrets": _secrets(ledgerDsn="pg", sourceUrl="", sourceDsn="app-db"),
+}
+SECRET_CASES = ("secrets-a", "secrets-b", "source-postgres-logical", "source-webhook")
 EVERYTHING_ON = {
     "ray": {"mode": "kuberay"},
     "serviceMonitor": {"enabled": True},
     "networkPolicy": {"enabled": True, "egress": [{"to": [{"podSelector": {}}]}]},
     "rebuild": {"enabled": True, "extraArgs": ["--chunking", "max_chars=500"]},
 }
-# Value sets the chart must refuse: one the schema rejects (lint and install both notice), one
-# that passes the schema but that lockstep cannot run (the templates `fail`, which lint ignores).
+# Value sets the chart must refuse: one the schema rejects (lint and install both notice), and
+# some that pass the schema but that lockstep cannot run (the templates `fail`, which lint
+# ignores), each with the message the render must give.
 BROKEN_SCHEMA = {"replicaCount": "two", "config": {"keyword": {"password": "hunter2"}}}
-BROKEN_COMBINATION = {"replicaCount": 2, "config": {"ledger": {"kind": "sqlite"}}, "secrets": _secrets(ledgerDsn="")}
+BROKEN_COMBINATIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "broken-combination": (
+        {"replicaCount": 2, "config": {"ledger": {"kind": "sqlite"}}, "secrets": _secrets(ledgerDsn="")},
+        "replicaCount > 1 needs config.ledger.kind=postgres"),
+    "broken-logical-without-dsn": (
+        {"config": SOURCE_POSTGRES_LOGICAL["config"], "secrets": _secrets(sourceUrl="")},
+        "config.source.kind=postgres_logical needs secrets.sourceDsn.name"),
+    "broken-webhook-without-token": (
+        {"config": {"source": {"kind": "webhook"}}, "secrets": _secrets(sourceUrl="")},
+        "config.source.kind=webhook needs secrets.sourceToken.name"),
+    "broken-token-on-sql-source": (
+        {"secrets": _secrets(sourceToken="hook")},
+        "secrets.sourceToken is set but config.source.kind is not webhook"),
+    "broken-kafka-sasl-without-password": (
+        {"config": {"source": KAFKA_SOURCE}, "secrets": _secrets(sourceUrl="")},
+        "config.source.kind=kafka needs secrets.sourceSaslPassword.name"),
+    "broken-kafka-sasl-without-user": (
+        {"config": {"source": {k: v for k, v in KAFKA_SOURCE.items() if k != "sasl_username"}},
+         "secrets": _secrets(sourceUrl="", sourceSaslPassword="kafka")},
+        "config.source.security_protocol=SASL_SSL needs config.source.sasl_username"),
+    "broken-logical-tables-unprefixed": (
+        {"config": {"source": {"kind": "postgres_logical", "tables": ["public.a", "public.b"]}},
+         "secrets": _secrets(sourceUrl="", sourceDsn="app-db")},
+        "set config.source.table_prefix_ids=true"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -128,12 +158,20 @@ def probe_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def helm(tmp_path_factory: pytest.TempPathFactory, probe_port: int) -> dict[str, Any]:
+def webhook_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory, probe_port: int, webhook_port: int) -> dict[str, Any]:
     """Lint and render every case once: defaults, each example, and the special sets above."""
+    source_webhook = {"config": {"source": {"kind": "webhook", "name": "hooks"}, "run": {"http_port": webhook_port}},
+                      "secrets": _secrets(sourceUrl="", sourceToken="hook"), "serviceMonitor": {"enabled": True}}
     cases: dict[str, Any] = {"default": {}, "secrets-a": ALL_SECRETS_A, "secrets-b": ALL_SECRETS_B,
+                             "source-postgres-logical": SOURCE_POSTGRES_LOGICAL, "source-webhook": source_webhook,
                              "everything": EVERYTHING_ON, "broken-schema": BROKEN_SCHEMA,
-                             "broken-combination": BROKEN_COMBINATION,
                              "probe-port": {"config": {"run": {"http_port": probe_port}}}}
+    cases |= {case: values for case, (values, _message) in BROKEN_COMBINATIONS.items()}
     cases |= {f"example:{path.name}": yaml.safe_load(path.read_text()) for path in EXAMPLES}
     request = tmp_path_factory.mktemp("helm") / "request.json"
     request.write_text(json.dumps({"chart": str(CHART), "namespace": NAMESPACE, "release": RELEASE, "cases": cases}))
@@ -202,7 +240,9 @@ def test_chart_lints_clean_and_renders_with_real_helm(helm: dict[str, Any]) -> N
     assert helm["lint"]["broken-schema"]["errors"], "lint accepted values the schema forbids"
     schema_error = helm["render"]["broken-schema"]["error"]
     assert "/replicaCount" in schema_error and "password" in schema_error, schema_error
-    assert "replicaCount > 1 needs config.ledger.kind=postgres" in helm["render"]["broken-combination"]["error"]
+    for case, (_values, message) in BROKEN_COMBINATIONS.items():
+        assert "manifest" not in helm["render"][case], f"{case} rendered"
+        assert message in helm["render"][case]["error"], (case, helm["render"][case]["error"])
 
 
 # --- (2) values schema -----------------------------------------------------------------------
@@ -292,15 +332,105 @@ def test_schema_refuses_credentials_in_the_config_section() -> None:
     schema validation, so a credential can never be rendered into the ConfigMap."""
     validator = jsonschema.Draft202012Validator(_schema())
     base = yaml.safe_load((CHART / "values.yaml").read_text())
-    secret_paths = set(_settings_secret_env().values()) | {("source", "sasl_password"), ("run", "webhook_token")}
-    assert len(secret_paths) >= 9
-    for section, key in sorted(secret_paths):
+    secret_env = _settings_secret_env()
+    assert {("source", "url"), ("source", "dsn"), ("source", "token"), ("source", "sasl_password")} <= set(secret_env.values())
+    for section, key in sorted(set(secret_env.values())):
         values = json.loads(json.dumps(base))
         values["config"].setdefault(section, {})[key] = "hunter2"
         assert not validator.is_valid(values), f"config.{section}.{key} was accepted by the schema"
-    values = json.loads(json.dumps(base))
-    values["extraEnv"] = [{"name": "LOCKSTEP_LEDGER__DSN", "value": "postgresql://u:p@db/x"}]
-    assert not validator.is_valid(values), "a credential was accepted as a plain extraEnv value"
+    for name in sorted(secret_env):
+        values = json.loads(json.dumps(base))
+        values["extraEnv"] = [{"name": name, "value": "hunter2"}]
+        assert not validator.is_valid(values), f"{name} was accepted as a plain extraEnv value"
+
+
+def _source_models() -> dict[str, type[BaseModel]]:
+    """Each source kind of lockstep's settings -> its settings class."""
+    return {m.model_fields["kind"].default: m for m in _models_in(Settings.model_fields["source"].annotation)}
+
+
+def _plain_keys(model: type[BaseModel]) -> set[str]:
+    """The config keys of a settings class that are not secrets (those come from Secrets)."""
+    return {f.alias or n for n, f in model.model_fields.items() if "SecretStr" not in repr(f.annotation)}
+
+
+def _chart_kind_keys() -> dict[str, dict[str, list[str]]]:
+    """The keys the chart keeps per kind of a section (the ``lockstep.kindKeys`` template)."""
+    text = (CHART / "templates" / "_helpers.tpl").read_text()
+    body = text.split('{{- define "lockstep.kindKeys" -}}', 1)[1].split("{{- end }}", 1)[0]
+    kind_keys: dict[str, dict[str, list[str]]] = yaml.safe_load(body)
+    return kind_keys
+
+
+def test_chart_knows_every_source_kind_and_setting_lockstep_has() -> None:
+    """For each source kind lockstep has, the schema offers the kind and declares each of its
+    non-secret settings, and the chart keeps exactly those keys in the ConfigMap: none silently
+    dropped, none of another kind left for lockstep to refuse."""
+    models = _source_models()
+    assert {"sql", "folder", "jsonl", "kafka", "postgres_logical", "webhook"} <= set(models)
+    source_schema = _schema()["properties"]["config"]["properties"]["source"]
+    assert set(source_schema["properties"]["kind"]["enum"]) == set(models)
+    assert set(source_schema["properties"]) == set().union(*(_plain_keys(m) for m in models.values()))
+    kind_keys = _chart_kind_keys()["source"]
+    assert set(kind_keys) == set(models)
+    for kind, model in models.items():
+        assert set(kind_keys[kind]) == _plain_keys(model), kind
+
+
+# Source sections the schema and lockstep's settings must both accept (True) or both refuse.
+_KAFKA_TABLE = {"doc_id": "article:{id}", "text_columns": ["body"]}
+_KAFKA = {"kind": "kafka", "bootstrap_servers": ["k:9093"], "topics": ["t"], "tables": {"public.a": _KAFKA_TABLE}}
+SOURCE_SAMPLES = [
+    pytest.param(_KAFKA, True, id="kafka"),
+    pytest.param(KAFKA_SOURCE, True, id="kafka-sasl"),
+    pytest.param(_KAFKA | {"tables": ["public.a"]}, False, id="kafka-tables-as-list"),
+    pytest.param(_KAFKA | {"tables": {}}, False, id="kafka-no-table"),
+    pytest.param(_KAFKA | {"tables": {"public.a": {"text_columns": ["body"]}}}, False, id="kafka-no-doc-id"),
+    pytest.param(_KAFKA | {"tables": {"public.a": _KAFKA_TABLE | {"text_template": "{title}"}}}, False,
+                 id="kafka-two-texts"),
+    pytest.param(_KAFKA | {"tables": {"public.a": {"doc_id": "article:{id}"}}}, False, id="kafka-no-text"),
+    pytest.param(_KAFKA | {"tables": {"public.a": {"doc_id": "article", "text_columns": ["body"]}}}, False,
+                 id="kafka-doc-id-without-column"),
+    pytest.param({k: v for k, v in _KAFKA.items() if k != "topics"}, False, id="kafka-no-topics"),
+    pytest.param(_KAFKA | {"bootstrap_servers": ["user:pw@k:9093"]}, False, id="kafka-credentials-in-servers"),
+    pytest.param(_KAFKA | {"security_protocol": "SASL_PLAIN"}, False, id="kafka-unknown-protocol"),
+    pytest.param({"kind": "postgres_logical", "tables": ["public.a", "public.b"], "table_prefix_ids": True}, True,
+                 id="postgres-logical"),
+    pytest.param({"kind": "postgres_logical", "tables": {"public.a": _KAFKA_TABLE}}, False,
+                 id="postgres-logical-tables-as-mapping"),
+    pytest.param({"kind": "postgres_logical", "tables": []}, False, id="postgres-logical-no-table"),
+    pytest.param({"kind": "postgres_logical", "tables": ["public.a"], "slot": "Lockstep-Slot"}, False,
+                 id="postgres-logical-bad-slot"),
+    pytest.param({"kind": "postgres_logical"}, False, id="postgres-logical-no-tables"),
+    pytest.param({"kind": "webhook", "name": "hooks", "batch_events_max": 1000, "retention_s": 3600}, True,
+                 id="webhook"),
+    pytest.param({"kind": "webhook", "batch_events_max": 0}, False, id="webhook-no-events"),
+    pytest.param({"kind": "webhook", "body_bytes_max": 100}, False, id="webhook-tiny-body"),
+    pytest.param({"kind": "sql", "table": "documents"}, True, id="sql"),
+    pytest.param({"kind": "sql"}, False, id="sql-no-table"),
+    pytest.param({"kind": "jsonl"}, False, id="jsonl-no-path"),
+    pytest.param({"kind": "kafka-debezium", "bootstrap_servers": ["k:9093"], "topics": ["t"]}, False,
+                 id="the-old-guessed-kind"),
+]
+# The credential of each kind, which reaches lockstep from a Secret rather than the config.
+SOURCE_SECRET_STAND_INS = {"sql": {"url": "sqlite:///x.db"}, "postgres_logical": {"dsn": "postgresql://db/app"},
+                           "webhook": {"token": WEBHOOK_TOKEN}, "kafka": {"sasl_password": "pw"}}
+
+
+@pytest.mark.parametrize(("source", "valid"), SOURCE_SAMPLES)
+def test_schema_agrees_with_lockstep_on_source_sections(source: dict[str, Any], valid: bool) -> None:
+    """A source section passes values.schema.json exactly when lockstep's settings accept it
+    (with its credential from a Secret), so a mistake fails at `helm install`, not in a crash loop."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    values["config"]["source"] = source
+    errors = [e.message for e in jsonschema.Draft202012Validator(_schema()).iter_errors(values)]
+    try:
+        TypeAdapter(SourceSettings).validate_python(source | SOURCE_SECRET_STAND_INS.get(source["kind"], {}))
+        loaded = True
+    except ValidationError:
+        loaded = False
+    assert loaded is valid, f"lockstep {'refused' if valid else 'accepted'} {source}"
+    assert (not errors) is valid, f"the schema {'refused' if valid else 'accepted'} {source}: {errors}"
 
 
 # --- (3) Kubernetes schemas ------------------------------------------------------------------
@@ -336,19 +466,23 @@ def _lockstep_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict
 
 
 def test_every_secret_backed_setting_is_read_from_a_secret(helm: dict[str, Any]) -> None:
-    """Each SecretStr setting of lockstep (plus the Kafka SASL password and webhook token to come)
-    reaches every lockstep container through a secretKeyRef, never as a plain value, and no
-    credential key appears in any rendered ConfigMap; the chart creates no Secret itself."""
-    expected = set(_settings_secret_env()) | FUTURE_SECRET_ENV
+    """Each SecretStr setting of lockstep, of every source kind included, reaches every lockstep
+    container through a secretKeyRef, never as a plain value; the chart reads no Secret into a
+    variable lockstep does not have; no credential key appears in any rendered ConfigMap; and
+    the chart creates no Secret itself."""
+    expected = set(_settings_secret_env())
     assert {"LOCKSTEP_KEYWORD__PASSWORD", "LOCKSTEP_KEYWORD__API_KEY", "LOCKSTEP_VECTOR__TOKEN",
-            "LOCKSTEP_VECTOR__PASSWORD", "LOCKSTEP_LEDGER__DSN", "LOCKSTEP_EMBEDDER__API_KEY"} <= expected
+            "LOCKSTEP_VECTOR__PASSWORD", "LOCKSTEP_LEDGER__DSN", "LOCKSTEP_EMBEDDER__API_KEY", "LOCKSTEP_SOURCE__URL",
+            "LOCKSTEP_SOURCE__DSN", "LOCKSTEP_SOURCE__SASL_PASSWORD", "LOCKSTEP_SOURCE__TOKEN"} <= expected
     seen: set[str] = set()
-    for case in ("secrets-a", "secrets-b"):
+    for case in SECRET_CASES:
         docs = _docs(helm, case)
         containers = list(_lockstep_containers(docs))
         assert {where.split("/")[0] for where, _ in containers} >= {"StatefulSet", "CronJob"}
         for where, container in containers:
             env = {e["name"]: e for e in container["env"]}
+            from_secrets = {n for n, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+            assert from_secrets <= expected, f"{case} {where}: lockstep has no {sorted(from_secrets - expected)}"
             names = {n for n in env if n in expected}
             seen |= names
             for name in names:
@@ -356,7 +490,7 @@ def test_every_secret_backed_setting_is_read_from_a_secret(helm: dict[str, Any])
                 ref = env[name]["valueFrom"]["secretKeyRef"]
                 assert ref["name"] and ref["key"], f"{case} {where}: {name}"
     assert seen == expected, f"never rendered from a Secret: {sorted(expected - seen)}"
-    secret_paths = set(_settings_secret_env().values()) | {("source", "sasl_password"), ("run", "webhook_token")}
+    secret_paths = set(_settings_secret_env().values())
     for case in _good_cases(helm):
         docs = _docs(helm, case)
         assert not [d for d in docs if d["kind"] == "Secret"], f"{case}: the chart must not create Secrets"
@@ -458,13 +592,97 @@ def test_probes_point_at_endpoints_the_service_serves(helm: dict[str, Any], tmp_
     assert proc.returncode == 0, err[-3000:]
 
 
+def _applied_events(metrics_url: str) -> float:
+    """The service's ``lockstep_events_total{outcome="applied"}``, 0 until it has one."""
+    for line in _get(metrics_url).text.splitlines():
+        if line.startswith('lockstep_events_total{outcome="applied"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    return all(_matches(e, labels) for e in selector.get("matchExpressions", []))
+
+
+def _matches(expression: dict[str, Any], labels: dict[str, str]) -> bool:
+    key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+    outcomes = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}
+    return outcomes[operator]
+
+
+def test_service_monitor_scrapes_each_pod_once(helm: dict[str, Any]) -> None:
+    """The ServiceMonitor selects only the main Service, not the headless or the webhook Service
+    that reach the same pods, so Prometheus scrapes every pod once."""
+    docs = _docs(helm, "source-webhook")
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} == {RELEASE, f"{RELEASE}-headless", f"{RELEASE}-webhook"}
+    selector = _one(docs, "ServiceMonitor")["spec"]["selector"]
+    assert [s["metadata"]["name"] for s in services if _selects(selector, s["metadata"]["labels"])] == [RELEASE]
+
+
+def test_webhook_posts_reach_the_service_through_its_service(
+    helm: dict[str, Any], tmp_path: Path, webhook_port: int
+) -> None:
+    """With `kind: webhook` the chart renders a ClusterIP Service `<fullname>-webhook` that keeps
+    routing to unready pods; `lockstep run` started with the rendered config (stores made local)
+    and the token from the Secret's variable takes POST /events on the port that Service targets:
+    202 and applied with the token, 401 without it."""
+    docs = _docs(helm, "source-webhook")
+    service = _one(docs, "Service", f"{RELEASE}-webhook")["spec"]
+    pod_labels = _one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert service["type"] == "ClusterIP" and service["publishNotReadyAddresses"] is True
+    assert service["selector"].items() <= pod_labels.items()
+    assert _one(docs, "Service", RELEASE)["spec"]["ports"] == service["ports"]
+    container = _container(docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (port,) = [ports[p["targetPort"]] for p in service["ports"]]
+    assert port == webhook_port
+    rendered = _config(docs)
+    config = _local_config(rendered, tmp_path) | {"source": rendered["source"]}
+    path = tmp_path / "lockstep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    token = _pod_env(container)["LOCKSTEP_SOURCE__TOKEN"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_")}
+    env |= {"LOCKSTEP_RUN__REPLICA": POD_NAME, "LOCKSTEP_SOURCE__TOKEN": token}
+    proc = subprocess.Popen([sys.executable, "-m", "lockstep", *container["args"][:2], "run", "-c", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    event = {"op": "upsert", "doc_id": "kb-1", "version": 1, "text": "Refunds take 5 days.", "metadata": {}}
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while _get(f"{base}/readyz").status_code != 200:
+            assert proc.poll() is None, "lockstep run exited before turning ready"
+            assert time.monotonic() < deadline, "lockstep run never turned ready"
+            time.sleep(0.5)
+        refused = httpx.post(f"{base}/events", json=event, headers={"Authorization": "Bearer not-the-token-at-all"},
+                             timeout=10.0)
+        assert refused.status_code == 401, refused.text
+        accepted = httpx.post(f"{base}/events", json=event, headers={"Authorization": f"Bearer {token}"}, timeout=10.0)
+        assert accepted.status_code == 202, accepted.text
+        while _applied_events(f"{base}/metrics") < 1:
+            assert proc.poll() is None, "lockstep run exited before applying the event"
+            assert time.monotonic() < deadline, "the posted event was never applied"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=READY_TIMEOUT_S)
+    assert proc.returncode == 0, err[-3000:]
+
+
 # --- (7) the rendered config loads with lockstep's settings ----------------------------------
 
 
 def _pod_env(container: dict[str, Any]) -> dict[str, str]:
     """The LOCKSTEP_* environment the pod would get, with a stand-in value per Secret."""
     stand_ins = {"LOCKSTEP_LEDGER__DSN": "postgresql://lockstep:pw@postgres:5432/lockstep",
-                 "LOCKSTEP_SOURCE__URL": "postgresql+psycopg://reader:pw@postgres/catalog"}
+                 "LOCKSTEP_SOURCE__URL": "postgresql+psycopg://reader:pw@postgres/catalog",
+                 "LOCKSTEP_SOURCE__DSN": "postgresql://replicator:pw@postgres:5432/app",
+                 "LOCKSTEP_SOURCE__TOKEN": WEBHOOK_TOKEN}
     env: dict[str, str] = {}
     for var in container["env"]:
         source = var.get("valueFrom", {})
@@ -478,19 +696,19 @@ def _pod_env(container: dict[str, Any]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith("LOCKSTEP_")}
 
 
-@pytest.mark.parametrize("case", ["default", *[f"example:{p.name}" for p in EXAMPLES]])
+@pytest.mark.parametrize("case", ["default", "everything", *SECRET_CASES, *[f"example:{p.name}" for p in EXAMPLES]])
 def test_rendered_config_loads_with_lockstep_settings(
     helm: dict[str, Any], case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The ConfigMap's YAML plus the pod's environment loads with `load_settings`: the secrets
-    land in their settings, the replica is the pod name and the HTTP port is the container's."""
+    """The ConfigMap's YAML plus the pod's environment loads with `load_settings`, source
+    included: the secrets land in their settings, the replica is the pod name and the HTTP port
+    is the container's. An example's source section reaches the ConfigMap whole."""
     docs = _docs(helm, case)
     container = _container(docs)
     config, env = _config(docs), _pod_env(container)
-    if config["source"]["kind"] in PENDING_SOURCE_KINDS:
-        # lockstep 0.1.0 refuses this source (issue 6); everything else must still load.
-        del config["source"]
-        env = {k: v for k, v in env.items() if not k.startswith("LOCKSTEP_SOURCE__")}
+    if case.startswith("example:"):
+        example = yaml.safe_load((CHART / "examples" / case.removeprefix("example:")).read_text())
+        assert config["source"] == example["config"]["source"]
     for name in [k for k in os.environ if k.startswith("LOCKSTEP_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
@@ -498,6 +716,7 @@ def test_rendered_config_loads_with_lockstep_settings(
     path = tmp_path / "lockstep.yaml"
     path.write_text(yaml.safe_dump(config))
     settings = load_settings(path)
+    assert settings.source is not None and settings.source.kind == config["source"]["kind"]
     assert settings.run.replica == POD_NAME
     assert settings.run.http_host == "0.0.0.0"
     assert settings.run.http_port == container["ports"][0]["containerPort"]

@@ -61,7 +61,9 @@ source:
   jsonl: [kind, name, path]
   folder: [kind, name, path, patterns]
   sql: [kind, name, table, id_column, text_column, metadata_column, metadata_columns, updated_at_column, deleted_at_column, version_column]
-  kafka-debezium: [kind, name, bootstrap_servers, topics, group_id, security_protocol, sasl_mechanism, sasl_username]
+  kafka: [kind, name, bootstrap_servers, topics, group_id, client_id, tables, version_field, security_protocol, sasl_mechanism, sasl_username, ssl_cafile, auto_offset_reset, isolation_level, session_timeout_s, request_timeout_s, revoke_grace_s, assignment_wait_s]
+  postgres_logical: [kind, name, tables, slot, publication, id_column, text_column, metadata_column, metadata_columns, table_prefix_ids, poll_interval_s, peek_changes_max, txn_buffer_changes_max, connect_timeout_s, statement_timeout_s, outage_max_s]
+  webhook: [kind, name, body_bytes_max, batch_events_max, backlog_events_max, retention_s, inbox_path]
 keyword:
   tantivy: [kind, index, path]
   opensearch: [kind, index, url, username, ca_certs, verify_certs, request_timeout_s]
@@ -108,8 +110,20 @@ vectorPassword: LOCKSTEP_VECTOR__PASSWORD
 ledgerDsn: LOCKSTEP_LEDGER__DSN
 embedderApiKey: LOCKSTEP_EMBEDDER__API_KEY
 sourceUrl: LOCKSTEP_SOURCE__URL
+sourceDsn: LOCKSTEP_SOURCE__DSN
 sourceSaslPassword: LOCKSTEP_SOURCE__SASL_PASSWORD
-webhookToken: LOCKSTEP_RUN__WEBHOOK_TOKEN
+sourceToken: LOCKSTEP_SOURCE__TOKEN
+{{- end }}
+
+{{/*
+The source kind each source Secret belongs to. lockstep refuses a source key its kind does not
+have, so each of these is required by (or only allowed with) its kind.
+*/}}
+{{- define "lockstep.sourceSecretKinds" -}}
+sourceUrl: sql
+sourceDsn: postgres_logical
+sourceSaslPassword: kafka
+sourceToken: webhook
 {{- end }}
 
 {{/* Environment of every lockstep container: credentials from Secrets, then extraEnv. */}}
@@ -226,21 +240,15 @@ affinity:
 {{- $ledger := $c.ledger | default dict }}
 {{- $keyword := $c.keyword | default dict }}
 {{- $vector := $c.vector | default dict }}
-{{- $source := $c.source | default dict }}
 {{- $postgres := eq ($ledger.kind | default "sqlite") "postgres" }}
 {{- $embedded := or (not $postgres) (eq ($keyword.kind | default "tantivy") "tantivy") (hasSuffix ".db" ($vector.uri | default ".db")) }}
 {{- if and $postgres (not .Values.secrets.ledgerDsn.name) }}
 {{- fail "config.ledger.kind=postgres needs secrets.ledgerDsn.name (a Secret holding the DSN)" }}
 {{- end }}
-{{- if and (eq ($source.kind | default "") "sql") (not .Values.secrets.sourceUrl.name) }}
-{{- fail "config.source.kind=sql needs secrets.sourceUrl.name (a Secret holding the SQLAlchemy URL)" }}
-{{- end }}
 {{- if and .Values.secrets.ledgerDsn.name (not $postgres) }}
 {{- fail "secrets.ledgerDsn is set but config.ledger.kind is not postgres: lockstep would refuse the DSN" }}
 {{- end }}
-{{- if and .Values.secrets.sourceUrl.name (ne ($source.kind | default "") "sql") }}
-{{- fail "secrets.sourceUrl is set but config.source.kind is not sql: lockstep would refuse the URL" }}
-{{- end }}
+{{- include "lockstep.validateSource" . }}
 {{- if ne (not $keyword.username) (not .Values.secrets.keywordPassword.name) }}
 {{- fail "config.keyword.username and secrets.keywordPassword go together (basic auth needs both)" }}
 {{- end }}
@@ -264,5 +272,27 @@ affinity:
 {{- end }}
 {{- if and $embedded (eq .Values.ray.mode "kuberay") }}
 {{- fail "ray.mode=kuberay needs server stores and the postgres ledger: actors on other pods cannot open this pod's files" }}
+{{- end }}
+{{- end }}
+
+{{/* The source section against its Secrets: each source Secret with its own kind only. */}}
+{{- define "lockstep.validateSource" -}}
+{{- $source := .Values.config.source | default dict }}
+{{- $kind := $source.kind | default "" }}
+{{- $sasl := hasPrefix "SASL" ($source.security_protocol | default "") }}
+{{- range $key, $owner := include "lockstep.sourceSecretKinds" . | fromYaml }}
+{{- $set := (get $.Values.secrets $key).name }}
+{{- if and $set (ne $kind $owner) }}
+{{- fail (printf "secrets.%s is set but config.source.kind is not %s: lockstep would refuse it" $key $owner) }}
+{{- end }}
+{{- if and (eq $kind $owner) (not $set) (or (ne $owner "kafka") $sasl) }}
+{{- fail (printf "config.source.kind=%s needs secrets.%s.name (an existing Secret holding it)" $kind $key) }}
+{{- end }}
+{{- end }}
+{{- if and (eq $kind "kafka") $sasl (not $source.sasl_username) }}
+{{- fail (printf "config.source.security_protocol=%s needs config.source.sasl_username" $source.security_protocol) }}
+{{- end }}
+{{- if and (eq $kind "postgres_logical") (gt (len ($source.tables | default list)) 1) (not $source.table_prefix_ids) }}
+{{- fail "config.source.tables lists several tables: set config.source.table_prefix_ids=true (doc_id becomes <table>/<id>)" }}
 {{- end }}
 {{- end }}
