@@ -31,6 +31,8 @@ from lockstep.logging import configure_logging
 from lockstep.settings import Settings, load_settings
 
 EXIT_CLEAN, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+# Source kinds that can list their current state (the audit's reference); the others are streams.
+LISTABLE_SOURCE_KINDS = frozenset({"folder", "sql"})
 
 log = structlog.get_logger(__name__)
 err = Console(stderr=True)
@@ -150,7 +152,9 @@ def _auditor(settings: Settings, hash_text: bool) -> Iterator[Auditor]:
 @contextmanager
 def _source(settings: Settings, rt: Runtime) -> Iterator[ListableSource | None]:
     """The configured source if it can list its current state (else the ledger is the reference)."""
-    if settings.source is None:
+    if settings.source is None or settings.source.kind not in LISTABLE_SOURCE_KINDS:
+        # Event streams cannot list their current state; building one would connect to a
+        # broker or a replication slot for nothing.
         yield None
         return
     source = build_source(settings, rt.ledger)

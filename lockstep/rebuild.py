@@ -49,6 +49,7 @@ from coordinator.model import DocState
 from coordinator.planner import document_hash
 from coordinator.ports import KeywordIndex
 from coordinator.reconcile import RateLimiter, Reconciler
+from lockstep.audit_cli import LISTABLE_SOURCE_KINDS
 from lockstep.bootstrap import AnyLedger, build_embedder, build_keyword, build_ledger, build_source
 from lockstep.generations import (
     GenerationParts,
@@ -389,7 +390,7 @@ class Rebuild:
 
     def _reference(self, reader: _Reader, report: RebuildReport) -> Rebuild._RefCtx:
         """The source itself when it can list its current state, else generation N."""
-        if self.settings.source is not None:
+        if self.settings.source is not None and self.settings.source.kind in LISTABLE_SOURCE_KINDS:
             source = build_source(self.settings, reader.ledger)
             if isinstance(source, ListableSource):
                 report.reference = f"source {self.settings.source.name}"
