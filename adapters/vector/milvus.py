@@ -163,7 +163,15 @@ class MilvusVectorIndex:
         return None if record is None else record[0]
 
     def drop(self) -> None:
+        """Drop the collection, and first the aliases that point at it (Milvus 2.3 refuses to
+        drop an aliased collection; lockstep re-creates a readers' alias at its next start)."""
         client = self._connect()
+        if not self._call("has_collection", client.has_collection, self.name):
+            return
+        described = self._call("list_aliases", client.list_aliases, self.name)
+        for alias in described.get("aliases", []) if isinstance(described, dict) else []:
+            self._call("drop_alias", client.drop_alias, alias)
+            self._log.warning("alias dropped with its collection", alias=alias)
         self._call("drop_collection", client.drop_collection, self.name)
         self._log.info("collection dropped")
 
