@@ -336,11 +336,18 @@ class MilvusVectorIndex:
     def _create_alias(self, client: MilvusClient, alias: str, collection: str) -> None:
         try:
             self._call("create_alias", client.create_alias, collection, alias)
-        except StoreError:
+        except StoreError as exc:
             # Another process may have created it meanwhile; then it is moved like any alias.
-            if self.alias_target(alias) is None:
+            if self.alias_target(alias) is not None:
+                self._call("alter_alias", client.alter_alias, collection, alias)
+                return
+            if "already exist" not in str(exc):
                 raise
-            self._call("alter_alias", client.alter_alias, collection, alias)
+            # Milvus 2.3 lets an aliased collection be dropped and keeps the alias, dangling:
+            # describe_alias no longer finds it, create_alias still does. Drop it and create anew.
+            self._log.warning("dropping a dangling alias", alias=alias)
+            self._call("drop_alias", client.drop_alias, alias)
+            self._call("create_alias", client.create_alias, collection, alias)
 
     # --- collection set-up -------------------------------------------------------------------
 
