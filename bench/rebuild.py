@@ -108,7 +108,7 @@ class Install:
             "ledger": {"kind": "sqlite", "path": str(self.ledger)},
             "embedder": {"kind": "hashing", "dim": self.dim},
             "sync": {"batch_events": 500},
-            "rebuild": {"batch_docs": 500},
+            "rebuild": {"batch_docs": 200},
             "run": {"shards": 2, "http_port": self.port, "audit_interval_s": 0},
         }
         self.config.write_text(yaml.safe_dump(config), encoding="utf-8")

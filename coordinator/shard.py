@@ -31,6 +31,9 @@ from coordinator.errors import EmbedError, IntentConflict, LockstepError, StoreE
 from coordinator.events import ChangeEvent
 from coordinator.ports import BadRecord, Fence, Intent, SourceRecord
 
+# How soon a batch that met another writer's intent (IntentConflict) is tried again.
+INTENT_CONFLICT_RETRY_S = 0.05
+
 log = structlog.get_logger(__name__)
 
 
@@ -231,13 +234,15 @@ class ShardWorker:
     def _failed(self, exc: LockstepError) -> None:
         if not exc.retriable:
             raise exc
+        if isinstance(exc, IntentConflict):
+            # Another writer's intent for the same document (a rebuild's backfill) is not an
+            # outage: try again soon, without growing the backoff or reporting the shard degraded.
+            self._retry_at = self.clock() + INTENT_CONFLICT_RETRY_S
+            return
         delay_s = self.backoff.delay_s(self._attempt)
         self._attempt += 1
         self._retry_at = self.clock() + delay_s
-        # Another writer's intent for the same document (a rebuild's backfill) is not an outage:
-        # wait for it without reporting the shard degraded.
-        if not isinstance(exc, IntentConflict):
-            self._last_error = str(exc)
+        self._last_error = str(exc)
         log.warning(
             "shard backing off",
             shard=self.shard,
