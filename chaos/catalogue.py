@@ -2,8 +2,9 @@
 
 ``inproc`` kinds run in every schedule's fast path (embedded stores, in-process wrappers and
 stream transforms); ``server`` kinds need real server processes and network proxies
-(``chaos/servertier.py``) and run in a subset of schedules. Each kind's name is also the key
-its injector reports under (``injected[kind] > 0`` means it really happened).
+(``chaos/servertier.py``): network kinds run against a config's servers or managed ones, process
+kinds only against servers the suite starts itself. Each kind's name is also the key its
+injector reports under (``injected[kind] > 0`` means it really happened).
 """
 
 from __future__ import annotations
@@ -80,16 +81,15 @@ INPROC_KINDS = tuple(k.name for k in CATALOGUE if k.tier == "inproc")
 SERVER_KINDS = tuple(k.name for k in CATALOGUE if k.tier == "server")
 
 
+TIERS: dict[str, tuple[str, ...]] = {"all": tuple(KINDS), "inproc": INPROC_KINDS, "server": SERVER_KINDS}
+
+
 def parse_kinds(spec: str) -> tuple[str, ...]:
-    """``all``, ``inproc``, ``server`` or a comma-separated list of kind names."""
-    if spec in ("all", ""):
-        return tuple(KINDS)
-    if spec == "inproc":
-        return INPROC_KINDS
-    if spec == "server":
-        return SERVER_KINDS
-    names = tuple(n.strip() for n in spec.split(",") if n.strip())
-    unknown = [n for n in names if n not in KINDS]
+    """A comma-separated list of kind names and tiers (``all``, ``inproc``, ``server``), in order,
+    without repeats; an empty spec is ``all``."""
+    items = [n.strip() for n in spec.split(",") if n.strip()] or ["all"]
+    unknown = [n for n in items if n not in KINDS and n not in TIERS]
     if unknown:
         raise ValueError(f"unknown fault kinds: {', '.join(unknown)}")
-    return names
+    names = [name for item in items for name in TIERS.get(item, (item,))]
+    return tuple(dict.fromkeys(names))

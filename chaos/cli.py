@@ -1,13 +1,19 @@
 """``lockstep chaos run``: seeded chaos schedules with a table of what was injected and found.
 
-Registered on the main app by ``chaos.cli.register(app)``. Exit 0 when every schedule held every
-invariant, 1 on any violation (the failing seeds are printed for an exact replay with
-``--replay SEED``), 2 on a usage error.
+Registered on the main app by ``chaos.cli.register(app)``. Schedules run on embedded stores
+(no ``-c``), on the stores of a config (``-c FILE``; with network kinds, behind the suite's fault
+proxies), or on servers the suite starts itself (``--servers managed``: every kind, process
+faults included). Exit 0 when every schedule held every invariant, 1 on any violation (the
+failing seeds are printed with the exact replay command), 2 on a usage error (including kinds
+that cannot run where the schedules go) or when a managed server does not start.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -15,11 +21,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from chaos.catalogue import CATALOGUE, INPROC_KINDS, SERVER_KINDS, parse_kinds
+from chaos.catalogue import CATALOGUE, SERVER_KINDS, parse_kinds
 from chaos.deployment import DeploymentOpener
 from chaos.planted import PLANTED_BUGS
-from chaos.runner import EmbeddedStores, RunSummary, ScheduleResult, ScheduleSpec, plan_specs, run_schedules
-from lockstep.settings import load_settings
+from chaos.runner import (
+    RunSummary,
+    ScheduleResult,
+    ScheduleSpec,
+    StoresSetup,
+    WorkerSetup,
+    plan_specs,
+    run_schedules,
+)
+from chaos.servers import ServerStartError
+from chaos.servertier import ServerTierSetup, refusal
+from coordinator.errors import LockstepError
+from lockstep.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, help="Chaos schedules: faults in, invariants checked.")
 out = Console()
@@ -27,6 +44,14 @@ out = Console()
 # Worker processes when --workers is not given: two per core (a schedule spends half its wall
 # time waiting on milvus-lite), at most this many.
 WORKERS_DEFAULT_MAX = 4
+# With server faults each worker runs its own proxies (and, managed, its own two servers); a
+# schedule mostly waits on timeouts and restarts. On 2 cores 3 workers ran the server smoke in
+# 20 s, 2 in 33 s, 4 in 31 s (docs/chaos.md).
+SERVER_WORKERS_DEFAULT_MAX = 3
+SERVERS_CONFIG = "config"
+SERVERS_MANAGED = "managed"
+MILVUS_LITE = "lite"
+MILVUS_2_3_5 = "2.3.5"
 
 
 def register(parent: typer.Typer) -> None:
@@ -43,6 +68,15 @@ def faults() -> None:
     out.print(table)
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a run's schedules go: how each worker sets up, and the flags a replay must repeat."""
+
+    setup: WorkerSetup
+    workers_max: int
+    replay_flags: str
+
+
 @app.command()
 def run(
     config: Annotated[
@@ -52,13 +86,29 @@ def run(
     seed: Annotated[int, typer.Option(help="Seed of the whole run (schedule seeds derive from it).")] = 1,
     schedules: Annotated[int, typer.Option(min=1, help="Number of schedules.")] = 200,
     faults_spec: Annotated[
-        str, typer.Option("--faults", help="all, inproc, server, or a comma-separated list of kinds.")
+        str,
+        typer.Option(
+            "--faults", help="Kinds and tiers, comma-separated: all, inproc, server, or kind names."
+        ),
     ] = "inproc",
+    servers: Annotated[
+        str,
+        typer.Option(
+            help="config: the stores of -c FILE (embedded ones without it); managed: servers the "
+            "suite starts itself (needed by process faults)."
+        ),
+    ] = SERVERS_CONFIG,
+    managed_milvus: Annotated[
+        str, typer.Option(help="With --servers managed: the Milvus server to start, lite or 2.3.5.")
+    ] = MILVUS_LITE,
     budget_s: Annotated[
         float, typer.Option("--budget-s", help="Stop starting schedules after this many seconds.")
     ] = 300.0,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="Worker processes (default: two per core, at most 4).")
+        int | None,
+        typer.Option(
+            min=1, help="Worker processes (default: two per core, at most 4; at most 3 with server kinds)."
+        ),
     ] = None,
     replay: Annotated[
         int | None, typer.Option(help="Run exactly one schedule: this schedule seed, with exactly --faults.")
@@ -66,38 +116,93 @@ def run(
     fail_fast: Annotated[
         bool, typer.Option(help="Stop starting schedules after the first violation.")
     ] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Also write every schedule's result (faults injected, violations) as JSON here."),
+    ] = None,
     plant_bug: Annotated[
         str | None, typer.Option(hidden=True, help=f"Test-only: {', '.join(PLANTED_BUGS)}.")
     ] = None,
 ) -> None:
-    """Run N seeded schedules; print one row per schedule and the seeds of any failure; exit 1 on a violation."""
+    """Run N seeded schedules; print one row per schedule and the seeds of any failure; exit 1 on a violation.
+
+    Server kinds need servers: -c FILE naming OpenSearch/Elasticsearch and/or a Milvus server
+    (network kinds, through the suite's proxies), or --servers managed (every kind).
+    """
     try:
         kinds = parse_kinds(faults_spec)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    server = [k for k in kinds if k in SERVER_KINDS]
-    if server:
-        out.print(
-            f"[yellow]server-tier kinds run in tests/test_chaos_servers.py, not here: {', '.join(server)}[/yellow]"
-        )
-    inproc = tuple(k for k in kinds if k in INPROC_KINDS)
+        raise typer.BadParameter(str(exc), param_hint="--faults") from exc
+    target = _target(config, servers, managed_milvus, kinds)
     if replay is not None:
-        specs = [ScheduleSpec(replay, inproc, plant_bug)]
+        specs = [ScheduleSpec(replay, kinds, plant_bug)]
     else:
-        specs = plan_specs(seed, schedules, inproc, plant_bug)
-    opener = DeploymentOpener(load_settings(config)) if config is not None else None
-    summary = run_schedules(
-        specs,
-        workers=workers or min(2 * (os.cpu_count() or 1), WORKERS_DEFAULT_MAX),
-        budget_s=budget_s,
-        fail_fast=fail_fast,
-        open_stores=opener or EmbeddedStores.open,
-    )
-    _print(summary)
+        specs = plan_specs(seed, schedules, kinds, plant_bug)
+    try:
+        summary = run_schedules(
+            specs,
+            workers=workers or min(2 * (os.cpu_count() or 1), target.workers_max),
+            budget_s=budget_s,
+            fail_fast=fail_fast,
+            setup=target.setup,
+        )
+    except ServerStartError as exc:
+        out.print(f"[red]a server the suite manages did not start:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    _print(summary, target.replay_flags)
+    if report is not None:
+        _write_report(report, summary, target.replay_flags)
     raise typer.Exit(1 if summary.violations else 0)
 
 
-def _print(summary: RunSummary) -> None:
+def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...]) -> Target:
+    """Where the schedules run; a usage error (exit 2) when the kinds cannot run there."""
+    if servers not in (SERVERS_CONFIG, SERVERS_MANAGED):
+        raise typer.BadParameter(f"one of {SERVERS_CONFIG}, {SERVERS_MANAGED}", param_hint="--servers")
+    if managed_milvus not in (MILVUS_LITE, MILVUS_2_3_5):
+        raise typer.BadParameter(f"one of {MILVUS_LITE}, {MILVUS_2_3_5}", param_hint="--managed-milvus")
+    if servers == SERVERS_MANAGED:
+        return _managed(config, managed_milvus)
+    if managed_milvus != MILVUS_LITE:
+        raise typer.BadParameter("--managed-milvus needs --servers managed", param_hint="--managed-milvus")
+    server_kinds = [k for k in kinds if k in SERVER_KINDS]
+    if config is None:
+        if server_kinds:
+            raise typer.BadParameter(
+                f"servers are needed by {', '.join(server_kinds)}: give -c FILE naming your "
+                "OpenSearch/Elasticsearch and Milvus servers (network kinds), or --servers managed (every kind)",
+                param_hint="--faults",
+            )
+        return Target(StoresSetup(), WORKERS_DEFAULT_MAX, "")
+    settings = _settings(config)
+    flags = f" -c {shlex.quote(str(config))}"
+    if not server_kinds:
+        return Target(StoresSetup(DeploymentOpener(settings)), WORKERS_DEFAULT_MAX, flags)
+    refused = refusal(server_kinds, settings)
+    if refused is not None:
+        raise typer.BadParameter(refused, param_hint="--faults")
+    return Target(ServerTierSetup(deployment=settings), SERVER_WORKERS_DEFAULT_MAX, flags)
+
+
+def _managed(config: Path | None, managed_milvus: str) -> Target:
+    if config is not None:
+        raise typer.BadParameter(
+            "--servers managed starts its own stores; -c FILE names yours: give one of them",
+            param_hint="--servers",
+        )
+    real = managed_milvus == MILVUS_2_3_5
+    flags = " --servers managed" + (f" --managed-milvus {MILVUS_2_3_5}" if real else "")
+    return Target(ServerTierSetup(real_milvus=real), SERVER_WORKERS_DEFAULT_MAX, flags)
+
+
+def _settings(config: Path) -> Settings:
+    try:
+        return load_settings(config)
+    except LockstepError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+
+
+def _print(summary: RunSummary, replay_flags: str) -> None:
     table = Table("schedule seed", "faults injected", "events", "violations", "s")
     for r in sorted(summary.results, key=lambda r: r.seed):
         table.add_row(str(r.seed), _injected(r), str(r.events), str(len(r.violations)), f"{r.wall_s:.1f}")
@@ -110,12 +215,27 @@ def _print(summary: RunSummary) -> None:
     )
     for r in summary.results:
         if not r.ok:
-            out.print(
-                f"[red]FAILED seed {r.seed}[/red] (replay: lockstep chaos run --replay {r.seed} "
-                f"--faults {','.join(r.faults)}{_bug_flag(r)})"
-            )
+            out.print(f"[red]FAILED seed {r.seed}[/red] (replay: {_replay(r, replay_flags)})")
             for line in r.violations[:10]:
                 out.print(f"  {line}")
+
+
+def _replay(result: ScheduleResult, replay_flags: str) -> str:
+    """The command that runs exactly this schedule again, where it ran."""
+    return (
+        f"lockstep chaos run --replay {result.seed} --faults {','.join(result.faults)}"
+        f"{replay_flags}{_bug_flag(result)}"
+    )
+
+
+def _write_report(path: Path, summary: RunSummary, replay_flags: str) -> None:
+    """The run as JSON, each failing schedule with its replay command."""
+    data = summary.as_json()
+    replays = {r.seed: _replay(r, replay_flags) for r in summary.results if not r.ok}
+    for result in data["results"]:
+        if result["seed"] in replays:
+            result["replay"] = replays[result["seed"]]
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def _injected(result: ScheduleResult) -> str:

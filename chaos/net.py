@@ -11,7 +11,9 @@ and answers nothing, so the client times out (``net_blackhole``), and a bandwidt
 ``HttpFaultProxy`` understands just enough HTTP/1.1 (Content-Length bodies, keep-alive) to answer
 whole requests with 429 or 503 (``http_429``, ``http_503``) and to fail some items of a
 ``_bulk`` request with a per-item 429 while forwarding the rest, merging the upstream's item
-results back in order (``bulk_item_429``), as an overloaded cluster does.
+results back in order (``bulk_item_429``), as an overloaded cluster does. The upstream's answer
+headers pass through (Elasticsearch clients refuse a 2xx answer without ``X-Elastic-Product``), and
+requests keep the ``Host`` of the server they were meant for.
 
 Every fault is armed with a count (``arm(kind, n)``) and reports each injection in ``injected``.
 """
@@ -27,6 +29,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -44,6 +47,11 @@ BLACKHOLE_S = 3.0
 BANDWIDTH_BYTES_PER_S = 256 * 1024
 # How long the HTTP proxy waits for its upstream (above any client timeout used by the chaos tier).
 HTTP_UPSTREAM_TIMEOUT_S = 60.0
+# Connection-level headers belong to one hop; the proxy sets its own (and Content-Length).
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+)
+JSON_HEADERS: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
 TCP_KINDS = ("net_latency", "net_reset_before_send", "net_reset_after_send", "net_blackhole", "net_bandwidth")
 HTTP_KINDS = ("http_429", "http_503", "bulk_item_429")
 
@@ -179,12 +187,28 @@ class TcpFaultProxy(_Armed):
             time.sleep(size / BANDWIDTH_BYTES_PER_S)
 
 
-class HttpFaultProxy(_Armed):
-    """An HTTP/1.1 proxy in front of an ES/OpenSearch ``upstream_url`` injecting 429/503 faults."""
+@dataclass(frozen=True)
+class HttpAnswer:
+    """What the HTTP proxy sends back: the upstream's answer, or one it made up."""
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, seed: int = 0) -> None:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = JSON_HEADERS
+
+
+class HttpFaultProxy(_Armed):
+    """An HTTP/1.1 proxy in front of an ES/OpenSearch upstream, injecting 429/503 faults.
+
+    ``host_header`` is the ``Host`` sent upstream (default: the upstream's own address); a proxy
+    chained in front of another proxy passes the real server's name on.
+    """
+
+    def __init__(
+        self, upstream_host: str, upstream_port: int, *, seed: int = 0, host_header: str | None = None
+    ) -> None:
         super().__init__()
         self.upstream = (upstream_host, upstream_port)
+        self.host_header = host_header
         self.rng = random.Random(seed)
         self._server = _QuietServer(("127.0.0.1", 0), _HttpHandler)
         self._server.proxy = self  # type: ignore[attr-defined]  # the handler finds its proxy here
@@ -204,38 +228,45 @@ class HttpFaultProxy(_Armed):
         self._server.shutdown()
         self._server.server_close()
 
-    def forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    def forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
         conn = http.client.HTTPConnection(*self.upstream, timeout=HTTP_UPSTREAM_TIMEOUT_S)
+        upstream_headers = {k: v for k, v in headers.items() if k.lower() != "accept-encoding"}
+        if self.host_header is not None:
+            upstream_headers["Host"] = self.host_header
+        # The bulk merge reads the upstream's JSON, so it must not arrive compressed.
+        upstream_headers["Accept-Encoding"] = "identity"
         try:
-            conn.request(method, path, body=body or None, headers=headers)
+            conn.request(method, path, body=body or None, headers=upstream_headers)
             response = conn.getresponse()
-            return response.status, response.read()
+            kept = tuple((k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP)
+            return HttpAnswer(response.status, response.read(), kept)
         finally:
             conn.close()
 
-    def handle(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    def handle(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
         for kind, status in (("http_429", 429), ("http_503", 503)):
             if self.take(kind):
-                return status, _error_body(status)
+                return HttpAnswer(status, _error_body(status))
         if "_bulk" in path and body and self.take("bulk_item_429"):
             return self._partial_bulk(method, path, body, headers)
         return self.forward(method, path, body, headers)
 
-    def _partial_bulk(
-        self, method: str, path: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, bytes]:
+    def _partial_bulk(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
         """Fail some items with 429 without sending them; forward the rest and merge the answers."""
         ops = _bulk_ops(body)
         failed = set(self.rng.sample(range(len(ops)), max(1, len(ops) // 2)))
         kept = [op for i, op in enumerate(ops) if i not in failed]
         answered: list[Any] = []
+        answer_headers = JSON_HEADERS
         if kept:
-            status, raw = self.forward(method, path, b"".join(line for op in kept for line in op), headers)
-            if status != 200:
-                return status, raw
-            answered = list(json.loads(raw)["items"])
+            upstream = self.forward(method, path, b"".join(line for op in kept for line in op), headers)
+            if upstream.status != 200:
+                return upstream
+            answered = list(json.loads(upstream.body)["items"])
+            answer_headers = upstream.headers
         items = [_rejected_item(ops[i]) if i in failed else answered.pop(0) for i in range(len(ops))]
-        return 200, json.dumps({"took": 1, "errors": True, "items": items}).encode()
+        merged = json.dumps({"took": 1, "errors": True, "items": items}).encode()
+        return HttpAnswer(200, merged, answer_headers)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -253,19 +284,18 @@ class _HttpHandler(BaseHTTPRequestHandler):
     def _any(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        headers = {
-            k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "content-length")
-        }
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
-            status, payload = self.server.proxy.handle(self.command, self.path, body, headers)
+            answer = self.server.proxy.handle(self.command, self.path, body, headers)
         except OSError:
-            status, payload = 502, _error_body(502)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
+            answer = HttpAnswer(502, _error_body(502))
+        self.send_response(answer.status)
+        for name, value in answer.headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer.body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(payload)
+            self.wfile.write(answer.body)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _any
 

@@ -8,6 +8,11 @@ Tantivy directory, a collection in the worker's milvus-lite file, a SQLite ledge
 
 Fault mix: ``draw_faults`` picks kinds from the seed; ``plan_specs`` also rotates through the
 requested kinds so that each appears in the first ``len(kinds)`` schedules.
+
+Where schedules run is a *setup* (``WorkerSetup``), called once in each worker process with the
+worker's own directory; it returns what runs one schedule there. ``StoresSetup`` opens fresh
+stores per schedule (embedded ones, or a deployment's); ``chaos.servertier.ServerTierSetup``
+starts the worker's own fault proxies (and servers) first.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +100,17 @@ class ScheduleResult:
     def ok(self) -> bool:
         return not self.violations
 
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "faults": list(self.faults),
+            "injected": self.injected,
+            "events": self.events,
+            "violations": self.violations,
+            "wall_s": round(self.wall_s, 3),
+            "details": self.details,
+        }
+
 
 # --- fault mix ---------------------------------------------------------------------------------
 
@@ -146,6 +163,9 @@ class EmbeddedStores:
 
 
 StoreOpener = Callable[[Path, str], Stores]
+ScheduleRunner = Callable[[ScheduleSpec], ScheduleResult]
+# Called once per worker process with the worker's directory; must be picklable.
+WorkerSetup = Callable[[Path], ScheduleRunner]
 # Server-tier hook: arms one server fault kind on a running schedule.
 ServerArm = Callable[[str, Rig, random.Random], None]
 
@@ -167,7 +187,14 @@ def run_schedule(
     model = SourceModel(namespace=f"s{spec.seed:x}")
     streams = StreamFaults(random.Random(spec.seed + 1))
     deliveries = build_deliveries(model, spec, rng, streams)
-    stores = open_stores(workdir, model.namespace)
+    try:
+        stores = open_stores(workdir, model.namespace)
+    except Exception as exc:
+        # A store that cannot be opened (a server down) fails this schedule, not the whole run.
+        error = Violation("error", "runner", model.namespace, _short_trace(exc))
+        return ScheduleResult(
+            spec.seed, spec.faults, {}, len(deliveries), [str(error)], time.monotonic() - started
+        )
     rig = Rig(model, stores, workdir, wrap_keyword=planted.keyword_wrapper(spec.planted_bug))
     violations: list[Violation] = []
     details: dict[str, Any] = {}
@@ -182,8 +209,7 @@ def run_schedule(
     except Exception as exc:
         violations.append(Violation("error", "runner", model.namespace, _short_trace(exc)))
     finally:
-        rig.close()
-        stores.close()
+        violations += _closed(rig, stores)
     injected = streams.injected + rig.injected() + Counter(getattr(stores, "injected", {}))
     return ScheduleResult(
         spec.seed,
@@ -192,8 +218,20 @@ def run_schedule(
         len(deliveries),
         [str(v) for v in violations],
         time.monotonic() - started,
-        details,
+        details | getattr(stores, "details", {}),
     )
+
+
+def _closed(rig: Rig, stores: Stores) -> list[Violation]:
+    """Close the rig, then the stores (even if the rig failed to); a failure is reported, e.g. a
+    store that cannot drop the schedule's index."""
+    errors = []
+    for close in (rig.close, stores.close):
+        try:
+            close()
+        except Exception as exc:
+            errors.append(Violation("error", "close", rig.model.namespace, _short_trace(exc)))
+    return errors
 
 
 def build_deliveries(
@@ -411,15 +449,37 @@ class RunSummary:
     def failed_seeds(self) -> list[int]:
         return [r.seed for r in self.results if not r.ok]
 
+    def as_json(self) -> dict[str, Any]:
+        """The whole run as the JSON ``lockstep chaos run --report`` writes."""
+        return {
+            "schedules": len(self.results),
+            "violations": self.violations,
+            "injected": dict(sorted(self.injected.items())),
+            "wall_s": round(self.wall_s, 3),
+            "budget_exhausted": self.budget_exhausted,
+            "failed_seeds": self.failed_seeds(),
+            "results": [r.as_json() for r in sorted(self.results, key=lambda r: r.seed)],
+        }
+
+
+@dataclass(frozen=True)
+class StoresSetup:
+    """Schedules over fresh stores from ``open_stores`` (embedded by default), with no server faults."""
+
+    open_stores: StoreOpener = EmbeddedStores.open
+
+    def __call__(self, workdir: Path) -> ScheduleRunner:
+        return partial(run_schedule, workdir=workdir, open_stores=self.open_stores)
+
 
 _worker: dict[str, Any] = {}
 
 
-def _worker_init(base: str, open_stores: StoreOpener) -> None:
+def _worker_init(base: str, setup: WorkerSetup) -> None:
     """Each worker process gets its own directory (and so its own milvus-lite file)."""
     quiet_logs()
     _worker["dir"] = Path(tempfile.mkdtemp(prefix=f"chaos-{os.getpid()}-", dir=base))
-    _worker["open_stores"] = open_stores
+    _worker["setup"] = setup
 
 
 def quiet_logs() -> None:
@@ -429,7 +489,13 @@ def quiet_logs() -> None:
 
 
 def _run_in_worker(spec: ScheduleSpec) -> ScheduleResult:
-    return run_schedule(spec, _worker["dir"], open_stores=_worker["open_stores"])
+    # The setup runs on the first schedule, not in the pool initializer: an initializer that
+    # raises (a server that did not start) breaks the pool without saying why; here the error
+    # reaches the caller through the schedule's future.
+    if "run" not in _worker:
+        _worker["run"] = _worker["setup"](_worker["dir"])
+    runner: ScheduleRunner = _worker["run"]
+    return runner(spec)
 
 
 def run_schedules(
@@ -439,18 +505,30 @@ def run_schedules(
     budget_s: float,
     base_dir: Path | None = None,
     on_result: Callable[[ScheduleResult], None] | None = None,
-    open_stores: StoreOpener = EmbeddedStores.open,
+    setup: WorkerSetup | None = None,
     fail_fast: bool = False,
 ) -> RunSummary:
     """Run schedules across ``workers`` processes until done, or ``budget_s`` is spent, or (with
-    ``fail_fast``) a schedule found a violation."""
+    ``fail_fast``) a schedule found a violation. Each worker runs its schedules as ``setup``
+    (default: fresh embedded stores) says, in its own directory under ``base_dir`` (default: a
+    temporary directory removed at the end)."""
+    if base_dir is None:
+        with tempfile.TemporaryDirectory(prefix="lockstep-chaos-", ignore_cleanup_errors=True) as scratch:
+            return run_schedules(
+                specs,
+                workers=workers,
+                budget_s=budget_s,
+                base_dir=Path(scratch),
+                on_result=on_result,
+                setup=setup,
+                fail_fast=fail_fast,
+            )
     started = time.monotonic()
-    base = base_dir or Path(tempfile.mkdtemp(prefix="lockstep-chaos-"))
     results: list[ScheduleResult] = []
     todo = iter(specs)
     exhausted = False
     with ProcessPoolExecutor(
-        max_workers=workers, initializer=_worker_init, initargs=(str(base), open_stores)
+        max_workers=workers, initializer=_worker_init, initargs=(str(base_dir), setup or StoresSetup())
     ) as pool:
         running: set[Future[ScheduleResult]] = set()
         for spec in _take(todo, workers * 2):

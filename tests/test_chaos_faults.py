@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chaos.catalogue import CATALOGUE, INPROC_KINDS, KINDS, parse_kinds
+from chaos.catalogue import CATALOGUE, INPROC_KINDS, KINDS, SERVER_KINDS, parse_kinds
 from chaos.runner import ScheduleSpec, run_schedule
 from chaos.stream import StreamFaults
 from chaos.workload import SourceModel, random_history
@@ -39,6 +39,14 @@ def test_parse_kinds_rejects_unknown_names() -> None:
     assert parse_kinds("reorder,duplicate") == ("reorder", "duplicate")
     with pytest.raises(ValueError, match="nope"):
         parse_kinds("reorder,nope")
+
+
+def test_parse_kinds_expands_tiers_in_order_without_repeats() -> None:
+    """Tiers mix with kind names in --faults: `server,lockstep_crash,net_latency` is the 12 server
+    kinds, then lockstep_crash, in that order, with net_latency only once."""
+    assert parse_kinds("server,lockstep_crash,net_latency") == (*SERVER_KINDS, "lockstep_crash")
+    assert parse_kinds("") == parse_kinds("all") == tuple(KINDS)
+    assert parse_kinds("inproc,server") == (*INPROC_KINDS, *SERVER_KINDS)
 
 
 def test_stream_faults_are_reproducible_from_their_seed() -> None:

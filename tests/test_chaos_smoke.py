@@ -1,15 +1,22 @@
 """The CI chaos smoke: 200 seeded schedules over every in-process fault kind, within a bounded
-budget, with zero violations; and a planted bug that the same budget catches."""
+budget, with zero violations; a planted bug that the same budget catches; and the server smoke,
+`lockstep chaos run --servers managed` over a mix of all 30 fault kinds, in which each server kind
+(network, process, tombstone) must report its own injection."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
 from chaos import cli as chaos_cli
-from chaos.catalogue import INPROC_KINDS
+from chaos.catalogue import INPROC_KINDS, KINDS, SERVER_KINDS, parse_kinds
 from chaos.planted import KEYWORD_DROPS_DELETES
 from chaos.runner import plan_specs, run_schedules
 
@@ -18,6 +25,17 @@ SMOKE_SCHEDULES = 200
 # About five minutes on two busy cores; a schedule takes ~1 s of wall time, four run at once.
 SMOKE_BUDGET_S = 300.0
 SMOKE_WORKERS = 4
+# The server smoke: each of the 30 schedules forces one kind (the 12 server kinds first, then the
+# 18 in-process ones) and draws up to 3 more from all 30, so every kind runs, mixed with others.
+SERVER_SMOKE_FAULTS = "server,inproc"
+SERVER_SMOKE_SCHEDULES = len(KINDS)
+# Each worker runs its own OpenSearch-API server and milvus-lite server; a schedule mostly waits
+# (timeouts, pauses, restarts), so on two cores three workers are the fastest (docs/chaos.md).
+SERVER_SMOKE_WORKERS = 3
+# 20-40 s on two cores; the budget leaves room for a much slower machine.
+SERVER_SMOKE_BUDGET_S = 180.0
+# The budget stops new schedules; running ones finish, and the servers stop, within this.
+SERVER_SMOKE_TIMEOUT_S = 400.0
 
 
 def test_two_hundred_schedules_hold_every_invariant_and_inject_every_kind(tmp_path: Path) -> None:
@@ -68,3 +86,75 @@ def test_the_cli_prints_the_table_and_exits_1_with_the_failing_seed() -> None:
     )
     assert broken.exit_code == 1, broken.output
     assert "FAILED seed" in broken.output and "--replay" in broken.output
+
+
+@pytest.fixture(scope="module")
+def server_smoke(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """One `python -m lockstep chaos run --servers managed` over the server smoke's plan (a separate
+    process, exactly as a user's CI runs it): the finished process and its JSON report."""
+    report = tmp_path_factory.mktemp("server-smoke") / "report.json"
+    args = [
+        sys.executable,
+        "-m",
+        "lockstep",
+        "chaos",
+        "run",
+        "--servers",
+        "managed",
+        "--seed",
+        str(SMOKE_SEED),
+        "--schedules",
+        str(SERVER_SMOKE_SCHEDULES),
+        "--faults",
+        SERVER_SMOKE_FAULTS,
+        "--workers",
+        str(SERVER_SMOKE_WORKERS),
+        "--budget-s",
+        str(SERVER_SMOKE_BUDGET_S),
+        "--report",
+        str(report),
+    ]
+    done = subprocess.run(
+        args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=SERVER_SMOKE_TIMEOUT_S
+    )
+    return done, json.loads(report.read_text()) if report.exists() else {}
+
+
+def test_the_server_smoke_holds_every_invariant_and_injects_every_kind(
+    server_smoke: tuple[subprocess.CompletedProcess[str], dict[str, Any]],
+) -> None:
+    """All server-smoke schedules run on managed servers within budget, exit 0 with no violation,
+    and every one of the 30 kinds was injected, the 12 server kinds included."""
+    done, report = server_smoke
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert report["schedules"] == SERVER_SMOKE_SCHEDULES, f"budget ran out: {report['schedules']}"
+    assert report["violations"] == 0 and report["failed_seeds"] == []
+    assert [k for k in KINDS if not report["injected"].get(k)] == []
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_each_server_kind_is_injected_by_the_schedule_it_was_forced_into(
+    server_smoke: tuple[subprocess.CompletedProcess[str], dict[str, Any]], kind: str
+) -> None:
+    """The smoke schedule planned around this server kind reports injecting it and held every
+    invariant; after a store lost data the reconciler's rebuild embedded nothing."""
+    kinds = parse_kinds(SERVER_SMOKE_FAULTS)
+    spec = plan_specs(SMOKE_SEED, SERVER_SMOKE_SCHEDULES, kinds)[kinds.index(kind)]
+    [schedule] = [r for r in server_smoke[1]["results"] if r["seed"] == spec.seed]
+    assert schedule["injected"].get(kind, 0) > 0, f"{kind} was not injected: {schedule['injected']}"
+    assert schedule["violations"] == []
+    if kind in ("vector_server_kill9", "keyword_server_data_loss"):
+        assert schedule["details"]["reconciled"]["texts_embedded"] == 0
+
+
+def test_a_keyword_data_loss_is_rebuilt_by_the_reconciler(
+    server_smoke: tuple[subprocess.CompletedProcess[str], dict[str, Any]],
+) -> None:
+    """Every smoke schedule whose OpenSearch-API server lost its data had the keyword side rewritten
+    by the reconciler (repairs or re-driven intents), so the data loss was real."""
+    lost = [r for r in server_smoke[1]["results"] if r["injected"].get("keyword_server_data_loss")]
+    assert lost, "no schedule lost keyword data"
+    rebuilt = [r["details"]["reconciled"] for r in lost]
+    assert all(s["repairs"] or s["redrives"] for s in rebuilt), rebuilt
