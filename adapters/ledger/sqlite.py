@@ -113,6 +113,7 @@ class SqliteLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._attached = home is not None
         if home is None:
             self._db.executescript(_SHARED_SCHEMA)
         else:
@@ -121,12 +122,25 @@ class SqliteLedger:
             self._db.execute("ATTACH DATABASE ? AS home", (str(home),))
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Cursor]:
+    def _tx(self, *, own_tables_only: bool = False) -> Iterator[sqlite3.Cursor]:
+        """A write transaction. ``BEGIN IMMEDIATE`` takes the write lock of every attached file,
+        so a generation ledger's own writes (prepare, mark_done, commit, abort: the bulk of a
+        rebuild's and a shard's work) lock only their own file instead: a deferred ``BEGIN``
+        whose first statement writes ``main``. The shard lease they check is then read from a
+        snapshot of the home file, which keeps taking lease renewals, checkpoints and
+        dead letters meanwhile (a takeover committed during such a transaction is seen by the
+        next one; the home ledger and Postgres check the lease under its lock)."""
         with self._lock:
             cur = self._db.cursor()
             try:
-                cur.execute("BEGIN IMMEDIATE")
+                if own_tables_only and self._attached:
+                    cur.execute("BEGIN")
+                    cur.execute("DELETE FROM main.intents WHERE 0")
+                else:
+                    cur.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:
+                    cur.execute("ROLLBACK")
                 raise TransientStoreError(f"ledger busy: {exc}", store="ledger") from exc
             try:
                 yield cur
@@ -181,7 +195,7 @@ class SqliteLedger:
 
     def prepare(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
         now = self._clock()
-        with self._tx() as cur:
+        with self._tx(own_tables_only=True) as cur:
             self._check_fence(cur, fence, now)
             for intent in intents:
                 self._check_preparable(cur, intent)
@@ -201,7 +215,7 @@ class SqliteLedger:
     def mark_done(
         self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None
     ) -> None:
-        with self._tx() as cur:
+        with self._tx(own_tables_only=True) as cur:
             self._check_fence(cur, fence, self._clock())
             for doc_id, version in doc_versions:
                 row = cur.execute(
@@ -220,7 +234,7 @@ class SqliteLedger:
     ) -> int:
         committed = 0
         now = self._clock()
-        with self._tx() as cur:
+        with self._tx(own_tables_only=True) as cur:
             self._check_fence(cur, fence, now)
             for doc_id, version in doc_versions:
                 row = cur.execute(
@@ -272,7 +286,7 @@ class SqliteLedger:
             raise FencedError(f"shard {fence.shard} epoch {fence.epoch} is fenced (current: {current})")
 
     def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
-        with self._tx() as cur:
+        with self._tx(own_tables_only=True) as cur:
             cur.executemany("DELETE FROM intents WHERE doc_id = ? AND version = ?", doc_versions)
 
     def pending(self) -> list[Intent]:

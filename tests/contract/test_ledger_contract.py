@@ -478,3 +478,60 @@ def test_a_restarted_incarnation_takes_over_at_once_and_fences_its_predecessor(l
     assert second.epoch == first.epoch + 1
     with pytest.raises(FencedError):
         ledger.prepare([_intent("a", 1)], fence=first)
+
+
+# --- SQLite only: a later generation's ledger beside its home file -----------------------------
+
+
+def test_a_generation_ledgers_own_transaction_leaves_the_home_file_writable(tmp_path: Path, clock: Clock) -> None:
+    """While a generation ledger's prepare is in flight (a rebuild's batch), the home ledger still
+    renews leases and writes checkpoints at once, and the generation's writes still see the fence."""
+    home = SqliteLedger(tmp_path / "ledger.db", clock=clock)
+    held = _Held("ledger.prepare.between_statements")
+    gen = SqliteLedger(tmp_path / "ledger.g2.db", clock=clock, crash_hook=held, home=tmp_path / "ledger.db")
+    try:
+        fence = home.claim_shard(0, "pod-0#a", lease_s=30)
+        prepare = BackgroundCall(lambda: gen.prepare([_intent("a", 1), _intent("b", 1)], fence=fence))
+        assert held.reached.wait(CALL_DEADLINE_S)
+        renew = BackgroundCall(lambda: home.renew_shard(fence, "pod-0#a", lease_s=30))
+        checkpoint = BackgroundCall(lambda: home.set_checkpoint("src", "42"))
+        assert renew.finished_within(CALL_DEADLINE_S / 3) and renew.error is None
+        assert checkpoint.finished_within(CALL_DEADLINE_S / 3) and checkpoint.error is None
+        held.release.set()
+        assert prepare.finished_within(CALL_DEADLINE_S) and prepare.error is None
+        assert sorted(i.doc_id for i in gen.pending()) == ["a", "b"] and home.pending() == []
+        # The shared tables are the home file's, whichever ledger writes them.
+        assert gen.get_checkpoint("src") == "42"
+        # A takeover fences the generation's writes too.
+        home.claim_shard(0, "pod-0#b", lease_s=30)
+        with pytest.raises(FencedError):
+            gen.mark_done("keyword", [("a", 1)], fence=fence)
+        with pytest.raises(FencedError):
+            gen.prepare([_intent("c", 1)], fence=fence)
+    finally:
+        held.release.set()
+        gen.close()
+        home.close()
+
+
+def test_generation_ledgers_serialize_their_own_writes(tmp_path: Path, clock: Clock) -> None:
+    """Two connections to one generation file (a shard and the rebuild) still take turns: the
+    second prepare of the same document waits for the first and then meets its intent."""
+    home = SqliteLedger(tmp_path / "ledger.db", clock=clock)
+    held = _Held("ledger.prepare.between_statements")
+    first = SqliteLedger(tmp_path / "ledger.g2.db", clock=clock, crash_hook=held, home=tmp_path / "ledger.db")
+    second = SqliteLedger(tmp_path / "ledger.g2.db", clock=clock, home=tmp_path / "ledger.db")
+    try:
+        racing = BackgroundCall(lambda: first.prepare([_intent("a", 1)]))
+        assert held.reached.wait(CALL_DEADLINE_S)
+        waiting = BackgroundCall(lambda: second.prepare([_intent("a", 2)]))
+        assert not waiting.finished_within(WAIT_OBSERVED_S)
+        held.release.set()
+        assert racing.finished_within(CALL_DEADLINE_S) and racing.error is None
+        assert waiting.finished_within(CALL_DEADLINE_S)
+        assert isinstance(waiting.error, IntentConflict)
+        assert [(i.doc_id, i.version) for i in second.pending()] == [("a", 1)]
+    finally:
+        held.release.set()
+        for led in (first, second, home):
+            led.close()
