@@ -52,6 +52,8 @@ CONTROL_CALL_TIMEOUT_S = 60.0
 SHARD_START_TIMEOUT_S = 600.0
 # A shard's apply loop sleeps this long when it has nothing to do.
 IDLE_SLEEP_S = 0.01
+# How soon a lease renewal the ledger could not take (busy, unreachable) is tried again.
+LEASE_RETRY_S = 1.0
 # Threads per actor: the apply loop plus concurrent offer/drain/status calls.
 ACTOR_CONCURRENCY = 4
 
@@ -223,9 +225,10 @@ class ShardActor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._fatal = ""
-        self._renewed_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name=f"shard-{config.shard}", daemon=True)
+        self._lease_thread = threading.Thread(target=self._keep_lease, name=f"lease-{config.shard}", daemon=True)
         self._thread.start()
+        self._lease_thread.start()
 
     def _build_engine(
         self,
@@ -273,6 +276,7 @@ class ShardActor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=CONTROL_CALL_TIMEOUT_S)
+        self._lease_thread.join(timeout=CONTROL_CALL_TIMEOUT_S)
         self.engine.close()
         for ledger in self._gen_ledgers:
             ledger.close()
@@ -281,7 +285,6 @@ class ShardActor:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
-                self._renew_lease()
                 done = self.worker.step()
                 if done:
                     with self._lock:
@@ -295,12 +298,24 @@ class ShardActor:
             self._fatal = f"{exc.__class__.__name__}: {exc}"
             log.exception("shard loop crashed")
 
-    def _renew_lease(self) -> None:
-        """Renew at a third of the lease so a slow step never lets it lapse."""
-        now = time.monotonic()
-        if now - self._renewed_at >= self.config.lease_s / 3:
-            self.ledger.renew_shard(self.fence, self.config.owner, self.config.lease_s)
-            self._renewed_at = now
+    def _keep_lease(self) -> None:
+        """Renew the lease on its own thread, every third of its length, so no step however slow
+        (a store outage's backoff, a ledger busy with a rebuild) lets it lapse; a renewal the
+        ledger could not take now is tried again within LEASE_RETRY_S. Losing the lease to
+        another owner stops the shard: its writes would be fenced anyway."""
+        wait = self.config.lease_s / 3
+        while not self._stop.wait(wait):
+            try:
+                self.ledger.renew_shard(self.fence, self.config.owner, self.config.lease_s)
+                wait = self.config.lease_s / 3
+            except FencedError as exc:
+                self._fatal = f"fenced: {exc}"
+                log.error("shard lease lost; stopping", error=str(exc))
+                self._stop.set()
+                return
+            except LockstepError as exc:
+                log.warning("lease renewal failed; retrying", error=str(exc), retry_in_s=LEASE_RETRY_S)
+                wait = LEASE_RETRY_S
 
 
 def _crash_hook(crash_at: tuple[str, int] | None) -> CrashHook:

@@ -383,6 +383,43 @@ def test_a_keyword_index_outage_loses_nothing(tmp_path: Path, lite_server: Any) 
         _assert_converged(config, final)
 
 
+def test_a_write_hanging_longer_than_the_lease_does_not_cost_the_shard_its_lease(
+    tmp_path: Path, lite_server: Any
+) -> None:
+    """The keyword server hangs (SIGSTOP) for more than twice the 3 s lease while a write to it
+    waits on a long request timeout: the shard's lease is renewed on its own thread, so when the
+    server resumes the same shards finish the work and the service never stops fenced."""
+    from chaos.servers import OpenSearchApiServer
+
+    with OpenSearchApiServer() as search:
+        suffix = uuid.uuid4().hex[:8]
+        config = _config(
+            tmp_path,
+            keyword={"kind": "opensearch", "url": search.url, "index": f"hang-{suffix}", "request_timeout_s": 60.0},
+            vector={"uri": lite_server.uri, "collection": f"hang_{suffix}"},
+            run={"shards": 2, "http_port": 0, "lease_s": 3.0},
+        )
+        final: dict[str, dict[str, Any] | None] = {f"a{i}": _upsert(f"a{i}", 1) for i in range(10)}
+        _append(tmp_path, list(final.values()))
+        proc = _start_service(config)
+        try:
+            ledger = SqliteLedger(tmp_path / "ledger.db")
+            _wait(lambda: ledger.counts()["live_docs"] == 10, "the first events committed")
+            with search.paused():
+                hung = {f"b{i}": _upsert(f"b{i}", 1) for i in range(10)}
+                _append(tmp_path, list(hung.values()))
+                final |= hung
+                _wait(lambda: ledger.counts()["pending_intents"] > 0, "writes waiting on the hung server")
+                time.sleep(8.0)  # well past the 3 s lease
+                assert proc.poll() is None, "the service stopped while the keyword server hung"
+            _wait(lambda: ledger.counts()["pending_intents"] == 0 and ledger.counts()["live_docs"] == 20, "convergence")
+        finally:
+            err = _stop_service(proc)
+        assert proc.returncode == 0, err[-3000:]
+        assert "fenced" not in err, err[-3000:]
+        _assert_converged(config, final)
+
+
 def test_the_continuous_audit_publishes_drift_made_behind_locksteps_back(
     tmp_path: Path, opensearch_api_url: str, lite_server: Any
 ) -> None:
