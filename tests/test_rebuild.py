@@ -122,7 +122,8 @@ def _check_generation(config: Path, number: int, final: dict[str, dict[str, Any]
             *check_index("keyword", expected, deleted, list(parts.keyword.scan())),
             *check_index("vector", expected, deleted, list(parts.vector.scan())),
         ]
-        assert parts.ledger.counts()["pending_intents"] == 0
+        pending = parts.ledger.pending()
+        assert pending == [], f"{len(pending)} pending intents: {[(i.doc_id, i.version, sorted(i.done)) for i in pending[:10]]}"
     # The in-process milvus-lite server holds the file until released; the next CLI needs it.
     if settings.vector.is_embedded:
         server_manager_instance.release_server(settings.vector.uri)
@@ -245,13 +246,30 @@ def _start_service(config: Path, log: Path) -> subprocess.Popen[bytes]:
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait(predicate: Any, what: str, timeout_s: float = 120.0) -> None:
+def _wait(predicate: Any, what: str, timeout_s: float = 120.0, explain: Any = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}" + (f"\n{explain()}" if explain else ""))
+
+
+def _service_story(service: subprocess.Popen[bytes], log: Path, check: Any = None) -> str:
+    """What a failed wait needs to be diagnosed from CI's output alone: whether the service is
+    still running, why the check fails, and the service's warnings and errors."""
+    lines = [f"service exit code: {service.poll()}"]
+    if check is not None:
+        try:
+            check()
+            lines.append("the check passes now")
+        except AssertionError as exc:
+            lines.append(f"the check fails: {str(exc)[:3000]}")
+    notable = [line for line in log.read_text(errors="replace").splitlines()
+               if any(word in line for word in ('"warning"', '"error"', "Traceback", "Error", "generations changed"))]
+    lines.append("service log (warnings, errors, switches; last 60):")
+    lines.extend(line[:400] for line in notable[-60:])
+    return "\n".join(lines)
 
 
 def _ready(port: int) -> bool:
@@ -335,10 +353,13 @@ def test_a_live_rebuild_never_fails_a_query_and_ends_equal_to_the_source(
         with _Readers(opensearch_api_url, kw_alias, lite_server.uri, vec_alias) as readers:
             writer.start()
             rebuilt = _lockstep("rebuild", "-c", str(config), "--chunking", "max_chars=70")
+            assert rebuilt.returncode == 0, rebuilt.stderr[-3000:] + "\n" + _service_story(service, tmp_path / "run.log")
             time.sleep(3)  # writes keep flowing after the swap
             stop_writes.set()
             writer.join()
-            _wait(lambda: _generation_equals(config, 2, final), "generation 2 to catch up with the last writes")
+            _wait(lambda: _generation_equals(config, 2, final), "generation 2 to catch up with the last writes",
+                  explain=lambda: _service_story(service, tmp_path / "run.log",
+                                                 lambda: _check_generation(config, 2, final)))
             queries_during = readers.queries
         report = _report(rebuilt)
         assert report["swap"]["generation"] == 2 and report["audit_rounds"][-1]["clean"] is True
