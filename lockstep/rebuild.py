@@ -73,9 +73,12 @@ VALIDATE_ROUNDS_MAX = 5
 # Between rounds, live writes in flight get this long to reach both generations.
 VALIDATE_SETTLE_S = 2.0
 # The live service writes the new generation too: a batch that meets one of its intents in
-# flight is tried again after a pause, this many times at most.
+# flight sets that document aside; a batch a live commit overtook between plan and prepare is
+# planned again after a pause, this many times at most.
 CONFLICT_RETRIES_MAX = 100
 CONFLICT_PAUSE_S = 0.2
+# Passes over the documents a backfill set aside because a live write of them was in flight.
+DEFERRED_PASSES_MAX = 50
 
 Progress = Callable[[int, int], None]
 
@@ -278,9 +281,10 @@ class Rebuild:
         position = gen.backfill_position
         docs = (d for d in reader.ledger.iter_docs(include_deleted=True) if position is None or d.doc_id > position)
         progress(done, total)
+        deferred: list[str] = []
         for batches, batch in enumerate(_batched(docs, self.settings.rebuild.batch_docs), start=1):
             events = snapshot_events(batch, reader, report.unreadable_docs)
-            _apply(target, events)
+            deferred.extend(_apply(target, events))
             done += len(batch)
             gen = replace(gen, backfill_position=batch[-1].doc_id, backfilled_docs=done)
             self._save(gen)
@@ -288,10 +292,27 @@ class Rebuild:
             progress(done, total)
             if self.crash_after_batches is not None and batches >= self.crash_after_batches:
                 os.kill(os.getpid(), signal.SIGKILL)
+        self._backfill_deferred(deferred, reader, target, report)
         gen = replace(gen, backfill_done=True)
         self._save(gen)
         log.info("backfill done", generation=gen.number, docs=done, unreadable=len(report.unreadable_docs))
         return gen
+
+    def _backfill_deferred(self, doc_ids: list[str], reader: _Reader, target: GenerationParts,
+                           report: RebuildReport) -> None:
+        """Copy the documents set aside because a live write of them was in flight, reading
+        them again (the live write may have committed a newer version meanwhile). Whatever is
+        still busy after DEFERRED_PASSES_MAX passes is left to the validating audit, which
+        compares every document before any swap."""
+        for _ in range(DEFERRED_PASSES_MAX):
+            if not doc_ids:
+                return
+            time.sleep(CONFLICT_PAUSE_S)
+            states = list(reader.ledger.get_docs(dict.fromkeys(doc_ids)).values())
+            doc_ids = _apply(target, snapshot_events(states, reader, report.unreadable_docs))
+        if doc_ids:
+            log.warning("documents still being written live after the backfill; validation checks them",
+                        docs=len(doc_ids))
 
     def _save(self, gen: Generation) -> None:
         """Record progress, unless the generation was aborted meanwhile (then stop)."""
@@ -471,18 +492,31 @@ class Rebuild:
         return dropped
 
 
-def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> None:
-    """Apply through the new generation's two-phase path, waiting out the live service's
-    intents in flight for the same documents (they carry newer versions: ours become stale)."""
+def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> list[str]:
+    """Apply through the new generation's two-phase path. A document the live service has an
+    intent in flight for (it carries a version at least as new as ours) is set aside rather than
+    waited for, so one busy document never holds up a whole batch; returns those doc_ids, for
+    the caller to try again once the live write committed (or for validation to find)."""
+    remaining = list(events)
+    deferred: list[str] = []
     for attempt in range(CONFLICT_RETRIES_MAX):
+        if not remaining:
+            return deferred
         try:
-            target.engine.apply(events)
-            return
+            target.engine.apply(remaining)
+            return deferred
         except IntentConflict as exc:
             if attempt == CONFLICT_RETRIES_MAX - 1:
                 raise
-            log.info("waiting for a live write of the same document", error=str(exc))
-            time.sleep(CONFLICT_PAUSE_S)
+            busy = {intent.doc_id for intent in target.ledger.pending()}
+            held = [e.doc_id for e in remaining if e.doc_id in busy]
+            if held:
+                deferred.extend(held)
+                remaining = [e for e in remaining if e.doc_id not in busy]
+            else:  # the live write committed between our plan and our prepare: plan again
+                log.info("a live write of the same document committed meanwhile", error=str(exc))
+                time.sleep(CONFLICT_PAUSE_S)
+    return deferred
 
 
 def _embedder_of(settings: Settings, gen: Generation) -> EmbedderSettings:
