@@ -54,6 +54,9 @@ GENERATIONS_POLL_S = 2.0
 @dataclass
 class _State:
     buffers: dict[int, list[Envelope]]
+    # Each shard's free mailbox room as last reported (less what was offered since): a full
+    # shard is not sent records it would only refuse, serialized again at every tick.
+    room: dict[int, int] = field(default_factory=dict)
     read_at: dict[int, float] = field(default_factory=dict)
     statuses: list[ShardStatus] = field(default_factory=list)
     fatal: list[str] = field(default_factory=list)
@@ -185,6 +188,7 @@ class Service:
         self._stop_audit()
         self.cluster.stop()
         self.generations = current
+        self.state.room.clear()
         self.cluster = self._new_cluster()
         self._auditing = self._start_audit(self.cluster)
 
@@ -359,11 +363,20 @@ class Service:
             room -= 1
 
     def _offer(self, cluster: ShardCluster) -> None:
-        batches = {i: b[: self.rs.offer_batch_max] for i, b in self.state.buffers.items() if b}
+        """Offer each shard at most what its mailbox has room for (a record of a document that
+        is already waiting needs no room, so this may hold back a few that would fit; they go
+        at the next tick's fresh report)."""
+        room = self.state.room
+        batches = {
+            i: b[: min(self.rs.offer_batch_max, room.get(i, self.rs.mailbox_docs_max))]
+            for i, b in self.state.buffers.items()
+            if b and room.get(i, self.rs.mailbox_docs_max) > 0
+        }
         if not batches:
             return
         for shard, taken in cluster.offer(batches).items():
             del self.state.buffers[shard][:taken]
+            room[shard] = room.get(shard, self.rs.mailbox_docs_max) - taken
 
     def _drain(self, cluster: ShardCluster) -> None:
         now = time.monotonic()
@@ -376,6 +389,7 @@ class Service:
                     self.metrics.lag.observe(now - read_at)
             self.metrics.absorb_status(status)
             statuses.append(status)
+            self.state.room[status.shard] = self.rs.mailbox_docs_max - status.waiting_docs
             if fatal and fatal not in self.state.fatal:
                 log.error("shard stopped", shard=status.shard, reason=fatal)
                 self.state.fatal.append(fatal)
