@@ -46,6 +46,10 @@ READ_QUEUE_MAX = 10_000
 LEDGER_GAUGES_INTERVAL_S = 5.0
 # The main loop's tick: how often it offers, drains and checkpoints when there is little to do.
 TICK_S = 0.02
+# Shards are asked what they finished (and how full they are) at most this often: every call
+# costs the driver and each shard actor a Ray round trip, and commits do not wait for it (only
+# the checkpoint and the service's own lag histogram see it up to this much later).
+DRAIN_INTERVAL_S = 0.1
 # How often the registry is read for a generation being built, swapped or dropped; a change
 # restarts the shard actors (after in-flight work commits) so that writes reach the new set.
 GENERATIONS_POLL_S = 2.0
@@ -86,6 +90,7 @@ class Service:
         self.ledger: AnyLedger | None = None
         self._gauges_at = 0.0
         self._generations_at = 0.0
+        self._drained_at = 0.0
         self.generations: list[Generation] = []
         self._auditing: threading.Thread | None = None
         self._audit_stop = threading.Event()
@@ -280,7 +285,10 @@ class Service:
     ) -> None:
         self._pull(records)
         self._offer(cluster)
-        self._drain(cluster)
+        now = time.monotonic()
+        if now - self._drained_at >= DRAIN_INTERVAL_S:
+            self._drained_at = now
+            self._drain(cluster)
         self._checkpoint(source)
 
     def _read(self, source: ChangeSource, records: queue.Queue[SourceRecord | None]) -> None:
