@@ -113,14 +113,27 @@ class ApplyEngine:
             self.stats.recovered_intents += len(intents)
         return len(intents)
 
-    def apply(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> None:
-        """Apply one batch of records; raises a transient error with nothing lost if a store fails."""
-        self.drive(self.prepare(records, fence), fence)
+    def apply(
+        self, records: Sequence[SourceRecord], fence: Fence | None = None, *, skip_conflicts: bool = False
+    ) -> list[str]:
+        """Apply one batch of records; raises a transient error with nothing lost if a store fails.
+        ``skip_conflicts``: documents another writer holds an intent for (or committed past) are
+        left out instead of failing the batch; returns their doc_ids (else always empty)."""
+        intents, skipped = self._prepare(records, fence, skip_conflicts)
+        self.drive(intents, fence)
+        return skipped
 
-    def prepare(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> list[Intent]:
+    def prepare(
+        self, records: Sequence[SourceRecord], fence: Fence | None = None, *, skip_conflicts: bool = False
+    ) -> list[Intent]:
         """Phase 1: dead-letter bad records, coalesce, plan, embed, and record intents durably.
 
         Returns the prepared intents; stale and coalesced events are counted and need nothing more."""
+        return self._prepare(records, fence, skip_conflicts)[0]
+
+    def _prepare(
+        self, records: Sequence[SourceRecord], fence: Fence | None, skip_conflicts: bool
+    ) -> tuple[list[Intent], list[str]]:
         events = self._dead_letter_bad(records)
         self.stats.events += len(records)
         plans = self._plan(self._coalesce(events))
@@ -128,9 +141,12 @@ class ApplyEngine:
         self.crash(crashpoints.AFTER_EMBED)
         self.stats.rewritten_chunks += sum(len(p.rewrite) for p in plans)
         intents = [p.to_intent() for p in plans]
-        self.ledger.prepare(intents, fence)
+        skipped = self.ledger.prepare(intents, fence, skip_conflicts=skip_conflicts)
         self.crash(crashpoints.AFTER_PREPARE)
-        return intents
+        if skipped:
+            left_out = set(skipped)
+            intents = [i for i in intents if i.doc_id not in left_out]
+        return intents, skipped
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

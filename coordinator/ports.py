@@ -183,10 +183,14 @@ class Ledger(Protocol):
     def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]:
         """Every document (tombstones too when asked), in doc_id order."""
 
-    def prepare(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
-        """Record intents durably. Raises ValueError if a document already has one pending
-        or if an intent's version is not above the committed version (the ledger's gate),
-        and FencedError if ``fence`` is no longer the shard's current epoch."""
+    def prepare(
+        self, intents: Sequence[Intent], fence: Fence | None = None, *, skip_conflicts: bool = False
+    ) -> list[str]:
+        """Record intents durably, all or none. Raises IntentConflict if a document already has
+        one pending or if an intent's version is not above the committed version (the ledger's
+        gate), and FencedError if ``fence`` is no longer the shard's current epoch.
+        ``skip_conflicts``: record the others and return the doc_ids that met the gate (a
+        rebuild's backfill, which must not wait for the live service's writes of a document)."""
 
     def mark_done(
         self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None

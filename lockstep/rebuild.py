@@ -31,7 +31,7 @@ import structlog
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
 from coordinator.chunking import ChunkingSettings
-from coordinator.errors import ConfigError, IntentConflict, LockstepError
+from coordinator.errors import ConfigError, LockstepError
 from coordinator.events import ChangeEvent, Op
 from coordinator.generations import (
     Generation,
@@ -72,10 +72,8 @@ VALIDATE_REPAIR_OPS_PER_S = 5000.0
 VALIDATE_ROUNDS_MAX = 5
 # Between rounds, live writes in flight get this long to reach both generations.
 VALIDATE_SETTLE_S = 2.0
-# The live service writes the new generation too: a batch that meets one of its intents in
-# flight sets that document aside; a batch a live commit overtook between plan and prepare is
-# planned again after a pause, this many times at most.
-CONFLICT_RETRIES_MAX = 100
+# The live service writes the new generation too: documents it holds an intent for are set
+# aside and read again after this pause.
 CONFLICT_PAUSE_S = 0.2
 # Passes over the documents a backfill set aside because a live write of them was in flight.
 DEFERRED_PASSES_MAX = 50
@@ -494,29 +492,12 @@ class Rebuild:
 
 def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> list[str]:
     """Apply through the new generation's two-phase path. A document the live service has an
-    intent in flight for (it carries a version at least as new as ours) is set aside rather than
-    waited for, so one busy document never holds up a whole batch; returns those doc_ids, for
-    the caller to try again once the live write committed (or for validation to find)."""
-    remaining = list(events)
-    deferred: list[str] = []
-    for attempt in range(CONFLICT_RETRIES_MAX):
-        if not remaining:
-            return deferred
-        try:
-            target.engine.apply(remaining)
-            return deferred
-        except IntentConflict as exc:
-            if attempt == CONFLICT_RETRIES_MAX - 1:
-                raise
-            busy = {intent.doc_id for intent in target.ledger.pending()}
-            held = [e.doc_id for e in remaining if e.doc_id in busy]
-            if held:
-                deferred.extend(held)
-                remaining = [e for e in remaining if e.doc_id not in busy]
-            else:  # the live write committed between our plan and our prepare: plan again
-                log.info("a live write of the same document committed meanwhile", error=str(exc))
-                time.sleep(CONFLICT_PAUSE_S)
-    return deferred
+    intent in flight for, or has committed past our version, is left out rather than waited
+    for, so a busy document never holds up a whole batch; returns those doc_ids, for the caller
+    to read and try again once the live write committed (or for validation to find)."""
+    if not events:
+        return []
+    return target.engine.apply(events, skip_conflicts=True)
 
 
 def _embedder_of(settings: Settings, gen: Generation) -> EmbedderSettings:

@@ -436,6 +436,57 @@ def test_validation_repairs_what_the_new_generation_missed_before_it_swaps(tmp_p
     assert states["doc-002"].deleted and states["doc-002"].version == 30
 
 
+def test_a_document_a_live_write_holds_is_set_aside_and_the_rest_of_its_batch_goes_on(
+    tmp_path: Path, opensearch_api_url: str, lite_server: Any
+) -> None:
+    """The live service has an intent in flight in the new generation for one document of the
+    backfill's first batch: the other nine are copied at once, that one is copied (or found
+    current) after the live write commits, and the generation ends equal to the source."""
+    from coordinator.events import ChangeEvent, Op
+
+    name = f"rb-aside-{uuid.uuid4().hex[:6]}"
+    config = _config(
+        tmp_path,
+        keyword={"kind": "opensearch", "url": opensearch_api_url, "index": name},
+        vector={"uri": lite_server.uri, "collection": name.replace("-", "_")},
+    )
+    final = _write_history(tmp_path, 30)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    settings = load_settings(config)
+    live = ChangeEvent(Op.UPSERT, "doc-001", 9, _text(1, 9), {"team": "t1"})
+    with runtime(settings) as rt:  # the live write reached generation 1 ...
+        rt.generations[0].engine.apply([live])
+    server_manager_instance.release_server(settings.vector.uri)
+    final["doc-001"] = {"text": live.text}
+
+    rebuild = Rebuild(settings)
+    try:
+        new_chunking = ChunkingSettings(70)
+        gen = rebuild.begin(settings.embedder, new_chunking)
+        live_side = build_parts(settings, gen, rebuild.home, source_name="events")
+        in_flight: list[Any] = []
+        seen: dict[str, Any] = {}
+
+        def progress(done: int, total: int) -> None:
+            if not done and not in_flight:  # the backfill starts: the live write is in flight
+                in_flight.extend(live_side.engine.prepare([live]))  # in generation 2 too
+            elif done and not seen:
+                seen["pending"] = [i.doc_id for i in live_side.ledger.pending()]
+                seen["committed"] = sorted(live_side.ledger.get_docs([f"doc-{d:03d}" for d in range(11)]))
+                live_side.engine.drive(in_flight)  # the service finishes its write
+
+        report = rebuild.run(settings.embedder, new_chunking, progress=progress)
+        live_side.close(keep_ledger=False)
+    finally:
+        rebuild.close()
+    server_manager_instance.release_server(settings.vector.uri)
+    assert seen["pending"] == ["doc-001"]
+    # The first batch's other documents (doc-000 is a tombstone) did not wait for doc-001.
+    assert seen["committed"] == [f"doc-{d:03d}" for d in range(11) if d != 1 and d < 10]
+    assert report.audit_rounds[-1]["clean"] is True and report.swap is not None
+    _check_generation(config, 2, final)
+
+
 def test_generations_on_the_postgres_ledger_share_leases_checkpoints_and_cache_with_home(
     tmp_path: Path, pg_schema: Any
 ) -> None:

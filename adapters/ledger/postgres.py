@@ -294,16 +294,33 @@ class PostgresLedger:
 
     # --- the two-phase protocol ------------------------------------------------------------
 
-    def prepare(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+    def prepare(
+        self, intents: Sequence[Intent], fence: Fence | None = None, *, skip_conflicts: bool = False
+    ) -> list[str]:
         now = self._clock()
+        skipped: list[str] = []
         with self._tx() as cur:
             _check_fence(cur, fence, now)
             # In doc_id order, so two replicas preparing overlapping batches lock keys in the same
             # order and cannot deadlock.
             for intent in sorted(intents, key=lambda i: i.doc_id):
-                _insert_intent(cur, intent, now)
+                try:
+                    _insert_intent(cur, intent, now)
+                except IntentConflict:
+                    if not skip_conflicts:
+                        raise
+                    skipped.append(intent.doc_id)
+                    continue
                 self._crash("ledger.prepare.between_statements")
-                _check_above_committed(cur, intent)
+                try:
+                    _check_above_committed(cur, intent)
+                except IntentConflict:
+                    if not skip_conflicts:
+                        raise
+                    # The row is ours: this transaction inserted it (doc_id is the key).
+                    cur.execute("DELETE FROM intents WHERE doc_id = %s", (intent.doc_id,))
+                    skipped.append(intent.doc_id)
+        return skipped
 
     def mark_done(
         self, side: str, doc_versions: Sequence[tuple[str, int]], fence: Fence | None = None

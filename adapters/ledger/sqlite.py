@@ -193,17 +193,27 @@ class SqliteLedger:
 
     # --- the two-phase protocol ------------------------------------------------------------
 
-    def prepare(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+    def prepare(
+        self, intents: Sequence[Intent], fence: Fence | None = None, *, skip_conflicts: bool = False
+    ) -> list[str]:
         now = self._clock()
+        skipped: list[str] = []
         with self._tx(own_tables_only=True) as cur:
             self._check_fence(cur, fence, now)
             for intent in intents:
-                self._check_preparable(cur, intent)
+                try:
+                    self._check_preparable(cur, intent)
+                except IntentConflict:
+                    if not skip_conflicts:
+                        raise
+                    skipped.append(intent.doc_id)
+                    continue
                 cur.execute(
                     "INSERT INTO intents (doc_id, version, payload, done, created_at) VALUES (?, ?, ?, '[]', ?)",
                     (intent.doc_id, intent.version, encode_intent(intent), now),
                 )
                 self._crash("ledger.prepare.between_statements")
+        return skipped
 
     def _check_preparable(self, cur: sqlite3.Cursor, intent: Intent) -> None:
         if cur.execute("SELECT 1 FROM intents WHERE doc_id = ?", (intent.doc_id,)).fetchone():

@@ -140,6 +140,21 @@ def test_gate_refuses_a_second_intent_and_old_versions(ledger: AnyLedger) -> Non
         ledger.prepare([_intent("a", 2)])
 
 
+def test_skip_conflicts_prepares_the_rest_and_names_what_met_the_gate(ledger: AnyLedger) -> None:
+    """A rebuild's batch: documents with an intent pending or a newer committed version are left
+    out and named; the rest are prepared. Without the flag a batch stays all or none."""
+    ledger.prepare([_intent("b", 3)])
+    _commit_all(ledger, [("b", 3)])
+    ledger.prepare([_intent("a", 1)])
+    skipped = ledger.prepare([_intent("a", 2), _intent("b", 2), _intent("c", 1)], skip_conflicts=True)
+    assert sorted(skipped) == ["a", "b"]
+    assert sorted((i.doc_id, i.version) for i in ledger.pending()) == [("a", 1), ("c", 1)]
+    assert ledger.get_docs(["b"])["b"].version == 3
+    with pytest.raises(IntentConflict):
+        ledger.prepare([_intent("d", 1), _intent("a", 3)])
+    assert sorted(i.doc_id for i in ledger.pending()) == ["a", "c"]
+
+
 def test_abort_leaves_committed_state_unchanged(ledger: AnyLedger) -> None:
     """An aborted intent disappears and the committed state stays as it was."""
     ledger.prepare([_intent("a", 1)])
