@@ -131,6 +131,13 @@ class ApplyEngine:
         Returns the prepared intents; stale and coalesced events are counted and need nothing more."""
         return self._prepare(records, fence, skip_conflicts)[0]
 
+    def prepare_some(
+        self, records: Sequence[SourceRecord], fence: Fence | None = None
+    ) -> tuple[list[Intent], list[str]]:
+        """``prepare``, leaving out (and naming) the documents another writer holds an intent
+        for or committed past meanwhile: the caller keeps those waiting and goes on with the rest."""
+        return self._prepare(records, fence, True)
+
     def _prepare(
         self, records: Sequence[SourceRecord], fence: Fence | None, skip_conflicts: bool
     ) -> tuple[list[Intent], list[str]]:

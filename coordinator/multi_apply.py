@@ -83,6 +83,35 @@ class MultiEngine:
                 raise
         return intents
 
+    def prepare_some(
+        self, records: Sequence[SourceRecord], fence: Fence | None = None
+    ) -> tuple[list[Intent], list[str]]:
+        """``prepare`` in every generation, leaving out the documents another writer (a
+        rebuild's backfill) holds in any of them: what one generation left out is withdrawn from
+        the others, so a document is prepared everywhere or nowhere. Returns the active
+        generation's intents and the doc_ids left out, for the caller to keep waiting."""
+        intents, skipped = self.primary.prepare_some(records, fence)
+        held = set(skipped)
+        events = [r for r in records if isinstance(r, ChangeEvent) and r.doc_id not in held]
+        done: list[tuple[ApplyEngine, list[Intent]]] = [(self.primary, intents)]
+        try:
+            for engine in self.engines[1:]:
+                prepared, later = engine.prepare_some(events, fence)
+                done.append((engine, prepared))
+                if later:
+                    held.update(later)
+                    events = [e for e in events if e.doc_id not in held]
+        except Exception:
+            for prepared_in, prepared in done:
+                prepared_in.ledger.abort([(i.doc_id, i.version) for i in prepared])
+            raise
+        if len(held) > len(skipped):
+            for prepared_in, prepared in done:
+                withdrawn = [(i.doc_id, i.version) for i in prepared if i.doc_id in held]
+                if withdrawn:
+                    prepared_in.ledger.abort(withdrawn)
+        return [i for i in intents if i.doc_id not in held], sorted(held)
+
     def drive(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
         """Drive, in every generation, whatever is prepared for these documents.
 

@@ -10,6 +10,8 @@ Plain Python, testable without Ray; ``lockstep/ray_runtime.py`` hosts one per Ra
   down) is *in flight*: newer events for it wait and coalesce until it commits.
 - ``step`` first retries in-flight intents (capped exponential backoff), then takes up to
   ``batch_docs_max`` waiting documents, prepares and drives them. It returns the seqs finished.
+- A document another writer holds (a rebuild's backfill has an intent for it) goes back to the
+  mailbox for ``INTENT_CONFLICT_RETRY_S`` while the rest of its batch goes on.
 - Poison documents: when preparing a batch fails on the embedder, the shard isolates, preparing
   one document per step and rotating failing ones to the back. A document is dead-lettered
   after ``poison_attempts_max`` failures on its own, but only once another document has been
@@ -102,6 +104,8 @@ class ShardWorker:
         self._lock = threading.Lock()
         self._waiting: OrderedDict[str, _Waiting] = OrderedDict()
         self._in_flight: dict[str, tuple[Intent, list[int]]] = {}
+        # Documents another writer holds, and when they may be taken again (see ``_hold``).
+        self._held_until: dict[str, float] = {}
         self._attempt = 0
         self._retry_at = 0.0
         self._last_error = ""
@@ -146,20 +150,39 @@ class ShardWorker:
         if not batch:
             return []
         try:
-            intents = self.engine.prepare([w.event for w in batch.values()], self.fence)
+            intents, held = self.engine.prepare_some([w.event for w in batch.values()], self.fence)
         except EmbedError as exc:
             return self._embed_failed(batch, exc)
         except StoreError as exc:
             self._put_back(batch)
             self._failed(exc)
             return []
+        if held:
+            batch = self._hold(batch, set(held))
         self._prepared(batch)
-        return self._drive(batch, intents)
+        return self._drive(batch, intents) if batch else []
+
+    def _hold(self, batch: dict[str, _Waiting], held: set[str]) -> dict[str, _Waiting]:
+        """Another writer (a rebuild's backfill) holds these documents: they go back to the
+        front of the mailbox and are not taken again for INTENT_CONFLICT_RETRY_S, while the rest
+        of the batch goes on (each document's versions still apply in order). Not an outage:
+        no backoff, no degraded report. Returns the rest."""
+        until = self.clock() + INTENT_CONFLICT_RETRY_S
+        self._put_back({k: w for k, w in batch.items() if k in held})
+        with self._lock:
+            self._held_until.update(dict.fromkeys(held, until))
+        return {k: w for k, w in batch.items() if k not in held}
 
     def _take(self) -> dict[str, _Waiting]:
         limit = 1 if self._isolate else self.batch_docs_max
         with self._lock:
-            keys = [k for k in self._waiting if k not in self._in_flight][:limit]
+            now = self.clock() if self._held_until else 0.0
+            keys = [
+                k for k in self._waiting
+                if k not in self._in_flight and self._held_until.get(k, 0.0) <= now
+            ][:limit]
+            for k in keys:
+                self._held_until.pop(k, None)
             return {k: self._waiting.pop(k) for k in keys}
 
     def _embed_failed(self, batch: dict[str, _Waiting], exc: EmbedError) -> list[int]:

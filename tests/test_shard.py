@@ -102,6 +102,24 @@ def test_a_full_mailbox_pushes_back_but_still_takes_documents_it_holds(rig: Rig)
     assert rig.worker.offer([envelopes[4]]) == 1
 
 
+def test_a_document_another_writer_holds_waits_while_the_rest_of_its_batch_commits(rig: Rig) -> None:
+    """A rebuild's backfill has an intent for "b": "a" and "c" of the same batch commit at once,
+    "b" waits in the mailbox (not an outage: no backoff, not degraded) and commits after."""
+    from coordinator.planner import plan
+
+    foreign = plan(_up("b", 1), None, ChunkingSettings(100)).to_intent()
+    rig.ledger.prepare([foreign])
+    assert rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 2)), Envelope(2, _up("c", 1))]) == 3
+    assert sorted(rig.worker.step()) == [0, 2]
+    status = rig.worker.status()
+    assert (status.waiting_docs, status.last_error, status.retry_attempt) == (1, "", 0)
+    assert rig.worker.step() == [], "a held document is not taken again at once"
+    rig.ledger.abort([("b", 1)])  # the other writer is done with it
+    rig.clock.now_s += 0.1
+    assert rig.worker.step() == [1]
+    assert {d: s.version for d, s in rig.ledger.get_docs(["a", "b", "c"]).items()} == {"a": 1, "b": 2, "c": 1}
+
+
 def test_in_flight_documents_wait_for_the_failing_side_and_coalesce(rig: Rig) -> None:
     """While the vector index is down, documents stay prepared; newer events wait and land after."""
     rig.vector.down = True
@@ -145,3 +163,38 @@ def test_an_embedder_outage_dead_letters_nothing(rig: Rig) -> None:
     rig.embedder.down = False
     assert sorted(rig.run_until_idle()) == [0, 1, 2]
     assert len(rig.ledger.get_docs(["d0", "d1", "d2"])) == 3
+
+
+def test_a_document_held_in_the_generation_being_built_is_withdrawn_from_the_active_one(tmp_path: Path) -> None:
+    """Writing two generations: a document the rebuild holds in generation 2 is prepared in
+    neither (its generation-1 intent is withdrawn), the rest of the batch commits in both."""
+    from coordinator.multi_apply import MultiEngine
+    from coordinator.planner import plan
+
+    home = SqliteLedger(tmp_path / "ledger.db")
+    gen2 = SqliteLedger(tmp_path / "ledger.g2.db", home=tmp_path / "ledger.db")
+    engines, closers = [], []
+    for n, ledger in ((1, home), (2, gen2)):
+        keyword = TantivyKeywordIndex(str(tmp_path / f"tantivy{n}"), "kw")
+        vector = MilvusVectorIndex(VectorSettings(uri=str(tmp_path / f"m{n}.db")), dim=32)
+        keyword.ensure()
+        vector.ensure()
+        engine = ApplyEngine(ledger=ledger, keyword=keyword, vector=vector,
+                             embedder=CachedEmbedder(HashingEmbedder(dim=32), SqliteEmbeddingCache(home)),
+                             chunking=ChunkingSettings(100), source_name="test")
+        engines.append(engine)
+        closers += [engine.close, keyword.close, vector.close]
+    try:
+        gen2.prepare([plan(_up("b", 1), None, ChunkingSettings(100)).to_intent()])  # the rebuild's
+        multi = MultiEngine(engines)
+        intents, held = multi.prepare_some([_up("a", 1), _up("b", 2)])
+        assert held == ["b"] and [i.doc_id for i in intents] == ["a"]
+        assert [i.doc_id for i in home.pending()] == ["a"], "b's generation-1 intent is withdrawn"
+        multi.drive(intents)
+        assert sorted(home.get_docs(["a", "b"])) == ["a"] and sorted(gen2.get_docs(["a", "b"])) == ["a"]
+        assert [(i.doc_id, i.version) for i in gen2.pending()] == [("b", 1)]
+    finally:
+        for close in closers:
+            close()
+        gen2.close()
+        home.close()
