@@ -13,6 +13,7 @@ Topology of ``lockstep run``:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -98,21 +99,43 @@ class IndexWriterActor:
     def __init__(self, side: str, generations: list[WriterTarget], log_level: str) -> None:
         """One client per live generation (its physical index names), all in this one process:
         an embedded store (a milvus-lite file) admits a single process. The vector side refuses
-        a collection built with another model than its generation's."""
+        a collection built with another model than its generation's.
+
+        A store that cannot be reached now (a pod started before its database) does not fail
+        the actor, which Ray would never start again: its client is built at the first call
+        that needs it, and until then every such call fails like a write to a store that is
+        down (the shards back off and /readyz says degraded)."""
         configure_logging(log_level)
-        self.indexes: dict[int, ChunkIndex] = {
-            t.number: (
-                build_keyword(t.settings.keyword)
-                if side == KEYWORD
-                else MilvusVectorIndex(t.settings.vector, dim=t.dim, model_id=t.model_id)
+        self.side = side
+        self.targets = {t.number: t for t in generations}
+        self.indexes: dict[int, ChunkIndex] = {}
+        for number in self.targets:
+            try:
+                self._index(number)
+            except Exception as exc:
+                log.warning("index not reachable at start; tried again at its first use", side=side,
+                            generation=number, error=str(exc), error_type=type(exc).__name__)
+
+    def _index(self, number: int) -> ChunkIndex:
+        index = self.indexes.get(number)
+        if index is None:
+            target = self.targets[number]
+            index = (
+                build_keyword(target.settings.keyword)
+                if self.side == KEYWORD
+                else MilvusVectorIndex(target.settings.vector, dim=target.dim, model_id=target.model_id)
             )
-            for t in generations
-        }
-        for index in self.indexes.values():
-            index.ensure()
+            try:
+                index.ensure()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    index.close()
+                raise
+            self.indexes[number] = index
+        return index
 
     def call(self, generation: int, method: str, *args: Any) -> Any:
-        return getattr(self.indexes[generation], method)(*args)
+        return getattr(self._index(generation), method)(*args)
 
     def close(self) -> None:
         for index in self.indexes.values():

@@ -420,6 +420,42 @@ def test_a_write_hanging_longer_than_the_lease_does_not_cost_the_shard_its_lease
         _assert_converged(config, final)
 
 
+# Backoff of one keyword request over all its attempts (adapters/keyword/_search_engine.py).
+KEYWORD_RETRY_BUDGET_S = 3.1
+
+
+def test_a_service_started_before_its_keyword_store_writes_once_the_store_is_up(
+    tmp_path: Path, lite_server: Any
+) -> None:
+    """As in a cluster where pods start in any order: the keyword server is not listening yet
+    when `lockstep run` starts. The service still starts, says degraded, keeps every event
+    prepared, and converges as soon as the server comes up (its writer builds the client then)."""
+    from chaos.servers import OpenSearchApiServer
+
+    search = OpenSearchApiServer()  # its port is reserved; nothing listens yet
+    config, base = _outage_config(tmp_path, search.url, lite_server.uri)
+    final: dict[str, dict[str, Any] | None] = {f"a{i}": _upsert(f"a{i}", 1) for i in range(10)}
+    _append(tmp_path, list(final.values()))
+    proc = _start_service(config)
+    try:
+        _wait(lambda: _get(base + "/readyz").status_code == 503, "/readyz reporting degraded")
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["pending_intents"] > 0, "events prepared while the keyword server is away")
+        assert ledger.counts()["live_docs"] == 0
+        time.sleep(3 * KEYWORD_RETRY_BUDGET_S)  # well past what one request retries for
+        assert ledger.counts()["live_docs"] == 0
+        search.start()
+        _wait(lambda: ledger.counts()["pending_intents"] == 0 and ledger.counts()["live_docs"] == 10, "convergence")
+        _wait(lambda: _get(base + "/readyz").status_code == 200, "/readyz ready")
+        err = _stop_service(proc)
+        assert proc.returncode == 0, err[-3000:]
+        _assert_converged(config, final)
+    finally:
+        if proc.poll() is None:
+            _stop_service(proc)
+        search.stop()
+
+
 def test_the_continuous_audit_publishes_drift_made_behind_locksteps_back(
     tmp_path: Path, opensearch_api_url: str, lite_server: Any
 ) -> None:
