@@ -355,6 +355,9 @@ class Service:
     def _pull(self, records: queue.Queue[SourceRecord | None]) -> None:
         """Move records from the reader into per-shard buffers, unless the buffers are full."""
         room = self.rs.offer_batch_max * self.rs.shards - sum(map(len, self.state.buffers.values()))
+        if room <= 0:  # the shards are behind: wait a tick instead of spinning on full buffers
+            time.sleep(TICK_S)
+            return
         deadline = time.monotonic() + TICK_S
         while room > 0:
             try:
