@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import random
 import tempfile
@@ -527,8 +528,13 @@ def run_schedules(
     results: list[ScheduleResult] = []
     todo = iter(specs)
     exhausted = False
+    # "spawn", not fork: the parent may already run gRPC threads (pymilvus), and a forked child
+    # of such a process can abort inside gRPC's poller.
     with ProcessPoolExecutor(
-        max_workers=workers, initializer=_worker_init, initargs=(str(base_dir), setup or StoresSetup())
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(str(base_dir), setup or StoresSetup()),
     ) as pool:
         running: set[Future[ScheduleResult]] = set()
         for spec in _take(todo, workers * 2):

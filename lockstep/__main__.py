@@ -2,4 +2,7 @@
 
 from lockstep.cli import app
 
-app(prog_name="lockstep")
+# Guarded: worker processes started with "spawn" (the chaos runner's) import the parent's main
+# module under another name and must not run the CLI again.
+if __name__ == "__main__":
+    app(prog_name="lockstep")
