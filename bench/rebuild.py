@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from bench.incremental import machine
+from bench.results_doc import write_results
 from chaos.servers import OpenSearchApiServer, RealMilvusServer, free_port
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.invariants import ExpectedChunk, Violation, check_index
@@ -328,14 +329,7 @@ def report(r: Results) -> str:
 
 
 def write_docs(path: Path, command: str, markdown: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{RESULTS_BEGIN}\n\nPrinted output of `{command}`:\n\n{markdown}\n\n{RESULTS_END}"
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        before, rest = text.split(RESULTS_BEGIN, 1)
-        text = before + block + rest.split(RESULTS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{DOCS_SECTION}\n\n{block}\n"
-    path.write_text(text, encoding="utf-8")
+    write_results(path, command, markdown, section=DOCS_SECTION, begin=RESULTS_BEGIN, end=RESULTS_END)
 
 
 def _say(message: str) -> None:

@@ -56,6 +56,7 @@ from psycopg import sql
 
 from adapters.sources.webhook import WebhookSource
 from bench.incremental import machine
+from bench.results_doc import write_results
 from bench.streaming import (
     APPLIED,
     CHUNKS_PER_DOC,
@@ -788,19 +789,7 @@ def _check(violations: list[Violation]) -> str:
 
 
 def write_docs(path: Path, command: str, markdown: str) -> None:
-    """Put ``markdown`` between this benchmark's result markers in ``path`` (re-read right now).
-
-    Only the text between the markers changes; the section (with the markers) is appended if it
-    is missing, so every other section and the prose around the results stay as they are.
-    """
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{RESULTS_BEGIN}\n\nPrinted output of `{command}`:\n\n{markdown}\n\n{RESULTS_END}"
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        before, rest = text.split(RESULTS_BEGIN, 1)
-        text = before + block + rest.split(RESULTS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{DOCS_SECTION}\n\n{block}\n"
-    path.write_text(text, encoding="utf-8")
+    write_results(path, command, markdown, section=DOCS_SECTION, begin=RESULTS_BEGIN, end=RESULTS_END)
 
 
 def _say(message: str) -> None:

@@ -57,6 +57,7 @@ from adapters.ledger.sqlite import SqliteLedger
 from adapters.vector.milvus import UPSERT_BATCH_ROWS_MAX, MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from bench.incremental import expected_chunks, machine
+from bench.results_doc import write_results
 from chaos.servers import OpenSearchApiServer, RealMilvusServer, free_port
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.invariants import Violation, check_index
@@ -732,19 +733,7 @@ def _check(violations: list[Violation]) -> str:
 
 
 def write_docs(path: Path, command: str, markdown: str) -> None:
-    """Put ``markdown`` between the result markers of this benchmark's section of ``path``.
-
-    Only the text between the markers changes; the section (with the markers) is appended if it
-    is missing, so every other section and the prose around the results stay as they are.
-    """
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{RESULTS_BEGIN}\n\nPrinted output of `{command}`:\n\n{markdown}\n\n{RESULTS_END}"
-    if RESULTS_BEGIN in text and RESULTS_END in text:
-        before, rest = text.split(RESULTS_BEGIN, 1)
-        text = before + block + rest.split(RESULTS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{DOCS_SECTION}\n\n{block}\n"
-    path.write_text(text, encoding="utf-8")
+    write_results(path, command, markdown, section=DOCS_SECTION, begin=RESULTS_BEGIN, end=RESULTS_END)
 
 
 def _say(message: str) -> None:
