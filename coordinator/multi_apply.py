@@ -66,23 +66,6 @@ class MultiEngine:
     def ledger(self) -> _PendingEverywhere:
         return _PendingEverywhere(self.engines)
 
-    def prepare(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> list[Intent]:
-        """Prepare in every generation; returns the active generation's intents (the others'
-        are durable in their ledgers and driven by ``drive`` for the same documents)."""
-        intents = self.primary.prepare(records, fence)
-        events = [r for r in records if isinstance(r, ChangeEvent)]
-        done: list[tuple[ApplyEngine, list[Intent]]] = [(self.primary, intents)]
-        for engine in self.engines[1:]:
-            try:
-                done.append((engine, engine.prepare(events, fence)))
-            except Exception:
-                # Nothing was written yet: withdraw what the other generations prepared, so
-                # that the caller's retry prepares the batch afresh everywhere.
-                for prepared_in, prepared in done:
-                    prepared_in.ledger.abort([(i.doc_id, i.version) for i in prepared])
-                raise
-        return intents
-
     def prepare_some(
         self, records: Sequence[SourceRecord], fence: Fence | None = None
     ) -> tuple[list[Intent], list[str]]:
