@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.embedders.cached import CachedEmbedder
+from adapters.embedders.cached import CachedEmbedder, TieredEmbeddingCache
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
@@ -36,6 +36,10 @@ from lockstep.settings import (
 
 log = structlog.get_logger(__name__)
 
+# Vectors each process keeps in memory in front of the durable embedding cache: a few apply
+# batches' worth (the apply path reads each vector twice in a row), ~1.5 KB each at 384 dims.
+EMBEDDING_FRONT_ENTRIES_MAX = 8192
+
 if TYPE_CHECKING:
     from adapters.ledger.postgres import PostgresLedger
     from lockstep.generations import GenerationParts
@@ -55,12 +59,16 @@ def build_ledger(settings: Settings, crash: CrashHook = no_crash) -> AnyLedger:
 
 
 def build_embedding_cache(ledger: AnyLedger) -> EmbeddingCache:
-    """The durable (model, hash) → vector cache lives beside the ledger's tables."""
+    """The durable (model, hash) → vector cache lives beside the ledger's tables; recent vectors
+    are also kept in memory (EMBEDDING_FRONT_ENTRIES_MAX)."""
+    durable: EmbeddingCache
     if isinstance(ledger, SqliteLedger):
-        return SqliteEmbeddingCache(ledger)
-    from adapters.ledger.postgres import PostgresEmbeddingCache
+        durable = SqliteEmbeddingCache(ledger)
+    else:
+        from adapters.ledger.postgres import PostgresEmbeddingCache
 
-    return PostgresEmbeddingCache(ledger)
+        durable = PostgresEmbeddingCache(ledger)
+    return TieredEmbeddingCache(durable, front_entries_max=EMBEDDING_FRONT_ENTRIES_MAX)
 
 
 def build_keyword(settings: KeywordSettings) -> KeywordIndex:

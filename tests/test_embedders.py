@@ -23,10 +23,11 @@ import structlog
 from pydantic import SecretStr
 
 from adapters.embedders import hashing
-from adapters.embedders.cached import CachedEmbedder, MemoryEmbeddingCache
+from adapters.embedders.cached import CachedEmbedder, MemoryEmbeddingCache, TieredEmbeddingCache
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.embedders.openai_http import OpenAIEmbedder
 from adapters.embedders.sentence_transformer import SentenceTransformerEmbedder
+from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from coordinator.chunking import content_hash
 from coordinator.errors import ConfigError, PermanentEmbedError, TransientEmbedError
 from coordinator.ports import Embedder, HashedEmbedder
@@ -167,6 +168,45 @@ def test_memory_cache_evicts_least_recently_used() -> None:
     assert cache.get_many("m", ["a", "b", "c"]) == {"a": [1.0], "c": [3.0]}
     assert cache.get_many("other-model", ["a"]) == {}
     assert len(cache) == 2
+
+
+class CountingCache:
+    """Counts the hashes asked of the durable cache it wraps."""
+
+    def __init__(self, inner: SqliteEmbeddingCache) -> None:
+        self.inner = inner
+        self.asked: list[str] = []
+
+    def get_many(self, model_id: str, hashes: Any) -> dict[str, list[float]]:
+        wanted = list(hashes)
+        self.asked += wanted
+        return self.inner.get_many(model_id, wanted)
+
+    def put_many(self, model_id: str, vectors: Any) -> None:
+        self.inner.put_many(model_id, vectors)
+
+
+def test_tiered_cache_answers_recent_vectors_from_memory_exactly_as_the_ledger_would(tmp_path: Path) -> None:
+    """A vector just stored or read is answered again without the database, as the same float32
+    values the SQLite table returns; the durable table holds everything; the front stays bounded."""
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        durable = CountingCache(SqliteEmbeddingCache(ledger))
+        tiered = TieredEmbeddingCache(durable, front_entries_max=2)
+        vectors = {"a": [0.1, 0.2, 0.3], "b": [1 / 3, 2 / 3, 1.0], "c": [0.7, 0.8, 0.9]}
+        tiered.put_many("m", {"a": vectors["a"], "b": vectors["b"]})
+        from_ledger = SqliteEmbeddingCache(ledger).get_many("m", ["a", "b"])
+        assert from_ledger["b"] != vectors["b"], "float32 storage rounds these values"
+        assert tiered.get_many("m", ["a", "b"]) == from_ledger
+        assert durable.asked == [], "both were answered from memory"
+        tiered.put_many("m", {"c": vectors["c"]})  # evicts "a", the least recently used
+        assert len(tiered) == 2
+        assert tiered.get_many("m", ["a", "c", "missing"]) == SqliteEmbeddingCache(ledger).get_many("m", ["a", "c"])
+        assert durable.asked == ["a", "missing"]
+        assert tiered.get_many("m", ["a"]) and durable.asked == ["a", "missing"], "a read fills the front"
+        assert tiered.get_many("other-model", ["a"]) == {}
+    finally:
+        ledger.close()
 
 
 # OpenAIEmbedder against a real HTTP server.

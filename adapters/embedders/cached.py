@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import structlog
 
 from coordinator.errors import PermanentEmbedError
@@ -116,6 +117,56 @@ class MemoryEmbeddingCache:
                 self._entries.move_to_end((model_id, h))
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+
+
+class TieredEmbeddingCache:
+    """A bounded in-memory front over a durable cache (the ledger's table).
+
+    A (model, hash) key names one vector forever, so the front is never stale. The apply path
+    reads every vector twice in a row (to prepare the intent, then to write the vector index)
+    and the front answers the second read without a database round trip. Vectors are kept as
+    float32, exactly as the durable cache stores and returns them, so a vector is the same
+    whichever tier answers.
+    """
+
+    def __init__(self, durable: EmbeddingCache, *, front_entries_max: int) -> None:
+        if front_entries_max < 1:
+            raise ValueError("front_entries_max must be at least 1")
+        self.durable = durable
+        self.front_entries_max = front_entries_max
+        self._front: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, model_id: str, hashes: Iterable[str]) -> dict[str, list[float]]:
+        wanted = list(dict.fromkeys(hashes))
+        found: dict[str, list[float]] = {}
+        with self._lock:
+            for h in wanted:
+                vector = self._front.get((model_id, h))
+                if vector is not None:
+                    self._front.move_to_end((model_id, h))
+                    found[h] = vector.tolist()
+        rest = [h for h in wanted if h not in found]
+        if rest:
+            stored = self.durable.get_many(model_id, rest)
+            self._remember(model_id, stored)
+            found.update(stored)
+        return found
+
+    def put_many(self, model_id: str, vectors: Mapping[str, Vector]) -> None:
+        self.durable.put_many(model_id, vectors)
+        self._remember(model_id, vectors)
+
+    def __len__(self) -> int:
+        return len(self._front)
+
+    def _remember(self, model_id: str, vectors: Mapping[str, Vector]) -> None:
+        with self._lock:
+            for h, vector in vectors.items():
+                self._front[(model_id, h)] = np.asarray(vector, dtype=np.float32)
+                self._front.move_to_end((model_id, h))
+            while len(self._front) > self.front_entries_max:
+                self._front.popitem(last=False)
 
 
 def _distinct_texts(items: Sequence[tuple[str, str]]) -> dict[str, str]:
