@@ -50,6 +50,12 @@ DEFAULT_LIVE_SHARE = 0.2
 DEFAULT_SEED = 7
 OLD_DIM, NEW_DIM = 384, 256
 PARA_CHARS = 800
+# Documents per load request on every path (sync, run, the rebuild's backfill): 2,500 chunk rows
+# per _bulk. The OpenSearch-API server (osmem-server 0.1.6) overwrites documents that reached it
+# in requests of 1,000 rows or fewer at ~0.5 s per document (20 random overwrites: ~10 s on an
+# index loaded in 400- or 1,000-row requests, 0.01-0.04 s on one loaded in 2,500-row requests),
+# and every live edit is an overwrite; real OpenSearch has no such cliff.
+LOAD_BATCH_DOCS = 1250
 # Edits appended before the rebuild starts, to measure the freshness lag without it.
 BASELINE_S = 15.0
 APPEND_TICK_S = 0.05
@@ -110,9 +116,9 @@ class Install:
             "vector": {"uri": self.uri, "collection": f"rb_{self.name}"},
             "ledger": {"kind": "sqlite", "path": str(self.ledger)},
             "embedder": {"kind": "hashing", "dim": self.dim},
-            "sync": {"batch_events": 500},
-            "rebuild": {"batch_docs": 200},
-            "run": {"shards": 2, "http_port": self.port, "audit_interval_s": 0},
+            "sync": {"batch_events": LOAD_BATCH_DOCS},
+            "rebuild": {"batch_docs": LOAD_BATCH_DOCS},
+            "run": {"shards": 2, "http_port": self.port, "audit_interval_s": 0, "batch_docs_max": LOAD_BATCH_DOCS},
         }
         self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
 
