@@ -126,6 +126,18 @@ class ListableSource(Protocol):
 
 
 @runtime_checkable
+class FetchableSource(Protocol):
+    """A listable source that also reads chosen documents (a generation snapshot): a probe then
+    reads only the documents it looks at instead of listing the whole source."""
+
+    def iter_current(self) -> Iterator[SourceDoc | BadRecord]: ...
+
+    def get_current(self, doc_ids: Sequence[str]) -> Iterator[SourceDoc | BadRecord]:
+        """The live ones among ``doc_ids``, as ``iter_current`` would list them."""
+        ...
+
+
+@runtime_checkable
 class ChangedDocs(Protocol):
     """The ledger read behind ``--since``."""
 
@@ -656,6 +668,9 @@ class Auditor:
         return [Observed.of(c) for c in chunks if wanted(doc_of(c.chunk_id))]
 
     def _source_docs(self, wanted: set[str]) -> dict[str, SourceDoc]:
+        if isinstance(self.source, FetchableSource):
+            fetched = self.source.get_current(sorted(wanted))
+            return {d.doc_id: d for d in fetched if not isinstance(d, BadRecord) and d.doc_id in wanted}
         return {d.doc_id: d for d in self._listed() if d.doc_id in wanted}
 
     def _probe_batch(

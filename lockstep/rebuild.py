@@ -75,6 +75,8 @@ VALIDATE_SETTLE_S = 2.0
 # The live service writes the new generation too: documents it holds an intent for are set
 # aside and read again after this pause.
 CONFLICT_PAUSE_S = 0.2
+# Documents whose texts one read of generation N's keyword index fetches (a snapshot read).
+SNAPSHOT_READ_DOCS = 200
 # Passes over the documents a backfill set aside because a live write of them was in flight.
 DEFERRED_PASSES_MAX = 50
 
@@ -142,7 +144,14 @@ class GenerationSnapshot:
         self._unreadable = unreadable
 
     def iter_current(self) -> Iterator[_Doc]:
-        for batch in _batched(self._reader.ledger.iter_docs(), 200):
+        yield from self._docs(self._reader.ledger.iter_docs())
+
+    def get_current(self, doc_ids: Sequence[str]) -> Iterator[_Doc]:
+        """Only these documents: a recheck of a few must not read all of generation N again."""
+        yield from self._docs(iter(self._reader.ledger.get_docs(doc_ids).values()))
+
+    def _docs(self, states: Iterator[DocState]) -> Iterator[_Doc]:
+        for batch in _batched(states, SNAPSHOT_READ_DOCS):
             for event in snapshot_events(batch, self._reader, self._unreadable):
                 if event.op is Op.UPSERT:
                     yield _Doc(event.doc_id, event.version, event.text or "", dict(event.metadata))

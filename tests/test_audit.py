@@ -14,8 +14,8 @@ import random
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +361,47 @@ def test_sample_and_since_probe_documents_by_id(embedded: Settings) -> None:
         assert _counts(everything) == {"keyword": {"orphan": 1}, "cross_index": 1}
         assert auditor.since(0.0).report.documents_checked == DOCS
         assert auditor.since(4e9).report.documents_checked == 0
+
+
+@dataclass(frozen=True)
+class _SourceDoc:
+    doc_id: str
+    version: int
+    text: str
+    metadata: dict[str, Any]
+
+
+class _FetchOnly:
+    """A source that reads chosen documents; listing it all fails the test."""
+
+    def __init__(self, docs: dict[str, _SourceDoc]) -> None:
+        self.docs = docs
+        self.fetched: list[list[str]] = []
+
+    def iter_current(self) -> Iterator[_SourceDoc]:
+        raise AssertionError("a probe listed the whole source")
+
+    def get_current(self, doc_ids: Sequence[str]) -> Iterator[_SourceDoc]:
+        self.fetched.append(list(doc_ids))
+        return iter([self.docs[d] for d in doc_ids if d in self.docs])
+
+
+def test_a_recheck_reads_only_its_documents_from_a_source_that_can_fetch_them(embedded: Settings) -> None:
+    """A generation snapshot (the rebuild's reference) answers a recheck of a few documents
+    without being listed whole, and what it answers is compared: a text changed at the source
+    is stale in both indexes, a document the source lacks is a ghost."""
+    _loaded(embedded)
+    docs = {f"d{i}": _SourceDoc(f"d{i}", 1, _text(f"d{i}", 1), {"d": f"d{i}"}) for i in range(DOCS)}
+    docs["d1"] = _SourceDoc("d1", 2, "rewritten at the source", {"d": "d1"})
+    del docs["d2"]
+    source = _FetchOnly(docs)
+    with runtime(embedded) as rt:
+        auditor = Auditor(ledger=rt.ledger, keyword=rt.keyword, vector=rt.vector, source=source,
+                          chunking=embedded.chunking.to_domain(), reference_name="snapshot")
+        result = auditor.recheck(["d1", "d2", "d3"])
+    assert source.fetched == [["d1", "d2", "d3"]]
+    assert result.report.documents_checked == 3
+    assert {f.doc_id for f in result.findings} == {"d1", "d2"}, result.report.as_json()
 
 
 def test_doc_evidence_shows_a_forgotten_document_everywhere(embedded: Settings) -> None:
