@@ -70,8 +70,11 @@ log = structlog.get_logger(__name__)
 VALIDATE_REPAIR_OPS_PER_S = 5000.0
 # Audit-and-repair rounds before the rebuild gives up on a generation that will not come clean.
 VALIDATE_ROUNDS_MAX = 5
-# Between rounds, live writes in flight get this long to reach both generations.
+# Between rounds, live writes in flight get at least VALIDATE_SETTLE_S to reach both
+# generations, and, while one of the documents to recheck still has an intent prepared in either
+# generation, up to VALIDATE_SETTLE_MAX_S (polled every VALIDATE_SETTLE_S).
 VALIDATE_SETTLE_S = 2.0
+VALIDATE_SETTLE_MAX_S = 120.0
 # The live service writes the new generation too: documents it holds an intent for are set
 # aside and read again after this pause.
 CONFLICT_PAUSE_S = 0.2
@@ -353,7 +356,7 @@ class Rebuild:
                 log.warning("new generation differs from its reference", generation=gen.number, counts=counts)
                 docs = sorted({f.doc_id for f in result.findings})
                 self._repair(result, reader, target, exact=exact, unreadable=report.unreadable_docs)
-                time.sleep(VALIDATE_SETTLE_S)
+                self._settle(docs, reader, target)
                 result = auditor.recheck(docs)
                 if not result.report.clean and not any(has_ledger_drift(v) for v in result.views.values()):
                     # Only index-level findings are left: the reconciler's repairs (from the
@@ -375,6 +378,22 @@ class Rebuild:
                 f"generation {gen.number} is still not clean after {VALIDATE_ROUNDS_MAX} rounds of repair; "
                 "not swapping (see the audit rounds in the report)"
             )
+
+    @staticmethod
+    def _settle(doc_ids: Sequence[str], reader: _Reader, target: GenerationParts) -> None:
+        """Wait until no live write of these documents is in flight in either generation (its
+        intent prepared but not committed): such a document is on its way, not drift, and a
+        recheck made before it lands would only find it again."""
+        wanted = set(doc_ids)
+        deadline = time.monotonic() + VALIDATE_SETTLE_MAX_S
+        while True:
+            time.sleep(VALIDATE_SETTLE_S)
+            busy = {i.doc_id for ledger in (reader.ledger, target.ledger) for i in ledger.pending()} & wanted
+            if not busy or time.monotonic() >= deadline:
+                if busy:
+                    log.warning("documents still in flight after the settle limit; rechecking anyway",
+                                docs=len(busy), limit_s=VALIDATE_SETTLE_MAX_S)
+                return
 
     def _repair(
         self, result: AuditResult, reader: _Reader, target: GenerationParts, *, exact: bool, unreadable: list[str]
