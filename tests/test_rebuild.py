@@ -512,3 +512,41 @@ def test_generations_on_the_postgres_ledger_share_leases_checkpoints_and_cache_w
         left = conn.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (g2,)).fetchone()
     assert left is None
     _check_generation(config, 1, final)
+
+
+def test_validation_waits_for_a_rechecked_documents_live_write_to_land(tmp_path: Path) -> None:
+    """A document whose live write is prepared in a generation is on its way: the settle before
+    a recheck waits for its commit (here 1.5 pauses later, so one fixed pause would not do)
+    instead of rechecking it mid-flight."""
+    from types import SimpleNamespace
+
+    from adapters.ledger.sqlite import SqliteLedger
+    from coordinator.apply import SIDES
+    from coordinator.events import ChangeEvent, Op
+    from coordinator.planner import plan
+    from lockstep.rebuild import VALIDATE_SETTLE_S
+
+    home, new = SqliteLedger(tmp_path / "home.db"), SqliteLedger(tmp_path / "g2.db")
+    try:
+        intent = plan(ChangeEvent(Op.UPSERT, "d1", 3, "in flight", {}), None, ChunkingSettings()).to_intent()
+        new.prepare([intent])
+        landed = threading.Event()
+
+        def land() -> None:
+            time.sleep(1.5 * VALIDATE_SETTLE_S)
+            keys = [("d1", 3)]
+            new.mark_done("keyword", keys)
+            new.mark_done("vector", keys)
+            new.commit(keys, SIDES)
+            landed.set()
+
+        writer = threading.Thread(target=land)
+        writer.start()
+        started = time.monotonic()
+        Rebuild._settle(["d1", "d2"], SimpleNamespace(ledger=home), SimpleNamespace(ledger=new))  # type: ignore[arg-type]
+        assert landed.is_set(), "the settle returned while the live write was still in flight"
+        assert time.monotonic() - started < 30
+        writer.join()
+    finally:
+        home.close()
+        new.close()
