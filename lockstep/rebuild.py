@@ -71,8 +71,9 @@ VALIDATE_REPAIR_OPS_PER_S = 5000.0
 # Audit-and-repair rounds before the rebuild gives up on a generation that will not come clean.
 VALIDATE_ROUNDS_MAX = 5
 # Between rounds, live writes in flight get at least VALIDATE_SETTLE_S to reach both
-# generations, and, while one of the documents to recheck still has an intent prepared in either
-# generation, up to VALIDATE_SETTLE_MAX_S (polled every VALIDATE_SETTLE_S).
+# generations, and, while a write of a document to recheck that was in flight when the round
+# ended is still prepared in either generation, up to VALIDATE_SETTLE_MAX_S (polled every
+# VALIDATE_SETTLE_S).
 VALIDATE_SETTLE_S = 2.0
 VALIDATE_SETTLE_MAX_S = 120.0
 # The live service writes the new generation too: documents it holds an intent for are set
@@ -381,18 +382,31 @@ class Rebuild:
 
     @staticmethod
     def _settle(doc_ids: Sequence[str], reader: _Reader, target: GenerationParts) -> None:
-        """Wait until no live write of these documents is in flight in either generation (its
-        intent prepared but not committed): such a document is on its way, not drift, and a
-        recheck made before it lands would only find it again."""
+        """Wait until the live writes of these documents that are in flight now (an intent
+        prepared but not committed, in either generation) have landed: such a document is on its
+        way, not drift, and a recheck made before it lands would only find it again. Only the
+        writes in flight now are waited for (a document edited again meanwhile must not hold the
+        settle up), for at least VALIDATE_SETTLE_S and at most VALIDATE_SETTLE_MAX_S."""
         wanted = set(doc_ids)
+
+        def in_flight() -> set[tuple[str, int]]:
+            return {
+                (i.doc_id, i.version)
+                for ledger in (reader.ledger, target.ledger)
+                for i in ledger.pending()
+                if i.doc_id in wanted
+            }
+
+        waiting = in_flight()
         deadline = time.monotonic() + VALIDATE_SETTLE_MAX_S
         while True:
             time.sleep(VALIDATE_SETTLE_S)
-            busy = {i.doc_id for ledger in (reader.ledger, target.ledger) for i in ledger.pending()} & wanted
-            if not busy or time.monotonic() >= deadline:
-                if busy:
-                    log.warning("documents still in flight after the settle limit; rechecking anyway",
-                                docs=len(busy), limit_s=VALIDATE_SETTLE_MAX_S)
+            waiting &= in_flight()
+            if not waiting:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("live writes still in flight after the settle limit; rechecking anyway",
+                            docs=len(waiting), limit_s=VALIDATE_SETTLE_MAX_S)
                 return
 
     def _repair(

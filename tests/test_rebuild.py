@@ -517,7 +517,8 @@ def test_generations_on_the_postgres_ledger_share_leases_checkpoints_and_cache_w
 def test_validation_waits_for_a_rechecked_documents_live_write_to_land(tmp_path: Path) -> None:
     """A document whose live write is prepared in a generation is on its way: the settle before
     a recheck waits for its commit (here 1.5 pauses later, so one fixed pause would not do)
-    instead of rechecking it mid-flight."""
+    instead of rechecking it mid-flight; a newer edit of the same document, started meanwhile,
+    does not hold the settle up (documents edited continuously would never settle)."""
     from types import SimpleNamespace
 
     from adapters.ledger.sqlite import SqliteLedger
@@ -539,14 +540,18 @@ def test_validation_waits_for_a_rechecked_documents_live_write_to_land(tmp_path:
             new.mark_done("vector", keys)
             new.commit(keys, SIDES)
             landed.set()
+            newer = plan(ChangeEvent(Op.UPSERT, "d1", 4, "edited again", {}), new.get_docs(["d1"])["d1"],
+                         ChunkingSettings()).to_intent()
+            new.prepare([newer])
 
         writer = threading.Thread(target=land)
         writer.start()
         started = time.monotonic()
         Rebuild._settle(["d1", "d2"], SimpleNamespace(ledger=home), SimpleNamespace(ledger=new))  # type: ignore[arg-type]
         assert landed.is_set(), "the settle returned while the live write was still in flight"
-        assert time.monotonic() - started < 30
         writer.join()
+        assert time.monotonic() - started < 30, "the newer edit held the settle up"
+        assert [(i.doc_id, i.version) for i in new.pending()] == [("d1", 4)]
     finally:
         home.close()
         new.close()
