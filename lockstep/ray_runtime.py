@@ -37,7 +37,6 @@ from coordinator.multi_apply import MultiEngine
 from coordinator.ports import ChunkIndex
 from coordinator.routing import shard_of
 from coordinator.shard import Backoff, Envelope, ShardStatus, ShardWorker
-from coordinator.write_merge import WRITE_METHODS, MergingWriter
 from lockstep.bootstrap import build_embedder, build_embedding_cache, build_keyword, build_ledger
 from lockstep.generations import generation_embedder_settings, generation_ledger, generation_settings
 from lockstep.logging import configure_logging
@@ -58,13 +57,6 @@ IDLE_SLEEP_S = 0.01
 LEASE_RETRY_S = 1.0
 # Threads per actor: the apply loop plus concurrent offer/drain/status calls.
 ACTOR_CONCURRENCY = 4
-# Threads of an index writer beyond one per shard (a shard has at most one call per index
-# outstanding): the continuous audit's reads, and a spare.
-WRITER_EXTRA_THREADS = 2
-# Items one merged index write may carry (shards' batches queued behind a write leave together,
-# see coordinator/write_merge.py): a few shards' batches, and few enough that one request stays
-# well under a second of store time, which freshness waits on. The adapters split further.
-WRITE_MERGE_ITEMS_MAX = 2_000
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> None:
@@ -100,15 +92,9 @@ def _call(ref: Any, timeout_s: float, what: str) -> Any:
         raise TransientStoreError(f"{what}: {exc}", store=what) from exc
 
 
-@ray.remote
+@ray.remote(max_concurrency=1)
 class IndexWriterActor:
-    """Owns one side's index client; every write to that index goes through here.
-
-    Threaded (``ShardCluster`` sets its concurrency to the shard count and a spare): writes that
-    arrive while another is being sent wait and then leave together as one store request
-    (``MergingWriter``: fewer, larger ``_bulk``/upsert requests, each caller still gets its own
-    items' results); one lock keeps every index call, reads included, one at a time, as a
-    single-threaded writer did."""
+    """Owns one side's index client; every write to that index goes through here."""
 
     def __init__(self, side: str, generations: list[WriterTarget], log_level: str) -> None:
         """One client per live generation (its physical index names), all in this one process:
@@ -123,8 +109,6 @@ class IndexWriterActor:
         self.side = side
         self.targets = {t.number: t for t in generations}
         self.indexes: dict[int, ChunkIndex] = {}
-        self._writers: dict[int, MergingWriter] = {}
-        self._lock = threading.Lock()
         for number in self.targets:
             try:
                 self._index(number)
@@ -133,48 +117,29 @@ class IndexWriterActor:
                             generation=number, error=str(exc), error_type=type(exc).__name__)
 
     def _index(self, number: int) -> ChunkIndex:
-        with self._lock:
-            index = self.indexes.get(number)
-            if index is None:
-                index = self._build(number)
-                self.indexes[number] = index
-                self._writers[number] = MergingWriter(index, items_max=WRITE_MERGE_ITEMS_MAX, lock=self._lock)
-            return index
-
-    def _build(self, number: int) -> ChunkIndex:
-        target = self.targets[number]
-        index = (
-            build_keyword(target.settings.keyword)
-            if self.side == KEYWORD
-            else MilvusVectorIndex(target.settings.vector, dim=target.dim, model_id=target.model_id)
-        )
-        try:
-            index.ensure()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                index.close()
-            raise
+        index = self.indexes.get(number)
+        if index is None:
+            target = self.targets[number]
+            index = (
+                build_keyword(target.settings.keyword)
+                if self.side == KEYWORD
+                else MilvusVectorIndex(target.settings.vector, dim=target.dim, model_id=target.model_id)
+            )
+            try:
+                index.ensure()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    index.close()
+                raise
+            self.indexes[number] = index
         return index
 
-    def ready(self) -> list[int]:
-        """Answers once the constructor is done: the generations whose client is built."""
-        with self._lock:
-            return sorted(self.indexes)
-
     def call(self, generation: int, method: str, *args: Any) -> Any:
-        index = self._index(generation)
-        if method in WRITE_METHODS:
-            return self._writers[generation].write(method, *args)
-        with self._lock:
-            return getattr(index, method)(*args)
+        return getattr(self._index(generation), method)(*args)
 
     def close(self) -> None:
-        for number, writer in self._writers.items():
-            log.info("index writer closing", side=self.side, generation=number,
-                     write_requests=writer.stats.requests, store_calls=writer.stats.calls)
-        with self._lock:
-            for index in self.indexes.values():
-                index.close()
+        for index in self.indexes.values():
+            index.close()
 
 
 @dataclass(frozen=True)
@@ -414,9 +379,7 @@ class ShardCluster:
         self.active = generations[0].number
         targets = [WriterTarget(g.number, generation_settings(settings, g), g.dim, g.model_id) for g in generations]
         self.writers = {
-            side: IndexWriterActor.options(  # type: ignore[attr-defined]
-                max_concurrency=rs.shards + WRITER_EXTRA_THREADS
-            ).remote(side, targets, log_level)
+            side: IndexWriterActor.remote(side, targets, log_level)  # type: ignore[attr-defined]
             for side in (KEYWORD, VECTOR)
         }
         configs = [
@@ -430,10 +393,6 @@ class ShardCluster:
         self.recovered = sum(
             _call([s.ready.remote() for s in self.shards], SHARD_START_TIMEOUT_S, "shard start")
         )
-        # Ray builds actors in the background: wait for the writers' constructors too (they
-        # connect to the stores and ensure the indexes, seconds for a new Milvus collection), so
-        # that the service is ready only when a write can go out at once.
-        _call([w.ready.remote() for w in self.writers.values()], SHARD_START_TIMEOUT_S, "index writer start")
 
     def readers(self) -> tuple[ActorIndex, ActorIndex]:
         """Read access to the active generation's indexes through the writer actors (for the
