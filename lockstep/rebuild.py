@@ -79,6 +79,11 @@ VALIDATE_SETTLE_MAX_S = 120.0
 # The live service writes the new generation too: documents it holds an intent for are set
 # aside and read again after this pause.
 CONFLICT_PAUSE_S = 0.2
+# Validation starts no sooner than this after the rebuild began: a running `lockstep run` needs
+# a poll of the registry (2 s), a drain and an actor restart before it writes the new generation
+# too, and until then its commits reach generation N only; a validation finished earlier could
+# swap to a generation that misses them. A bound, not a handshake (docs/rebuild.md, "Known race").
+LIVE_SWITCH_WAIT_S = 30.0
 # Documents whose texts one read of generation N's keyword index fetches (a snapshot read).
 SNAPSHOT_READ_DOCS = 200
 # Passes over the documents a backfill set aside because a live write of them was in flight.
@@ -248,6 +253,7 @@ class Rebuild:
 
     def run(self, embedder: EmbedderSettings, chunking: ChunkingSettings, *, swap: bool = True,
             progress: Progress = _no_progress) -> RebuildReport:
+        began = time.monotonic()
         gen = self.begin(embedder, chunking)
         act = active(self.registry.all())
         report = RebuildReport(generation=gen.number, previous=act.number, resumed_from=gen.backfill_position)
@@ -261,6 +267,7 @@ class Rebuild:
             if not gen.backfill_done:
                 gen = self._backfill(gen, reader, target, report, progress)
             report.seconds["backfill"] = round(time.monotonic() - started, 3)
+            time.sleep(max(0.0, began + LIVE_SWITCH_WAIT_S - time.monotonic()))
             started = time.monotonic()
             self._validate(gen, reader, target, report)
             report.seconds["validate"] = round(time.monotonic() - started, 3)
