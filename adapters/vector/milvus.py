@@ -61,6 +61,9 @@ from coordinator.model import (
 log = structlog.get_logger(__name__)
 
 STORE = "milvus"
+# A connect refused at once (not timed out) is tried this many times in all, this far apart.
+CONNECT_ATTEMPTS = 3
+CONNECT_RETRY_PAUSE_S = 0.5
 
 # Schema limits. Document IDs are at most 512 bytes (coordinator.events.DOC_ID_BYTES_MAX); a chunk
 # ID adds a separator and an index. VARCHAR lengths are bytes; 1 KiB leaves room for both.
@@ -436,11 +439,29 @@ class MilvusVectorIndex:
     # --- wire helpers ------------------------------------------------------------------------
 
     def _connect(self) -> MilvusClient:
-        """The client, built on first use (so constructing the adapter does no I/O)."""
-        if self._client is None:
-            with _wire("connect"):
-                self._client = _client(self.settings)
-        return self._client
+        """The client, built on first use (so constructing the adapter does no I/O).
+
+        A connect refused at once with a transient status is tried again (CONNECT_ATTEMPTS,
+        CONNECT_RETRY_PAUSE_S apart): gRPC shares one connection between channels to the same
+        address, and a server that has just sent it GOAWAY ("too many pings": milvus-lite's
+        server allows fewer keepalive pings than pymilvus sends) fails the next handshake on it.
+        A connect that used up its timeout is not tried again here; the caller's retry decides.
+        """
+        if self._client is not None:
+            return self._client
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            started = time.monotonic()
+            try:
+                with _wire("connect"):
+                    self._client = _client(self.settings)
+                return self._client
+            except TransientStoreError as exc:
+                fast = time.monotonic() - started < self.settings.connect_timeout_s / 2
+                if attempt == CONNECT_ATTEMPTS or not fast:
+                    raise
+                self._log.warning("milvus connect refused; trying again", attempt=attempt, error=str(exc))
+                time.sleep(CONNECT_RETRY_PAUSE_S)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _call(self, operation: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call one pymilvus method with the request timeout, translating its errors.

@@ -759,3 +759,47 @@ def test_an_alias_left_dangling_by_a_dropped_collection_is_pointed_again(backend
         second.drop()
         first.close()
         second.close()
+
+
+def test_a_connect_refused_at_once_is_tried_again_and_a_timed_out_one_is_not(
+    lite_server: LiteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handshake refused with a transient status (as on a connection the server has just sent
+    GOAWAY "too many pings") is retried against the real server; one that used up the connect
+    timeout is reported at once, as a transient error, without a second attempt."""
+    from pymilvus import MilvusException
+
+    from adapters.vector import milvus as milvus_module
+
+    real_client = milvus_module._client
+    calls: list[str] = []
+
+    def refused_once(settings: VectorSettings) -> MilvusClient:
+        calls.append(settings.uri)
+        if len(calls) == 1:
+            raise MilvusException(code=2, message="Fail connecting to server: Too many pings")
+        return real_client(settings)
+
+    monkeypatch.setattr(milvus_module, "_client", refused_once)
+    idx = MilvusVectorIndex(_settings(lite_server.uri), dim=DIM)
+    try:
+        idx.ensure()
+        idx.upsert([_chunk("retry#0")])
+        assert set(idx.get(["retry#0"])) == {"retry#0"}
+        assert len(calls) == 2
+    finally:
+        idx.drop()
+        idx.close()
+
+    slow_calls: list[float] = []
+
+    def timed_out(settings: VectorSettings) -> MilvusClient:
+        slow_calls.append(time.monotonic())
+        time.sleep(settings.connect_timeout_s)
+        raise MilvusException(code=2, message="Fail connecting to server: deadline exceeded")
+
+    monkeypatch.setattr(milvus_module, "_client", timed_out)
+    slow = MilvusVectorIndex(_settings(lite_server.uri, connect_timeout_s=0.2), dim=DIM)
+    with pytest.raises(TransientStoreError, match="connect failed"):
+        slow.ensure()
+    assert len(slow_calls) == 1
