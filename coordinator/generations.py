@@ -134,6 +134,12 @@ def live(generations: Iterable[Generation]) -> list[Generation]:
     return sorted(gens, key=lambda g: (g.state is not GenState.ACTIVE, -g.number))
 
 
+def lagging_writers(writers: Mapping[str, Sequence[int] | None], number: int) -> list[str]:
+    """The live writers whose changes do not reach generation ``number`` yet; a writer still
+    starting (its set not known) is one of them."""
+    return sorted(owner for owner, numbers in writers.items() if numbers is None or number not in numbers)
+
+
 def next_number(generations: Iterable[Generation]) -> int:
     return max((g.number for g in generations), default=0) + 1
 

@@ -232,11 +232,24 @@ class Runtime:
 @contextmanager
 def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_crash) -> Iterator[Runtime]:
     """Build the ledger, then each live generation's indexes, cached embedder and apply engine."""
-    from lockstep.generations import build_parts, config_matches, heal_aliases, load_generations
+    from adapters.ledger.generations import registry_for
+    from lockstep.generations import (
+        WriterAnnouncement,
+        build_parts,
+        config_matches,
+        heal_aliases,
+        load_generations,
+        writer_owner,
+    )
 
     home = build_ledger(settings, crash)
     built: list[GenerationParts] = []
+    writer: WriterAnnouncement | None = None
     try:
+        # Before the registry is read: a rebuild started meanwhile waits for this process
+        # (it writes a fixed set of generations until it ends).
+        writer = WriterAnnouncement(registry_for(home), writer_owner("runtime"))
+        writer.starting()
         configured = build_embedder(settings.embedder)
         _, gens = load_generations(settings, home, configured)
         name = source_name or (settings.source.name if settings.source else "api")
@@ -256,9 +269,13 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
                 config_chunking=settings.chunking.to_domain().fingerprint,
             )
         heal_aliases(settings, gen, active_parts.keyword, active_parts.vector)
+        writer.writing([p.generation.number for p in built])
+        writer.renew_in_background()
     except BaseException:
         for parts in built:
             parts.close(keep_ledger=parts.ledger is home)
+        if writer is not None:
+            writer.withdraw()
         home.close()
         raise
     engines = [p.engine for p in built]
@@ -270,4 +287,5 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
     try:
         yield rt
     finally:
+        writer.withdraw()
         rt.close()

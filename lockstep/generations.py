@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
+from coordinator.errors import LockstepError
 from coordinator.generations import Generation, GenState, check_embedder, physical_names
 from coordinator.ports import Embedder, KeywordIndex
 from lockstep.bootstrap import (
@@ -44,6 +47,74 @@ log = structlog.get_logger(__name__)
 
 # Embedder settings that are secrets: never recorded in the registry, always taken from config.
 _SECRET_EMBEDDER_FIELDS = ("api_key",)
+# A writer's announcement of the generations it writes holds this long unless renewed; a
+# process killed without withdrawing holds a rebuild's validation up at most this long.
+WRITER_TTL_S = 30.0
+# A running writer renews its announcement this often (well inside WRITER_TTL_S).
+WRITER_RENEW_S = 2.0
+
+
+class WriterAnnouncement:
+    """This process's row among the generations' writers (adapters/ledger/generations.py).
+
+    ``starting()`` comes before the process reads the registry, so a rebuild that registered a
+    generation a moment earlier never mistakes it for a writer of the old set only; ``writing()``
+    comes once every write it makes reaches ``numbers``; ``renew()`` keeps the row alive (a
+    thread does it for one-shot commands, the service's loop for ``lockstep run``).
+    """
+
+    def __init__(self, registry: GenerationRegistry, owner: str) -> None:
+        self.registry = registry
+        self.owner = owner
+        self.numbers: list[int] | None = None
+        self._renewed_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def starting(self) -> None:
+        self.numbers = None
+        self._announce()
+
+    def writing(self, numbers: list[int]) -> None:
+        self.numbers = sorted(numbers)
+        self._announce()
+        log.info("writing generations", owner=self.owner, generations=self.numbers)
+
+    def renew(self) -> None:
+        """Announce again if WRITER_RENEW_S has passed; a failure is logged, not raised (the row
+        expires and a rebuild waits for it, which is the safe side)."""
+        if time.monotonic() - self._renewed_at < WRITER_RENEW_S:
+            return
+        try:
+            self._announce()
+        except LockstepError as exc:
+            log.warning("cannot renew this writer's announcement", owner=self.owner, error=str(exc))
+
+    def renew_in_background(self) -> None:
+        self._thread = threading.Thread(target=self._renew_loop, name="writer-announcement", daemon=True)
+        self._thread.start()
+
+    def withdraw(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=WRITER_RENEW_S * 2)
+        try:
+            self.registry.withdraw(self.owner)
+        except LockstepError as exc:  # the row expires after WRITER_TTL_S
+            log.warning("cannot withdraw this writer's announcement", owner=self.owner, error=str(exc))
+
+    def _announce(self) -> None:
+        self._renewed_at = time.monotonic()
+        self.registry.announce(self.owner, self.numbers, WRITER_TTL_S)
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(WRITER_RENEW_S):
+            self.renew()
+
+
+def writer_owner(kind: str) -> str:
+    """A name unique to this process and use: host, pid and a random suffix."""
+    return f"{os.uname().nodename}#{os.getpid()}-{kind}-{uuid.uuid4().hex[:6]}"
 
 
 def keyword_alias(settings: Settings) -> str:

@@ -39,6 +39,7 @@ from coordinator.generations import (
     active,
     building,
     expired,
+    lagging_writers,
     next_number,
     reassemble,
     rollback_target,
@@ -79,11 +80,13 @@ VALIDATE_SETTLE_MAX_S = 120.0
 # The live service writes the new generation too: documents it holds an intent for are set
 # aside and read again after this pause.
 CONFLICT_PAUSE_S = 0.2
-# Validation starts no sooner than this after the rebuild began: a running `lockstep run` needs
-# a poll of the registry (2 s), a drain and an actor restart before it writes the new generation
-# too, and until then its commits reach generation N only; a validation finished earlier could
-# swap to a generation that misses them. A bound, not a handshake (docs/rebuild.md, "Known race").
-LIVE_SWITCH_WAIT_S = 30.0
+# Validation starts only once every live writer (a `lockstep run`, a one-shot command) reports
+# writing the new generation too: until then its commits reach generation N only, and a
+# validation that read the source before them could swap to a generation that misses them
+# (docs/rebuild.md, "Live writers"). Polled this often, for at most this long; then the rebuild
+# stops, resumable, naming the writers it waited for.
+WRITERS_POLL_S = 0.5
+WRITERS_WAIT_MAX_S = 600.0
 # Documents whose texts one read of generation N's keyword index fetches (a snapshot read).
 SNAPSHOT_READ_DOCS = 200
 # Passes over the documents a backfill set aside because a live write of them was in flight.
@@ -110,6 +113,7 @@ class RebuildReport:
     query_overlap: dict[str, Any] = field(default_factory=dict)
     swap: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    live_writers: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +130,7 @@ class RebuildReport:
             "query_overlap": self.query_overlap,
             "swap": self.swap,
             "seconds": self.seconds,
+            "live_writers": self.live_writers,
         }
 
 
@@ -253,7 +258,6 @@ class Rebuild:
 
     def run(self, embedder: EmbedderSettings, chunking: ChunkingSettings, *, swap: bool = True,
             progress: Progress = _no_progress) -> RebuildReport:
-        began = time.monotonic()
         gen = self.begin(embedder, chunking)
         act = active(self.registry.all())
         report = RebuildReport(generation=gen.number, previous=act.number, resumed_from=gen.backfill_position)
@@ -267,7 +271,9 @@ class Rebuild:
             if not gen.backfill_done:
                 gen = self._backfill(gen, reader, target, report, progress)
             report.seconds["backfill"] = round(time.monotonic() - started, 3)
-            time.sleep(max(0.0, began + LIVE_SWITCH_WAIT_S - time.monotonic()))
+            started = time.monotonic()
+            report.live_writers = self._await_writers(gen)
+            report.seconds["writers_switch"] = round(time.monotonic() - started, 3)
             started = time.monotonic()
             self._validate(gen, reader, target, report)
             report.seconds["validate"] = round(time.monotonic() - started, 3)
@@ -281,6 +287,28 @@ class Rebuild:
             target.close(keep_ledger=target.ledger is self.home)
             reader.close(self.home)
         return report
+
+    def _await_writers(self, gen: Generation) -> list[str]:
+        """Wait until every live writer writes ``gen`` too; the writers seen, for the report."""
+        deadline = time.monotonic() + WRITERS_WAIT_MAX_S
+        logged: list[str] | None = None
+        while True:
+            writers = self.registry.writers()
+            lagging = lagging_writers(writers, gen.number)
+            if not lagging:
+                log.info("every live writer writes the new generation", generation=gen.number, writers=sorted(writers))
+                return sorted(writers)
+            if time.monotonic() >= deadline:
+                raise LockstepError(
+                    f"after {WRITERS_WAIT_MAX_S:.0f} s these writers still do not write generation {gen.number}: "
+                    f"{', '.join(lagging)}; a `lockstep run` switches within seconds of a rebuild starting, a "
+                    "one-shot command (sync, reconcile) writes its first set until it ends. Run the rebuild "
+                    "again once they have: it resumes"
+                )
+            if lagging != logged:
+                log.info("waiting for live writers to write the new generation", generation=gen.number, lagging=lagging)
+                logged = lagging
+            time.sleep(WRITERS_POLL_S)
 
     def _source_name(self) -> str:
         return self.settings.source.name if self.settings.source else "api"

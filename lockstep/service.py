@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from adapters.ledger.generations import registry_for
 from adapters.sources.webhook import WebhookSource
 from coordinator import crashpoints
 from coordinator.audit import Auditor
@@ -32,7 +33,7 @@ from coordinator.routing import shard_of
 from coordinator.shard import Envelope, ShardStatus
 from coordinator.watermark import LowWatermark
 from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
-from lockstep.generations import generation_ledger, load_generations
+from lockstep.generations import WriterAnnouncement, generation_ledger, load_generations
 from lockstep.metrics import Metrics
 from lockstep.ops_http import EventsEndpoint, OpsServer
 from lockstep.ray_runtime import ShardCluster, kill_service, start_ray, stop_ray
@@ -111,6 +112,10 @@ class Service:
         # After ray.init, which installs handlers of its own that would kill the driver at once.
         self._install_signals()
         ledger = self.ledger = build_ledger(self.settings)
+        # Announced before the registry is read: a rebuild registering a generation meanwhile
+        # waits for this service to report writing it (docs/rebuild.md, "Live writers").
+        self.writer = WriterAnnouncement(registry_for(ledger), self.owner)
+        self.writer.starting()
         self.registry, gens = load_generations(self.settings, ledger, lambda: build_embedder(self.settings.embedder))
         self.generations = live(gens)
         active_ledger = ledger if self.generations[0].number == 1 else generation_ledger(
@@ -128,6 +133,7 @@ class Service:
         finally:
             self._stop_audit()
             self.cluster.stop()
+            self.writer.withdraw()
             source.close()
             if active_ledger is not ledger:
                 active_ledger.close()
@@ -162,6 +168,8 @@ class Service:
             crash_at=(self.crash_at, os.getpid()) if self.crash_at else None,
             log_level=self.log_level,
         )
+        # Every record offered from now on goes to actors that write this set.
+        self.writer.writing([g.number for g in self.generations])
         log.info("shards ready", shards=self.rs.shards, recovered_intents=cluster.recovered,
                  generations=[g.number for g in self.generations])
         return cluster
@@ -170,6 +178,7 @@ class Service:
         """Restart the shard actors when the set of live generations changed (a rebuild started,
         a swap, a rollback, a gc): wait until every record read so far is committed, then build
         actors that write the new set. The reader keeps filling its bounded queue meanwhile."""
+        self.writer.renew()
         now = time.monotonic()
         if now - self._generations_at < GENERATIONS_POLL_S:
             return
@@ -187,6 +196,7 @@ class Service:
             self._offer(self.cluster)
             self._drain(self.cluster)
             self._checkpoint(self._source)
+            self.writer.renew()  # still writing the old set until the switch
             time.sleep(TICK_S)
         if self.watermark.outstanding:
             return

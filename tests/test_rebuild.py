@@ -22,6 +22,7 @@ from milvus_lite.server_manager import server_manager_instance
 from pymilvus import MilvusClient
 
 from adapters.keyword.tantivy_index import alias_target as tantivy_alias_target
+from adapters.ledger.generations import registry_for
 from adapters.vector.milvus import MilvusVectorIndex
 from chaos.servers import free_port
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
@@ -369,8 +370,9 @@ def test_a_live_rebuild_never_fails_a_query_and_ends_equal_to_the_source(
         assert list(targets) == [f"{name}-g2"]
         _check_generation(config, 1, final)  # the standby generation was kept in step
         # The running service noticed generation 2 and wrote both generations through the
-        # two-phase path (it does not restart for anything else).
+        # two-phase path (it does not restart for anything else), and validation waited for it.
         assert "switching shard actors" in (tmp_path / "run.log").read_text()
+        assert [w for w in report["live_writers"] if f"#{service.pid}-" in w], report["live_writers"]
 
         rolled = _report(_lockstep("rebuild", "-c", str(config), "--rollback"))
         assert rolled["rollback"]["generation"] == 1
@@ -386,6 +388,75 @@ def test_a_live_rebuild_never_fails_a_query_and_ends_equal_to_the_source(
         except subprocess.TimeoutExpired:
             os.killpg(service.pid, signal.SIGKILL)
             service.wait()
+    home = build_ledger(load_settings(config))
+    try:
+        assert registry_for(home).writers() == {}, "the stopped service withdrew its announcement"
+    finally:
+        home.close()
+
+
+def test_validation_waits_until_every_live_writer_writes_the_new_generation(
+    tmp_path: Path, opensearch_api_url: str, lite_server: Any
+) -> None:
+    """A writer still writing generation 1 only (a service that has not switched yet) holds
+    validation: a commit it makes to generation 1 meanwhile reaches generation 2 before the
+    swap. Without the wait, validation would have read generation 1 before that commit."""
+    from coordinator.events import ChangeEvent, Op
+    from lockstep.generations import WRITER_TTL_S
+
+    name = f"rb-wait-{uuid.uuid4().hex[:6]}"
+    config = _config(
+        tmp_path,
+        keyword={"kind": "opensearch", "url": opensearch_api_url, "index": name},
+        vector={"uri": lite_server.uri, "collection": name.replace("-", "_")},
+    )
+    final = _write_history(tmp_path, 30)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    settings = load_settings(config)
+    rebuild = Rebuild(settings)
+    registry = rebuild.registry
+    registry.announce("old-service", [1], WRITER_TTL_S)  # running, switched to nothing yet
+    backfilled = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def progress(done: int, total: int) -> None:
+        if done and done == total:
+            backfilled.set()
+
+    def run() -> None:
+        try:
+            outcome["report"] = rebuild.run(settings.embedder, ChunkingSettings(70), progress=progress)
+        except BaseException as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    held_s = 4.0
+    try:
+        assert backfilled.wait(timeout=120), outcome
+        time.sleep(held_s / 2)
+        gen1 = next(g for g in registry.all() if g.number == 1)
+        old_side = build_parts(settings, gen1, rebuild.home, source_name="events")
+        edit = ChangeEvent(Op.UPSERT, "doc-004", 40, _text(4, 40), {"team": "late"})
+        old_side.engine.apply([edit])  # the old service commits to generation 1 only
+        old_side.close(keep_ledger=True)
+        final["doc-004"] = {"text": edit.text}
+        time.sleep(held_s / 2)
+        assert thread.is_alive() and outcome == {}, outcome
+        assert next(g for g in registry.all() if g.number == 2).state.value == "building", "swapped too early"
+        registry.announce("old-service", [1, 2], WRITER_TTL_S)  # it switched
+        thread.join(timeout=300)
+    finally:
+        registry.withdraw("old-service")
+        thread.join(timeout=300)
+        rebuild.close()
+    server_manager_instance.release_server(settings.vector.uri)
+    assert "error" not in outcome, outcome
+    report = outcome["report"]
+    assert report.live_writers == ["old-service"]
+    assert report.seconds["writers_switch"] >= held_s / 2
+    assert report.audit_rounds[-1]["clean"] is True and report.swap is not None
+    _check_generation(config, 2, final)
 
 
 def _generation_equals(config: Path, number: int, final: dict[str, dict[str, Any] | None]) -> bool:

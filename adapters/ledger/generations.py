@@ -3,6 +3,10 @@
 One row per generation: its number, its state, and the whole record as JSON. Every change of
 several rows (a swap, a rollback) is one transaction, so a crash never leaves two active
 generations or none.
+
+Beside it, one row per process that applies live changes (``lockstep run``, ``lockstep sync``…):
+which generations its writes reach right now, until when the claim holds (renewed while it runs).
+A rebuild validates its new generation only once every writer reports writing it too.
 """
 
 from __future__ import annotations
@@ -25,6 +29,27 @@ CREATE TABLE IF NOT EXISTS generations (
 )
 """
 
+# generations: a JSON list of numbers; NULL while the writer is starting (it has not yet read
+# the registry, so it may be about to write any set).
+_WRITERS_TABLE = """
+CREATE TABLE IF NOT EXISTS generation_writers (
+    owner TEXT PRIMARY KEY,
+    generations TEXT,
+    expires_at {real} NOT NULL
+)
+"""
+
+# Writer -> the generation numbers its writes reach (None: starting, not known yet).
+Writers = dict[str, tuple[int, ...] | None]
+
+
+def _encode(numbers: Sequence[int] | None) -> str | None:
+    return None if numbers is None else json.dumps(sorted(numbers))
+
+
+def _decode(rows: Sequence[Sequence[object]]) -> Writers:
+    return {str(r[0]): None if r[1] is None else tuple(json.loads(str(r[1]))) for r in rows}
+
 
 class GenerationRegistry(Protocol):
     def all(self) -> list[Generation]: ...
@@ -35,12 +60,23 @@ class GenerationRegistry(Protocol):
     def put_if_empty(self, generation: Generation) -> bool:
         """Record the first generation unless the registry already holds one; True if written."""
 
+    def announce(self, owner: str, generations: Sequence[int] | None, ttl_s: float) -> None:
+        """Record that ``owner``'s writes reach these generations (None: not known yet), for
+        ``ttl_s`` seconds unless announced again."""
+
+    def withdraw(self, owner: str) -> None:
+        """``owner`` stopped writing."""
+
+    def writers(self) -> Writers:
+        """Every writer whose announcement has not expired."""
+
 
 class SqliteGenerations:
     def __init__(self, ledger: SqliteLedger) -> None:
         self._ledger = ledger
         with ledger._tx() as cur:
             cur.execute(_TABLE)
+            cur.execute(_WRITERS_TABLE.format(real="REAL"))
 
     def all(self) -> list[Generation]:
         rows = self._ledger._read("SELECT body FROM generations ORDER BY number")
@@ -64,12 +100,33 @@ class SqliteGenerations:
             )
             return True
 
+    def announce(self, owner: str, generations: Sequence[int] | None, ttl_s: float) -> None:
+        now = self._ledger._clock()
+        with self._ledger._tx() as cur:
+            cur.execute("DELETE FROM generation_writers WHERE expires_at <= ?", (now,))
+            cur.execute(
+                "INSERT INTO generation_writers (owner, generations, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (owner) DO UPDATE SET generations = excluded.generations, expires_at = excluded.expires_at",
+                (owner, _encode(generations), now + ttl_s),
+            )
+
+    def withdraw(self, owner: str) -> None:
+        with self._ledger._tx() as cur:
+            cur.execute("DELETE FROM generation_writers WHERE owner = ?", (owner,))
+
+    def writers(self) -> Writers:
+        rows = self._ledger._read(
+            "SELECT owner, generations FROM generation_writers WHERE expires_at > ? ORDER BY owner", (self._ledger._clock(),)
+        )
+        return _decode(rows)
+
 
 class PostgresGenerations:
     def __init__(self, ledger: PostgresLedger) -> None:
         self._ledger = ledger
         with ledger._tx() as cur:
             cur.execute(_TABLE.replace("INTEGER", "BIGINT"))
+            cur.execute(_WRITERS_TABLE.format(real="DOUBLE PRECISION"))
 
     def all(self) -> list[Generation]:
         with self._ledger._tx() as cur:
@@ -95,6 +152,27 @@ class PostgresGenerations:
                 (generation.number, generation.state.value, json.dumps(generation.to_json())),
             )
             return True
+
+    def announce(self, owner: str, generations: Sequence[int] | None, ttl_s: float) -> None:
+        now = self._ledger._clock()
+        with self._ledger._tx() as cur:
+            cur.execute("DELETE FROM generation_writers WHERE expires_at <= %s", (now,))
+            cur.execute(
+                "INSERT INTO generation_writers (owner, generations, expires_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (owner) DO UPDATE SET generations = excluded.generations, expires_at = excluded.expires_at",
+                (owner, _encode(generations), now + ttl_s),
+            )
+
+    def withdraw(self, owner: str) -> None:
+        with self._ledger._tx() as cur:
+            cur.execute("DELETE FROM generation_writers WHERE owner = %s", (owner,))
+
+    def writers(self) -> Writers:
+        with self._ledger._tx() as cur:
+            rows = cur.execute(
+                "SELECT owner, generations FROM generation_writers WHERE expires_at > %s ORDER BY owner", (self._ledger._clock(),)
+            ).fetchall()
+        return _decode(rows)
 
 
 def registry_for(ledger: SqliteLedger | PostgresLedger) -> GenerationRegistry:

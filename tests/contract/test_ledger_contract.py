@@ -550,3 +550,29 @@ def test_generation_ledgers_serialize_their_own_writes(tmp_path: Path, clock: Cl
         held.release.set()
         for led in (first, second, home):
             led.close()
+
+
+def test_writers_announce_renew_expire_and_withdraw(ledger: AnyLedger, clock: Clock) -> None:
+    """The generations' writers: a starting writer (set unknown), one writing a set, renewal,
+    expiry after its TTL without renewal, and withdrawal."""
+    from adapters.ledger.generations import registry_for
+    from coordinator.generations import lagging_writers
+
+    registry = registry_for(ledger)
+    registry.announce("svc-a", None, 30.0)
+    registry.announce("svc-b", [2, 1], 30.0)
+    assert registry.writers() == {"svc-a": None, "svc-b": (1, 2)}
+    assert lagging_writers(registry.writers(), 2) == ["svc-a"]
+    registry.announce("svc-a", [1], 30.0)  # it read the registry before generation 2 existed
+    assert lagging_writers(registry.writers(), 2) == ["svc-a"]
+
+    clock.now_s += 20
+    registry.announce("svc-b", [1, 2], 30.0)  # renewed; svc-a is not
+    clock.now_s += 15
+    assert registry.writers() == {"svc-b": (1, 2)}, "svc-a's announcement expired 30 s after it was made"
+    assert lagging_writers(registry.writers(), 2) == []
+    registry.withdraw("svc-b")
+    assert registry.writers() == {}
+    # The table lives in the home ledger: a reopened ledger sees the same rows.
+    registry.announce("svc-c", [3], 30.0)
+    assert registry_for(ledger).writers() == {"svc-c": (3,)}
