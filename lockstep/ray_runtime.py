@@ -134,6 +134,10 @@ class IndexWriterActor:
             self.indexes[number] = index
         return index
 
+    def ready(self) -> list[int]:
+        """Answers once the constructor is done: the generations whose client is built."""
+        return sorted(self.indexes)
+
     def call(self, generation: int, method: str, *args: Any) -> Any:
         return getattr(self._index(generation), method)(*args)
 
@@ -393,6 +397,11 @@ class ShardCluster:
         self.recovered = sum(
             _call([s.ready.remote() for s in self.shards], SHARD_START_TIMEOUT_S, "shard start")
         )
+        # Ray builds actors in the background: wait for the writers' constructors too (they
+        # connect to the stores and ensure the indexes, seconds for a new Milvus collection), so
+        # that the service is ready only when a write can go out at once. A switch of
+        # generations takes that much longer; a rebuild waits for it (docs/rebuild.md).
+        _call([w.ready.remote() for w in self.writers.values()], SHARD_START_TIMEOUT_S, "index writer start")
 
     def readers(self) -> tuple[ActorIndex, ActorIndex]:
         """Read access to the active generation's indexes through the writer actors (for the
