@@ -103,6 +103,7 @@ def generations(
     settings = _load(config)
     with _errors_exit_2("generations"), _rebuild(settings) as rb:
         gens = rb.generations()
+        writers = rb.registry.writers()
     if as_json:
         typer.echo(json.dumps([g.to_json() for g in gens], indent=2, sort_keys=True))
         return
@@ -111,6 +112,11 @@ def generations(
         table.add_row(str(g.number), g.state.value, g.keyword_index, g.vector_collection, g.model_id,
                       g.chunking.fingerprint, "done" if g.backfill_done else str(g.backfilled_docs))
     out.print(table)
+    # Who applies live changes, and to which generations (a rebuild validates once all write it).
+    live_writers = Table("live writer", "writes generations")
+    for owner, numbers in writers.items():
+        live_writers.add_row(owner, "starting" if numbers is None else ", ".join(map(str, numbers)))
+    out.print(live_writers if writers else "no live writers")
 
 
 # --- helpers -------------------------------------------------------------------------------------

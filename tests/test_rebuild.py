@@ -416,6 +416,8 @@ def test_validation_waits_until_every_live_writer_writes_the_new_generation(
     rebuild = Rebuild(settings)
     registry = rebuild.registry
     registry.announce("old-service", [1], WRITER_TTL_S)  # running, switched to nothing yet
+    listed = _lockstep("generations", "-c", str(config))
+    assert listed.returncode == 0 and "old-service" in listed.stdout, listed.stdout + listed.stderr
     backfilled = threading.Event()
     outcome: dict[str, Any] = {}
 
