@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 import structlog
 from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.exceptions import ConnectError, MilvusUnavailableException
@@ -687,7 +688,7 @@ def _row(chunk: IndexedChunk) -> dict[str, Any]:
     assert chunk.vector is not None, "checked by _vector_rejection"
     return {
         "chunk_id": chunk.chunk_id,
-        "vector": [float(x) for x in chunk.vector],
+        "vector": np.asarray(chunk.vector, dtype=np.float32).tolist(),  # Milvus stores float32
         "doc_id": chunk.doc_id,
         "chunk_index": chunk.chunk_index,
         "text": chunk.text,
