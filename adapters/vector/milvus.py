@@ -33,7 +33,6 @@ on, and why (see shared/reference/semantics.md, "Milvus"):
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -831,9 +830,15 @@ def _vector_rejection(vector: Vector | None, dim: int) -> str:
         return "chunk has no vector"
     if len(vector) != dim:
         return f"vector has {len(vector)} dimensions, the index {dim}"
-    if not all(math.isfinite(x) for x in vector):
+    try:
+        # As Milvus stores it (a float beyond float32's range becomes infinite), in one C pass.
+        with np.errstate(over="ignore"):
+            values = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError):
+        return "vector has a component that is not a number"
+    if values.ndim != 1 or not np.isfinite(values).all():
         return "vector has a NaN or infinite component"
-    if not any(vector):
+    if not values.any():
         return "vector is all zeros (no cosine similarity)"
     return ""
 

@@ -331,6 +331,8 @@ def test_unstorable_chunks_are_rejected_alone(index: MilvusVectorIndex) -> None:
         IndexedChunk("doc-b#2", "doc-b", 2, "x" * 70_000, "h", 1, {}, _vector("t")),
         IndexedChunk("doc-b#3", "doc-b", 3, "x", "h", 1, {"bad": float("nan")}, _vector("m")),
         IndexedChunk("doc-\x00#4", "doc-b", 4, "x", "h", 1, {}, _vector("n")),
+        _chunk("doc-b#5", vector=[float("nan"), *[1.0] * (DIM - 1)]),
+        _chunk("doc-b#6", vector=[1e39] * DIM),  # finite as a double, infinite as Milvus's float32
     ]
     result = index.upsert([good, *bad])
     assert result.items[0].status is ItemStatus.APPLIED
