@@ -326,9 +326,12 @@ def report(r: Results) -> str:
         f"| live edits during the run (at {r.live_rate:.0f}/s = {r.live_rate / r.service_rate:.0%} of max) | {r.edits:,} |",
         f"| freshness lag before the rebuild, p50 / p99 | {percentile(r.baseline_lags, 0.5):.2f} s / {percentile(r.baseline_lags, 0.99):.2f} s ({len(r.baseline_lags)} edits) |",
         f"| freshness lag during the rebuild (both generations), p50 / p99 / max | {percentile(r.rebuild_lags, 0.5):.2f} s / {percentile(r.rebuild_lags, 0.99):.2f} s / {max(r.rebuild_lags, default=float('nan')):.2f} s ({len(r.rebuild_lags)} edits) |",
-        f"| rebuild phases | backfill {rr['seconds'].get('backfill', 0):.1f} s, validate {rr['seconds'].get('validate', 0):.1f} s |",
+        f"| rebuild phases | backfill {rr['seconds'].get('backfill', 0):.1f} s, wait for the live service to write "
+        f"generation 2 too {rr['seconds'].get('writers_switch', 0):.1f} s ({len(rr.get('live_writers', []))} live "
+        f"writer(s)), validate {rr['seconds'].get('validate', 0):.1f} s |",
         f"| embed calls of the rebuild | {rr['embed_calls']:,} |",
-        f"| validation audit rounds | {len(rr['audit_rounds'])} (last clean: {rr['audit_rounds'][-1]['clean'] if rr['audit_rounds'] else '-'}) |",
+        f"| validation audit rounds | {len(rr['audit_rounds'])} (last clean: {rr['audit_rounds'][-1]['clean'] if rr['audit_rounds'] else '-'}); "
+        f"documents found per round: {_found_per_round(rr['audit_rounds'])} |",
         f"| generation 2 vs final source (I1-I4) | {'clean' if not r.violations else f'{len(r.violations)} violations'} |",
     ]
     return "\n".join(lines)
@@ -340,6 +343,12 @@ def write_docs(path: Path, command: str, markdown: str) -> None:
 
 def _say(message: str) -> None:
     print(f"-- {message}", file=sys.stderr, flush=True)
+
+
+def _found_per_round(rounds: list[dict[str, Any]]) -> str:
+    """Each audit round's drift, as the sum of the keyword index's findings (a document can be
+    counted in several categories; the trend is what matters)."""
+    return ", ".join(str(sum(r["counts"].get("keyword", {}).values())) for r in rounds) or "-"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
