@@ -66,6 +66,8 @@ LOG_TAIL_LINES_MAX = 40
 # has expired (default 30 s). A single local server loses nothing by noticing sooner, and fault
 # tests wait a third as long. A pause() longer than this lets the session expire: keep pauses short.
 MILVUS_SESSION_TTL_S = 10
+# A first start whose freshly chosen ports were taken meanwhile is tried on new ports this often.
+MILVUS_PORT_ATTEMPTS = 3
 
 
 class ServerStartError(RuntimeError):
@@ -396,10 +398,14 @@ class RealMilvusServer(ManagedServer):
 
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
-        config, web_port = _milvus_config(base_dir)
+        self._configure()
+        self._started_once = False
+
+    def _configure(self) -> None:
+        config, web_port = _milvus_config(self.base_dir)
         self.server = MilvusServer(config, wait_for_started=False)
         self.server.webservice_port = web_port
-        self.server.set_base_dir(str(base_dir))
+        self.server.set_base_dir(str(self.base_dir))
 
     @property
     def uri(self) -> str:
@@ -411,7 +417,19 @@ class RealMilvusServer(ManagedServer):
         return None if proc is None else int(proc.pid)
 
     def start(self) -> None:
-        self.server.start()
+        for attempt in range(1, MILVUS_PORT_ATTEMPTS + 1):
+            try:
+                self.server.start()
+                break
+            except RuntimeError as exc:
+                # One of its dozen free ports was taken between choosing it and the package's
+                # own bind check (another server starting, a port in TIME_WAIT). Before the
+                # first start nothing holds on to these ports: choose others. A restart must
+                # keep them (same URI, same data), so it fails instead.
+                if "bind failed" not in str(exc) or self._started_once or attempt == MILVUS_PORT_ATTEMPTS:
+                    raise ServerStartError(f"Milvus 2.3.5 did not start: {exc}") from exc
+                self._configure()
+        self._started_once = True
         describe = f"Milvus 2.3.5 (log {self._log})"
         try:
             self.server.wait_started(timeout=MILVUS_START_TIMEOUT_S * 1000)  # the package counts in ms
