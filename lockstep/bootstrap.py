@@ -251,7 +251,7 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
         writer = WriterAnnouncement(registry_for(home), writer_owner("runtime"))
         writer.starting()
         configured = build_embedder(settings.embedder)
-        _, gens = load_generations(settings, home, configured)
+        _, gens = load_generations(settings, home, configured, writer.registry)
         name = source_name or (settings.source.name if settings.source else "api")
         for gen in live(gens):
             reuse = configured if configured.model_id == gen.model_id and configured.dim == gen.dim else None

@@ -291,12 +291,16 @@ def build_parts(
 
 
 def load_generations(
-    settings: Settings, home: AnyLedger, inner: Embedder | Callable[[], Embedder]
+    settings: Settings,
+    home: AnyLedger,
+    inner: Embedder | Callable[[], Embedder],
+    registry: GenerationRegistry | None = None,
 ) -> tuple[GenerationRegistry, list[Generation]]:
     """The registry and its records; the first start of a deployment records generation 1 from
     the config (its indexes keep their configured names). ``inner`` (the configured embedder,
-    or a function that builds it) is needed only for that first record."""
-    registry = registry_for(home)
+    or a function that builds it) is needed only for that first record. ``registry``: one the
+    caller already opened on ``home``."""
+    registry = registry or registry_for(home)
     gens = registry.all()
     if not gens:
         embedder: Embedder = inner() if callable(inner) and not hasattr(inner, "model_id") else inner  # type: ignore[assignment]

@@ -116,7 +116,9 @@ class Service:
         # waits for this service to report writing it (docs/rebuild.md, "Live writers").
         self.writer = WriterAnnouncement(registry_for(ledger), self.owner)
         self.writer.starting()
-        self.registry, gens = load_generations(self.settings, ledger, lambda: build_embedder(self.settings.embedder))
+        self.registry, gens = load_generations(
+            self.settings, ledger, lambda: build_embedder(self.settings.embedder), self.writer.registry
+        )
         self.generations = live(gens)
         active_ledger = ledger if self.generations[0].number == 1 else generation_ledger(
             self.settings, self.generations[0].number
