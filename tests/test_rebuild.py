@@ -404,15 +404,7 @@ def test_validation_waits_until_every_live_writer_writes_the_new_generation(
     from coordinator.events import ChangeEvent, Op
     from lockstep.generations import WRITER_TTL_S
 
-    name = f"rb-wait-{uuid.uuid4().hex[:6]}"
-    config = _config(
-        tmp_path,
-        keyword={"kind": "opensearch", "url": opensearch_api_url, "index": name},
-        vector={"uri": lite_server.uri, "collection": name.replace("-", "_")},
-    )
-    final = _write_history(tmp_path, 30)
-    assert _lockstep("sync", "-c", str(config)).returncode == 0
-    settings = load_settings(config)
+    config, final, settings = _synced_on_servers(tmp_path, "rb-wait", opensearch_api_url, lite_server.uri)
     rebuild = Rebuild(settings)
     registry = rebuild.registry
     registry.announce("old-service", [1], WRITER_TTL_S)  # running, switched to nothing yet
@@ -459,6 +451,22 @@ def test_validation_waits_until_every_live_writer_writes_the_new_generation(
     assert report.seconds["writers_switch"] >= held_s / 2
     assert report.audit_rounds[-1]["clean"] is True and report.swap is not None
     _check_generation(config, 2, final)
+
+
+def _synced_on_servers(
+    tmp_path: Path, prefix: str, opensearch_url: str, milvus_uri: str
+) -> tuple[Path, dict[str, dict[str, Any] | None], Any]:
+    """An installation on the OpenSearch-API and milvus-lite servers (names unique to the test),
+    loaded by `lockstep sync` with 30 documents' history: its config, final states and settings."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    config = _config(
+        tmp_path,
+        keyword={"kind": "opensearch", "url": opensearch_url, "index": name},
+        vector={"uri": milvus_uri, "collection": name.replace("-", "_")},
+    )
+    final = _write_history(tmp_path, 30)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    return config, final, load_settings(config)
 
 
 def _generation_equals(config: Path, number: int, final: dict[str, dict[str, Any] | None]) -> bool:
@@ -517,15 +525,7 @@ def test_a_document_a_live_write_holds_is_set_aside_and_the_rest_of_its_batch_go
     current) after the live write commits, and the generation ends equal to the source."""
     from coordinator.events import ChangeEvent, Op
 
-    name = f"rb-aside-{uuid.uuid4().hex[:6]}"
-    config = _config(
-        tmp_path,
-        keyword={"kind": "opensearch", "url": opensearch_api_url, "index": name},
-        vector={"uri": lite_server.uri, "collection": name.replace("-", "_")},
-    )
-    final = _write_history(tmp_path, 30)
-    assert _lockstep("sync", "-c", str(config)).returncode == 0
-    settings = load_settings(config)
+    config, final, settings = _synced_on_servers(tmp_path, "rb-aside", opensearch_api_url, lite_server.uri)
     live = ChangeEvent(Op.UPSERT, "doc-001", 9, _text(1, 9), {"team": "t1"})
     with runtime(settings) as rt:  # the live write reached generation 1 ...
         rt.generations[0].engine.apply([live])

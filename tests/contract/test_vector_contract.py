@@ -766,9 +766,10 @@ def test_an_alias_left_dangling_by_a_dropped_collection_is_pointed_again(backend
 def test_a_connect_refused_at_once_is_tried_again_and_a_timed_out_one_is_not(
     lite_server: LiteServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A handshake refused with a transient status (as on a connection the server has just sent
-    GOAWAY "too many pings") is retried against the real server; one that used up the connect
-    timeout is reported at once, as a transient error, without a second attempt."""
+    """A handshake refused with a transient status is retried against the real server (the
+    refusal is injected once in front of the real client: the GOAWAY "too many pings" that
+    milvus-lite's server sends takes minutes of idle keepalives to provoke); one that used up
+    the connect timeout on a server that never answers is reported without a second attempt."""
     from pymilvus import MilvusException
 
     from adapters.vector import milvus as milvus_module
@@ -793,15 +794,19 @@ def test_a_connect_refused_at_once_is_tried_again_and_a_timed_out_one_is_not(
         idx.drop()
         idx.close()
 
-    slow_calls: list[float] = []
+    # A real server that accepts connections but never speaks gRPC: the connect uses up its
+    # timeout, and is not tried again.
+    slow_calls: list[str] = []
 
-    def timed_out(settings: VectorSettings) -> MilvusClient:
-        slow_calls.append(time.monotonic())
-        time.sleep(settings.connect_timeout_s)
-        raise MilvusException(code=2, message="Fail connecting to server: deadline exceeded")
+    def counted(settings: VectorSettings) -> MilvusClient:
+        slow_calls.append(settings.uri)
+        return real_client(settings)
 
-    monkeypatch.setattr(milvus_module, "_client", timed_out)
-    slow = MilvusVectorIndex(_settings(lite_server.uri, connect_timeout_s=0.2), dim=DIM)
-    with pytest.raises(TransientStoreError, match="connect failed"):
-        slow.ensure()
+    monkeypatch.setattr(milvus_module, "_client", counted)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        slow = _unreachable_index(f"http://127.0.0.1:{silent.getsockname()[1]}")
+        with pytest.raises(TransientStoreError, match="connect failed"):
+            slow.ensure()
     assert len(slow_calls) == 1
