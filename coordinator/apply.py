@@ -13,6 +13,7 @@ A crash anywhere leaves intents in the ledger; ``recover()`` re-drives them befo
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -97,6 +98,9 @@ class ApplyEngine:
         self.source_name = source_name
         self.crash = crash
         self.stats = ApplyStats()
+        # A shard may prepare its next batch while this one is driven: counters both touch
+        # change under this lock (see ``_count``).
+        self._stats_lock = threading.Lock()
         # One thread per side, so the keyword and vector writes of a batch run in parallel.
         self._pool = ThreadPoolExecutor(max_workers=len(SIDES), thread_name_prefix="lockstep-side")
 
@@ -142,7 +146,7 @@ class ApplyEngine:
         self, records: Sequence[SourceRecord], fence: Fence | None, skip_conflicts: bool
     ) -> tuple[list[Intent], list[str]]:
         events = self._dead_letter_bad(records)
-        self.stats.events += len(records)
+        self._count(events=len(records))
         plans = self._plan(self._coalesce(events))
         plans = self._embed(plans)
         self.crash(crashpoints.AFTER_EMBED)
@@ -208,25 +212,29 @@ class ApplyEngine:
         Only metadata-only rewrites (``rewritten``) may reuse the vector index's stored copy: a
         new or changed text cannot be there, so asking the index for it is a wasted round trip.
         """
-        before_calls, before_hits = self.embedder.embed_calls, self.embedder.cache_hits
-        vectors = self._vectors(chunks, lambda c: c.chunk_id in rewritten)
-        self.stats.embed_calls += self.embedder.embed_calls - before_calls
-        self.stats.cache_hits += self.embedder.cache_hits - before_hits
+        vectors, hits, embedded = self._vectors(chunks, lambda c: c.chunk_id in rewritten)
+        self._count(embed_calls=embedded, cache_hits=hits)
         return vectors
 
     def _vectors(
         self, chunks: Sequence[IndexedChunk], may_be_stored: Callable[[IndexedChunk], bool] = lambda _c: True
-    ) -> dict[str, list[float]]:
-        """Vectors by content hash: cache, then the vector index's stored copy, then the model."""
+    ) -> tuple[dict[str, list[float]], int, int]:
+        """Vectors by content hash: cache, then the vector index's stored copy, then the model.
+
+        Also returns how many distinct hashes the cache answered and how many texts went to the
+        model: counted here from what was asked, not from the embedder's running totals, which
+        another thread of this engine may move meanwhile."""
         vectors = self.embedder.lookup(c.content_hash for c in chunks)
+        hits = len(vectors)
         missing = [c for c in chunks if c.content_hash not in vectors]
+        embedded = 0
         if missing:
             stored = self._stored_vectors([c for c in missing if may_be_stored(c)])
             vectors |= stored
-            vectors |= self.embedder.embed_hashed(
-                [(c.content_hash, c.text) for c in missing if c.content_hash not in stored]
-            )
-        return vectors
+            todo = [(c.content_hash, c.text) for c in missing if c.content_hash not in stored]
+            vectors |= self.embedder.embed_hashed(todo)
+            embedded = len({h for h, _ in todo})
+        return vectors, hits, embedded
 
     def _stored_vectors(self, chunks: Sequence[IndexedChunk]) -> dict[str, list[float]]:
         """Vectors the vector index already holds for these exact texts (same ID, same hash).
@@ -325,9 +333,8 @@ class ApplyEngine:
         index = self.sides[side]
         upserts = [c for i in todo for c in i.upserts]
         if side == VECTOR and upserts:
-            calls = self.embedder.embed_calls
-            vectors = self._vectors(upserts)
-            self.stats.embed_calls += self.embedder.embed_calls - calls
+            vectors, _, embedded = self._vectors(upserts)
+            self._count(embed_calls=embedded)
             upserts = [replace(c, vector=vectors[c.content_hash]) for c in upserts]
         deletes = [d for i in todo for d in i.deletes]
         results = [
@@ -362,12 +369,18 @@ class ApplyEngine:
     def dead_letter_event(self, event: ChangeEvent, reason: str, attempts: int) -> None:
         """Give up on one event (a poison document): it goes to the DLQ with its reason."""
         self._dead_letter([replace(_letter(self.source_name, event, reason), attempts=attempts)])
-        self.stats.events += 1
+        self._count(events=1)
+
+    def _count(self, **deltas: int) -> None:
+        """Add to counters that a prepare and a drive running side by side may both change."""
+        with self._stats_lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
 
     def _dead_letter(self, letters: Iterable[DeadLetter]) -> None:
         batch = list(letters)
         self.ledger.add_dead_letters(batch)
-        self.stats.dead_letters += len(batch)
+        self._count(dead_letters=len(batch))
         for letter in batch:
             log.warning(
                 "dead-lettered",
