@@ -302,6 +302,7 @@ class Tuning:
     offer_batch_max: int
     mailbox_docs_max: int
     audit_interval_s: float
+    prepare_ahead: bool = True
 
     def describe(self) -> str:
         return ", ".join(f"run.{k}={v}" for k, v in self.__dict__.items())
@@ -781,6 +782,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-docs-max", type=int, default=defaults.batch_docs_max)
     parser.add_argument("--offer-batch-max", type=int, default=defaults.offer_batch_max)
     parser.add_argument("--mailbox-docs-max", type=int, default=defaults.mailbox_docs_max)
+    parser.add_argument("--no-prepare-ahead", dest="prepare_ahead", action="store_false",
+                        help="shards prepare a batch only once the last one committed (run.prepare_ahead: false)")  # fmt: skip
     parser.add_argument("--audit-interval-s", type=float, default=0.0,
                         help="continuous audit in the service (0: off, as bench/audit.py measures it)")  # fmt: skip
     parser.add_argument("--docs-file", type=Path, default=Path("docs/benchmarks.md"),
@@ -797,7 +800,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run everything; print the Markdown report; exit 1 if an index disagrees with the source."""
     args = parse_args(argv)
     configure_logging("warning")
-    tuning = Tuning(args.batch_docs_max, args.offer_batch_max, args.mailbox_docs_max, args.audit_interval_s)
+    tuning = Tuning(
+        args.batch_docs_max, args.offer_batch_max, args.mailbox_docs_max, args.audit_interval_s, args.prepare_ahead
+    )
     with tempfile.TemporaryDirectory(prefix="lockstep-bench-streaming-") as tmp:
         results, stores = run_all(Path(tmp), args, tuning)
     markdown = report(results, stores)

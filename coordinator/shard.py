@@ -10,6 +10,10 @@ Plain Python, testable without Ray; ``lockstep/ray_runtime.py`` hosts one per Ra
   down) is *in flight*: newer events for it wait and coalesce until it commits.
 - ``step`` first retries in-flight intents (capped exponential backoff), then takes up to
   ``batch_docs_max`` waiting documents, prepares and drives them. It returns the seqs finished.
+- With ``prepare_ahead``, while a batch is driven (both index writes, then the commit), the next
+  batch is already taken and prepared on a helper thread: the CPU work of embedding and planning
+  overlaps the wait on the indexes. The two batches never share a document, so each document's
+  versions still apply one after the other; the next step drives the batch prepared ahead.
 - A document another writer holds (a rebuild's backfill has an intent for it) goes back to the
   mailbox for ``INTENT_CONFLICT_RETRY_S`` while the rest of its batch goes on.
 - Poison documents: when preparing a batch fails on the embedder, the shard isolates, preparing
@@ -23,7 +27,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
@@ -93,6 +98,7 @@ class ShardWorker:
         backoff: Backoff,
         clock: Callable[[], float],
         poison_attempts_max: int = 3,
+        prepare_ahead: bool = False,
     ) -> None:
         self.shard = shard
         self.engine = engine
@@ -114,6 +120,11 @@ class ShardWorker:
         self._prepared_batches = 0
         # doc_id -> (failures, prepared batches counted at its first failure)
         self._suspects: dict[str, tuple[int, int]] = {}
+        # The batch taken and being prepared on the helper thread while the last one is driven.
+        self._ahead: tuple[dict[str, _Waiting], Future[tuple[list[Intent], list[str]]]] | None = None
+        self._helper = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{shard}") if prepare_ahead else None
+        )
 
     # --- mailbox ---------------------------------------------------------------------------
 
@@ -146,21 +157,49 @@ class ShardWorker:
             return []
         if self._in_flight:
             return self._retry_in_flight()
-        batch = self._take()
+        if self._ahead is not None:
+            (batch, prepared), self._ahead = self._ahead, None
+            batch, intents, finished = self._settle(batch, prepared.result)
+        else:
+            batch = self._take()
+            if not batch:
+                return []
+            events = [w.event for w in batch.values()]
+            batch, intents, finished = self._settle(batch, lambda: self.engine.prepare_some(events, self.fence))
         if not batch:
-            return []
+            return finished
+        self._prepare_next(exclude=batch.keys())
+        return self._drive(batch, intents)
+
+    def _settle(
+        self, batch: dict[str, _Waiting], prepare: Callable[[], tuple[list[Intent], list[str]]]
+    ) -> tuple[dict[str, _Waiting], list[Intent], list[int]]:
+        """Run (or collect) a batch's prepare and sort out its outcome: the documents to drive
+        and their intents, or, if preparing failed, nothing to drive (the batch went back to the
+        mailbox) and the seqs a dead-lettered poison document finished."""
         try:
-            intents, held = self.engine.prepare_some([w.event for w in batch.values()], self.fence)
+            intents, held = prepare()
         except EmbedError as exc:
-            return self._embed_failed(batch, exc)
+            return {}, [], self._embed_failed(batch, exc)
         except StoreError as exc:
             self._put_back(batch)
             self._failed(exc)
-            return []
+            return {}, [], []
         if held:
             batch = self._hold(batch, set(held))
         self._prepared(batch)
-        return self._drive(batch, intents) if batch else []
+        return batch, intents, []
+
+    def _prepare_next(self, exclude: Collection[str]) -> None:
+        """With ``prepare_ahead``: take the next batch (none of ``exclude``, the documents about
+        to be driven) and start preparing it on the helper thread. Not while isolating a poison
+        document, which goes one document per step."""
+        if self._helper is None or self._isolate:
+            return
+        batch = self._take(exclude)
+        if batch:
+            events = [w.event for w in batch.values()]
+            self._ahead = (batch, self._helper.submit(self.engine.prepare_some, events, self.fence))
 
     def _hold(self, batch: dict[str, _Waiting], held: set[str]) -> dict[str, _Waiting]:
         """Another writer (a rebuild's backfill) holds these documents: they go back to the
@@ -173,13 +212,13 @@ class ShardWorker:
             self._held_until.update(dict.fromkeys(held, until))
         return {k: w for k, w in batch.items() if k not in held}
 
-    def _take(self) -> dict[str, _Waiting]:
+    def _take(self, exclude: Collection[str] = ()) -> dict[str, _Waiting]:
         limit = 1 if self._isolate else self.batch_docs_max
         with self._lock:
             now = self.clock() if self._held_until else 0.0
             keys = [
                 k for k in self._waiting
-                if k not in self._in_flight and self._held_until.get(k, 0.0) <= now
+                if k not in self._in_flight and k not in exclude and self._held_until.get(k, 0.0) <= now
             ][:limit]
             for k in keys:
                 self._held_until.pop(k, None)
@@ -296,7 +335,12 @@ class ShardWorker:
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not self._waiting and not self._in_flight
+            return not self._waiting and not self._in_flight and self._ahead is None
+
+    def close(self) -> None:
+        """Wait for a prepare running ahead (its intents stay prepared, for the next start)."""
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
 
 
 def _key(envelope: Envelope) -> str:

@@ -215,6 +215,7 @@ class ShardConfig:
     mailbox_docs_max: int
     batch_docs_max: int
     log_level: str
+    prepare_ahead: bool = True
 
 
 @ray.remote(max_concurrency=ACTOR_CONCURRENCY)
@@ -247,6 +248,7 @@ class ShardActor:
             batch_docs_max=config.batch_docs_max,
             backoff=Backoff(),
             clock=time.monotonic,
+            prepare_ahead=config.prepare_ahead,
         )
         self._finished: list[int] = []
         self._lock = threading.Lock()
@@ -304,6 +306,7 @@ class ShardActor:
         self._stop.set()
         self._thread.join(timeout=CONTROL_CALL_TIMEOUT_S)
         self._lease_thread.join(timeout=CONTROL_CALL_TIMEOUT_S)
+        self.worker.close()
         self.engine.close()
         for ledger in self._gen_ledgers:
             ledger.close()
@@ -387,7 +390,9 @@ class ShardCluster:
             for side in (KEYWORD, VECTOR)
         }
         configs = [
-            ShardConfig(i, rs.shards, owner, rs.lease_s, rs.mailbox_docs_max, rs.batch_docs_max, log_level)
+            ShardConfig(
+                i, rs.shards, owner, rs.lease_s, rs.mailbox_docs_max, rs.batch_docs_max, log_level, rs.prepare_ahead
+            )
             for i in range(rs.shards)
         ]
         self.shards = [

@@ -6,6 +6,8 @@ chaos injectors wrapping them.
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +54,12 @@ class Rig:
         raise AssertionError("the shard did not become idle")
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+@pytest.fixture(params=[False, True], ids=["one-batch-at-a-time", "prepare-ahead"])
+def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    yield from _rig(tmp_path, batch_docs_max=10, prepare_ahead=request.param)
+
+
+def _rig(tmp_path: Path, *, batch_docs_max: int, prepare_ahead: bool) -> Iterator[Rig]:
     ledger = SqliteLedger(tmp_path / "ledger.db")
     embedder = FaultyEmbedder(HashingEmbedder(dim=32))
     vector = FaultyIndex(MilvusVectorIndex(VectorSettings(uri=str(tmp_path / "m.db")), dim=32))
@@ -70,9 +76,11 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     )
     clock = Clock()
     worker = ShardWorker(
-        0, engine, fence=None, mailbox_docs_max=4, batch_docs_max=10, backoff=Backoff(), clock=clock
-    )
+        0, engine, fence=None, mailbox_docs_max=4, batch_docs_max=batch_docs_max, backoff=Backoff(), clock=clock,
+        prepare_ahead=prepare_ahead,
+    )  # fmt: skip
     yield Rig(worker, ledger, embedder, vector, clock)
+    worker.close()
     engine.close()
     keyword.close()
     vector.inner.close()
@@ -198,3 +206,89 @@ def test_a_document_held_in_the_generation_being_built_is_withdrawn_from_the_act
             close()
         gen2.close()
         home.close()
+
+
+@pytest.fixture
+def ahead(tmp_path: Path) -> Iterator[Rig]:
+    """One document per batch, preparing the next batch while the current one is driven."""
+    yield from _rig(tmp_path, batch_docs_max=1, prepare_ahead=True)
+
+
+def _pending_soon(rig: Rig, doc_ids: list[str], timeout_s: float = 10.0) -> None:
+    """Wait until exactly these documents have prepared intents (the helper thread's work)."""
+    deadline = time.monotonic() + timeout_s
+    while sorted(i.doc_id for i in rig.ledger.pending()) != doc_ids:
+        assert time.monotonic() < deadline, f"pending {[i.doc_id for i in rig.ledger.pending()]}, not {doc_ids}"
+        time.sleep(0.01)
+
+
+def test_the_next_batch_is_prepared_while_the_current_one_is_driven(ahead: Rig) -> None:
+    """After one step, "a" is committed and "b" (the next batch) is already prepared; "b" is
+    driven by the next step, which prepares "c" meanwhile; the shard is busy until all commit."""
+    ahead.worker.offer([Envelope(i, _up(d, 1)) for i, d in enumerate("abc")])
+    assert ahead.worker.step() == [0]
+    assert sorted(ahead.ledger.get_docs("abc")) == ["a"]
+    _pending_soon(ahead, ["b"])
+    assert not ahead.worker.idle, "a batch prepared ahead is work still to do"
+    assert ahead.worker.step() == [1]
+    _pending_soon(ahead, ["c"])
+    assert ahead.worker.step() == [2]
+    assert ahead.worker.idle and ahead.ledger.pending() == []
+    assert {d: s.version for d, s in ahead.ledger.get_docs("abc").items()} == {"a": 1, "b": 1, "c": 1}
+
+
+def test_a_newer_event_of_a_document_being_driven_waits_for_that_drive(ahead: Rig) -> None:
+    """"b" v1 is prepared ahead; "b" v2 arrives meanwhile. The step driving v1 must not prepare
+    v2 ahead beside it: v2 is taken only once v1 committed, and the ledger never goes back."""
+    ahead.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
+    assert ahead.worker.step() == [0]
+    _pending_soon(ahead, ["b"])
+    ahead.worker.offer([Envelope(2, _up("b", 2))])
+    assert ahead.worker.step() == [1], "drives b v1, prepared ahead"
+    assert ahead.ledger.get_docs(["b"])["b"].version == 1
+    assert ahead.ledger.pending() == [], "b v2 was not prepared beside the drive of b v1"
+    assert ahead.worker.step() == [2]
+    assert ahead.ledger.get_docs(["b"])["b"].version == 2 and ahead.worker.idle
+
+
+def test_a_failing_drive_keeps_the_batch_prepared_ahead_and_both_land_after(ahead: Rig) -> None:
+    """The vector index is down while "a" is driven and "b" prepared ahead: "a" stays in flight,
+    "b" stays prepared, nothing commits; once the index is back both commit, every seq finishes."""
+    ahead.vector.down = True
+    ahead.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1)), Envelope(2, _up("a", 2))])
+    assert ahead.worker.step() == []
+    _pending_soon(ahead, ["a", "b"])
+    status = ahead.worker.status()
+    assert status.in_flight_docs == 1 and status.last_error and not ahead.worker.idle
+    ahead.clock.now_s += 60.0
+    assert ahead.worker.step() == [], "nothing may commit while a side is down"
+    assert ahead.ledger.get_docs("ab") == {}
+    ahead.vector.down = False
+    assert sorted(ahead.run_until_idle()) == [0, 1, 2]
+    assert {d: s.version for d, s in ahead.ledger.get_docs("ab").items()} == {"a": 2, "b": 1}
+    assert ahead.ledger.pending() == []
+
+
+def test_reordered_and_repeated_histories_end_at_the_newest_versions_and_never_go_back(ahead: Rig) -> None:
+    """Versions of six documents shuffled within a window and repeated, offered a few at a time
+    between steps: each document ends at its newest version and its committed version only grows."""
+    rng = random.Random(11)
+    history = [(f"d{n}", v) for v in range(1, 6) for n in range(6)]
+    history = [e for i in range(0, len(history), 8) for e in rng.sample(history[i : i + 8], len(history[i : i + 8]))]
+    history = [e for e in history for _ in range(rng.randint(1, 3))]
+    seen: dict[str, int] = {}
+    finished: list[int] = []
+    queue = [Envelope(seq, _up(d, v)) for seq, (d, v) in enumerate(history)]
+    while queue or not ahead.worker.idle:
+        taken = ahead.worker.offer(queue[: rng.randint(1, 4)])
+        queue = queue[taken:]
+        finished += ahead.worker.step()
+        ahead.clock.now_s += 1.0
+        for doc_id, state in ahead.ledger.get_docs(f"d{n}" for n in range(6)).items():
+            assert state.version >= seen.get(doc_id, 0), f"{doc_id} went back to v{state.version}"
+            seen[doc_id] = state.version
+    assert sorted(finished) == list(range(len(history)))
+    assert {d: s.version for d, s in ahead.ledger.get_docs(f"d{n}" for n in range(6)).items()} == {
+        f"d{n}": 5 for n in range(6)
+    }
+    assert ahead.ledger.pending() == []
