@@ -57,6 +57,11 @@ IDLE_SLEEP_S = 0.01
 LEASE_RETRY_S = 1.0
 # Threads per actor: the apply loop plus concurrent offer/drain/status calls.
 ACTOR_CONCURRENCY = 4
+# Calls the writer of a server-backed keyword index (OpenSearch, Elasticsearch) runs at once:
+# while the server works on one shard's _bulk, the next is encoded and sent, so the keyword
+# store (the slower one, as a rule) never idles between requests. A writer of an embedded store
+# (Tantivy, milvus-lite) and the vector writer take one call at a time.
+KEYWORD_WRITER_CONCURRENCY = 2
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> None:
@@ -109,6 +114,8 @@ class IndexWriterActor:
         self.side = side
         self.targets = {t.number: t for t in generations}
         self.indexes: dict[int, ChunkIndex] = {}
+        # Concurrent calls (see KEYWORD_WRITER_CONCURRENCY) must not build a client twice.
+        self._building = threading.Lock()
         for number in self.targets:
             try:
                 self._index(number)
@@ -117,6 +124,13 @@ class IndexWriterActor:
                             generation=number, error=str(exc), error_type=type(exc).__name__)
 
     def _index(self, number: int) -> ChunkIndex:
+        index = self.indexes.get(number)
+        if index is not None:
+            return index
+        with self._building:
+            return self._build(number)
+
+    def _build(self, number: int) -> ChunkIndex:
         index = self.indexes.get(number)
         if index is None:
             target = self.targets[number]
@@ -144,6 +158,12 @@ class IndexWriterActor:
     def close(self) -> None:
         for index in self.indexes.values():
             index.close()
+
+
+def writer_concurrency(side: str, targets: Sequence[WriterTarget]) -> int:
+    """How many calls one side's writer runs at once (KEYWORD_WRITER_CONCURRENCY)."""
+    server_backed = all(t.settings.keyword.kind != "tantivy" for t in targets)
+    return KEYWORD_WRITER_CONCURRENCY if side == KEYWORD and server_backed else 1
 
 
 @dataclass(frozen=True)
@@ -386,7 +406,9 @@ class ShardCluster:
         self.active = generations[0].number
         targets = [WriterTarget(g.number, generation_settings(settings, g), g.dim, g.model_id) for g in generations]
         self.writers = {
-            side: IndexWriterActor.remote(side, targets, log_level)  # type: ignore[attr-defined]
+            side: IndexWriterActor.options(max_concurrency=writer_concurrency(side, targets)).remote(  # type: ignore[attr-defined]
+                side, targets, log_level
+            )
             for side in (KEYWORD, VECTOR)
         }
         configs = [

@@ -341,6 +341,25 @@ def test_unstorable_chunks_are_rejected_alone(index: MilvusVectorIndex) -> None:
     assert set(index.get([good.chunk_id, *(c.chunk_id for c in bad)])) == {good.chunk_id}
 
 
+def test_unstorable_vectors_of_the_right_shape_are_rejected_alone(index: MilvusVectorIndex) -> None:
+    """Vectors of the right length are checked together in one pass: the all-zero, NaN and
+    beyond-float32 ones are REJECTED with their reasons, the others applied, in one call."""
+    good = [_chunk("doc-v#0"), _chunk("doc-v#4")]
+    bad = [
+        _chunk("doc-v#1", vector=[0.0] * DIM),
+        _chunk("doc-v#2", vector=[*[0.5] * (DIM - 1), float("nan")]),
+        _chunk("doc-v#3", vector=[*[0.5] * (DIM - 1), 1e39]),
+    ]
+    result = index.upsert([good[0], *bad, good[1]])
+    assert [i.status for i in result.items] == [ItemStatus.APPLIED, *[ItemStatus.REJECTED] * 3, ItemStatus.APPLIED]
+    assert [i.reason for i in result.items[1:4]] == [
+        "vector is all zeros (no cosine similarity)",
+        "vector has a NaN or infinite component",
+        "vector has a NaN or infinite component",
+    ]
+    assert set(index.get([c.chunk_id for c in good + bad])) == {c.chunk_id for c in good}
+
+
 def test_duplicate_ids_reports_keys_held_by_several_entities(
     index: MilvusVectorIndex, raw: MilvusClient, backend: Backend
 ) -> None:
