@@ -302,7 +302,7 @@ class Tuning:
     offer_batch_max: int
     mailbox_docs_max: int
     audit_interval_s: float
-    prepare_ahead: bool = True
+    prepare_ahead: int = RunSettings().prepare_ahead
 
     def describe(self) -> str:
         return ", ".join(f"run.{k}={v}" for k, v in self.__dict__.items())
@@ -782,8 +782,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-docs-max", type=int, default=defaults.batch_docs_max)
     parser.add_argument("--offer-batch-max", type=int, default=defaults.offer_batch_max)
     parser.add_argument("--mailbox-docs-max", type=int, default=defaults.mailbox_docs_max)
-    parser.add_argument("--no-prepare-ahead", dest="prepare_ahead", action="store_false",
-                        help="shards prepare a batch only once the last one committed (run.prepare_ahead: false)")  # fmt: skip
+    parser.add_argument("--prepare-ahead", type=int, default=defaults.prepare_ahead,
+                        help="full batches a shard prepares while one is written (0: none)")  # fmt: skip
     parser.add_argument("--audit-interval-s", type=float, default=0.0,
                         help="continuous audit in the service (0: off, as bench/audit.py measures it)")  # fmt: skip
     parser.add_argument("--docs-file", type=Path, default=Path("docs/benchmarks.md"),

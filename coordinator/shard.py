@@ -10,10 +10,13 @@ Plain Python, testable without Ray; ``lockstep/ray_runtime.py`` hosts one per Ra
   down) is *in flight*: newer events for it wait and coalesce until it commits.
 - ``step`` first retries in-flight intents (capped exponential backoff), then takes up to
   ``batch_docs_max`` waiting documents, prepares and drives them. It returns the seqs finished.
-- With ``prepare_ahead``, while a batch is driven (both index writes, then the commit), the next
-  batch is already taken and prepared on a helper thread: the CPU work of embedding and planning
-  overlaps the wait on the indexes. The two batches never share a document, so each document's
-  versions still apply one after the other; the next step drives the batch prepared ahead.
+- With ``prepare_ahead`` = N, while a batch is driven (both index writes, then the commit), up
+  to N further *full* batches are taken and prepared, in order, on a helper thread: the CPU work
+  of embedding and planning is done while the indexes are busy (a store's stall included)
+  instead of competing with them once they answer. Batches in flight never share a document, so
+  each document's versions still apply one after the other; each step drives the oldest batch
+  prepared ahead. Only full batches go ahead: under a light load a batch keeps gathering the
+  events that arrive while the last one is written, as it would without.
 - A document another writer holds (a rebuild's backfill has an intent for it) goes back to the
   mailbox for ``INTENT_CONFLICT_RETRY_S`` while the rest of its batch goes on.
 - Poison documents: when preparing a batch fails on the embedder, the shard isolates, preparing
@@ -26,7 +29,7 @@ Plain Python, testable without Ray; ``lockstep/ray_runtime.py`` hosts one per Ra
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -98,7 +101,7 @@ class ShardWorker:
         backoff: Backoff,
         clock: Callable[[], float],
         poison_attempts_max: int = 3,
-        prepare_ahead: bool = False,
+        prepare_ahead: int = 0,
     ) -> None:
         self.shard = shard
         self.engine = engine
@@ -120,10 +123,11 @@ class ShardWorker:
         self._prepared_batches = 0
         # doc_id -> (failures, prepared batches counted at its first failure)
         self._suspects: dict[str, tuple[int, int]] = {}
-        # The batch taken and being prepared on the helper thread while the last one is driven.
-        self._ahead: tuple[dict[str, _Waiting], Future[tuple[list[Intent], list[str]]]] | None = None
+        # Batches taken and prepared (or being prepared) on the helper thread, oldest first.
+        self.prepare_ahead = prepare_ahead
+        self._ahead: deque[tuple[dict[str, _Waiting], Future[tuple[list[Intent], list[str]]]]] = deque()
         self._helper = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{shard}") if prepare_ahead else None
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{shard}") if prepare_ahead > 0 else None
         )
 
     # --- mailbox ---------------------------------------------------------------------------
@@ -157,8 +161,8 @@ class ShardWorker:
             return []
         if self._in_flight:
             return self._retry_in_flight()
-        if self._ahead is not None:
-            (batch, prepared), self._ahead = self._ahead, None
+        if self._ahead:
+            batch, prepared = self._ahead.popleft()
             batch, intents, finished = self._settle(batch, prepared.result)
         else:
             batch = self._take()
@@ -191,15 +195,19 @@ class ShardWorker:
         return batch, intents, []
 
     def _prepare_next(self, exclude: Collection[str]) -> None:
-        """With ``prepare_ahead``: take the next batch (none of ``exclude``, the documents about
-        to be driven) and start preparing it on the helper thread. Not while isolating a poison
-        document, which goes one document per step."""
+        """With ``prepare_ahead``: take further full batches (none of ``exclude``, the documents
+        about to be driven, nor of a batch already ahead) and queue their prepare on the helper
+        thread. Not while isolating a poison document, which goes one document per step."""
         if self._helper is None or self._isolate:
             return
-        batch = self._take(exclude)
-        if batch:
+        busy = set(exclude).union(*(b.keys() for b, _ in self._ahead))
+        while len(self._ahead) < self.prepare_ahead:
+            batch = self._take(busy, full_only=True)
+            if not batch:
+                return
+            busy.update(batch)
             events = [w.event for w in batch.values()]
-            self._ahead = (batch, self._helper.submit(self.engine.prepare_some, events, self.fence))
+            self._ahead.append((batch, self._helper.submit(self.engine.prepare_some, events, self.fence)))
 
     def _hold(self, batch: dict[str, _Waiting], held: set[str]) -> dict[str, _Waiting]:
         """Another writer (a rebuild's backfill) holds these documents: they go back to the
@@ -212,7 +220,9 @@ class ShardWorker:
             self._held_until.update(dict.fromkeys(held, until))
         return {k: w for k, w in batch.items() if k not in held}
 
-    def _take(self, exclude: Collection[str] = ()) -> dict[str, _Waiting]:
+    def _take(self, exclude: Collection[str] = (), *, full_only: bool = False) -> dict[str, _Waiting]:
+        """Up to a batch of waiting documents (none in flight, excluded or held back); with
+        ``full_only``, nothing unless a whole batch is waiting."""
         limit = 1 if self._isolate else self.batch_docs_max
         with self._lock:
             now = self.clock() if self._held_until else 0.0
@@ -220,6 +230,8 @@ class ShardWorker:
                 k for k in self._waiting
                 if k not in self._in_flight and k not in exclude and self._held_until.get(k, 0.0) <= now
             ][:limit]
+            if full_only and len(keys) < limit:
+                return {}
             for k in keys:
                 self._held_until.pop(k, None)
             return {k: self._waiting.pop(k) for k in keys}
@@ -335,10 +347,10 @@ class ShardWorker:
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not self._waiting and not self._in_flight and self._ahead is None
+            return not self._waiting and not self._in_flight and not self._ahead
 
     def close(self) -> None:
-        """Wait for a prepare running ahead (its intents stay prepared, for the next start)."""
+        """Wait for the prepares running ahead (their intents stay prepared, for the next start)."""
         if self._helper is not None:
             self._helper.shutdown(wait=True)
 

@@ -235,7 +235,7 @@ class ShardConfig:
     mailbox_docs_max: int
     batch_docs_max: int
     log_level: str
-    prepare_ahead: bool = True
+    prepare_ahead: int = 0
 
 
 @ray.remote(max_concurrency=ACTOR_CONCURRENCY)

@@ -194,9 +194,9 @@ class RunSettings(_Frozen):
     mailbox_docs_max: int = Field(default=2000, ge=1)
     # Documents a shard prepares and applies together in one step.
     batch_docs_max: int = Field(default=200, ge=1)
-    # Each shard prepares (plans, embeds, records intents for) its next batch while the current
-    # one is written to the indexes: CPU work overlaps the wait on the stores.
-    prepare_ahead: bool = True
+    # Full batches a shard prepares (plans, embeds, records intents for) while its current one
+    # is written to the indexes, so that CPU work overlaps the wait on the stores (0: none).
+    prepare_ahead: int = Field(default=2, ge=0, le=16)
     # Envelopes the reader sends to one shard per Ray call.
     offer_batch_max: int = Field(default=500, ge=1)
     # How long shutdown waits for in-flight work to commit before giving up.

@@ -54,12 +54,12 @@ class Rig:
         raise AssertionError("the shard did not become idle")
 
 
-@pytest.fixture(params=[False, True], ids=["one-batch-at-a-time", "prepare-ahead"])
+@pytest.fixture(params=[0, 2], ids=["one-batch-at-a-time", "prepare-ahead"])
 def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
     yield from _rig(tmp_path, batch_docs_max=10, prepare_ahead=request.param)
 
 
-def _rig(tmp_path: Path, *, batch_docs_max: int, prepare_ahead: bool) -> Iterator[Rig]:
+def _rig(tmp_path: Path, *, batch_docs_max: int, prepare_ahead: int, mailbox_docs_max: int = 4) -> Iterator[Rig]:
     ledger = SqliteLedger(tmp_path / "ledger.db")
     embedder = FaultyEmbedder(HashingEmbedder(dim=32))
     vector = FaultyIndex(MilvusVectorIndex(VectorSettings(uri=str(tmp_path / "m.db")), dim=32))
@@ -76,7 +76,8 @@ def _rig(tmp_path: Path, *, batch_docs_max: int, prepare_ahead: bool) -> Iterato
     )
     clock = Clock()
     worker = ShardWorker(
-        0, engine, fence=None, mailbox_docs_max=4, batch_docs_max=batch_docs_max, backoff=Backoff(), clock=clock,
+        0, engine, fence=None, mailbox_docs_max=mailbox_docs_max, batch_docs_max=batch_docs_max, backoff=Backoff(),
+        clock=clock,
         prepare_ahead=prepare_ahead,
     )  # fmt: skip
     yield Rig(worker, ledger, embedder, vector, clock)
@@ -211,7 +212,7 @@ def test_a_document_held_in_the_generation_being_built_is_withdrawn_from_the_act
 @pytest.fixture
 def ahead(tmp_path: Path) -> Iterator[Rig]:
     """One document per batch, preparing the next batch while the current one is driven."""
-    yield from _rig(tmp_path, batch_docs_max=1, prepare_ahead=True)
+    yield from _rig(tmp_path, batch_docs_max=1, prepare_ahead=1)
 
 
 def _pending_soon(rig: Rig, doc_ids: list[str], timeout_s: float = 10.0) -> None:
@@ -292,3 +293,23 @@ def test_reordered_and_repeated_histories_end_at_the_newest_versions_and_never_g
         f"d{n}": 5 for n in range(6)
     }
     assert ahead.ledger.pending() == []
+
+
+def test_only_full_batches_go_ahead_and_they_are_driven_in_order(tmp_path: Path) -> None:
+    """Batches of two, two ahead: while a,b is driven, c,d and e,f are prepared; g alone is not
+    a full batch, so it keeps waiting (gathering newer events) until the shard gets to it."""
+    built = _rig(tmp_path, batch_docs_max=2, prepare_ahead=2, mailbox_docs_max=10)
+    rig = next(built)
+    try:
+        rig.worker.offer([Envelope(i, _up(d, 1)) for i, d in enumerate("abcdefg")])
+        assert sorted(rig.worker.step()) == [0, 1]
+        _pending_soon(rig, list("cdef"))
+        rig.worker.offer([Envelope(7, _up("g", 2))])
+        assert sorted(rig.worker.step()) == [2, 3]
+        assert sorted(i.doc_id for i in rig.ledger.pending()) == list("ef"), "g is not prepared ahead alone"
+        assert sorted(rig.worker.step()) == [4, 5]
+        assert sorted(rig.worker.step()) == [6, 7]
+        assert rig.worker.idle and rig.ledger.pending() == []
+        assert {d: s.version for d, s in rig.ledger.get_docs("abcdefg").items()} == dict.fromkeys("abcdef", 1) | {"g": 2}
+    finally:
+        next(built, None)  # the rig's teardown
