@@ -114,8 +114,10 @@ def _assert_converged(config: Path, final: dict[str, dict[str, Any] | None]) -> 
 @pytest.mark.parametrize("point", PROTOCOL_POINTS)
 def test_a_kill_at_any_crash_point_converges_after_restart(tmp_path: Path, point: str) -> None:
     """SIGKILL of the whole service at each protocol boundary, then a restart: both indexes equal
-    the source, with no duplicate entity, no chunk of a deleted document and nothing pending."""
-    config = _config(tmp_path)
+    the source, with no duplicate entity, no chunk of a deleted document and nothing pending.
+    Batches of 20 (about 75 documents per shard) so that batches are also prepared ahead, and a
+    kill may land in a prepare running beside a drive."""
+    config = _config(tmp_path, run={"shards": 2, "http_port": 0, "batch_docs_max": 20, "prepare_ahead": 2})
     events, final = _history(docs=150, versions=2, seed=PROTOCOL_POINTS.index(point))
     _append(tmp_path, events)
     crashed = _run(config, "--exit-when-idle", "--crash-at", point)
@@ -132,11 +134,13 @@ def test_reordered_and_duplicated_histories_end_at_the_newest_version(
     tmp_path: Path, opensearch_api_url: str, lite_server: Any
 ) -> None:
     """Versions shuffled within a window and each event sent 1-3 times: the final state is each
-    document's newest version, and versions observed in both stores never go back."""
+    document's newest version, and versions observed in both stores never go back. Small batches,
+    so that shards prepare batches ahead and the OpenSearch writer takes two at once."""
     suffix = uuid.uuid4().hex[:8]
     keyword = {"kind": "opensearch", "url": opensearch_api_url, "index": f"order-{suffix}"}
     vector = {"uri": lite_server.uri, "collection": f"order_{suffix}"}
-    config = _config(tmp_path, keyword=keyword, vector=vector)
+    run = {"shards": 2, "http_port": 0, "batch_docs_max": 4, "prepare_ahead": 2}
+    config = _config(tmp_path, keyword=keyword, vector=vector, run=run)
     events, final = _history(docs=60, versions=6, seed=11)
     rng = random.Random(5)
     shuffled = [e for e in _shuffle_within(events, window=8, rng=rng) for _ in range(rng.randint(1, 3))]
