@@ -85,6 +85,8 @@ class ShardStatus:
     retries: dict[str, int]
     apply_seconds: dict[str, float]
     apply_writes: dict[str, int]
+    # Documents in batches taken and prepared ahead (``prepare_ahead``), not yet driven.
+    ahead_docs: int = 0
 
 
 class ShardWorker:
@@ -342,6 +344,8 @@ class ShardWorker:
                 dict(self.engine.stats.side_retries),
                 dict(self.engine.stats.side_seconds),
                 dict(self.engine.stats.side_writes),
+                # A copy first: the loop thread changes the deque without this lock.
+                sum(len(batch) for batch, _ in tuple(self._ahead)),
             )
 
     @property

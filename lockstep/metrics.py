@@ -53,6 +53,10 @@ class Metrics:
         self.waiting = Gauge(
             "lockstep_shard_waiting_docs", "Documents waiting per shard.", ["shard"], registry=r
         )
+        self.ahead = Gauge(
+            "lockstep_shard_ahead_docs", "Documents in batches a shard prepared ahead, not yet written.", ["shard"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "lockstep_prepared_intents", "Prepared, uncommitted intents per shard.", ["shard"], registry=r
         )
@@ -82,6 +86,7 @@ class Metrics:
             self.apply_writes.labels(side).inc(self._delta(status.shard, f"writes:{side}", n))
         self.waiting.labels(str(status.shard)).set(status.waiting_docs)
         self.in_flight.labels(str(status.shard)).set(status.in_flight_docs)
+        self.ahead.labels(str(status.shard)).set(status.ahead_docs)
 
     def absorb(self, shard: int, stats: dict[str, int], retries: dict[str, int] | None = None) -> None:
         """Turn a shard's cumulative counters into counter increments."""

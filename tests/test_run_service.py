@@ -501,7 +501,8 @@ def test_metrics_absorb_every_figure_a_shard_reports() -> None:
     stats = dict.fromkeys(("events", "applied_events", "stale_events", "coalesced_events", "dead_letters",
                            "upserted_chunks", "rewritten_chunks", "deleted_chunks", "skipped_chunks",
                            "embed_calls", "cache_hits"), 3)
-    metrics.absorb_status(ShardStatus(0, 1, 2, 0, "", stats, {"vector": 1}, {"keyword": 0.5}, {"keyword": 2}))
+    metrics.absorb_status(ShardStatus(0, 1, 2, 0, "", stats, {"vector": 1}, {"keyword": 0.5}, {"keyword": 2}, 4))
+    assert metrics.ahead.labels("0")._value.get() == 4
     assert metrics.apply_seconds.labels("keyword")._value.get() == 0.5
     assert metrics.apply_writes.labels("keyword")._value.get() == 2
     assert metrics.events.labels("applied")._value.get() == 3

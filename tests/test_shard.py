@@ -231,6 +231,7 @@ def test_the_next_batch_is_prepared_while_the_current_one_is_driven(ahead: Rig) 
     assert sorted(ahead.ledger.get_docs("abc")) == ["a"]
     _pending_soon(ahead, ["b"])
     assert not ahead.worker.idle, "a batch prepared ahead is work still to do"
+    assert ahead.worker.status().ahead_docs == 1
     assert ahead.worker.step() == [1]
     _pending_soon(ahead, ["c"])
     assert ahead.worker.step() == [2]
