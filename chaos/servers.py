@@ -28,6 +28,7 @@ Two quirks of the ``milvus`` PyPI package are worked around in ``RealMilvusServe
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,8 +67,12 @@ LOG_TAIL_LINES_MAX = 40
 # has expired (default 30 s). A single local server loses nothing by noticing sooner, and fault
 # tests wait a third as long. A pause() longer than this lets the session expire: keep pauses short.
 MILVUS_SESSION_TTL_S = 10
-# A first start whose freshly chosen ports were taken meanwhile is tried on new ports this often.
+# A start that finds one of its ports taken is tried this often (see RealMilvusServer.start).
 MILVUS_PORT_ATTEMPTS = 3
+# The ports a restart of Milvus 2.3.5 must keep: the URI clients hold, and the embedded etcd's
+# client port written into its own config file. Its other ports are internal: components find
+# each other through etcd, so a restart may move them.
+MILVUS_FIXED_PORT_KEYS = frozenset({"proxy_port", "etcd_port"})
 
 
 class ServerStartError(RuntimeError):
@@ -387,6 +392,12 @@ def _milvus_config(base_dir: Path) -> tuple[_ReusingConfig, int]:
     return config, free_port()
 
 
+def _taken_port_key(exc: RuntimeError) -> str | None:
+    """The config key of the port the milvus package found taken ("set K=N, but bind failed")."""
+    found = re.search(r"set (\w+)=\d+, but bind failed", str(exc))
+    return found.group(1) if found else None
+
+
 class RealMilvusServer(ManagedServer):
     """The Milvus 2.3.5 standalone server, in its own base directory, on ports of its own.
 
@@ -422,13 +433,19 @@ class RealMilvusServer(ManagedServer):
                 self.server.start()
                 break
             except RuntimeError as exc:
-                # One of its dozen free ports was taken between choosing it and the package's
-                # own bind check (another server starting, a port in TIME_WAIT). Before the
-                # first start nothing holds on to these ports: choose others. A restart must
-                # keep them (same URI, same data), so it fails instead.
-                if "bind failed" not in str(exc) or self._started_once or attempt == MILVUS_PORT_ATTEMPTS:
+                # One of its dozen ports was taken before the package's own bind check: by
+                # another server starting, or, while this one was down, as the local port of
+                # some outgoing connection. Before the first start nothing holds on to these
+                # ports: choose them all anew. A restart keeps the URI and etcd's port and moves
+                # only the internal port that was taken.
+                taken = _taken_port_key(exc)
+                fixed = self._started_once and taken in MILVUS_FIXED_PORT_KEYS
+                if taken is None or fixed or attempt == MILVUS_PORT_ATTEMPTS:
                     raise ServerStartError(f"Milvus 2.3.5 did not start: {exc}") from exc
-                self._configure()
+                if self._started_once:
+                    self.server.config.update(**{taken: free_port()})
+                else:
+                    self._configure()
         self._started_once = True
         describe = f"Milvus 2.3.5 (log {self._log})"
         try:

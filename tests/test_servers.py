@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -145,6 +146,31 @@ def test_real_milvus_kill9_and_restart_keeps_data(real_milvus: RealMilvusServer)
     try:
         idx.ensure()
         assert _count_when_readable(idx) == 20
+    finally:
+        idx.drop()
+        idx.close()
+
+
+def test_real_milvus_restart_moves_an_internal_port_taken_while_it_was_down(real_milvus: RealMilvusServer) -> None:
+    """An internal port taken while the server is down (as the local port of some outgoing
+    connection) does not stop the restart: that port moves, the URI and the data stay."""
+    idx = MilvusVectorIndex(VectorSettings(uri=real_milvus.uri, collection="servers_port_taken"), dim=DIM)
+    idx.ensure()
+    idx.upsert([_chunk(n) for n in range(5)])
+    idx.close()
+    key, uri = "index_coord_port", real_milvus.uri
+    port = int(real_milvus.server.config.configs[key])
+    real_milvus.stop()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        real_milvus.start()
+    assert real_milvus.uri == uri
+    assert int(real_milvus.server.config.configs[key]) != port
+    idx = MilvusVectorIndex(VectorSettings(uri=real_milvus.uri, collection="servers_port_taken"), dim=DIM)
+    try:
+        idx.ensure()
+        assert _count_when_readable(idx) == 5
     finally:
         idx.drop()
         idx.close()
