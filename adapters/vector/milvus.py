@@ -859,15 +859,14 @@ def _vector_matrix(chunks: Sequence[IndexedChunk], dim: int) -> tuple[np.ndarray
             # A float beyond float32's range becomes infinite, as it would in Milvus.
             matrix = np.asarray([c.vector for c in chunks], dtype=np.float32)
     except (TypeError, ValueError):
+        matrix = None
+    if matrix is None or matrix.shape != (len(chunks), dim):
         matrix = np.zeros((len(chunks), dim), dtype=np.float32)
         reasons = {i: r for i, c in enumerate(chunks) if (r := _vector_rejection(c.vector, dim))}
         for i, c in enumerate(chunks):
             if i not in reasons:
                 matrix[i] = np.asarray(c.vector, dtype=np.float32)
         return matrix, reasons
-    if matrix.shape != (len(chunks), dim):
-        reasons = {i: r for i, c in enumerate(chunks) if (r := _vector_rejection(c.vector, dim))}
-        return np.zeros((len(chunks), dim), dtype=np.float32), reasons
     not_finite = set(np.flatnonzero(~np.isfinite(matrix).all(axis=1)).tolist())
     all_zeros = set(np.flatnonzero(~matrix.any(axis=1)).tolist())
     return matrix, {
