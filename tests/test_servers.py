@@ -143,12 +143,7 @@ def test_real_milvus_kill9_and_restart_keeps_data(real_milvus: RealMilvusServer)
     old_pid = real_milvus.pid
     real_milvus.kill9_and_restart()
     assert real_milvus.pid not in (None, old_pid)
-    try:
-        idx.ensure()
-        assert _count_when_readable(idx) == 20
-    finally:
-        idx.drop()
-        idx.close()
+    _assert_holds_then_drop(idx, 20)
 
 
 def test_real_milvus_restart_moves_an_internal_port_taken_while_it_was_down(real_milvus: RealMilvusServer) -> None:
@@ -167,10 +162,16 @@ def test_real_milvus_restart_moves_an_internal_port_taken_while_it_was_down(real
         real_milvus.start()
     assert real_milvus.uri == uri
     assert int(real_milvus.server.config.configs[key]) != port
-    idx = MilvusVectorIndex(VectorSettings(uri=real_milvus.uri, collection="servers_port_taken"), dim=DIM)
+    _assert_holds_then_drop(
+        MilvusVectorIndex(VectorSettings(uri=real_milvus.uri, collection="servers_port_taken"), dim=DIM), 5
+    )
+
+
+def _assert_holds_then_drop(idx: MilvusVectorIndex, rows: int) -> None:
+    """After a restart: the collection is back with all its rows; then it is dropped."""
     try:
         idx.ensure()
-        assert _count_when_readable(idx) == 5
+        assert _count_when_readable(idx) == rows
     finally:
         idx.drop()
         idx.close()
