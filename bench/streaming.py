@@ -15,6 +15,9 @@ measures, in one run:
    JSONL of ``--events`` events; the applied rate is taken from ``/metrics``
    (``lockstep_events_total{outcome="applied"}``, polled) between ``STEADY_FROM`` and
    ``STEADY_TO`` of the events, so Ray and actor start-up are left out. Repeated per shard count.
+   Over the same window, the cores each part used (``bench/cpu.py``, from ``/proc``): each store
+   server, the shard actors, the index writer actors, the service's driver, Ray's own processes,
+   this harness, the rest of the machine, and what stayed idle.
 3. *Freshness lag*: the service in follow mode, with events appended to its JSONL at
    ``FRESHNESS_LOAD`` of the best measured rate; each event's lag runs from the moment its line
    was flushed to the file until the ledger shows its version committed (polled from here).
@@ -37,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +59,7 @@ from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.sqlite import SqliteLedger
 from adapters.vector.milvus import UPSERT_BATCH_ROWS_MAX, MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
+from bench import cpu
 from bench.incremental import expected_chunks, machine
 from bench.results_doc import write_results
 from chaos.servers import OpenSearchApiServer, RealMilvusServer, free_port
@@ -458,9 +462,52 @@ class ThroughputRun:
     events_per_s: float
     write_s_mean: dict[str, float]
     violations: list[Violation]
+    # Cores per part of the machine over the steady window (see CPU_PARTS); empty if the window
+    # held fewer than two snapshots.
+    cpu_cores: dict[str, float] = field(default_factory=dict)
 
 
 Sample = tuple[float, float]
+
+# The parts of the machine the CPU table names, in its column order.
+KEYWORD_STORE = "keyword store"
+VECTOR_STORE = "vector store"
+SHARD_ACTORS = "shard actors"
+WRITER_ACTORS = "index writer actors"
+DRIVER = "service driver"
+RAY_SYSTEM = "Ray system"
+HARNESS = "benchmark harness"
+CPU_PARTS = (KEYWORD_STORE, VECTOR_STORE, SHARD_ACTORS, WRITER_ACTORS, DRIVER, RAY_SYSTEM, HARNESS,
+             cpu.OTHER, cpu.IDLE)  # fmt: skip
+
+
+def classifier(stores: dict[int, str], service_pid: int) -> cpu.Classifier:
+    """Group processes: the store servers (and their children), the service's session (its
+    driver, Ray's processes, the actors), this harness; the rest of the machine is left out."""
+    harness = os.getpid()
+
+    def classify(info: cpu.ProcInfo, table: Mapping[int, cpu.ProcInfo]) -> str | None:
+        for pid, part in stores.items():
+            if cpu.descends_from(info, pid, table):
+                return part
+        if info.session == service_pid or cpu.descends_from(info, service_pid, table):
+            if info.pid == service_pid:
+                return DRIVER
+            if "ray::ShardActor" in info.cmdline:
+                return SHARD_ACTORS
+            if "ray::IndexWriterActor" in info.cmdline:
+                return WRITER_ACTORS
+            return RAY_SYSTEM
+        return HARNESS if info.pid == harness else None
+
+    return classify
+
+
+def window_cores(snapshots: Sequence[tuple[float, cpu.CpuSnapshot]], start: float, end: float) -> dict[str, float]:
+    """Cores per part between the first snapshot at or after ``start`` and the last at or before
+    ``end`` (times since the service started)."""
+    inside = [snap for t, snap in snapshots if start <= t <= end]
+    return cpu.cores(inside[0], inside[-1]) if len(inside) >= 2 else {}
 
 
 def crossing(samples: Sequence[Sample], level: float) -> float:
@@ -471,15 +518,24 @@ def crossing(samples: Sequence[Sample], level: float) -> float:
     raise ValueError(f"the applied count never crossed {level}")
 
 
+def steady_window(samples: Sequence[Sample], events: int) -> tuple[float, float]:
+    """When STEADY_FROM and STEADY_TO of ``events`` had been applied."""
+    return crossing(samples, STEADY_FROM * events), crossing(samples, STEADY_TO * events)
+
+
 def steady_rate(samples: Sequence[Sample], events: int) -> tuple[float, float]:
     """Events/s between STEADY_FROM and STEADY_TO of ``events`` applied, and that window's length."""
-    start, end = crossing(samples, STEADY_FROM * events), crossing(samples, STEADY_TO * events)
+    start, end = steady_window(samples, events)
     return (STEADY_TO - STEADY_FROM) * events / (end - start), end - start
 
 
-def scrape_until_exit(service: Service) -> tuple[list[Sample], dict[str, float], int]:
-    """Scrape /metrics until the process exits: the applied counts, the last scrape, the status."""
+def scrape_until_exit(
+    service: Service, classify: cpu.Classifier
+) -> tuple[list[Sample], list[tuple[float, cpu.CpuSnapshot]], dict[str, float], int]:
+    """Scrape /metrics until the process exits: the applied counts, a CPU snapshot per scrape,
+    the last scrape, the exit status."""
     samples: list[Sample] = [(0.0, 0.0)]
+    snapshots: list[tuple[float, cpu.CpuSnapshot]] = []
     last: dict[str, float] = {}
     deadline = service.started + RUN_TIMEOUT_S
     while service.process.poll() is None:
@@ -490,8 +546,10 @@ def scrape_until_exit(service: Service) -> tuple[list[Sample], dict[str, float],
         if metrics is not None and APPLIED in metrics:
             samples.append((time.monotonic() - service.started, metrics[APPLIED]))
             last = metrics
+        snap = cpu.snapshot(classify)
+        snapshots.append((snap.at - service.started, snap))
         time.sleep(METRICS_POLL_S)
-    return samples, last, service.wait_exit(STOP_TIMEOUT_S)
+    return samples, snapshots, last, service.wait_exit(STOP_TIMEOUT_S)
 
 
 def write_s_mean(metrics: dict[str, float]) -> dict[str, float]:
@@ -506,22 +564,24 @@ def write_s_mean(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def measure_throughput(work: Path, servers: tuple[str, str], docs: Sequence[Doc], shards: int,
-                       tuning: Tuning) -> ThroughputRun:  # fmt: skip
-    """``lockstep run --exit-when-idle`` on all ``docs``; the steady-state applied rate."""
+                       tuning: Tuning, stores: dict[int, str]) -> ThroughputRun:  # fmt: skip
+    """``lockstep run --exit-when-idle`` on all ``docs``; the steady-state applied rate and the
+    cores each part of the machine used meanwhile (``stores``: server pid -> part)."""
     inst = install(work, f"s{shards}", *servers, shards, tuning)
     write_events(inst.events, docs)
     _say(f"lockstep run, {shards} shard(s), {len(docs)} events")
     with running(inst, exit_when_idle=True) as service:
-        samples, last, status = scrape_until_exit(service)
+        samples, snapshots, last, status = scrape_until_exit(service, classifier(stores, service.process.pid))
         wall_s = time.monotonic() - service.started
     if status != 0:
         raise RuntimeError(f"lockstep run exited with {status}; see {inst.log}")
     first = next(t for t, v in samples if v > 0)
     rate, steady_s = steady_rate(samples, len(docs))
+    cores = window_cores(snapshots, *steady_window(samples, len(docs)))
     _say(f"{shards} shard(s): {rate:.1f} events/s over {steady_s:.1f} s; verifying both indexes")
     violations = verify(inst, docs)
     _settle()
-    return ThroughputRun(shards, len(docs), first, wall_s, steady_s, rate, write_s_mean(last), violations)
+    return ThroughputRun(shards, len(docs), first, wall_s, steady_s, rate, write_s_mean(last), violations, cores)
 
 
 # --- freshness lag ------------------------------------------------------------------------------
@@ -676,6 +736,7 @@ def report(r: Results, stores: str) -> str:
         *_ceiling_rows(c),
         *(_run_row(run, c) for run in r.runs),
         "",
+        *_cpu_table(r.runs),
         f"| freshness run ({f.shards} shard(s), {f.target_per_s:.0f} events/s = {FRESHNESS_LOAD:.0%} of the best "
         f"rate, {f.appended} events over {f.append_s:.1f} s) | value |",
         "|---|--:|",
@@ -716,6 +777,26 @@ def _run_row(run: ThroughputRun, c: Ceiling) -> str:
              f"vector {run.write_s_mean['vector']:.2f} s)")  # fmt: skip
     rate = run.events_per_s
     return f"| {label} | {rate * CHUNKS_PER_DOC:.0f} | {rate:.1f} | {rate / c.events_per_s:.2f} |"
+
+
+def _cpu_table(runs: Sequence[ThroughputRun]) -> list[str]:
+    """Cores each part used in each run's steady window; nothing if no run has the figures."""
+    measured = [run for run in runs if run.cpu_cores]
+    if not measured:
+        return []
+    return [
+        f"Cores used in each run's steady window, of {os.cpu_count()} (`bench/cpu.py`; {cpu.OTHER}: "
+        "everything else that ran; a process that ended inside the window is not counted):",
+        "",
+        f"| run | {' | '.join(CPU_PARTS)} |",
+        f"|---|{'--:|' * len(CPU_PARTS)}",
+        *(_cpu_row(run) for run in measured),
+        "",
+    ]
+
+
+def _cpu_row(run: ThroughputRun) -> str:
+    return f"| {run.shards} shard(s) | " + " | ".join(f"{run.cpu_cores.get(p, 0.0):.2f}" for p in CPU_PARTS) + " |"
 
 
 def _load(load: tuple[float, float, float]) -> str:
@@ -762,13 +843,20 @@ def run_all(work: Path, args: argparse.Namespace, tuning: Tuning) -> tuple[Resul
         stores = "OpenSearch-API server (osmem-server) + Milvus 2.3.5 server, SQLite ledger"
         servers = (search.url, milvus.uri)
         ceiling = measure_ceiling(search.url, milvus.uri, rows, tuning.batch_docs_max * CHUNKS_PER_DOC)
-        runs = [measure_throughput(work, servers, docs, n, tuning) for n in args.shards]
+        server_pids = {_pid(search): KEYWORD_STORE, _pid(milvus): VECTOR_STORE}
+        runs = [measure_throughput(work, servers, docs, n, tuning, server_pids) for n in args.shards]
         best = max(runs, key=lambda r: r.events_per_s)
         rate = FRESHNESS_LOAD * best.events_per_s
         fresh_docs = make_docs(max(1, round(rate * args.freshness_s)), args.seed + 1)
         freshness = measure_freshness(work, servers, fresh_docs, best.shards, rate, tuning)
     results = Results(args.events, args.seed, tuning, ceiling, runs, freshness, load_before, os.getloadavg())
     return results, stores
+
+
+def _pid(server: OpenSearchApiServer | RealMilvusServer) -> int:
+    pid = server.pid
+    assert pid is not None, "the server runs while the benchmark does"
+    return pid
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
