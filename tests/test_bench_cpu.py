@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,15 +24,15 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for p in started:
-        p.kill()
+        os.killpg(p.pid, signal.SIGKILL)  # the whole group: the shell's busy child too
         p.wait()
 
 
 def test_a_busy_process_tree_is_charged_to_its_group_and_a_sleeper_to_almost_nothing(
     children: list[subprocess.Popen[bytes]],
 ) -> None:
-    busy = subprocess.Popen(["/bin/sh", "-c", BUSY_GRANDCHILD])
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    busy = subprocess.Popen(["/bin/sh", "-c", BUSY_GRANDCHILD], start_new_session=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     children += [busy, sleeper]
     time.sleep(0.5)  # let the shell start its child
 
