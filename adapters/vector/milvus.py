@@ -33,6 +33,8 @@ on, and why (see shared/reference/semantics.md, "Milvus"):
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -120,6 +122,29 @@ EMBEDDER_PROPERTY = "lockstep.embedder"
 ALIAS_NOT_FOUND_CODES = frozenset({100, 1600})
 
 T = TypeVar("T")
+
+
+class QuietMissingAlias(logging.Filter):
+    """Drops pymilvus's ERROR record (with a traceback) of a describe_alias that found no alias.
+
+    pymilvus logs every failed call at ERROR before raising. ``alias_target`` asks for an alias
+    that does not exist yet at every first start, and answers None: an expected outcome, handled,
+    that would otherwise print a traceback on a newcomer's first run. Every other failure,
+    describe_alias's included, is still logged.
+    """
+
+    _CALL = "RPC error: [describe_alias]"
+    _MISSING = re.compile(r"alias\b.*\b(not found|does not exist)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first_line = record.getMessage().split("\n", 1)[0]
+        return not (first_line.startswith(self._CALL) and self._MISSING.search(first_line))
+
+
+# pymilvus's logger of failed calls (``pymilvus/decorators.py``).
+PYMILVUS_CALL_LOGGER = "pymilvus.decorators"
+_quiet_missing_alias = QuietMissingAlias()
+logging.getLogger(PYMILVUS_CALL_LOGGER).addFilter(_quiet_missing_alias)
 
 
 class MilvusVectorIndex:

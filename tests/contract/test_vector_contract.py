@@ -30,7 +30,12 @@ from pydantic import SecretStr
 from pymilvus import DataType, MilvusClient
 from structlog.testing import capture_logs
 
-from adapters.vector.milvus import SCAN_PAGE_ROWS_MAX, MilvusVectorIndex
+from adapters.vector.milvus import (
+    PYMILVUS_CALL_LOGGER,
+    SCAN_PAGE_ROWS_MAX,
+    MilvusVectorIndex,
+    QuietMissingAlias,
+)
 from adapters.vector.settings import VectorSettings
 from coordinator.errors import ConfigError, PermanentStoreError, TransientStoreError
 from coordinator.model import ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
@@ -474,6 +479,31 @@ def test_alias_target_refuses_a_collection_name(index: MilvusVectorIndex) -> Non
     """A collection's own name is not an alias: asking for its target is an error, not None."""
     with pytest.raises(PermanentStoreError, match="is a collection, not an alias"):
         index.alias_target(index.name)
+
+
+def test_a_missing_alias_is_answered_without_an_error_in_the_log(
+    index: MilvusVectorIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pymilvus logs every failed call at ERROR, with a traceback. An alias that does not exist
+    yet (every first start asks) is an expected answer, None: nothing reaches the log."""
+    with caplog.at_level(logging.DEBUG):
+        assert index.alias_target(f"a_{uuid.uuid4().hex}") is None
+    assert [r.getMessage()[:120] for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize(
+    ("message", "kept"),
+    [
+        ("RPC error: [describe_alias], <MilvusException: (code=100, message=alias 'x_live' does not exist)>", False),
+        ("RPC error: [describe_alias], <MilvusException: (code=1600, message=alias not found[alias=x])>", False),
+        ("RPC error: [describe_alias], <MilvusException: (code=2, message=Fail connecting to server)>", True),
+        ("RPC error: [search], <MilvusException: (code=1600, message=alias not found[alias=x])>", True),
+        ("Unexpected error: [describe_alias], boom\nTraceback:\nalias not found", True),
+    ],
+)
+def test_only_the_missing_alias_record_of_pymilvus_is_dropped(message: str, kept: bool) -> None:
+    record = logging.LogRecord(PYMILVUS_CALL_LOGGER, logging.ERROR, __file__, 1, message, None, None)
+    assert QuietMissingAlias().filter(record) is kept
 
 
 # --- the model guard ---------------------------------------------------------------------------
