@@ -284,14 +284,22 @@ def fresh_stores(url: str, uri: str, name: str) -> Iterator[tuple[str, str]]:
         vector.close()
 
 
+def keyword_raw_requests(index: str, rows: Sequence[ChunkRow], rows_per_request: int) -> list[list[str]]:
+    """The ``_bulk`` requests of ``rows`` in lockstep's request size (at most BULK_ITEMS_MAX)."""
+    return [bulk_body(index, b) for b in split(rows, min(rows_per_request, BULK_ITEMS_MAX))]
+
+
+def vector_raw_requests(rows: Sequence[ChunkRow], rows_per_request: int) -> list[list[dict[str, Any]]]:
+    """The ``upsert`` requests of ``rows`` in lockstep's request size (at most UPSERT_BATCH_ROWS_MAX)."""
+    return [milvus_rows(b) for b in split(rows, min(rows_per_request, UPSERT_BATCH_ROWS_MAX))]
+
+
 def measure_ceiling(url: str, uri: str, rows: Sequence[ChunkRow], rows_per_request: int) -> Ceiling:
     """Each store alone, then both at once, on fresh indexes, in lockstep's request sizes."""
-    keyword_size = min(rows_per_request, BULK_ITEMS_MAX)
-    vector_size = min(rows_per_request, UPSERT_BATCH_ROWS_MAX)
-    vector_requests = [milvus_rows(b) for b in split(rows, vector_size)]
+    vector_requests = vector_raw_requests(rows, rows_per_request)
 
     def keyword_requests(index: str) -> list[list[str]]:
-        return [bulk_body(index, b) for b in split(rows, keyword_size)]
+        return keyword_raw_requests(index, rows, rows_per_request)
 
     _say(f"raw ceiling: {len(rows)} rows, keyword alone")
     with fresh_stores(url, uri, "kw") as (index, _):
@@ -316,11 +324,9 @@ def measure_slower_again(url: str, uri: str, rows: Sequence[ChunkRow], ceiling: 
     _say(f"raw ceiling again: {ceiling.slower.store} alone")
     with fresh_stores(url, uri, "again") as (index, collection):
         if ceiling.slower_is_keyword:
-            requests = [bulk_body(index, b) for b in split(rows, min(size, BULK_ITEMS_MAX))]
-            rate = write_keyword_raw(url, index, requests)
+            rate = write_keyword_raw(url, index, keyword_raw_requests(index, rows, size))
         else:
-            batches = [milvus_rows(b) for b in split(rows, min(size, UPSERT_BATCH_ROWS_MAX))]
-            rate = write_vector_raw(uri, collection, batches)
+            rate = write_vector_raw(uri, collection, vector_raw_requests(rows, size))
     _settle()
     return rate
 

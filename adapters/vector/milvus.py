@@ -143,8 +143,7 @@ class QuietMissingAlias(logging.Filter):
 
 # pymilvus's logger of failed calls (``pymilvus/decorators.py``).
 PYMILVUS_CALL_LOGGER = "pymilvus.decorators"
-_quiet_missing_alias = QuietMissingAlias()
-logging.getLogger(PYMILVUS_CALL_LOGGER).addFilter(_quiet_missing_alias)
+logging.getLogger(PYMILVUS_CALL_LOGGER).addFilter(QuietMissingAlias())
 
 
 class MilvusVectorIndex:
