@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -207,6 +208,35 @@ def test_tiered_cache_answers_recent_vectors_from_memory_exactly_as_the_ledger_w
         assert tiered.get_many("other-model", ["a"]) == {}
     finally:
         ledger.close()
+
+
+def test_a_ledger_made_with_the_old_embeddings_table_keeps_its_vectors(tmp_path: Path) -> None:
+    """Ledger files made before the embeddings table became a rowid table keep their WITHOUT
+    ROWID table: the vectors stored there are answered, and new ones are stored beside them."""
+    path = tmp_path / "ledger.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE embeddings (model TEXT NOT NULL, content_hash TEXT NOT NULL, vector BLOB NOT NULL,"
+        " PRIMARY KEY (model, content_hash)) WITHOUT ROWID"
+    )
+    old.execute("INSERT INTO embeddings VALUES ('m', 'a', ?)", (np.array([0.5, 0.25], dtype=np.float32).tobytes(),))
+    old.commit()
+    old.close()
+    ledger = SqliteLedger(path)
+    try:
+        cache = SqliteEmbeddingCache(ledger)
+        cache.put_many("m", {"b": [0.125, 1.0]})
+        assert cache.get_many("m", ["a", "b", "c"]) == {"a": [0.5, 0.25], "b": [0.125, 1.0]}
+        layout = ledger._read("SELECT sql FROM sqlite_master WHERE name = 'embeddings'")[0][0]
+        assert "WITHOUT ROWID" in str(layout)
+    finally:
+        ledger.close()
+    fresh = SqliteLedger(tmp_path / "fresh.db")
+    try:
+        layout = fresh._read("SELECT sql FROM sqlite_master WHERE name = 'embeddings'")[0][0]
+        assert "WITHOUT ROWID" not in str(layout), "a new ledger makes the rowid table"
+    finally:
+        fresh.close()
 
 
 # OpenAIEmbedder against a real HTTP server.

@@ -79,12 +79,17 @@ CREATE TABLE IF NOT EXISTS shard_leases (
     epoch      INTEGER NOT NULL,
     expires_at REAL NOT NULL
 );
+-- A rowid table (unlike the others): its rows hold 1.5 KB vectors, and keyed by a random
+-- hash in a WITHOUT ROWID B-tree every insert splits and rewrites full pages. Appended by
+-- rowid, with the key in the small automatic index, storing a batch takes about a quarter
+-- of the CPU (measured: 27 ms vs 7 ms per 400 vectors of 384 dims). Files made before keep
+-- their WITHOUT ROWID table, which answers the same.
 CREATE TABLE IF NOT EXISTS embeddings (
     model        TEXT NOT NULL,
     content_hash TEXT NOT NULL,
     vector       BLOB NOT NULL,
     PRIMARY KEY (model, content_hash)
-) WITHOUT ROWID;
+);
 """
 
 
