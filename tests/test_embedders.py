@@ -153,6 +153,26 @@ def test_cached_lookup_never_calls_the_model() -> None:
     assert (cached.embed_calls, cached.cache_hits, len(inner.batches)) == (1, 1, 1)
 
 
+def test_an_array_embedder_is_cached_with_the_same_values_as_its_lists(tmp_path: Path) -> None:
+    """The hashing embedder's float32 rows go to the caches without a list in between: the
+    vectors answered, the ones stored in the ledger and the ones the front answers later are
+    all exactly ``embed``'s; the front keeps its own copy of each row, not the whole matrix."""
+    texts = ["the first chunk", "a second, other chunk", "und ein dritter"]
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        tiered = TieredEmbeddingCache(SqliteEmbeddingCache(ledger), front_entries_max=10)
+        cached = CachedEmbedder(HashingEmbedder(dim=64), tiered)
+        expected = dict(zip([h for h, _ in hashed(texts)], HashingEmbedder(dim=64).embed(texts), strict=True))
+        answered = cached.embed_hashed(hashed(texts))
+        assert answered == expected
+        assert all(type(v) is list and type(v[0]) is float for v in answered.values())
+        assert SqliteEmbeddingCache(ledger).get_many(cached.model_id, expected) == expected
+        assert tiered.get_many(cached.model_id, expected) == expected
+        assert all(row.base is None for row in tiered._front.values()), "copies, not views of the matrix"
+    finally:
+        ledger.close()
+
+
 def test_cached_rejects_one_hash_with_two_texts() -> None:
     """A content hash given for two different texts is a caller bug and raises ValueError."""
     cached = CachedEmbedder(RecordingEmbedder(), MemoryEmbeddingCache(max_entries=10))

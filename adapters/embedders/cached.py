@@ -11,8 +11,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from coordinator.errors import PermanentEmbedError
@@ -24,6 +26,14 @@ log = structlog.get_logger(__name__)
 # Misses go to the model in groups of at most this many texts, and each group is stored before
 # the next is embedded, so that a failure part-way through keeps the work already done.
 MISS_GROUP_TEXTS_MAX = 512
+
+
+@runtime_checkable
+class ArrayEmbedder(Protocol):
+    """An embedder that also gives its vectors as one (n, dim) float32 array (the hashing
+    embedder): the caches store those rows as they are, without converting each float."""
+
+    def embed_array(self, texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
 
 
 class CachedEmbedder:
@@ -41,6 +51,7 @@ class CachedEmbedder:
         self.dim = inner.dim
         self.embed_calls = 0
         self.cache_hits = 0
+        self._as_array = isinstance(inner, ArrayEmbedder)
 
     def __repr__(self) -> str:
         return f"CachedEmbedder({self.inner!r})"
@@ -75,7 +86,17 @@ class CachedEmbedder:
         return result
 
     def _embed_and_store(self, group: Sequence[tuple[str, str]]) -> dict[str, list[float]]:
-        vectors = self.inner.embed([text for _, text in group])
+        texts = [text for _, text in group]
+        if self._as_array:
+            # Rows of the float32 matrix go to the cache as they are; each is listed once, for
+            # the caller. The values are the same as ``embed`` gives.
+            matrix = self.inner.embed_array(texts)  # type: ignore[attr-defined]
+            self.embed_calls += len(group)
+            _check_vectors(matrix, len(group), self.dim)
+            rows = {h: row for (h, _), row in zip(group, matrix, strict=True)}
+            self.cache.put_many(self.model_id, rows)
+            return {h: row.tolist() for h, row in rows.items()}
+        vectors = self.inner.embed(texts)
         self.embed_calls += len(group)
         _check_vectors(vectors, len(group), self.dim)
         fresh = {h: vector for (h, _), vector in zip(group, vectors, strict=True)}
@@ -163,7 +184,8 @@ class TieredEmbeddingCache:
     def _remember(self, model_id: str, vectors: Mapping[str, Vector]) -> None:
         with self._lock:
             for h, vector in vectors.items():
-                self._front[(model_id, h)] = np.asarray(vector, dtype=np.float32)
+                # A copy: a row of a caller's matrix must not keep the whole matrix alive.
+                self._front[(model_id, h)] = np.array(vector, dtype=np.float32)
                 self._front.move_to_end((model_id, h))
             while len(self._front) > self.front_entries_max:
                 self._front.popitem(last=False)
@@ -179,7 +201,7 @@ def _distinct_texts(items: Sequence[tuple[str, str]]) -> dict[str, str]:
     return texts
 
 
-def _check_vectors(vectors: Sequence[Sequence[float]], count: int, dim: int) -> None:
+def _check_vectors(vectors: Sequence[Sequence[float]] | npt.NDArray[np.float32], count: int, dim: int) -> None:
     """The inner embedder kept its contract: one vector per text, each of length ``dim``."""
     if len(vectors) != count:
         raise PermanentEmbedError(f"embedder returned {len(vectors)} vectors for {count} texts")
