@@ -91,6 +91,8 @@ STEADY_TO = 0.90
 METRICS_POLL_S = 0.25
 # The freshness run appends at this fraction of the best sustained rate measured.
 FRESHNESS_LOAD = 0.5
+# The freshness report shows the lag per window of this many seconds of appends.
+LAG_WINDOW_S = 5.0
 # The appender writes (and flushes) whole lines this often, keeping to the target rate.
 APPEND_TICK_S = 0.02
 # The ledger is asked for committed versions this often: it bounds the lag's measurement error.
@@ -646,6 +648,13 @@ class LagLog:
     def lags_s(self) -> list[float]:
         return sorted(self.committed[d] - self.appended[d] for d in self.committed)
 
+    def timeline(self) -> list[tuple[float, float]]:
+        """(seconds from the first append, lag) of every committed event, in append order."""
+        if not self.appended:
+            return []
+        first = min(self.appended.values())
+        return sorted((self.appended[d] - first, self.committed[d] - self.appended[d]) for d in self.committed)
+
 
 @dataclass(frozen=True)
 class FreshnessRun:
@@ -657,9 +666,22 @@ class FreshnessRun:
     service_p50_le_s: float
     service_p99_le_s: float
     violations: list[Violation]
+    # (seconds from the first append, lag) per event: where in the run the slow ones were.
+    timeline: list[tuple[float, float]] = field(default_factory=list)
 
     def percentile_s(self, q: float) -> float:
-        return self.lags_s[min(len(self.lags_s) - 1, int(q * len(self.lags_s)))]
+        return _percentile(self.lags_s, q)
+
+    def windows(self, width_s: float = LAG_WINDOW_S) -> list[tuple[float, list[float]]]:
+        """The lags of the events appended in each ``width_s`` window (start, sorted lags)."""
+        out: dict[int, list[float]] = {}
+        for at, lag in self.timeline:
+            out.setdefault(int(at // width_s), []).append(lag)
+        return [(k * width_s, sorted(v)) for k, v in sorted(out.items())]
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def append_paced(path: Path, docs: Sequence[Doc], rate_per_s: float, log: LagLog) -> float:
@@ -738,6 +760,7 @@ def measure_freshness(work: Path, servers: tuple[str, str], docs: Sequence[Doc],
     return FreshnessRun(
         shards, rate_per_s, len(docs), append_s, log.lags_s(),
         histogram_quantile_le(metrics, lag, 0.5), histogram_quantile_le(metrics, lag, 0.99), violations,
+        log.timeline(),
     )  # fmt: skip
 
 
@@ -789,6 +812,7 @@ def report(r: Results, stores: str) -> str:
         f"| lag append → committed, max | {f.lags_s[-1]:.3f} s |",
         f"| service histogram (read → commit): p50 / p99 bucket | ≤ {f.service_p50_le_s} s / ≤ {f.service_p99_le_s} s |",
         "",
+        *_lag_windows(f),
         f"- best sustained rate / ceiling (the median of {len(c.slower_rates)} raw measurements): "
         f"{r.best.events_per_s:.1f} / {c.events_per_s:.1f} = **{ratio:.3f}** "
         f"({_verdict(ratio >= RATIO_GOAL, f'goal ≥ {RATIO_GOAL} met', 'goal NOT met')})",
@@ -797,6 +821,22 @@ def report(r: Results, stores: str) -> str:
         *(f"- after {run.shards} shard(s): {_check(run.violations)}" for run in r.runs),
         f"- after the freshness run: {_check(f.violations)}",
     ])  # fmt: skip
+
+
+def _lag_windows(f: FreshnessRun) -> list[str]:
+    """Lag by when the events were appended: a slow start reads differently from a stall."""
+    windows = f.windows()
+    if len(windows) < 2:
+        return []
+    return [
+        f"Lag of the events appended in each {LAG_WINDOW_S:.0f} s window of the freshness run:",
+        "",
+        "| appended from | events | p50 | p99 | max |",
+        "|--:|--:|--:|--:|--:|",
+        *(f"| {start:.0f} s | {len(lags)} | {_percentile(lags, 0.5):.3f} s | {_percentile(lags, 0.99):.3f} s "
+          f"| {lags[-1]:.3f} s |" for start, lags in windows),
+        "",
+    ]  # fmt: skip
 
 
 def _ceiling_rows(c: Ceiling, runs: Sequence[ThroughputRun]) -> list[str]:
