@@ -598,6 +598,14 @@ def scrape_until_exit(
     return samples, snapshots, last, service.wait_exit(STOP_TIMEOUT_S)
 
 
+def writes_made(metrics: dict[str, float]) -> dict[str, int]:
+    """Batch writes per index, as the shards count them."""
+    return {
+        side: int(metrics.get(_sample_key("lockstep_index_apply_writes_total", {"index": side}), 0.0))
+        for side in ("keyword", "vector")
+    }
+
+
 def write_s_mean(metrics: dict[str, float]) -> dict[str, float]:
     """Mean seconds per batch write per index, as the shards time it (queueing at the writer included)."""
     out = {}
@@ -668,6 +676,9 @@ class FreshnessRun:
     violations: list[Violation]
     # (seconds from the first append, lag) per event: where in the run the slow ones were.
     timeline: list[tuple[float, float]] = field(default_factory=list)
+    # Per index: batch writes made, and their mean duration as the shards time it.
+    writes: dict[str, int] = field(default_factory=dict)
+    write_s_mean: dict[str, float] = field(default_factory=dict)
 
     def percentile_s(self, q: float) -> float:
         return _percentile(self.lags_s, q)
@@ -760,7 +771,7 @@ def measure_freshness(work: Path, servers: tuple[str, str], docs: Sequence[Doc],
     return FreshnessRun(
         shards, rate_per_s, len(docs), append_s, log.lags_s(),
         histogram_quantile_le(metrics, lag, 0.5), histogram_quantile_le(metrics, lag, 0.99), violations,
-        log.timeline(),
+        log.timeline(), writes_made(metrics), write_s_mean(metrics),
     )  # fmt: skip
 
 
@@ -811,6 +822,8 @@ def report(r: Results, stores: str) -> str:
         f"| lag append → committed, p99 | {p99:.3f} s |",
         f"| lag append → committed, max | {f.lags_s[-1]:.3f} s |",
         f"| service histogram (read → commit): p50 / p99 bucket | ≤ {f.service_p50_le_s} s / ≤ {f.service_p99_le_s} s |",
+        *(f"| {side} batch writes: count, mean events per write, mean duration | {n}, "
+          f"{f.appended / n:.0f}, {f.write_s_mean.get(side, 0.0):.3f} s |" for side, n in f.writes.items() if n),
         "",
         *_lag_windows(f),
         f"- best sustained rate / ceiling (the median of {len(c.slower_rates)} raw measurements): "
