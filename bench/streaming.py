@@ -91,6 +91,8 @@ STEADY_TO = 0.90
 METRICS_POLL_S = 0.25
 # The freshness run appends at this fraction of the best sustained rate measured.
 FRESHNESS_LOAD = 0.5
+# A raw keyword request slower than this counts as a write stall in the freshness report.
+STALL_S = 0.5
 # The freshness report shows the lag per window of this many seconds of appends.
 LAG_WINDOW_S = 5.0
 # The appender writes (and flushes) whole lines this often, keeping to the target rate.
@@ -775,6 +777,47 @@ def measure_freshness(work: Path, servers: tuple[str, str], docs: Sequence[Doc],
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class StoreLatency:
+    """The raw client's requests to one store alone, paced as lockstep's writes were."""
+
+    store: str
+    rows_per_request: int
+    requests_per_s: float
+    seconds: list[float]  # each request's duration, in the order sent
+
+    def percentile_s(self, q: float) -> float:
+        return _percentile(sorted(self.seconds), q)
+
+    def slow(self, over_s: float) -> list[tuple[int, float]]:
+        """(request number, seconds) of the requests that took longer than ``over_s``."""
+        return [(i, t) for i, t in enumerate(self.seconds) if t > over_s]
+
+
+def keyword_latency_raw(url: str, uri: str, rows: Sequence[ChunkRow], rows_per_request: int, requests: int,
+                        requests_per_s: float) -> StoreLatency:  # fmt: skip
+    """The keyword store alone, on a fresh index, fed the requests lockstep's freshness run sent
+    (as many, as large, as often): how long each takes. A store that stalls its writes now and
+    then (osmem-server merges small runs inside the write request that triggers it) delays
+    every event behind the stall, whoever writes."""
+    take = rows[: rows_per_request * requests]
+    _say(f"raw keyword latency: {requests} requests of {rows_per_request} rows at {requests_per_s:.1f}/s")
+    with fresh_stores(url, uri, "lat") as (index, _):
+        bodies = keyword_raw_requests(index, take, rows_per_request)
+        client = OpenSearch(hosts=[url], timeout=RAW_REQUEST_TIMEOUT_S, max_retries=0)
+        seconds: list[float] = []
+        started = time.monotonic()
+        for i, body in enumerate(bodies):
+            time.sleep(max(0.0, started + i / requests_per_s - time.monotonic()))
+            sent = time.monotonic()
+            reply = client.bulk(body=body, request_timeout=RAW_REQUEST_TIMEOUT_S)
+            seconds.append(time.monotonic() - sent)
+            assert not reply["errors"], f"raw bulk failed: {json.dumps(reply['items'][:2])}"
+        client.close()
+    _settle()
+    return StoreLatency("keyword (OpenSearch-API)", rows_per_request, requests_per_s, seconds)
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 
@@ -788,6 +831,8 @@ class Results:
     freshness: FreshnessRun
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
+    # The keyword store alone, fed as the freshness run fed it (None if it made no write).
+    keyword_latency: StoreLatency | None = None
 
     @property
     def best(self) -> ThroughputRun:
@@ -826,6 +871,7 @@ def report(r: Results, stores: str) -> str:
           f"{f.appended / n:.0f}, {f.write_s_mean.get(side, 0.0):.3f} s |" for side, n in f.writes.items() if n),
         "",
         *_lag_windows(f),
+        *_store_latency(r.keyword_latency),
         f"- best sustained rate / ceiling (the median of {len(c.slower_rates)} raw measurements): "
         f"{r.best.events_per_s:.1f} / {c.events_per_s:.1f} = **{ratio:.3f}** "
         f"({_verdict(ratio >= RATIO_GOAL, f'goal ≥ {RATIO_GOAL} met', 'goal NOT met')})",
@@ -834,6 +880,23 @@ def report(r: Results, stores: str) -> str:
         *(f"- after {run.shards} shard(s): {_check(run.violations)}" for run in r.runs),
         f"- after the freshness run: {_check(f.violations)}",
     ])  # fmt: skip
+
+
+def _store_latency(k: StoreLatency | None) -> list[str]:
+    """The keyword store's own request durations under the freshness run's write pattern."""
+    if k is None:
+        return []
+    slow = k.slow(STALL_S)
+    return [
+        f"The keyword store alone, fed as the freshness run fed it ({len(k.seconds)} raw `_bulk` requests of "
+        f"{k.rows_per_request} rows at {k.requests_per_s:.1f}/s, fresh index):",
+        "",
+        "| raw request duration | p50 | p99 | max | requests over " + f"{STALL_S:.1f} s |",
+        "|---|--:|--:|--:|--:|",
+        f"| {k.store} | {k.percentile_s(0.5):.3f} s | {k.percentile_s(0.99):.3f} s | {max(k.seconds):.3f} s "
+        f"| {len(slow)}{': ' + ', '.join(f'#{i} {t:.2f} s' for i, t in slow[:8]) if slow else ''} |",
+        "",
+    ]
 
 
 def _lag_windows(f: FreshnessRun) -> list[str]:
@@ -958,7 +1021,15 @@ def run_all(work: Path, args: argparse.Namespace, tuning: Tuning) -> tuple[Resul
         rate = FRESHNESS_LOAD * best.events_per_s
         fresh_docs = make_docs(max(1, round(rate * args.freshness_s)), args.seed + 1)
         freshness = measure_freshness(work, servers, fresh_docs, best.shards, rate, tuning)
-    results = Results(args.events, args.seed, tuning, ceiling, runs, freshness, load_before, os.getloadavg())
+        keyword_latency = None
+        if (writes := freshness.writes.get("keyword", 0)) > 0:
+            size = max(1, round(CHUNKS_PER_DOC * freshness.appended / writes))
+            keyword_latency = keyword_latency_raw(
+                search.url, milvus.uri, rows, size, min(writes, len(rows) // size), writes / freshness.append_s
+            )
+    results = Results(
+        args.events, args.seed, tuning, ceiling, runs, freshness, load_before, os.getloadavg(), keyword_latency
+    )
     return results, stores
 
 

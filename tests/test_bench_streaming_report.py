@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.streaming import FreshnessRun, LagLog, _lag_windows
+from bench.streaming import FreshnessRun, LagLog, StoreLatency, _lag_windows, _store_latency
 
 
 def run_of(timeline: list[tuple[float, float]]) -> FreshnessRun:
@@ -29,3 +29,13 @@ def test_windows_group_lags_by_append_time_and_the_report_names_the_slow_window(
     assert rows[1] == "| 5 s | 2 | 0.400 s | 0.400 s | 0.400 s |"
     assert len(rows) == 3
     assert _lag_windows(run_of([(0.0, 0.1), (1.0, 0.2)])) == [], "one window says nothing more"
+
+
+def test_the_raw_keyword_latency_names_its_stalls() -> None:
+    latency = StoreLatency("keyword (OpenSearch-API)", 76, 7.3, [0.03, 0.04, 2.6, 0.03, 0.7, 0.02])
+    assert latency.slow(0.5) == [(2, 2.6), (4, 0.7)]
+    assert latency.percentile_s(0.5) == 0.04, "the upper median, as the lag percentiles take it"
+    lines = _store_latency(latency)
+    assert "6 raw `_bulk` requests of 76 rows at 7.3/s" in lines[0]
+    assert lines[4] == "| keyword (OpenSearch-API) | 0.040 s | 2.600 s | 2.600 s | 2: #2 2.60 s, #4 0.70 s |"
+    assert _store_latency(None) == []
