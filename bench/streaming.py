@@ -1024,8 +1024,10 @@ def run_all(work: Path, args: argparse.Namespace, tuning: Tuning) -> tuple[Resul
         keyword_latency = None
         if (writes := freshness.writes.get("keyword", 0)) > 0:
             size = max(1, round(CHUNKS_PER_DOC * freshness.appended / writes))
+            fresh_rows = chunk_rows(fresh_docs, ChunkingSettings())  # the very rows it wrote
             keyword_latency = keyword_latency_raw(
-                search.url, milvus.uri, rows, size, min(writes, len(rows) // size), writes / freshness.append_s
+                search.url, milvus.uri, fresh_rows, size, min(writes, len(fresh_rows) // size),
+                writes / freshness.append_s,
             )
     results = Results(
         args.events, args.seed, tuning, ceiling, runs, freshness, load_before, os.getloadavg(), keyword_latency
