@@ -51,7 +51,7 @@ class CachedEmbedder:
         self.dim = inner.dim
         self.embed_calls = 0
         self.cache_hits = 0
-        self._as_array = isinstance(inner, ArrayEmbedder)
+        self._array_inner = inner if isinstance(inner, ArrayEmbedder) else None
 
     def __repr__(self) -> str:
         return f"CachedEmbedder({self.inner!r})"
@@ -87,10 +87,10 @@ class CachedEmbedder:
 
     def _embed_and_store(self, group: Sequence[tuple[str, str]]) -> dict[str, list[float]]:
         texts = [text for _, text in group]
-        if self._as_array:
+        if self._array_inner is not None:
             # Rows of the float32 matrix go to the cache as they are; each is listed once, for
             # the caller. The values are the same as ``embed`` gives.
-            matrix = self.inner.embed_array(texts)  # type: ignore[attr-defined]
+            matrix = self._array_inner.embed_array(texts)
             self.embed_calls += len(group)
             _check_vectors(matrix, len(group), self.dim)
             rows = {h: row for (h, _), row in zip(group, matrix, strict=True)}
