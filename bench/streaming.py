@@ -244,18 +244,30 @@ def split(rows: Sequence[ChunkRow], size: int) -> list[Sequence[ChunkRow]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
+KEYWORD_RAW = "keyword (OpenSearch-API)"
+
+
+def _raw_keyword_client(url: str) -> OpenSearch:
+    return OpenSearch(hosts=[url], timeout=RAW_REQUEST_TIMEOUT_S, max_retries=0)
+
+
+def _bulk_ok(client: OpenSearch, body: list[str]) -> int:
+    """Send one pre-serialized ``_bulk``; every item must succeed. Returns the items written."""
+    reply = client.bulk(body=body, request_timeout=RAW_REQUEST_TIMEOUT_S)
+    assert not reply["errors"], f"raw bulk failed: {json.dumps(reply['items'][:2])}"
+    return len(reply["items"])
+
+
 def write_keyword_raw(url: str, index: str, requests: Sequence[list[str]]) -> StoreRate:
     """Send pre-serialized ``_bulk`` requests one after the other, as the keyword writer actor does."""
-    client = OpenSearch(hosts=[url], timeout=RAW_REQUEST_TIMEOUT_S, max_retries=0)
+    client = _raw_keyword_client(url)
     rows = 0
     started = time.perf_counter()
     for body in requests:
-        reply = client.bulk(body=body, request_timeout=RAW_REQUEST_TIMEOUT_S)
-        assert not reply["errors"], f"raw bulk failed: {json.dumps(reply['items'][:2])}"
-        rows += len(reply["items"])
+        rows += _bulk_ok(client, body)
     seconds = time.perf_counter() - started
     client.close()
-    return StoreRate("keyword (OpenSearch-API)", rows, len(requests), seconds)
+    return StoreRate(KEYWORD_RAW, rows, len(requests), seconds)
 
 
 def write_vector_raw(uri: str, collection: str, requests: Sequence[list[dict[str, Any]]]) -> StoreRate:
@@ -611,10 +623,8 @@ def writes_made(metrics: dict[str, float]) -> dict[str, int]:
 def write_s_mean(metrics: dict[str, float]) -> dict[str, float]:
     """Mean seconds per batch write per index, as the shards time it (queueing at the writer included)."""
     out = {}
-    for side in ("keyword", "vector"):
-        labels = {"index": side}
-        seconds = metrics.get(_sample_key("lockstep_index_apply_seconds_total", labels), 0.0)
-        writes = metrics.get(_sample_key("lockstep_index_apply_writes_total", labels), 0.0)
+    for side, writes in writes_made(metrics).items():
+        seconds = metrics.get(_sample_key("lockstep_index_apply_seconds_total", {"index": side}), 0.0)
         out[side] = seconds / writes if writes else 0.0
     return out
 
@@ -804,18 +814,17 @@ def keyword_latency_raw(url: str, uri: str, rows: Sequence[ChunkRow], rows_per_r
     _say(f"raw keyword latency: {requests} requests of {rows_per_request} rows at {requests_per_s:.1f}/s")
     with fresh_stores(url, uri, "lat") as (index, _):
         bodies = keyword_raw_requests(index, take, rows_per_request)
-        client = OpenSearch(hosts=[url], timeout=RAW_REQUEST_TIMEOUT_S, max_retries=0)
+        client = _raw_keyword_client(url)
         seconds: list[float] = []
         started = time.monotonic()
         for i, body in enumerate(bodies):
             time.sleep(max(0.0, started + i / requests_per_s - time.monotonic()))
             sent = time.monotonic()
-            reply = client.bulk(body=body, request_timeout=RAW_REQUEST_TIMEOUT_S)
+            _bulk_ok(client, body)
             seconds.append(time.monotonic() - sent)
-            assert not reply["errors"], f"raw bulk failed: {json.dumps(reply['items'][:2])}"
         client.close()
     _settle()
-    return StoreLatency("keyword (OpenSearch-API)", rows_per_request, requests_per_s, seconds)
+    return StoreLatency(KEYWORD_RAW, rows_per_request, requests_per_s, seconds)
 
 
 # --- the report ----------------------------------------------------------------------------------
