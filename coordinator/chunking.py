@@ -14,6 +14,8 @@ import itertools
 import re
 from dataclasses import dataclass
 
+from coordinator.limits import CHUNK_CHARS_MAX
+
 CHUNK_SEPARATOR = ":chunk-"
 # Blank lines (possibly holding spaces) end a paragraph; the separator stays with the paragraph
 # before it so that nothing is lost.
@@ -34,6 +36,11 @@ class ChunkingSettings:
             raise ValueError("max_chars must be at least 1")
         if not 0 <= self.overlap_chars < self.max_chars:
             raise ValueError("overlap_chars must be in 0..max_chars-1")
+        if self.max_chars + self.overlap_chars > CHUNK_CHARS_MAX:
+            raise ValueError(
+                f"max_chars + overlap_chars must be at most {CHUNK_CHARS_MAX}: a chunk must fit the "
+                "vector index's 65,535-byte text field at 4 bytes per character"
+            )
 
     @property
     def fingerprint(self) -> str:

@@ -5,7 +5,10 @@ Pure functions only. For each chunk of the new text:
 - same position, same hash, new metadata   → rewrite (write again, zero embed calls);
 - new position or different hash           → embed (when the hash has no cached vector) + write.
 Chunks beyond the new chunk count are deleted; a delete event deletes every chunk and leaves a
-tombstone. An event whose version is not above the ledger's (tombstones included) is stale.
+tombstone. An event whose version is below the ledger's (tombstones included) is stale; one at
+the ledger's very version is a duplicate (stale) when it says what the ledger recorded for that
+version, and a *conflict* when it says something else: the source reused a version, and which of
+the two is true cannot be known, so the later one goes to the dead-letter queue.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class PlanKind(enum.StrEnum):
     APPLY = "apply"
     # version ≤ the ledger's: a duplicate, a replay or a late older event; changes nothing.
     STALE = "stale"
+    # version = the ledger's, with other content: the source reused a version (dead-lettered).
+    CONFLICT = "conflict"
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,30 @@ def document_hash(text: str, metadata: Mapping[str, Any]) -> str:
     return content_hash(text + "\x00" + canonical_json(metadata))
 
 
+def event_hash(event: ChangeEvent) -> str:
+    """What the ledger records as a document's ``source_hash`` for this event ("" for a delete)."""
+    if event.op is Op.DELETE:
+        return ""
+    assert event.text is not None, "validated upserts carry text"
+    return document_hash(event.text, event.metadata)
+
+
+def same_content(event: ChangeEvent, state: DocState) -> bool:
+    """Whether ``event`` says what the ledger recorded at the same version: the same delete, or
+    the same text and metadata. (A version whose write a store refused is recorded with the
+    refused event's hash: a redelivery of it is a duplicate too.)"""
+    if event.op is Op.DELETE:
+        return state.deleted and not state.source_hash
+    return state.source_hash == event_hash(event)
+
+
 def plan(event: ChangeEvent, state: DocState | None, settings: ChunkingSettings) -> Plan:
     """Plan one event against the document's committed ledger state."""
-    if state is not None and event.version <= state.version:
+    if state is not None and event.version < state.version:
         return Plan(PlanKind.STALE, event.doc_id, event.version)
+    if state is not None and event.version == state.version:
+        kind = PlanKind.STALE if same_content(event, state) else PlanKind.CONFLICT
+        return Plan(kind, event.doc_id, event.version)
     if event.op is Op.DELETE:
         return _plan_delete(event, state)
     return _plan_upsert(event, state, settings)
