@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from coordinator.chunking import chunk_id
-from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk
+from coordinator.model import (
+    Attempt,
+    ChunkDelete,
+    ChunkState,
+    DeadLetter,
+    DocState,
+    IndexedChunk,
+    PayloadEncoding,
+)
 from coordinator.ports import Intent
 
 
@@ -43,15 +52,15 @@ def doc_from_json(raw: dict[str, Any]) -> DocState:
 
 
 def encode_intent(intent: Intent) -> str:
-    return json.dumps(
-        {
-            "upserts": [_chunk_to_json(c) for c in intent.upserts],
-            "deletes": [_delete_to_json(d) for d in intent.deletes],
-            "after": doc_to_json(intent.after),
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    body: dict[str, Any] = {
+        "upserts": [_chunk_to_json(c) for c in intent.upserts],
+        "deletes": [_delete_to_json(d) for d in intent.deletes],
+        "after": doc_to_json(intent.after),
+    }
+    # Written only when set, so intents of live events keep their earlier encoding.
+    if intent.restores:
+        body["restores"] = True
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
 def decode_intent(doc_id: str, version: int, raw: str, done: frozenset[str]) -> Intent:
@@ -63,6 +72,7 @@ def decode_intent(doc_id: str, version: int, raw: str, done: frozenset[str]) -> 
         deletes=tuple(_delete_from_json(d) for d in body["deletes"]),
         after=doc_from_json(body["after"]),
         done=done,
+        restores=bool(body.get("restores", False)),
     )
 
 
@@ -99,3 +109,58 @@ def _delete_to_json(d: ChunkDelete) -> list[Any]:
 
 def _delete_from_json(raw: list[Any]) -> ChunkDelete:
     return ChunkDelete(raw[0], raw[1], overwrite_equal=len(raw) > 2 and bool(raw[2]))
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+# The dead-letter columns every ledger reads, in the order ``letter_of`` takes them.
+LETTER_COLS = "source, reason, payload, doc_id, version, attempts, position, encoding, truncated, history"
+# The columns ``letter_row`` fills, in its order.
+LETTER_INSERT_COLS = f"{LETTER_COLS}, created_at"
+
+
+def letter_row(letter: DeadLetter, now: float) -> tuple[object, ...]:
+    """A dead letter as the row values of LETTER_INSERT_COLS."""
+    return (
+        letter.source,
+        letter.reason,
+        letter.payload,
+        letter.doc_id,
+        letter.version,
+        letter.attempts,
+        letter.position,
+        letter.encoding.value,
+        bool(letter.truncated),
+        encode_history(letter.history),
+        now,
+    )
+
+
+def letter_of(row: Sequence[Any]) -> DeadLetter:
+    """A dead letter from the values of LETTER_COLS."""
+    source, reason, payload, doc_id, version, attempts, position, encoding, truncated, history = row
+    return DeadLetter(
+        source=str(source),
+        reason=str(reason),
+        payload=str(payload),
+        doc_id=None if doc_id is None else str(doc_id),
+        version=None if version is None else int(version),
+        attempts=int(attempts),
+        position=None if position is None else str(position),
+        encoding=PayloadEncoding(encoding),
+        truncated=bool(truncated),
+        history=decode_history(str(history)),
+    )
+
+
+def encode_history(history: Sequence[Attempt]) -> str:
+    return json.dumps([[a.at, a.reason] for a in history], ensure_ascii=False)
+
+
+def decode_history(raw: str) -> tuple[Attempt, ...]:
+    return tuple(Attempt(float(at), str(reason)) for at, reason in json.loads(raw))
+
+
+def with_attempt(history: str, at: float, reason: str) -> str:
+    """A stored history with one more failed attempt appended."""
+    return encode_history([*decode_history(history), Attempt(at, reason)])

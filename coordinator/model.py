@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,9 +117,34 @@ class SearchHit:
     text: str
 
 
+class PayloadEncoding(enum.StrEnum):
+    """How a dead letter's ``payload`` spells the original record."""
+
+    # The record's text as it was (valid UTF-8 without NUL).
+    TEXT = "text"
+    # The record's exact bytes, base64: it was not valid UTF-8, or held NUL or lone surrogates.
+    BASE64 = "base64"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A later attempt at a dead letter (a replay): when, and why it failed again."""
+
+    at: float
+    reason: str
+
+
 @dataclass(frozen=True)
 class DeadLetter:
-    """An event that could not be applied, kept with the reason so nothing is silently lost."""
+    """An event or record that could not be applied, kept whole with the reason, so nothing is
+    silently lost.
+
+    ``payload`` is the original record: the source's bytes for a record that never became an
+    event (``encoding`` says how they are spelled), the event in the JSONL schema for one that
+    did (text and metadata included). ``reason`` is the first reason, ``history`` every later
+    attempt's; ``position`` is where the record sits in its source, when the source has one.
+    ``truncated`` marks a record longer than any valid event, of which only the start is kept.
+    """
 
     source: str
     reason: str
@@ -126,3 +152,36 @@ class DeadLetter:
     doc_id: str | None = None
     version: int | None = None
     attempts: int = 1
+    position: str | None = None
+    encoding: PayloadEncoding = PayloadEncoding.TEXT
+    truncated: bool = False
+    history: tuple[Attempt, ...] = ()
+
+    def record_bytes(self) -> bytes:
+        """The original record's bytes."""
+        return record_bytes(self.payload, self.encoding)
+
+
+def spell_record(raw: bytes | str, bytes_max: int) -> tuple[str, PayloadEncoding, bool]:
+    """How a dead letter stores a source record exactly: (payload, encoding, truncated).
+
+    Text that is valid UTF-8 without NUL is kept as text; anything else (undecodable bytes, NUL,
+    lone surrogates) as base64 of its exact bytes, so that nothing is ever decoded lossily. Only
+    a record longer than ``bytes_max`` (longer than any valid event) is cut to its first bytes.
+    """
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    truncated = len(data) > bytes_max
+    data = data[:bytes_max] if truncated else data
+    if b"\x00" not in data:
+        try:
+            return data.decode("utf-8"), PayloadEncoding.TEXT, truncated
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(data).decode("ascii"), PayloadEncoding.BASE64, truncated
+
+
+def record_bytes(payload: str, encoding: PayloadEncoding) -> bytes:
+    """The exact bytes of a record spelled by ``spell_record``."""
+    if encoding is PayloadEncoding.BASE64:
+        return base64.b64decode(payload)
+    return payload.encode("utf-8")

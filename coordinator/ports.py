@@ -17,6 +17,7 @@ from coordinator.model import (
     DeadLetter,
     DocState,
     IndexedChunk,
+    PayloadEncoding,
     SearchHit,
     StoredChunk,
     Vector,
@@ -160,7 +161,8 @@ class Intent:
     """A prepared document change: what must reach both indexes before ``after`` is committed.
 
     ``upserts`` carry no vectors (they live in the embedding cache); ``done`` holds the names of
-    the sides that already hold this intent.
+    the sides that already hold this intent. ``restores`` marks the intent that replaced one a
+    store refused: it brings both indexes back to the document's committed state.
     """
 
     doc_id: str
@@ -169,6 +171,7 @@ class Intent:
     deletes: tuple[ChunkDelete, ...]
     after: DocState
     done: frozenset[str] = frozenset()
+    restores: bool = False
 
 
 class Ledger(Protocol):
@@ -209,6 +212,11 @@ class Ledger(Protocol):
     def renew_shard(self, fence: Fence, owner: str, lease_s: float) -> None:
         """Extend a lease; FencedError if ``fence`` is no longer current or has expired."""
 
+    def replace_intents(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+        """Replace pending intents (same doc_id and version) with new ones, no side done yet: a
+        document a store refused becomes, in one transaction, the intent that brings both
+        indexes back to its committed state (driven, and re-driven after a crash, as any)."""
+
     def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
         """Drop these intents without committing (a side rejected them for good; they go to the
         dead-letter queue and the committed state stays as it was)."""
@@ -226,7 +234,7 @@ class Ledger(Protocol):
 
     def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
 
-    def dead_letters(self, *, limit: int) -> list[tuple[int, DeadLetter]]: ...
+    def dead_letters(self, *, limit: int, after_id: int = 0) -> list[tuple[int, DeadLetter]]: ...
 
     def counts(self) -> dict[str, int]:
         """Numbers per ledger state: live_docs, tombstones, chunks, pending_intents, dead_letters."""
@@ -234,14 +242,38 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
 
+class DeadLetterQueue(Protocol):
+    """The dead-letter queue: records and events that could not be applied, kept whole.
+
+    Letters are numbered in the order they were added; a letter keeps its first reason, and
+    each later failed attempt (a replay) adds its own to the letter's history."""
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
+
+    def dead_letters(self, *, limit: int, after_id: int = 0) -> list[tuple[int, DeadLetter]]:
+        """Up to ``limit`` letters numbered above ``after_id``, oldest first."""
+
+    def dead_letter(self, letter_id: int) -> tuple[DeadLetter, float] | None:
+        """One letter and when it was first recorded (seconds since the epoch), or None."""
+
+    def drop_dead_letters(self, letter_ids: Sequence[int]) -> int:
+        """Remove letters for good; returns how many existed."""
+
+    def record_attempt(self, letter_id: int, reason: str) -> bool:
+        """Count a failed attempt and keep its reason in the history; False if no such letter."""
+
+
 @dataclass(frozen=True)
 class BadRecord:
-    """A source record that could not be turned into a ChangeEvent."""
+    """A source record that could not be turned into a ChangeEvent: ``payload`` holds it exactly,
+    spelled as ``encoding`` says (see ``coordinator.model.spell_record``)."""
 
     reason: str
     payload: str
     position: str | None = None
     doc_id: str | None = None
+    encoding: PayloadEncoding = PayloadEncoding.TEXT
+    truncated: bool = False
 
 
 SourceRecord = ChangeEvent | BadRecord

@@ -270,10 +270,12 @@ def test_dlq_list_show_replay_and_drop(tmp_path: Path) -> None:
     shown = json.loads(_lockstep("dlq", "show", "-c", str(config), str(listed[1]["id"])).stdout)
     assert shown["reason"] == "missing version" and "no version" in shown["payload"] and shown["created_at"]
     replayed = _lockstep("dlq", "replay", "-c", str(config), "--all")
-    assert json.loads(replayed.stdout) == {"replayed": 1, "still_invalid": 2, "dead_lettered_again": 0}
+    assert json.loads(replayed.stdout) == {
+        "replayed": 1, "stale": 0, "still_invalid": 2, "dead_lettered_again": 0, "unknown": 0
+    }
     after = {e["doc_id"]: e for e in json.loads(_lockstep("dlq", "list", "-c", str(config), "--json").stdout)}
     assert set(after) == {None, "nv"} and after["nv"]["attempts"] == 2
     dropped = _lockstep("dlq", "drop", "-c", str(config), *(str(e["id"]) for e in after.values()))
-    assert json.loads(dropped.stdout) == {"dropped": 2}
+    assert json.loads(dropped.stdout) == {"dropped": 2, "not_found": []}
     assert json.loads(_lockstep("dlq", "list", "-c", str(config), "--json").stdout) == []
     _assert_indexes_equal(config, {"good": _doc("good", 1), "late": _doc("late", 1)}, set())

@@ -33,14 +33,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from structlog.testing import capture_logs
 
-from adapters.sources.base import PAYLOAD_CHARS_MAX
 from adapters.sources.folder import FolderSource
 from adapters.sources.jsonl import LINE_BYTES_MAX, JsonlSource
 from adapters.sources.sql_table import CurrentDoc, SqlTableSource
 from chaos.servers import EmbeddedPostgres
 from coordinator.errors import ConfigError, SourceError
 from coordinator.events import ChangeEvent, Op
-from coordinator.model import DocState
+from coordinator.model import DocState, record_bytes
 from coordinator.planner import document_hash
 from coordinator.ports import BadRecord, SourceRecord
 
@@ -171,7 +170,7 @@ def test_jsonl_bad_line_becomes_bad_record_and_reading_goes_on(
     assert isinstance(record, BadRecord)
     assert reason in record.reason
     assert (record.position, record.doc_id) == (str(ends[1]), doc_id)
-    assert len(record.payload) <= PAYLOAD_CHARS_MAX
+    assert record_bytes(record.payload, record.encoding) == bad.rstrip(b"\r\n") and not record.truncated
     assert summary([before, after]) == [("upsert", "before", 1), ("upsert", "after", 1)]
 
 
@@ -244,7 +243,7 @@ def test_jsonl_oversize_line_is_skipped_as_bad_record(tmp_path: Path) -> None:
     assert isinstance(record, BadRecord)
     assert record.reason == f"line longer than {limit} bytes"
     assert record.position == str(ends[1])
-    assert len(record.payload) <= PAYLOAD_CHARS_MAX
+    assert record.truncated and record_bytes(record.payload, record.encoding) == oversize[:limit]
     assert summary([fits, after]) == [("upsert", "fits", 1), ("upsert", "next", 1)]
 
 

@@ -52,7 +52,17 @@ from adapters.ledger.settings import (
     STATEMENT_TIMEOUT_S,
     PostgresLedgerSettings,
 )
-from coordinator.codec import decode_chunks, decode_intent, encode_chunks, encode_intent
+from coordinator.codec import (
+    LETTER_COLS,
+    LETTER_INSERT_COLS,
+    decode_chunks,
+    decode_intent,
+    encode_chunks,
+    encode_intent,
+    letter_of,
+    letter_row,
+    with_attempt,
+)
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import (
     ConfigError,
@@ -124,6 +134,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts   INTEGER NOT NULL,
     created_at DOUBLE PRECISION NOT NULL
 );
+-- Columns added after the first release (ADD COLUMN IF NOT EXISTS keeps older schemas' rows).
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS position TEXT;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS encoding TEXT NOT NULL DEFAULT 'text';
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS truncated BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS history TEXT NOT NULL DEFAULT '[]';
+CREATE INDEX IF NOT EXISTS dead_letters_by_position ON dead_letters (source, position);
 CREATE TABLE IF NOT EXISTS shard_leases (
     shard      INTEGER PRIMARY KEY,
     owner      TEXT NOT NULL,
@@ -370,6 +386,14 @@ class PostgresLedger:
                 (now + lease_s, fence.shard, owner),
             )
 
+    def replace_intents(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+        with self._tx() as cur:
+            _check_fence(cur, fence, self._clock())
+            cur.executemany(
+                "UPDATE intents SET payload = %s, done = '{}' WHERE doc_id = %s AND version = %s",
+                [(encode_intent(i), i.doc_id, i.version) for i in intents],
+            )
+
     def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
         with self._tx() as cur:
             cur.executemany("DELETE FROM intents WHERE doc_id = %s AND version = %s", doc_versions)
@@ -406,44 +430,59 @@ class PostgresLedger:
             )
 
     def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Add letters; one that repeats a letter already kept (same source, position and first
+        reason: a source delivering the same record again) is not added twice."""
         now = self._clock()
+        marks = ", ".join(["%s"] * len(LETTER_INSERT_COLS.split(",")))
         with self._tx() as cur:
-            cur.executemany(
-                "INSERT INTO dead_letters (source, doc_id, version, reason, payload, attempts, created_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                [(d.source, d.doc_id, d.version, d.reason, d.payload, d.attempts, now) for d in letters],
-            )
+            # Replicas dead-lettering the same redelivered record take turns.
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"lockstep.dlq.{self.schema}",))
+            for letter in letters:
+                if letter.position is not None and cur.execute(
+                    "SELECT 1 FROM dead_letters WHERE source = %s AND position = %s AND reason = %s",
+                    (letter.source, letter.position, letter.reason),
+                ).fetchone():
+                    continue
+                cur.execute(f"INSERT INTO dead_letters ({LETTER_INSERT_COLS}) VALUES ({marks})", letter_row(letter, now))
 
-    def dead_letters(self, *, limit: int) -> list[tuple[int, DeadLetter]]:
+    def dead_letters(self, *, limit: int, after_id: int = 0) -> list[tuple[int, DeadLetter]]:
         with self._tx() as cur:
             cur.execute(
-                "SELECT id, source, reason, payload, doc_id, version, attempts FROM dead_letters "
-                "ORDER BY id LIMIT %s",
-                (limit,),
+                f"SELECT id, {LETTER_COLS} FROM dead_letters WHERE id > %s ORDER BY id LIMIT %s",
+                (after_id, limit),
             )
             rows = cur.fetchall()
-        return [(int(r[0]), DeadLetter(*r[1:])) for r in rows]
+        return [(int(r[0]), letter_of(r[1:])) for r in rows]
 
     def dead_letter(self, letter_id: int) -> tuple[DeadLetter, float] | None:
         """One dead letter and when it was first recorded (seconds since the epoch)."""
         with self._tx() as cur:
             row = cur.execute(
-                "SELECT source, reason, payload, doc_id, version, attempts, created_at FROM dead_letters WHERE id = %s",
-                (letter_id,),
+                f"SELECT {LETTER_COLS}, created_at FROM dead_letters WHERE id = %s", (letter_id,)
             ).fetchone()
         if row is None:
             return None
-        return DeadLetter(*row[:6]), float(row[6])
+        return letter_of(row[:-1]), float(row[-1])
 
     def drop_dead_letters(self, letter_ids: Sequence[int]) -> int:
         with self._tx() as cur:
             cur.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (list(letter_ids),))
             return int(cur.rowcount)
 
-    def retry_failed(self, letter_id: int, reason: str) -> None:
-        """A replay failed again: count the attempt and keep the newest reason."""
+    def record_attempt(self, letter_id: int, reason: str) -> bool:
+        """Another attempt at a letter failed: count it and add its reason to the history (the
+        first reason stays). False if there is no such letter."""
         with self._tx() as cur:
-            cur.execute("UPDATE dead_letters SET attempts = attempts + 1, reason = %s WHERE id = %s", (reason, letter_id))
+            row = cur.execute(
+                "SELECT history FROM dead_letters WHERE id = %s FOR UPDATE", (letter_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            cur.execute(
+                "UPDATE dead_letters SET attempts = attempts + 1, history = %s WHERE id = %s",
+                (with_attempt(str(row[0]), self._clock(), reason), letter_id),
+            )
+        return True
 
     def counts(self) -> dict[str, int]:
         with self._tx() as cur:

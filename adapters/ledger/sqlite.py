@@ -18,7 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.codec import decode_chunks, decode_intent, encode_chunks, encode_intent
+from coordinator.codec import (
+    LETTER_COLS,
+    LETTER_INSERT_COLS,
+    decode_chunks,
+    decode_intent,
+    encode_chunks,
+    encode_intent,
+    letter_of,
+    letter_row,
+    with_attempt,
+)
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import FencedError, IntentConflict, TransientStoreError
 from coordinator.model import DeadLetter, DocState, Vector
@@ -71,7 +81,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason     TEXT NOT NULL,
     payload    TEXT NOT NULL,
     attempts   INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    position   TEXT,
+    encoding   TEXT NOT NULL DEFAULT 'text',
+    truncated  INTEGER NOT NULL DEFAULT 0,
+    history    TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS shard_leases (
     shard      INTEGER PRIMARY KEY,
@@ -121,10 +135,21 @@ class SqliteLedger:
         self._attached = home is not None
         if home is None:
             self._db.executescript(_SHARED_SCHEMA)
+            self._add_missing_columns("dead_letters", _DEAD_LETTER_COLUMNS)
+            self._db.execute(
+                "CREATE INDEX IF NOT EXISTS dead_letters_by_position ON dead_letters (source, position)"
+            )
         else:
             # Unqualified names resolve in ``main`` first, then here: the shared tables (which
             # ``main`` lacks) are the home ledger's, in the same transactions.
             self._db.execute("ATTACH DATABASE ? AS home", (str(home),))
+
+    def _add_missing_columns(self, table: str, columns: Mapping[str, str]) -> None:
+        """Columns added since a ledger file was made (``ALTER TABLE`` keeps its rows)."""
+        have = {str(row[1]) for row in self._db.execute(f"PRAGMA table_info({table})")}
+        for name, spec in columns.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {spec}")
 
     @contextmanager
     def _tx(self, *, own_tables_only: bool = False) -> Iterator[sqlite3.Cursor]:
@@ -300,6 +325,15 @@ class SqliteLedger:
             current = "none" if row is None else f"epoch {row[0]}"
             raise FencedError(f"shard {fence.shard} epoch {fence.epoch} is fenced (current: {current})")
 
+    def replace_intents(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+        with self._tx(own_tables_only=True) as cur:
+            self._check_fence(cur, fence, self._clock())
+            for intent in intents:
+                cur.execute(
+                    "UPDATE intents SET payload = ?, done = '[]' WHERE doc_id = ? AND version = ?",
+                    (encode_intent(intent), intent.doc_id, intent.version),
+                )
+
     def abort(self, doc_versions: Sequence[tuple[str, int]]) -> None:
         with self._tx(own_tables_only=True) as cur:
             cur.executemany("DELETE FROM intents WHERE doc_id = ? AND version = ?", doc_versions)
@@ -333,31 +367,33 @@ class SqliteLedger:
             )
 
     def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Add letters; one that repeats a letter already kept (same source, position and first
+        reason: a source delivering the same record again) is not added twice."""
         now = self._clock()
         with self._tx() as cur:
-            cur.executemany(
-                "INSERT INTO dead_letters (source, doc_id, version, reason, payload, attempts, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(d.source, d.doc_id, d.version, d.reason, d.payload, d.attempts, now) for d in letters],
-            )
+            for letter in letters:
+                if letter.position is not None and cur.execute(
+                    "SELECT 1 FROM dead_letters WHERE source = ? AND position = ? AND reason = ?",
+                    (letter.source, letter.position, letter.reason),
+                ).fetchone():
+                    continue
+                cur.execute(
+                    f"INSERT INTO dead_letters ({LETTER_INSERT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    letter_row(letter, now),
+                )
 
-    def dead_letters(self, *, limit: int) -> list[tuple[int, DeadLetter]]:
+    def dead_letters(self, *, limit: int, after_id: int = 0) -> list[tuple[int, DeadLetter]]:
         rows = self._read(
-            "SELECT id, source, reason, payload, doc_id, version, attempts FROM dead_letters ORDER BY id LIMIT ?",
-            (limit,),
+            f"SELECT id, {LETTER_COLS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
         )
-        return [(int(r[0]), DeadLetter(*r[1:])) for r in rows]  # type: ignore[call-overload, arg-type]
+        return [(int(r[0]), letter_of(r[1:])) for r in rows]  # type: ignore[call-overload]  # sqlite rows are untyped
 
     def dead_letter(self, letter_id: int) -> tuple[DeadLetter, float] | None:
         """One dead letter and when it was first recorded (seconds since the epoch)."""
-        rows = self._read(
-            "SELECT source, reason, payload, doc_id, version, attempts, created_at FROM dead_letters WHERE id = ?",
-            (letter_id,),
-        )
+        rows = self._read(f"SELECT {LETTER_COLS}, created_at FROM dead_letters WHERE id = ?", (letter_id,))
         if not rows:
             return None
-        r = rows[0]
-        return DeadLetter(*r[:6]), float(r[6])  # type: ignore[arg-type]
+        return letter_of(rows[0][:-1]), float(rows[0][-1])  # type: ignore[arg-type]  # sqlite rows are untyped
 
     def drop_dead_letters(self, letter_ids: Sequence[int]) -> int:
         dropped = 0
@@ -367,10 +403,18 @@ class SqliteLedger:
                 dropped += cur.rowcount
         return dropped
 
-    def retry_failed(self, letter_id: int, reason: str) -> None:
-        """A replay failed again: count the attempt and keep the newest reason."""
+    def record_attempt(self, letter_id: int, reason: str) -> bool:
+        """Another attempt at a letter failed: count it and add its reason to the history (the
+        first reason stays). False if there is no such letter."""
         with self._tx() as cur:
-            cur.execute("UPDATE dead_letters SET attempts = attempts + 1, reason = ? WHERE id = ?", (reason, letter_id))
+            row = cur.execute("SELECT history FROM dead_letters WHERE id = ?", (letter_id,)).fetchone()
+            if row is None:
+                return False
+            history = with_attempt(str(row[0]), self._clock(), reason)
+            cur.execute(
+                "UPDATE dead_letters SET attempts = attempts + 1, history = ? WHERE id = ?", (history, letter_id)
+            )
+        return True
 
     def counts(self) -> dict[str, int]:
         queries = {
@@ -413,6 +457,13 @@ class SqliteEmbeddingCache:
 
 
 _DOC_COLS = "doc_id, version, deleted, chunks, metadata_hash, source_hash"
+# Dead-letter columns added after the first release, with how they are added to older files.
+_DEAD_LETTER_COLUMNS = {
+    "position": "TEXT",
+    "encoding": "TEXT NOT NULL DEFAULT 'text'",
+    "truncated": "INTEGER NOT NULL DEFAULT 0",
+    "history": "TEXT NOT NULL DEFAULT '[]'",
+}
 
 
 def _doc(row: tuple[object, ...]) -> DocState:

@@ -6,11 +6,9 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Protocol, TypeVar
 
+from coordinator.limits import RECORD_BYTES_MAX
+from coordinator.model import spell_record
 from coordinator.ports import BadRecord
-
-# A bad record's payload is kept in the dead-letter queue for a human to look at; the first
-# few KiB are enough to recognise it, and an 8 MiB blob per bad line would bloat the ledger.
-PAYLOAD_CHARS_MAX = 4096
 
 T = TypeVar("T")
 
@@ -26,18 +24,30 @@ class CheckpointStore(Protocol):
 def printable(value: str) -> str:
     """``value`` with lone surrogates (undecodable file names, broken input) spelled as escapes.
 
-    Bad records are stored as UTF-8 text; a lone surrogate would make that write fail.
+    Reasons and document IDs are stored as UTF-8 text; a lone surrogate would make that write fail.
     """
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def bad_record(reason: str, payload: str, position: str | None, doc_id: str | None = None) -> BadRecord:
-    """A BadRecord whose texts are valid UTF-8 and whose payload is at most PAYLOAD_CHARS_MAX."""
+def bad_record(
+    reason: str,
+    payload: str | bytes,
+    position: str | None,
+    doc_id: str | None = None,
+    *,
+    truncated: bool = False,
+) -> BadRecord:
+    """A BadRecord keeping ``payload`` exactly (as text, or base64 when it is not clean UTF-8;
+    whole up to RECORD_BYTES_MAX), with a reason and doc_id that are valid UTF-8. ``truncated``:
+    the caller already holds only the start of the record."""
+    spelled, encoding, cut = spell_record(payload, RECORD_BYTES_MAX)
     return BadRecord(
         reason=printable(reason),
-        payload=printable(payload[:PAYLOAD_CHARS_MAX]),
+        payload=spelled,
         position=position,
         doc_id=None if doc_id is None else printable(doc_id),
+        encoding=encoding,
+        truncated=truncated or cut,
     )
 
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from adapters.sources.base import PAYLOAD_CHARS_MAX, CheckpointStore, bad_record
+from adapters.sources.base import CheckpointStore, bad_record
 from coordinator.errors import InvalidEvent
 from coordinator.events import METADATA_BYTES_MAX, TEXT_BYTES_MAX, ChangeEvent, Op, canonical_json
 from coordinator.model import DocState
@@ -276,7 +276,7 @@ class DebeziumDecoder:
         try:
             return self._decode(key, value, position)
         except _Bad as bad:
-            return bad_record(bad.reason, _payload_text(value), position, bad.doc_id)
+            return bad_record(bad.reason, value, position, bad.doc_id)
 
     def _decode(self, key: bytes | None, value: bytes, position: str | None) -> Decoded:
         payload = _envelope(value)
@@ -469,11 +469,6 @@ def _checked_base(value: int, what: str) -> int:
 def _qualified(source: Mapping[str, Any], table: str) -> str:
     container = source.get("schema") or source.get("db")
     return f"{container}.{table}" if isinstance(container, str) and container else table
-
-
-def _payload_text(value: bytes) -> str:
-    # At most 4 bytes per character, so this slice holds the whole kept payload.
-    return value[: 4 * PAYLOAD_CHARS_MAX].decode("utf-8", "replace")
 
 
 # --- truncates ----------------------------------------------------------------------------------

@@ -22,15 +22,15 @@ from typing import BinaryIO
 
 import structlog
 
-from adapters.sources.base import PAYLOAD_CHARS_MAX, CheckpointStore, bad_record
+from adapters.sources.base import CheckpointStore, bad_record
 from coordinator.errors import InvalidEvent, SourceError
-from coordinator.events import METADATA_BYTES_MAX, TEXT_BYTES_MAX, event_from_dict
+from coordinator.events import event_from_dict, loads_event_json
+from coordinator.limits import RECORD_BYTES_MAX
 from coordinator.ports import SourceRecord
 
-# The longest line that can still be a valid event: a TEXT_BYTES_MAX text can grow up to 3x
-# when a writer escapes it (ensure_ascii spells a 4-byte character as a 12-byte surrogate
-# pair), plus metadata and field names. Longer lines are skipped without being held in memory.
-LINE_BYTES_MAX = 3 * TEXT_BYTES_MAX + 2 * METADATA_BYTES_MAX
+# The longest line that can still be a valid event. Longer lines are dead-lettered with their
+# first LINE_BYTES_MAX bytes; the rest is skipped without being held in memory.
+LINE_BYTES_MAX = RECORD_BYTES_MAX
 # How much of an oversize line is read at a time while skipping to its end.
 SKIP_CHUNK_BYTES = 1024 * 1024
 # How long `follow` waits before looking for appended lines again.
@@ -146,7 +146,7 @@ class JsonlSource:
 
     def _parse(self, text: str, line: _Line, position: str) -> SourceRecord:
         try:
-            raw = json.loads(text)
+            raw = loads_event_json(text)
         except json.JSONDecodeError as exc:
             return self._bad(f"invalid JSON: {exc.msg} at column {exc.colno}", line, position)
         except RecursionError:
@@ -158,9 +158,7 @@ class JsonlSource:
 
     def _bad(self, reason: str, line: _Line, position: str, doc_id: str | None = None) -> SourceRecord:
         log.warning("bad_record", source=self.name, position=position, doc_id=doc_id, reason=reason)
-        # At most 4 bytes per character, so this slice holds the whole kept payload.
-        payload = line.data[: 4 * PAYLOAD_CHARS_MAX].decode("utf-8", "replace")
-        return bad_record(reason, payload, position, doc_id)
+        return bad_record(reason, line.data, position, doc_id, truncated=line.oversize)
 
 
 def _lines(handle: BinaryIO, start: int, line_bytes_max: int) -> Iterator[_Line]:
@@ -169,7 +167,7 @@ def _lines(handle: BinaryIO, start: int, line_bytes_max: int) -> Iterator[_Line]
     while chunk := handle.readline(line_bytes_max + 1):
         if len(chunk) > line_bytes_max and not chunk.endswith(b"\n"):
             end = begin + len(chunk) + _skip_rest_of_line(handle)
-            yield _Line(chunk[: 4 * PAYLOAD_CHARS_MAX], begin, end, oversize=True)
+            yield _Line(chunk[:line_bytes_max], begin, end, oversize=True)
         else:
             end = begin + len(chunk)
             yield _Line(chunk.rstrip(b"\r\n"), begin, end, terminated=chunk.endswith(b"\n"))

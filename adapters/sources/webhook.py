@@ -64,7 +64,8 @@ from coordinator.errors import (
     StoreError,
     TransientStoreError,
 )
-from coordinator.events import ChangeEvent, canonical_json, event_from_dict, event_to_dict
+from coordinator.events import ChangeEvent, canonical_json, event_from_dict, event_to_dict, loads_event_json
+from coordinator.model import PayloadEncoding
 from coordinator.ports import BadRecord, SourceRecord
 
 if TYPE_CHECKING:
@@ -150,6 +151,8 @@ class Item:
     event: ChangeEvent | None = None
     reason: str | None = None
     doc_id: str | None = None
+    # A line that is not valid UTF-8, kept as its exact bytes (``payload`` cannot hold them).
+    raw: bytes | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -233,10 +236,29 @@ def plan_append(items: Sequence[Item], stored: Mapping[tuple[str, int], str]) ->
 
 def _reject(plan: _Plan, item: Item, reason: str) -> None:
     doc_id = item.event.doc_id if item.event is not None else item.doc_id
-    letter = bad_record(reason, item.payload, None, doc_id)
-    digest = hashlib.sha256(f"{letter.reason}\x00{letter.payload}".encode()).hexdigest()
-    plan.rows.append(_NewRow(letter.doc_id, None, letter.payload, letter.reason, digest))
+    letter = bad_record(reason, item.raw if item.raw is not None else item.payload, None, doc_id)
+    stored = _bad_row_payload(letter)
+    digest = hashlib.sha256(f"{letter.reason}\x00{stored}".encode()).hexdigest()
+    plan.rows.append(_NewRow(letter.doc_id, None, stored, letter.reason, digest))
     plan.rejected.append(Rejection(item.index, letter.reason, letter.doc_id))
+
+
+def _bad_row_payload(letter: BadRecord) -> str:
+    """How a bad row stores its record: the record spelled as the dead letter will keep it."""
+    spelled = {"payload": letter.payload, "encoding": letter.encoding.value, "truncated": letter.truncated}
+    return json.dumps(spelled, ensure_ascii=False)
+
+
+def _bad_row_record(row: InboxRow, position: str) -> BadRecord:
+    """The BadRecord of a stored bad row (rows stored by an older lockstep hold the bare text)."""
+    assert row.reason is not None, "bad rows carry their reason"
+    try:
+        spelled = json.loads(row.payload)
+        encoding = PayloadEncoding(spelled["encoding"])
+        payload, truncated = str(spelled["payload"]), bool(spelled["truncated"])
+    except (ValueError, TypeError, KeyError):
+        return BadRecord(row.reason, row.payload, position, row.doc_id)
+    return BadRecord(row.reason, payload, position, row.doc_id, encoding, truncated)
 
 
 # --- request bodies ------------------------------------------------------------------------------
@@ -261,7 +283,7 @@ def _json_items(body: bytes, items_max: int) -> list[Item]:
     except UnicodeDecodeError as exc:
         raise BodyError(400, f"body is not valid UTF-8 (byte {exc.start})") from exc
     try:
-        raw = json.loads(text)
+        raw = loads_event_json(text)
     except json.JSONDecodeError as exc:
         raise BodyError(400, f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
@@ -291,10 +313,10 @@ def _line_item(index: int, line: bytes) -> Item:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        payload = line.decode("utf-8", "replace")
-        return Item(index, payload, reason=f"invalid UTF-8 at byte {exc.start} of the line")
+        shown = line.decode("utf-8", "replace")
+        return Item(index, shown, reason=f"invalid UTF-8 at byte {exc.start} of the line", raw=line)
     try:
-        raw = json.loads(text)
+        raw = loads_event_json(text)
     except json.JSONDecodeError as exc:
         return Item(index, text, reason=f"invalid JSON: {exc.msg} at column {exc.colno}")
     except RecursionError:
@@ -712,7 +734,7 @@ class WebhookSource:
     def _record(self, row: InboxRow) -> SourceRecord:
         position = str(row.seq)
         if row.reason is not None:
-            return BadRecord(row.reason, row.payload, position, row.doc_id)
+            return _bad_row_record(row, position)
         try:
             return event_from_dict(json.loads(row.payload), position=position)
         except (InvalidEvent, json.JSONDecodeError) as exc:

@@ -29,7 +29,8 @@ from coordinator.chunking import ChunkingSettings
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError, FencedError, IntentConflict, TransientStoreError
 from coordinator.events import ChangeEvent, Op
-from coordinator.model import DeadLetter, DocState
+from coordinator.limits import RECORD_BYTES_MAX
+from coordinator.model import DeadLetter, DocState, PayloadEncoding, spell_record
 from coordinator.planner import plan
 from coordinator.ports import EmbeddingCache, Fence, Intent, Ledger
 from tests.support.postgres_servers import PgSchema
@@ -162,6 +163,20 @@ def test_abort_leaves_committed_state_unchanged(ledger: AnyLedger) -> None:
     assert ledger.pending() == [] and ledger.get_docs(["a"]) == {}
 
 
+def test_replaced_intents_start_over_and_commit_their_own_state(ledger: AnyLedger) -> None:
+    """A replaced intent keeps its key, forgets the sides it had reached, survives as pending
+    (restores flag included), and commits the state it now carries."""
+    ledger.prepare([_intent("a", 2), _intent("b", 1)])
+    ledger.mark_done("keyword", [("a", 2)])
+    restore = Intent("a", 2, (), (), DocState("a", 2, deleted=True, source_hash="h"), restores=True)
+    ledger.replace_intents([restore])
+    pending = {i.doc_id: i for i in ledger.pending()}
+    assert pending["a"] == restore and pending["b"].upserts
+    _commit_all(ledger, [("a", 2)])
+    assert ledger.get_docs(["a"])["a"] == DocState("a", 2, deleted=True, source_hash="h")
+    assert [i.doc_id for i in ledger.pending()] == ["b"]
+
+
 def test_iter_docs_streams_in_order_with_tombstones_on_request(ledger: AnyLedger) -> None:
     """iter_docs pages through every document in doc_id order; tombstones only when asked."""
     intents = [_intent(f"d{i:04d}", 1) for i in range(2500)]
@@ -203,20 +218,46 @@ def test_iter_docs_changed_since_reads_only_later_commits(ledger: AnyLedger, clo
 
 
 def test_checkpoints_and_dead_letters(ledger: AnyLedger) -> None:
-    """Checkpoints overwrite per source; dead letters keep reason, payload and attempts."""
+    """Checkpoints overwrite per source; dead letters keep their first reason, payload, position
+    and attempts, and every later attempt's reason in their history."""
     assert ledger.get_checkpoint("s") is None
     ledger.set_checkpoint("s", "10")
     ledger.set_checkpoint("s", "20")
     assert ledger.get_checkpoint("s") == "20"
-    ledger.add_dead_letters([DeadLetter("s", "missing version", '{"op":"upsert"}', doc_id="x")])
+    ledger.add_dead_letters([DeadLetter("s", "missing version", '{"op":"upsert"}', doc_id="x", position="7")])
     [(letter_id, letter)] = ledger.dead_letters(limit=10)
     assert letter.reason == "missing version" and letter.doc_id == "x" and letter.attempts == 1
-    ledger.retry_failed(letter_id, "still missing version")
+    assert letter.position == "7" and letter.history == ()
+    assert ledger.record_attempt(letter_id, "still missing version")
     found = ledger.dead_letter(letter_id)
-    assert found is not None and found[0].attempts == 2 and found[0].reason == "still missing version"
+    assert found is not None and found[0].attempts == 2 and found[0].reason == "missing version"
+    assert [a.reason for a in found[0].history] == ["still missing version"] and found[0].history[0].at > 0
     assert found[1] > 0
+    assert not ledger.record_attempt(letter_id + 1000, "no such letter")
     assert ledger.drop_dead_letters([letter_id, letter_id + 1000]) == 1
     assert ledger.dead_letter(letter_id) is None and ledger.dead_letters(limit=10) == []
+
+
+def test_dead_letters_keep_records_exactly_and_page_by_id(ledger: AnyLedger) -> None:
+    """A record of undecodable bytes comes back byte for byte, a record of 100 KB whole; pages
+    follow letter IDs; the same record delivered again (same source, position and reason) is
+    kept once."""
+    raw = b'{"op":"upsert","doc_id":"b","text":"\xff\x00\xfe"}'
+    big = "x" * 100_000
+    spelled, encoding, truncated = spell_record(raw, RECORD_BYTES_MAX)
+    letters = [
+        DeadLetter("s", "invalid UTF-8", spelled, position="1", encoding=encoding, truncated=truncated),
+        DeadLetter("s", "too big", big, position="2"),
+        DeadLetter("t", "conflict", "{}", doc_id="c", version=3),
+    ]
+    ledger.add_dead_letters(letters)
+    ledger.add_dead_letters(letters[:2])
+    first, *rest = ledger.dead_letters(limit=10)
+    assert len(rest) == 2 and first[1].record_bytes() == raw and first[1].encoding is PayloadEncoding.BASE64
+    assert rest[0][1].payload == big and rest[1][1].version == 3 and rest[1][1].position is None
+    assert [i for i, _ in ledger.dead_letters(limit=10, after_id=first[0])] == [i for i, _ in rest]
+    ledger.add_dead_letters(letters[2:])
+    assert len(ledger.dead_letters(limit=10)) == 4
 
 
 def test_embedding_cache_round_trips_float32(ledger: AnyLedger) -> None:

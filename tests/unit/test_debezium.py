@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from adapters.sources.base import PAYLOAD_CHARS_MAX
 from adapters.sources.debezium import (
     ENVELOPE_BYTES_MAX,
     UNAVAILABLE_PLACEHOLDER,
@@ -33,6 +32,8 @@ from adapters.sources.debezium import (
 from adapters.sources.kafka import KafkaDebeziumSource
 from coordinator.errors import SourceError
 from coordinator.events import ChangeEvent, Op
+from coordinator.limits import RECORD_BYTES_MAX
+from coordinator.model import record_bytes
 from coordinator.ports import BadRecord
 from lockstep.settings import load_settings
 from tests.support.kafka_servers import GatedDocs, debezium_key, debezium_value
@@ -224,14 +225,16 @@ def test_bad_input_becomes_a_bad_record_with_its_reason(value: bytes | None, rea
     bad = DECODER.decode(None, value, "pos-1")
     assert isinstance(bad, BadRecord), bad
     assert reason in bad.reason and bad.position == "pos-1"
-    assert len(bad.payload) <= PAYLOAD_CHARS_MAX
+    assert value is not None and record_bytes(bad.payload, bad.encoding) == value and not bad.truncated
 
 
 def test_an_oversize_value_is_refused_unparsed_and_its_payload_is_clipped() -> None:
-    """A value beyond ENVELOPE_BYTES_MAX is a BadRecord without being parsed."""
-    bad = DECODER.decode(None, b"{" + b" " * ENVELOPE_BYTES_MAX + b"}", "p")
+    """A value beyond ENVELOPE_BYTES_MAX is a BadRecord without being parsed; the letter keeps
+    the start of it (RECORD_BYTES_MAX, longer than any valid event) and says it was cut."""
+    value = b"{" + b" " * ENVELOPE_BYTES_MAX + b"}"
+    bad = DECODER.decode(None, value, "p")
     assert isinstance(bad, BadRecord) and "larger than" in bad.reason
-    assert len(bad.payload) <= PAYLOAD_CHARS_MAX
+    assert bad.truncated and record_bytes(bad.payload, bad.encoding) == value[:RECORD_BYTES_MAX]
 
 
 # --- templates and settings --------------------------------------------------------------------
