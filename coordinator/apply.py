@@ -14,6 +14,7 @@ A crash anywhere leaves intents in the ledger; ``recover()`` re-drives them befo
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -22,10 +23,11 @@ import structlog
 
 from coordinator import crashpoints
 from coordinator.chunking import ChunkingSettings
-from coordinator.errors import EmbedError, PermanentEmbedError, StoreError
+from coordinator.codec import encode_intent
+from coordinator.errors import EmbedError, PermanentEmbedError, RefusedContent, StoreError
 from coordinator.events import ChangeEvent, canonical_json, event_to_dict
 from coordinator.model import DeadLetter, IndexedChunk
-from coordinator.planner import Plan, PlanKind, plan
+from coordinator.planner import Plan, PlanKind, event_hash, plan
 from coordinator.ports import (
     BadRecord,
     ChunkIndex,
@@ -36,10 +38,17 @@ from coordinator.ports import (
     SourceRecord,
     VectorIndex,
 )
+from coordinator.redact import redact
+from coordinator.restore import committed_copies, event_of, plan_restore, touched_ids
 
 KEYWORD = "keyword"
 VECTOR = "vector"
 SIDES = frozenset({KEYWORD, VECTOR})
+
+# Events of intents prepared here and not yet committed, kept so that a document a store refuses
+# is dead-lettered with its whole event. Bounded: an intent driven elsewhere (another writer of
+# the ledger committed it) is never collected here, and its event ages out.
+PENDING_EVENTS_MAX = 100_000
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +64,7 @@ class ApplyStats:
     events: int = 0
     applied_events: int = 0
     stale_events: int = 0
+    conflict_events: int = 0
     coalesced_events: int = 0
     upserted_chunks: int = 0
     rewritten_chunks: int = 0
@@ -103,6 +113,9 @@ class ApplyEngine:
         self._stats_lock = threading.Lock()
         # One thread per side, so the keyword and vector writes of a batch run in parallel.
         self._pool = ThreadPoolExecutor(max_workers=len(SIDES), thread_name_prefix="lockstep-side")
+        # (doc_id, version) -> event, for intents prepared here and not yet committed.
+        self._events: OrderedDict[tuple[str, int], ChangeEvent] = OrderedDict()
+        self._events_lock = threading.Lock()
 
     # --- entry points ----------------------------------------------------------------------
 
@@ -147,11 +160,13 @@ class ApplyEngine:
     ) -> tuple[list[Intent], list[str]]:
         events = self._dead_letter_bad(records)
         self._count(events=len(records))
-        plans = self._plan(self._coalesce(events))
-        plans = self._embed(plans)
+        latest = self._coalesce(events)
+        plans = self._plan(latest)
+        plans = self._embed(plans, {e.doc_id: e for e in latest})
         self.crash(crashpoints.AFTER_EMBED)
         self.stats.rewritten_chunks += sum(len(p.rewrite) for p in plans)
         intents = [p.to_intent() for p in plans]
+        self._remember({e.doc_id: e for e in latest}, intents)
         skipped = self.ledger.prepare(intents, fence, skip_conflicts=skip_conflicts)
         self.crash(crashpoints.AFTER_PREPARE)
         if skipped:
@@ -167,42 +182,84 @@ class ApplyEngine:
     def _dead_letter_bad(self, records: Sequence[SourceRecord]) -> list[ChangeEvent]:
         bad = [r for r in records if isinstance(r, BadRecord)]
         if bad:
-            self._dead_letter(DeadLetter(self.source_name, b.reason, b.payload, doc_id=b.doc_id) for b in bad)
+            self._dead_letter(
+                DeadLetter(
+                    self.source_name,
+                    b.reason,
+                    b.payload,
+                    doc_id=b.doc_id,
+                    position=b.position,
+                    encoding=b.encoding,
+                    truncated=b.truncated,
+                )
+                for b in bad
+            )
         return [r for r in records if isinstance(r, ChangeEvent)]
 
     def _coalesce(self, events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
-        """Keep the newest event per document; older ones in the same batch are superseded."""
+        """Keep the newest event per document; older ones in the same batch are superseded. A
+        second event at the same version with other content is a conflict (dead-lettered)."""
         latest: dict[str, ChangeEvent] = {}
+        conflicts: list[ChangeEvent] = []
         for event in events:
             kept = latest.get(event.doc_id)
             if kept is None or event.version > kept.version:
                 latest[event.doc_id] = event
-        self.stats.coalesced_events += len(events) - len(latest)
+            elif event.version == kept.version and event_hash(event) != event_hash(kept):
+                conflicts.append(event)
+        self._conflicts(conflicts)
+        self.stats.coalesced_events += len(events) - len(latest) - len(conflicts)
         return list(latest.values())
 
     def _plan(self, events: Sequence[ChangeEvent]) -> list[Plan]:
         states = self.ledger.get_docs(e.doc_id for e in events)
         plans = [plan(e, states.get(e.doc_id), self.chunking) for e in events]
         self.stats.stale_events += sum(p.kind is PlanKind.STALE for p in plans)
-        self._events_by_doc = {e.doc_id: e for e in events}
+        by_doc = {e.doc_id: e for e in events}
+        self._conflicts([by_doc[p.doc_id] for p in plans if p.kind is PlanKind.CONFLICT])
         return [p for p in plans if p.kind is PlanKind.APPLY]
+
+    def _conflicts(self, events: Sequence[ChangeEvent]) -> None:
+        """Events reusing a version with other content: the first one stands, these are refused."""
+        if not events:
+            return
+        self._count(conflict_events=len(events))
+        self._dead_letter(
+            _letter(
+                self.source_name,
+                e,
+                f"conflict: version {e.version} of {e.doc_id!r} was already seen with other content "
+                "(the source reused a version; the first one stands)",
+            )
+            for e in events
+        )
+
+    def _remember(self, events: dict[str, ChangeEvent], intents: Sequence[Intent]) -> None:
+        with self._events_lock:
+            for intent in intents:
+                self._events[(intent.doc_id, intent.version)] = events[intent.doc_id]
+            while len(self._events) > PENDING_EVENTS_MAX:
+                self._events.popitem(last=False)
+
+    def _forget(self, intents: Iterable[Intent]) -> list[ChangeEvent | None]:
+        with self._events_lock:
+            return [self._events.pop((i.doc_id, i.version), None) for i in intents]
 
     # --- embedding -------------------------------------------------------------------------
 
-    def _embed(self, plans: list[Plan]) -> list[Plan]:
+    def _embed(self, plans: list[Plan], events: dict[str, ChangeEvent]) -> list[Plan]:
         """Make sure every chunk to write has a cached vector; poison documents are dead-lettered."""
         try:
             self._cache_vectors([c for p in plans for c in p.upserts], _rewritten(plans))
             return plans
         except PermanentEmbedError:
-            return [p for p in plans if self._embed_one(p)]
+            return [p for p in plans if self._embed_one(p, events[p.doc_id])]
 
-    def _embed_one(self, p: Plan) -> bool:
+    def _embed_one(self, p: Plan, event: ChangeEvent) -> bool:
         try:
             self._cache_vectors(list(p.upserts), _rewritten([p]))
             return True
         except PermanentEmbedError as exc:
-            event = self._events_by_doc[p.doc_id]
             self._dead_letter([_letter(self.source_name, event, f"embedding failed: {exc}")])
             return False
 
@@ -269,22 +326,30 @@ class ApplyEngine:
     def drive(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
         """Bring every intent to both sides in parallel, record each side's success as soon as it
         returns, then commit what both hold. If a side fails, the other side's progress is kept
-        and the failure is raised: the intents stay prepared for the caller to retry."""
+        and the failure is raised: the intents stay prepared for the caller to retry.
+
+        A document a store refuses for good is dead-lettered, and its intent replaced (in the
+        same ledger transaction) by one that brings both indexes back to the document's committed
+        state (``coordinator/restore.py``), driven here too: no ghost and no pending intent is
+        left, and the rest of the batch commits as usual."""
         if not intents:
             return
         outcomes = list(
             self._pool.map(lambda side: self._apply_side(side, intents, fence), (KEYWORD, VECTOR))
         )
-        rejected = self._reject(intents, {d: r for refused, _ in outcomes for d, r in refused.items()})
+        refused = {d: r for refusals, _ in outcomes for d, r in refusals.items()}
+        restores = self._refuse(intents, refused, fence)
         failures = [exc for _, exc in outcomes if exc is not None]
         if failures:
             raise failures[0]
-        live = [i for i in intents if i.doc_id not in rejected]
+        live = [i for i in intents if i.doc_id not in refused]
         committed = self.ledger.commit([(i.doc_id, i.version) for i in live], SIDES, fence)
         if committed != len(live):
             self._check_committed_elsewhere(live)
-        self._count_committed(live)
+        self._count_committed([i for i in live if not i.restores])
+        self._forget(live)
         self.crash(crashpoints.AFTER_COMMIT)
+        self.drive(restores, fence)
 
     def _check_committed_elsewhere(self, intents: Sequence[Intent]) -> None:
         """Intents whose commit found no intent left were committed by another writer of this
@@ -330,6 +395,17 @@ class ApplyEngine:
         return refused, None
 
     def _write_side(self, side: str, todo: Sequence[Intent]) -> dict[str, str]:
+        """Write one side; returns the documents it refused, with the reason. A request refused
+        for its content as a whole is split in halves until the refused documents are found."""
+        try:
+            return self._write_requests(side, todo)
+        except RefusedContent as exc:
+            if len(todo) == 1:
+                return {todo[0].doc_id: f"{side} index refused: {exc}"}
+            half = len(todo) // 2
+            return self._write_side(side, todo[:half]) | self._write_side(side, todo[half:])
+
+    def _write_requests(self, side: str, todo: Sequence[Intent]) -> dict[str, str]:
         index = self.sides[side]
         upserts = [c for i in todo for c in i.upserts]
         if side == VECTOR and upserts:
@@ -341,22 +417,54 @@ class ApplyEngine:
             *(index.upsert(upserts).rejected() if upserts else []),
             *(index.delete(deletes).rejected() if deletes else []),
         ]
-        owner = {cid: i.doc_id for i in todo for cid in _chunk_ids(i)}
-        return {owner[r.chunk_id]: f"{side} index rejected: {r.reason}" for r in results}
+        owner = {cid: i.doc_id for i in todo for cid in touched_ids(i)}
+        return {owner[r.chunk_id]: f"{side} index refused {r.chunk_id!r}: {r.reason}" for r in results}
 
-    def _reject(self, intents: Sequence[Intent], reasons: dict[str, str]) -> set[str]:
-        """Documents a side refused for good: their intents are dropped and dead-lettered once."""
+    def _refuse(self, intents: Sequence[Intent], reasons: dict[str, str], fence: Fence | None) -> list[Intent]:
+        """Dead-letter the documents a side refused for good and replace their intents with ones
+        restoring both sides (returned, to be driven). A restoring intent refused in turn is
+        dropped, with an error: what it could not restore is left for ``reconcile``."""
         if not reasons:
-            return set()
+            return []
         doomed = [i for i in intents if i.doc_id in reasons]
-        self.ledger.abort([(i.doc_id, i.version) for i in doomed])
-        self._dead_letter(
-            DeadLetter(
-                self.source_name, reasons[i.doc_id], _intent_payload(i), doc_id=i.doc_id, version=i.version
-            )
-            for i in doomed
+        failed = [i for i in doomed if i.restores]
+        if failed:
+            self.ledger.abort([(i.doc_id, i.version) for i in failed])
+            for i in failed:
+                log.error("could not restore a refused document; run `lockstep reconcile`",
+                          doc_id=i.doc_id, version=i.version, reason=redact(reasons[i.doc_id]), phase="restore")
+        refused = [i for i in doomed if not i.restores]
+        if not refused:
+            return []
+        events = self._forget(refused)
+        restores = self._restores(refused, events)
+        self.ledger.replace_intents(restores, fence)
+        self._dead_letter(self._refusal_letter(i, e, reasons[i.doc_id]) for i, e in zip(refused, events, strict=True))
+        return restores
+
+    def _restores(self, refused: Sequence[Intent], events: Sequence[ChangeEvent | None]) -> list[Intent]:
+        committed = self.ledger.get_docs(i.doc_id for i in refused)
+        ids = [cid for i in refused for cid in touched_ids(i)]
+        held = [self.sides[side].get(ids) for side in (KEYWORD, VECTOR)]
+        restores: list[Intent] = []
+        for intent, event in zip(refused, events, strict=True):
+            state = committed.get(intent.doc_id)
+            refused_hash = event_hash(event) if event is not None else intent.after.source_hash
+            restore, missing = plan_restore(intent, state, committed_copies(state, held), refused_hash)
+            if missing:
+                log.error("no copy left of committed chunks of a refused document; run `lockstep reconcile`",
+                          doc_id=intent.doc_id, version=intent.version, chunks=missing[:10], phase="restore")
+            restores.append(restore)
+        return restores
+
+    def _refusal_letter(self, intent: Intent, event: ChangeEvent | None, reason: str) -> DeadLetter:
+        event = event or event_of(intent, self.chunking)
+        if event is not None:
+            return _letter(self.source_name, event, reason)
+        note = " (prepared before a restart: the letter holds the chunks it would have written)"
+        return DeadLetter(
+            self.source_name, reason + note, encode_intent(intent), doc_id=intent.doc_id, version=intent.version
         )
-        return set(reasons)
 
     def _count_committed(self, intents: Sequence[Intent]) -> None:
         self.stats.applied_events += len(intents)
@@ -378,7 +486,7 @@ class ApplyEngine:
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
 
     def _dead_letter(self, letters: Iterable[DeadLetter]) -> None:
-        batch = list(letters)
+        batch = [replace(letter, reason=redact(letter.reason)) for letter in letters]
         self.ledger.add_dead_letters(batch)
         self._count(dead_letters=len(batch))
         for letter in batch:
@@ -395,17 +503,13 @@ def _rewritten(plans: Sequence[Plan]) -> set[str]:
     return {c.chunk_id for p in plans for c in p.rewrite}
 
 
-def _chunk_ids(intent: Intent) -> list[str]:
-    return [c.chunk_id for c in intent.upserts] + [d.chunk_id for d in intent.deletes]
-
-
 def _letter(source: str, event: ChangeEvent, reason: str) -> DeadLetter:
+    """A dead letter holding the whole event (text and metadata) and where it came from."""
     return DeadLetter(
-        source, reason, canonical_json(event_to_dict(event)), doc_id=event.doc_id, version=event.version
-    )
-
-
-def _intent_payload(intent: Intent) -> str:
-    return canonical_json(
-        {"doc_id": intent.doc_id, "version": intent.version, "chunks": [c.chunk_id for c in intent.upserts]}
+        source,
+        reason,
+        canonical_json(event_to_dict(event)),
+        doc_id=event.doc_id,
+        version=event.version,
+        position=event.position,
     )

@@ -9,9 +9,13 @@ Adapters convert every backend error at their boundary into one of these and rai
     ├── StoreError              a keyword index, vector index or ledger failed
     │   ├── TransientStoreError     retriable: timeouts, 429, 5xx, connection resets
     │   └── PermanentStoreError     not retriable: mapping conflicts, auth, rejected docs
+    │       └── RefusedContent          the request's content was refused (some document in it
+    │                                   cannot be stored); without that document it would pass
     ├── EmbedError              the embedding model failed
     │   ├── TransientEmbedError     retriable: timeouts, 429, 5xx
-    │   └── PermanentEmbedError     not retriable: wrong dimension, rejected input
+    │   ├── PermanentEmbedError     not retriable: wrong dimension, rejected input
+    │   └── EmbedServiceError       not retriable, and not the input's fault: the service refuses
+    │                               every request (401, 403, 404: credentials, URL, model name)
     ├── SourceError             a change source cannot be read
     └── FencedError             this process no longer owns the shard it writes for
 """
@@ -67,6 +71,12 @@ class PermanentStoreError(StoreError):
         super().__init__(message, store=store, retriable=False)
 
 
+class RefusedContent(PermanentStoreError):
+    """A store refused a whole write request because of what one of its documents holds (a
+    value it cannot store), as opposed to refusing the writer (auth) or being unreachable. The
+    apply engine splits such a request until the document is found, then dead-letters it."""
+
+
 class EmbedError(LockstepError):
     """The embedder failed."""
 
@@ -84,6 +94,14 @@ class TransientEmbedError(EmbedError):
 
 class PermanentEmbedError(EmbedError):
     """An embedder failure that will fail again the same way."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+
+class EmbedServiceError(EmbedError):
+    """The embedding service refuses every request (bad credentials, URL or model name): no
+    document is at fault, so none is dead-lettered; the operator must fix the configuration."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retriable=False)

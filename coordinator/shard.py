@@ -39,6 +39,7 @@ import structlog
 from coordinator.apply import ApplyEngine
 from coordinator.errors import EmbedError, IntentConflict, LockstepError, StoreError
 from coordinator.events import ChangeEvent
+from coordinator.planner import event_hash
 from coordinator.ports import BadRecord, Fence, Intent, SourceRecord
 
 # How soon a batch that met another writer's intent (IntentConflict) is tried again.
@@ -70,6 +71,12 @@ class Backoff:
 class _Waiting:
     event: SourceRecord
     seqs: list[int] = field(default_factory=list)
+    # Events at the kept event's version with other content: handed to the engine with it,
+    # which dead-letters them as conflicts (the first one stands).
+    conflicts: list[ChangeEvent] = field(default_factory=list)
+
+    def events(self) -> list[SourceRecord]:
+        return [self.event, *self.conflicts]
 
 
 @dataclass
@@ -153,6 +160,9 @@ class ShardWorker:
         slot.seqs.append(envelope.seq)
         if _newer(envelope.record, slot.event):
             slot.event = envelope.record
+        elif _conflicting(envelope.record, slot.event):
+            assert isinstance(envelope.record, ChangeEvent), "only change events conflict"
+            slot.conflicts.append(envelope.record)
         return True
 
     # --- the apply loop step ---------------------------------------------------------------
@@ -170,7 +180,7 @@ class ShardWorker:
             batch = self._take()
             if not batch:
                 return []
-            events = [w.event for w in batch.values()]
+            events = _events(batch)
             batch, intents, finished = self._settle(batch, lambda: self.engine.prepare_some(events, self.fence))
         if not batch:
             return finished
@@ -208,7 +218,7 @@ class ShardWorker:
             if not batch:
                 return
             busy.update(batch)
-            events = [w.event for w in batch.values()]
+            events = _events(batch)
             self._ahead.append((batch, self._helper.submit(self.engine.prepare_some, events, self.fence)))
 
     def _hold(self, batch: dict[str, _Waiting], held: set[str]) -> dict[str, _Waiting]:
@@ -239,9 +249,12 @@ class ShardWorker:
             return {k: self._waiting.pop(k) for k in keys}
 
     def _embed_failed(self, batch: dict[str, _Waiting], exc: EmbedError) -> list[int]:
-        """Isolate documents after an embedder failure; dead-letter a proven poison document."""
+        """Isolate documents after an embedder failure; dead-letter a proven poison document.
+        A failure that is no document's fault (the service refuses every request) only backs off."""
         if not exc.retriable:
-            raise exc
+            self._put_back(batch)
+            self._failed(exc)
+            return []
         for key in batch:
             failures, since = self._suspects.get(key, (0, self._prepared_batches))
             self._suspects[key] = (failures + 1, since)
@@ -278,6 +291,7 @@ class ShardWorker:
                     self._waiting.move_to_end(key, last=False)
                 if newer is not None:
                     slot.seqs += newer.seqs
+                    slot.conflicts += newer.conflicts
                     slot.event = newer.event if _newer(newer.event, slot.event) else slot.event
 
     def _drive(self, batch: dict[str, _Waiting], intents: list[Intent]) -> list[int]:
@@ -308,14 +322,18 @@ class ShardWorker:
         return [s for _, seqs in held.values() for s in seqs]
 
     def _failed(self, exc: LockstepError) -> None:
-        if not exc.retriable:
+        """Back off after a store or embedder failure. One that will not pass by itself (refused
+        credentials, a collection of another schema) is retried at the longest backoff and
+        reported, so that the shard resumes once an operator fixes it; anything else is a
+        programmer's error and stops the shard."""
+        if not exc.retriable and not isinstance(exc, StoreError | EmbedError):
             raise exc
         if isinstance(exc, IntentConflict):
             # Another writer's intent for the same document (a rebuild's backfill) is not an
             # outage: try again soon, without growing the backoff or reporting the shard degraded.
             self._retry_at = self.clock() + INTENT_CONFLICT_RETRY_S
             return
-        delay_s = self.backoff.delay_s(self._attempt)
+        delay_s = self.backoff.delay_s(self._attempt) if exc.retriable else self.backoff.max_s
         self._attempt += 1
         self._retry_at = self.clock() + delay_s
         self._last_error = str(exc)
@@ -365,6 +383,17 @@ def _key(envelope: Envelope) -> str:
         # Bad records never coalesce: each is dead-lettered on its own.
         return f"\x00bad:{envelope.seq}"
     return record.doc_id
+
+
+def _events(batch: dict[str, _Waiting]) -> list[SourceRecord]:
+    return [e for w in batch.values() for e in w.events()]
+
+
+def _conflicting(candidate: SourceRecord, current: SourceRecord) -> bool:
+    """Same document, same version, other content: the source reused a version."""
+    if isinstance(candidate, ChangeEvent) and isinstance(current, ChangeEvent):
+        return candidate.version == current.version and event_hash(candidate) != event_hash(current)
+    return False
 
 
 def _newer(candidate: SourceRecord, current: SourceRecord) -> bool:

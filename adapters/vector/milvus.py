@@ -45,10 +45,22 @@ import grpc
 import numpy as np
 import structlog
 from pymilvus import DataType, MilvusClient, MilvusException
-from pymilvus.exceptions import ConnectError, MilvusUnavailableException
+from pymilvus.exceptions import (
+    ConnectError,
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    MilvusUnavailableException,
+)
 
 from adapters.vector.settings import VectorSettings
-from coordinator.errors import ConfigError, PermanentStoreError, StoreError, TransientStoreError
+from coordinator.errors import (
+    ConfigError,
+    PermanentStoreError,
+    RefusedContent,
+    StoreError,
+    TransientStoreError,
+)
+from coordinator.events import metadata_rejection
 from coordinator.model import (
     ChunkDelete,
     IndexedChunk,
@@ -72,7 +84,6 @@ CONNECT_RETRY_PAUSE_S = 0.5
 ID_BYTES_MAX = 1024
 TEXT_BYTES_MAX = 65_535  # Milvus's largest VARCHAR
 CONTENT_HASH_CHARS_MAX = 64  # a hex SHA-256
-METADATA_BYTES_MAX = 65_536  # Milvus's default limit for one JSON value
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # Write requests: Milvus refuses requests of tens of MB (and 2.3.5 buffers whole requests in
@@ -521,9 +532,11 @@ class MilvusVectorIndex:
         try:
             result = self._call("upsert", self._connect()._get_connection().upsert, self.name, columns,
                                 schema=self._write_schema())  # fmt: skip
-        except StoreError:
+        except StoreError as exc:
             # Described again before the next write, in case the collection was recreated.
             self._described = None
+            if _refuses_content(exc):
+                raise RefusedContent(str(exc), store=STORE) from exc.__cause__
             raise
         acknowledged = _upsert_count(result)
         if acknowledged is not None and acknowledged != rows:
@@ -675,6 +688,25 @@ def _wire(operation: str) -> Iterator[None]:
 # Milvus's "collection not loaded" status code.
 COLLECTION_NOT_LOADED_CODE = 101
 _LOAD_OPERATIONS = frozenset({"get_load_state", "load_collection"})
+
+
+# Milvus's "parameter invalid" status (merr.ErrParameterInvalid): a row the server will not store.
+PARAMETER_INVALID_CODE = 1100
+# milvus-lite answers a row it will not store (a VARCHAR over its max_length) with this code and
+# a message naming the field.
+LITE_INVALID_ROW_CODE = 6
+
+
+def _refuses_content(exc: StoreError) -> bool:
+    """Whether a failed write was refused for what its rows hold (pymilvus's own checks of the
+    data, or the server's invalid-parameter status), not for the connection or the writer."""
+    cause = exc.__cause__
+    if isinstance(cause, DataNotMatchException | DataTypeNotMatchException):
+        return True
+    if not isinstance(cause, MilvusException):
+        return False
+    code = _code(cause)
+    return code == PARAMETER_INVALID_CODE or (code == LITE_INVALID_ROW_CODE and "field" in str(cause.message))
 
 
 def _not_loaded(exc: TransientStoreError) -> bool:
@@ -867,11 +899,9 @@ def _int64_rejection(field: str, value: int) -> str:
 
 
 def _metadata_rejection(metadata: Mapping[str, Any]) -> str:
-    try:
-        encoded = json.dumps(dict(metadata), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return f"metadata is not JSON: {exc}"
-    return _utf8_rejection("metadata", encoded, METADATA_BYTES_MAX)
+    """The domain's own metadata rule (int64 integers, bounded depth and size) is this store's:
+    checked per row here, since pymilvus refuses a whole request for one bad value."""
+    return metadata_rejection(metadata)
 
 
 def _vector_matrix(chunks: Sequence[IndexedChunk], dim: int) -> tuple[np.ndarray, dict[int, str]]:
