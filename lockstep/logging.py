@@ -10,6 +10,8 @@ from typing import Any
 
 import structlog
 
+from coordinator.redact import redact
+
 # Values that look like credentials are masked even if some code path forgets to wrap them.
 _SECRET_KEYS = re.compile(r"pass(word)?|secret|token|api[_-]?key|authorization|dsn", re.IGNORECASE)
 
@@ -18,7 +20,18 @@ def _scrub(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     for key in list(event):
         if _SECRET_KEYS.search(key):
             event[key] = "**********"
+        elif isinstance(event[key], str):
+            event[key] = redact(event[key])
     return event
+
+
+class _Redacting(logging.Filter):
+    """Redacts stdlib log records (third-party clients quote requests and responses)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True
 
 
 # Third-party loggers that report expected conditions as warnings or tracebacks:
@@ -34,6 +47,8 @@ def configure_logging(level: str = "info") -> None:
     if not isinstance(numeric, int):
         numeric = logging.INFO
     logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Redacting())
     for name, quiet_level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(quiet_level, numeric))
     structlog.configure(

@@ -7,11 +7,21 @@ Adapters never read the environment; only this module does.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters.keyword.settings import KeywordSettings
@@ -21,6 +31,8 @@ from adapters.sources.debezium import KafkaSourceSettings
 from adapters.vector.settings import VectorSettings
 from coordinator.chunking import ChunkingSettings
 from coordinator.errors import ConfigError
+from coordinator.limits import CHUNK_CHARS_MAX
+from coordinator.redact import has_userinfo, register_secrets
 
 DEFAULT_DATA_DIR = "./lockstep-data"
 
@@ -141,16 +153,29 @@ class EmbedderSettings(_Frozen):
     kind: Literal["auto", "hashing", "sentence-transformers", "openai"] = "auto"
     dim: int = Field(default=384, gt=0)
     model_path: str | None = None
+    # Without credentials: the key goes in ``api_key`` (a secret, never stored or printed).
     base_url: str | None = None
     model: str | None = None
     api_key: SecretStr | None = None
     timeout_s: float = Field(default=30.0, gt=0)
     batch_size: int = Field(default=64, gt=0)
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, url: str | None) -> str | None:
+        if url is not None and has_userinfo(url):
+            raise ValueError("put the key in api_key, not in base_url (URLs with credentials are refused)")
+        return url
+
 
 class ChunkingConfig(_Frozen):
-    max_chars: int = Field(default=1000, ge=1)
+    max_chars: int = Field(default=1000, ge=1, le=CHUNK_CHARS_MAX)
     overlap_chars: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _valid(self) -> ChunkingConfig:
+        self.to_domain()  # raises ValueError with the rule broken
+        return self
 
     def to_domain(self) -> ChunkingSettings:
         return ChunkingSettings(self.max_chars, self.overlap_chars)
@@ -243,6 +268,21 @@ class Settings(BaseSettings):
     run: RunSettings = RunSettings()
     rebuild: RebuildSettings = RebuildSettings()
 
+    def model_post_init(self, context: Any, /) -> None:
+        # Every process that holds settings redacts their secrets from what it logs or stores.
+        register_secrets(self.secrets())
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        # A Ray actor receives its settings pickled, which skips model_post_init.
+        super().__setstate__(state)
+        register_secrets(self.secrets())
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value, and the password inside any secret URL or DSN."""
+        found: list[str] = []
+        _collect_secrets(self, found)
+        return found
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -267,6 +307,25 @@ def load_settings(path: str | Path | None) -> Settings:
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a YAML mapping")
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from exc
+    return settings
+
+
+# ``user:password@`` inside a URL or a libpq URI.
+_URL_PASSWORD = re.compile(r"://[^/\s:@]*:(?P<password>[^/\s@]+)@")
+# ``password=...`` in a libpq key=value string.
+_DSN_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*(?P<password>'[^']*'|\S+)")
+
+
+def _collect_secrets(model: BaseModel, found: list[str]) -> None:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            secret = value.get_secret_value()
+            found.append(secret)
+            found.extend(m["password"].strip("'") for m in _URL_PASSWORD.finditer(secret))
+            found.extend(m["password"].strip("'") for m in _DSN_PASSWORD.finditer(secret))
+        elif isinstance(value, BaseModel):
+            _collect_secrets(value, found)

@@ -30,7 +30,7 @@ from adapters.embedders.openai_http import OpenAIEmbedder
 from adapters.embedders.sentence_transformer import SentenceTransformerEmbedder
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from coordinator.chunking import content_hash
-from coordinator.errors import ConfigError, PermanentEmbedError, TransientEmbedError
+from coordinator.errors import ConfigError, EmbedServiceError, PermanentEmbedError, TransientEmbedError
 from coordinator.ports import Embedder, HashedEmbedder
 from tests.support.embed_server import MODEL, EmbedServer
 
@@ -404,10 +404,10 @@ def test_openai_orders_by_index_not_position(embed_server: EmbedServer, client_f
     assert vectors == HashingEmbedder().embed(texts)
 
 
-@pytest.mark.parametrize("status", [400, 404, 422])
+@pytest.mark.parametrize("status", [400, 413, 422])
 def test_openai_client_errors_are_permanent_without_retry(embed_server: EmbedServer, client_factory: Any,
                                                           sleeps: Sleeps, status: int) -> None:
-    """A 4xx other than 408/429 is PermanentEmbedError after a single request."""
+    """A 4xx that an input can cause (400, 413, 422) is PermanentEmbedError after a single request."""
     embed_server.fail_next(1, status=status)
     with pytest.raises(PermanentEmbedError, match=f"HTTP {status}"):
         client_factory(embed_server).embed(["hello"])
@@ -415,11 +415,13 @@ def test_openai_client_errors_are_permanent_without_retry(embed_server: EmbedSer
     assert sleeps.delays_s == []
 
 
-def test_openai_unknown_model_is_permanent(embed_server: EmbedServer) -> None:
-    """The server's 404 for a model it does not serve is PermanentEmbedError."""
+def test_openai_unknown_model_is_a_service_error_not_the_inputs(embed_server: EmbedServer) -> None:
+    """The server's 404 for a model it does not serve is EmbedServiceError: no input is at fault,
+    so nothing may be dead-lettered for it."""
     with OpenAIEmbedder(embed_server.url, "no-such-model", 384, timeout_s=5.0) as embedder, \
-            pytest.raises(PermanentEmbedError, match="HTTP 404"):
+            pytest.raises(EmbedServiceError, match="HTTP 404"):
         embedder.embed(["hello"])
+    assert not isinstance(EmbedServiceError("x"), PermanentEmbedError)
 
 
 def test_openai_accepts_base_url_ending_in_v1(embed_server: EmbedServer) -> None:
@@ -441,7 +443,7 @@ def test_openai_api_key_is_sent_but_never_logged(embed_server_factory: Any, clie
         embedder = client_factory(server, api_key=SecretStr(key))
         assert len(embedder.embed(["hello"])) == 1
         wrong = client_factory(server, api_key=SecretStr("sk-wrong-key-000"))
-        with pytest.raises(PermanentEmbedError, match="HTTP 401") as failure:
+        with pytest.raises(EmbedServiceError, match="HTTP 401") as failure:
             wrong.embed(["hello"])
     assert server.requests[-2].authorization == f"Bearer {key}"
     assert any(e["event"] == "embed_retry" for e in events)

@@ -25,7 +25,8 @@ import numpy as np
 import structlog
 from pydantic import SecretStr
 
-from coordinator.errors import PermanentEmbedError, TransientEmbedError
+from coordinator.errors import EmbedServiceError, PermanentEmbedError, TransientEmbedError
+from coordinator.redact import REDACTED, redact
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,8 @@ CONNECTIONS_MAX = 4
 ERROR_BODY_CHARS_MAX = 300
 
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# Statuses that no input causes: credentials, permissions, the URL or the model name are wrong.
+_SERVICE_STATUSES = frozenset({401, 403, 404, 405, 407})
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class OpenAIEmbedder:
             raise _Retriable(f"timeout ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise _Retriable(f"connection error ({type(exc).__name__})") from exc
-        _raise_for_status(response)
+        _raise_for_status(response, self._api_key)
         return _parse(response, len(batch), self.dim)
 
     def _body(self, batch: Sequence[str]) -> dict[str, Any]:
@@ -194,13 +197,20 @@ def _batches(texts: Sequence[str], count_max: int, bytes_max: int) -> Iterator[l
         yield batch
 
 
-def _raise_for_status(response: httpx.Response) -> None:
+def _raise_for_status(response: httpx.Response, api_key: SecretStr | None) -> None:
+    """Raise for an error status. The body is quoted, short and redacted: a proxy or a server may
+    echo the request's Authorization header in it."""
     status = response.status_code
     if status < 300:
         return
-    detail = f"HTTP {status}: {response.text[:ERROR_BODY_CHARS_MAX]}"
+    body = response.text[:ERROR_BODY_CHARS_MAX]
+    if api_key is not None:
+        body = body.replace(api_key.get_secret_value(), REDACTED)
+    detail = redact(f"HTTP {status} {response.reason_phrase}: {body}")
     if status in _RETRY_STATUSES:
         raise _Retriable(detail, _retry_after_s(response))
+    if status in _SERVICE_STATUSES:
+        raise EmbedServiceError(f"the embeddings service refuses every request ({detail}): check base_url, model and api_key")
     raise PermanentEmbedError(f"embeddings request rejected, {detail}")
 
 
