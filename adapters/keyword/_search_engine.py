@@ -242,8 +242,12 @@ class BodyReader:
     """Reads a stored body's fields by type, noting each field that is missing or mistyped.
 
     A body lockstep wrote has every field with its type; anything else was written by another
-    hand, so it is read as far as it goes (neutral values for the rest) and ``foreign`` says why.
+    hand, so it is read as far as it goes (neutral values for the rest: "", ``UNREAD_INT``,
+    False, {}) and ``foreign`` says why.
     """
+
+    # Below every version and chunk index lockstep writes.
+    UNREAD_INT = NO_VERSION
 
     def __init__(self, body: Any) -> None:
         self.body: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
@@ -267,7 +271,7 @@ class BodyReader:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         self._unreadable(name, value, "an integer")
-        return NO_VERSION
+        return self.UNREAD_INT
 
     def flag(self, name: str) -> bool:
         value = self.body.get(name)
@@ -291,8 +295,10 @@ class BodyReader:
 
     def _unreadable(self, name: str, value: Any, expected: str) -> None:
         self.unreadable.add(name)
-        missing = value is None
-        self.problems.append(f"no {name} field" if missing else f"{name} is {type(value).__name__}, not {expected}")
+        if value is None:
+            self.problems.append(f"no {name} field")
+        else:
+            self.problems.append(f"{name} is {type(value).__name__}, not {expected}")
 
 
 def stored_chunk(hit: Mapping[str, Any], *, with_text: bool, store: str) -> StoredChunk:
@@ -304,7 +310,9 @@ def stored_chunk(hit: Mapping[str, Any], *, with_text: bool, store: str) -> Stor
     body = BodyReader(hit.get("_source"))
     claimed_id, claimed_version = body.text("chunk_id"), body.integer("version")
     body.agrees("chunk_id", claimed_id, chunk_id, f"body chunk_id {claimed_id!r} is not its _id")
-    body.agrees("version", claimed_version, version, f"body version {claimed_version} is not its _version {version}")
+    body.agrees(
+        "version", claimed_version, version, f"body version {claimed_version} is not its _version {version}"
+    )
     return StoredChunk(
         chunk_id=chunk_id,
         doc_id=body.text("doc_id"),

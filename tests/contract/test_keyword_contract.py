@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from opensearchpy import OpenSearch
 
-from adapters.keyword._search_engine import RETRY_ATTEMPTS_MAX, SearchEngineIndex
+from adapters.keyword._search_engine import RETRY_ATTEMPTS_MAX, SearchEngineIndex, stored_chunk
 from adapters.keyword.elasticsearch import ElasticsearchKeywordIndex
 from adapters.keyword.es_compat_proxy import EsCompatProxy, ProxyRequest, Reply
 from adapters.keyword.opensearch import OpenSearchKeywordIndex
@@ -435,6 +435,17 @@ def test_a_tantivy_document_without_a_chunk_id_is_read_as_foreign_under_no_id(tm
     finally:
         index.drop()
         index.close()
+
+
+def test_a_hit_without_the_engines_version_is_an_error_not_a_foreign_document() -> None:
+    """A hit lacking _version (an engine that ignored version: true) fails the read: read as a
+    versionless foreign document, it would be deleted by reconcile."""
+    body = {"chunk_id": "d:chunk-0", "doc_id": "d", "chunk_index": 0, "content_hash": "h", "version": 2}
+    hit = {"_id": "d:chunk-0", "_source": body}
+    assert stored_chunk(hit | {"_version": 2}, with_text=False, store="opensearch").foreign == ""
+    assert "is not its _version 3" in stored_chunk(hit | {"_version": 3}, with_text=False, store="x").foreign
+    with pytest.raises(PermanentStoreError, match="without its _version"):
+        stored_chunk(hit, with_text=False, store="opensearch")
 
 
 def test_tantivy_index_survives_a_process_restart(tmp_path: Path) -> None:
