@@ -405,13 +405,18 @@ class Reconciler:
         return self._reread(views)
 
     def _reread(self, views: Mapping[str, DocView]) -> dict[str, DocView]:
-        """Fresh views of these documents (duplicates carried over: a read by ID cannot see them)."""
+        """Fresh views of these documents. What a read by ID cannot see is carried over:
+        duplicated keys, and entries without any ID (no repair can touch them anyway)."""
         known = [cid for v in views.values() for side in INDEXES for cid in v.side(side)]
         fresh = self.auditor.probe(
             sorted(views), [*known, *(c for v in views.values() for c in v.duplicates)]
         )
         for doc_id, view in fresh.items():
-            view.duplicates = dict(views[doc_id].duplicates) if doc_id in views else {}
+            old = views.get(doc_id)
+            view.duplicates = dict(old.duplicates) if old is not None else {}
+            for side in INDEXES:
+                if old is not None and "" in old.side(side):
+                    view.side(side)[""] = old.side(side)[""]
         return fresh
 
     # --- step 2 and 3: index repairs ---------------------------------------------------------

@@ -702,6 +702,29 @@ def test_foreign_documents_are_findings_that_reconcile_removes_at_the_engines_ve
     assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-3000:]
 
 
+def test_a_tantivy_document_without_any_id_is_reported_unrepairable_not_deleted(embedded: Settings) -> None:
+    """A Tantivy document without a chunk_id is a foreign finding that no write can address:
+    reconcile lists it as unrepairable (so the CLI exits 1) and sends no delete that would
+    be refused into the dead-letter queue."""
+    _loaded(embedded)
+    with runtime(embedded) as rt:
+        path = str(rt.keyword.path)  # type: ignore[attr-defined]  # the embedded stack is Tantivy
+    index = tantivy.Index.open(path)
+    index.register_tokenizer("lockstep_text", tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).build())
+    writer = index.writer(heap_size=RAW_TANTIVY_HEAP_BYTES, num_threads=1)
+    nameless = tantivy.Document()
+    nameless.add_text("text", "no id at all")
+    writer.add_document(nameless)
+    writer.commit()
+    writer.wait_merging_threads()
+    assert _counts(_audit(embedded)) == {"keyword": {"foreign": 1}, "cross_index": 1}
+    summary = _reconcile(embedded)
+    assert summary["unrepairable"] == [{"chunk_id": "", "reason": NO_ID}], summary
+    assert summary["repairs"] == [] and summary["remaining_findings"] == 2
+    with runtime(embedded) as rt:
+        assert rt.ledger.counts()["dead_letters"] == 0
+
+
 def _nonzero(counts: dict[str, Any]) -> dict[str, Any]:
     """The non-zero counts of a JSON report."""
     out: dict[str, Any] = {}
