@@ -16,6 +16,12 @@ Kafka) the ledger is the reference. Per index and chunk, the categories are:
                 that does not hash to its own ``content_hash`` (an edit behind lockstep's back);
 - ``orphan``    a chunk of a live document at an index at or beyond its chunk count;
 - ``duplicate`` more than one Milvus entity for one primary key (invariant I4);
+- ``foreign``   an entry lockstep cannot have written: its ID is no chunk ID, or its body lacks a
+                field, holds one of another type, or contradicts the store's own ID or version
+                (``StoredChunk.foreign``, ``layout_problems``). Indexes are read by the stores'
+                own IDs and versions (ES ``_id``/``_version``, the Milvus primary key), so such
+                an entry is a finding, never a crash; ``reconcile`` deletes it at that version,
+                or rewrites it when its ID is a reference chunk's;
 
 and across sides: ``ledger_drift`` (ledger vs source, per document) and ``cross_index`` (the two
 indexes hold different (version, hash) for one chunk, or only one holds it). The categories are
@@ -49,7 +55,7 @@ import hashlib
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
@@ -79,6 +85,8 @@ PROBE_DOCS_PER_BATCH_MAX = 500
 # them and the audit takes about as long as its slowest side.
 AUDIT_STREAMS = 4
 DIGEST_MODULUS = 2**128
+# Why an entry is foreign when one index holds several under its ID.
+SHARED_ID = "several entries hold this ID"
 SCHEMA_VERSION = 1
 
 KEYWORD = "keyword"
@@ -92,11 +100,19 @@ class Category(enum.StrEnum):
     STALE = "stale"
     ORPHAN = "orphan"
     DUPLICATE = "duplicate"
+    FOREIGN = "foreign"
     LEDGER_DRIFT = "ledger_drift"
     CROSS_INDEX = "cross_index"
 
 
-INDEX_CATEGORIES = (Category.MISSING, Category.GHOST, Category.STALE, Category.ORPHAN, Category.DUPLICATE)
+INDEX_CATEGORIES = (
+    Category.MISSING,
+    Category.GHOST,
+    Category.STALE,
+    Category.ORPHAN,
+    Category.DUPLICATE,
+    Category.FOREIGN,
+)
 
 
 # --- what the auditor needs beyond the ports -----------------------------------------------------
@@ -210,22 +226,55 @@ class Digests:
 
 @dataclass(frozen=True)
 class Observed:
-    """One chunk as an index holds it; ``text_ok`` False when its text does not hash to its hash."""
+    """One chunk as an index holds it; ``text_ok`` False when its text does not hash to its hash,
+    ``foreign`` says why lockstep cannot have written it ("" when it can have)."""
 
     chunk_id: str
     version: int
     content_hash: str
     text_ok: bool = True
+    foreign: str = ""
 
     @classmethod
     def of(cls, chunk: StoredChunk) -> Observed:
         text_ok = chunk.text is None or content_hash(chunk.text) == chunk.content_hash
-        return cls(chunk.chunk_id, chunk.version, chunk.content_hash, text_ok)
+        foreign = "; ".join(p for p in (chunk.foreign, *layout_problems(chunk)) if p)
+        return cls(chunk.chunk_id, chunk.version, chunk.content_hash, text_ok, foreign)
 
     @property
     def effective_hash(self) -> str:
-        """The hash that is digested: a text that lies about its hash never matches the reference."""
+        """The hash that is digested: a text that lies about its hash, or an entry lockstep did
+        not write, never matches the reference."""
+        if self.foreign:
+            return f"foreign:{self.content_hash}"
         return self.content_hash if self.text_ok else f"text-mismatch:{self.content_hash}"
+
+    def shared(self) -> Observed:
+        """This entry, found to share its ID with others in one index."""
+        if SHARED_ID in self.foreign:
+            return self
+        return replace(self, foreign=f"{self.foreign}; {SHARED_ID}" if self.foreign else SHARED_ID)
+
+
+def layout_problems(chunk: StoredChunk) -> list[str]:
+    """Why a chunk that its store read without complaint still cannot be one lockstep wrote: the
+    checks that need no store, so that the auditor does not take the adapters' word for them."""
+    try:
+        doc_id, index = parse_chunk_id(chunk.chunk_id)
+    except ValueError:
+        return [f"{chunk.chunk_id!r} is not a chunk ID"]
+    if chunk_id(doc_id, index) != chunk.chunk_id:
+        return [f"{chunk.chunk_id!r} is not a chunk ID as lockstep spells them"]
+    problems = []
+    if chunk.doc_id != doc_id:
+        problems.append(f"doc_id {chunk.doc_id!r} is not its ID's")
+    if chunk.chunk_index != index:
+        problems.append(f"chunk_index {chunk.chunk_index} is not its ID's")
+    if chunk.version < 0:
+        problems.append(f"version {chunk.version} is negative")
+    if chunk.text == "":
+        problems.append("its text is empty (lockstep writes no empty chunk)")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -336,22 +385,32 @@ def _drift_findings(view: DocView) -> list[Finding]:
 
 def _index_findings(view: DocView, side: str, ref: Mapping[str, RefChunk]) -> list[Finding]:
     held = view.side(side)
+    foreign = {cid for cid, o in held.items() if o.foreign}
     out = [
         Finding(Category.MISSING, side, view.doc_id, cid, "in the reference, not in the index")
         for cid in sorted(ref.keys() - held.keys())
     ]
-    for cid in sorted(held.keys() & ref.keys()):
+    out += [_foreign_finding(view.doc_id, side, held[cid], cid in ref) for cid in sorted(foreign)]
+    for cid in sorted((held.keys() & ref.keys()) - foreign):
         problem = stale_reason(ref[cid], held[cid])
         if problem:
             out.append(Finding(Category.STALE, side, view.doc_id, cid, problem))
     live = bool(ref)
-    for cid in sorted(held.keys() - ref.keys()):
+    for cid in sorted(held.keys() - ref.keys() - foreign):
         out.append(_extra_finding(view.doc_id, side, cid, live, len(ref)))
     return out
 
 
+def _foreign_finding(doc_id: str, side: str, got: Observed, in_reference: bool) -> Finding:
+    fate = "a reference chunk's ID: rewritten" if in_reference else "deleted"
+    detail = f"{got.foreign} (held at version {got.version}; {fate} by reconcile)"
+    return Finding(Category.FOREIGN, side, doc_id, got.chunk_id, detail)
+
+
 def stale_reason(want: RefChunk, got: Observed) -> str:
     """Why an index's copy of a chunk is not the reference's ("" when it is)."""
+    if got.foreign:
+        return f"not written by lockstep: {got.foreign}"
     if not got.text_ok:
         return f"text does not hash to its content_hash {got.content_hash[:12]}"
     if got.content_hash != want.content_hash:
@@ -362,11 +421,9 @@ def stale_reason(want: RefChunk, got: Observed) -> str:
 
 
 def _extra_finding(doc_id: str, side: str, cid: str, live: bool, count: int) -> Finding:
-    """A chunk the reference lacks: an orphan of a live document, else a ghost."""
-    try:
-        index = parse_chunk_id(cid)[1]
-    except ValueError:
-        return Finding(Category.GHOST, side, doc_id, cid, "not a chunk ID of any document")
+    """A chunk the reference lacks (its ID is a chunk ID: others are foreign): an orphan of a
+    live document, else a ghost."""
+    index = parse_chunk_id(cid)[1]
     if live and index >= count:
         return Finding(Category.ORPHAN, side, doc_id, cid, f"chunk {index} of a {count}-chunk document")
     return Finding(Category.GHOST, side, doc_id, cid, "chunk of a document that is not live")
@@ -660,7 +717,7 @@ class Auditor:
                 view(doc.doc_id).source = doc
             for side, observed in held.items():
                 for o in observed.result():
-                    view(doc_of(o.chunk_id)).side(side)[o.chunk_id] = o
+                    _hold(view(doc_of(o.chunk_id)).side(side), o)
         return views
 
     def _held(self, side: str, wanted: Callable[[str], bool]) -> list[Observed]:
@@ -706,6 +763,13 @@ class Auditor:
         with_findings = {f.doc_id for f in findings}
         kept = views if keep_clean else {d: v for d, v in views.items() if d in with_findings}
         return AuditResult(report, kept, findings)
+
+
+def _hold(held: dict[str, Observed], o: Observed) -> None:
+    """Record ``o``; an ID seen twice in one index's scan (possible only in a store that does not
+    key by ID, for entries another writer added) is foreign, at the higher of the versions."""
+    kept = held.get(o.chunk_id)
+    held[o.chunk_id] = o if kept is None else max(kept, o, key=lambda x: x.version).shared()
 
 
 def reservoir(items: Iterable[str], k: int, rng: random.Random) -> list[str]:

@@ -62,12 +62,20 @@ def latest_content(
 
 
 def no_deleted_documents(side: str, deleted_docs: set[str], observed: Iterable[str]) -> list[Violation]:
-    """I3: no chunk of a document deleted at the source is in the index."""
+    """I3: no chunk of a document deleted at the source is in the index. An ID that is no chunk
+    ID (another writer's entry) belongs to no document; I1 reports it."""
     return [
         Violation("I3", side, cid, "chunk of a deleted document")
         for cid in observed
-        if parse_chunk_id(cid)[0] in deleted_docs
+        if _document_of(cid) in deleted_docs
     ]
+
+
+def _document_of(cid: str) -> str | None:
+    try:
+        return parse_chunk_id(cid)[0]
+    except ValueError:
+        return None
 
 
 def one_entity_per_id(side: str, observed_ids: Iterable[str]) -> list[Violation]:

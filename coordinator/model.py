@@ -69,9 +69,20 @@ class ChunkDelete:
     overwrite_equal: bool = False
 
 
+# The version of a stored entry that records none (foreign data only: every write of lockstep's
+# carries one). Below every real version, so a delete at any version passes a gate over it.
+NO_VERSION = -1
+
+
 @dataclass(frozen=True)
 class StoredChunk:
-    """What an index returns when read by ID or scanned (no vector, no text unless asked)."""
+    """What an index returns when read by ID or scanned (no vector, no text unless asked).
+
+    ``chunk_id`` and ``version`` are the store's own (ES ``_id`` and ``_version``, the Milvus
+    primary key). ``foreign`` says why an entry cannot have been written by lockstep (a field
+    missing or of the wrong type, a body contradicting the store's ID or version); the other
+    fields then hold what could be read, with neutral values ("", -1, {}) for the rest.
+    """
 
     chunk_id: str
     doc_id: str
@@ -80,6 +91,7 @@ class StoredChunk:
     version: int
     text: str | None = None
     metadata: Mapping[str, Any] | None = None
+    foreign: str = ""
 
 
 class ItemStatus(enum.StrEnum):

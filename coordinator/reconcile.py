@@ -13,9 +13,12 @@ Order of work:
    ``ApplyEngine.drive``, the same two-phase path (prepare, both sides, mark, commit) that live
    events take and that ``recover()`` re-drives after a crash. Missing and stale chunks are
    rewritten from the source's text (pure streams: from whichever index still holds a text that
-   hashes to the ledger's hash); vectors come from the embedding cache, else the vector index's
-   stored copy of that very hash, and the model is called only when neither has it. Ghosts and
-   orphans are deleted by ID; duplicated Milvus keys are deleted and rewritten in a second round
+   hashes to the ledger's hash, never a foreign entry's); vectors come from the embedding cache,
+   else the vector index's stored copy of that very hash, and the model is called only when
+   neither has it. Ghosts, orphans and foreign entries outside the reference are deleted by ID
+   (a foreign entry under a reference chunk's ID is rewritten, like a stale one; one with no ID
+   at all cannot be addressed and is reported unrepairable); duplicated Milvus keys are deleted
+   and rewritten in a second round
    (a side applies an intent's upserts before its deletes, so the two cannot share one intent).
    A side that already holds everything an intent asks is marked done before the intent is
    driven, so a healthy side is not rewritten;
@@ -39,10 +42,11 @@ real event as stale. Either breaks pure event streams whose versions are dense i
   here the ledger is authoritative for what version v holds, so rewriting it at v loses nothing,
   and a newer live write (v+1) still wins over a late repair. Future events at v+1 pass both the
   ledger's gate and the index's, untouched by the repair.
-- Ghost and orphan deletes use the highest version the keyword index holds for that ID (or the
-  ledger's, if higher), again with ``overwrite_equal``: "a version above any seen" short of
-  claiming a version no live event has had yet. Milvus versions are ignored there, because
-  Milvus gates nothing.
+- Ghost, orphan and foreign deletes use the highest version the keyword index holds for that ID
+  (or the ledger's, if higher), again with ``overwrite_equal``: "a version above any seen" short
+  of claiming a version no live event has had yet. That version is the store's own (ES
+  ``_version``, the Tantivy adapter's stored version), never a version claimed by a stored body.
+  Milvus versions are ignored there, because Milvus gates nothing.
 - The repair intent itself needs a version above the committed one to pass the ledger's gate
   (``prepare``) and to lock the document against a concurrent intent: it uses v+1 *as the
   intent's key only*; its ``after`` state keeps the document at version v, so the committed
@@ -101,6 +105,9 @@ REPAIR_BATCH_DOCS = 100
 REPAIR_ESCALATIONS_MAX = 3
 # Chunk IDs per real-time read when fetching index copies of texts.
 COPY_IDS_PER_READ_MAX = 1000
+# Why a chunk could not be repaired.
+NO_TEXT = "no copy of its text"
+NO_ID = "an entry without an ID: no write can address it; remove it with the store's own tools"
 
 
 @dataclass(frozen=True)
@@ -210,20 +217,23 @@ def redrive_event(view: DocView) -> ChangeEvent:
 
 def plan_repair(
     view: DocView, texts: Mapping[str, StoredChunk], *, escalate: bool = False
-) -> tuple[DocRepair | None, list[str]]:
-    """The repair intent for one document whose ledger is the reference, and the chunk IDs that
-    cannot be repaired (no copy of their text anywhere). ``texts`` maps chunk IDs to copies
-    whose text hashes to the reference's hash (from the source or an index)."""
+) -> tuple[DocRepair | None, list[tuple[str, str]]]:
+    """The repair intent for one document whose ledger is the reference, and the chunks that
+    cannot be repaired, each with why (no copy of their text anywhere, no ID to address them
+    by). ``texts`` maps chunk IDs to copies whose text hashes to the reference's hash (from the
+    source or an index)."""
     state = view.ledger
     ref = ledger_chunks(state)
     base = 0 if state is None else state.version
     bad = {cid for side in INDEXES for cid in _bad_chunks(view, side, ref)}
     dups = set(view.duplicates) & ref.keys()
-    extra = {cid for side in INDEXES for cid in view.side(side).keys() - ref.keys()} | (
+    outside = {cid for side in INDEXES for cid in view.side(side).keys() - ref.keys()} | (
         set(view.duplicates) - ref.keys()
     )
+    nameless: list[tuple[str, str]] = [(cid, NO_ID) for cid in sorted(outside) if not cid]
+    extra = outside - {""}
     if not (bad or dups or extra):
-        return None, []
+        return None, nameless
     unrepairable = sorted(cid for cid in bad | dups if cid not in texts)
     writes = {cid: _write_version(view, ref[cid], base, escalate) for cid in (bad | dups) - set(unrepairable)}
     deletes = {cid: _delete_version(view, cid, base, escalate) for cid in extra | (dups - set(unrepairable))}
@@ -240,7 +250,7 @@ def plan_repair(
         _sides_needing(view, ref, writes, extra),
         bumped=after.version > base,
     )
-    return repair, unrepairable
+    return repair, [(cid, NO_TEXT) for cid in unrepairable] + nameless
 
 
 def _bad_chunks(view: DocView, side: str, ref: Mapping[str, RefChunk]) -> set[str]:
@@ -370,9 +380,10 @@ class Reconciler:
         summary.redrives = [_event_json(redrive_event(v)) for v in drifted]
         rest = {d: v for d, v in result.views.items() if not has_ledger_drift(v)}
         for repair, missing in self._plan(rest, escalate=False):
-            summary.repairs.append(repair.as_json())
-            summary.unrepairable += [{"chunk_id": cid, "reason": "no copy of its text"} for cid in missing]
-            summary.ops += repair.ops
+            summary.unrepairable += _unrepairable_json(missing)
+            if repair is not None:
+                summary.repairs.append(repair.as_json())
+                summary.ops += repair.ops
         summary.remaining = len(result.findings)
         return summary
 
@@ -394,13 +405,18 @@ class Reconciler:
         return self._reread(views)
 
     def _reread(self, views: Mapping[str, DocView]) -> dict[str, DocView]:
-        """Fresh views of these documents (duplicates carried over: a read by ID cannot see them)."""
+        """Fresh views of these documents. What a read by ID cannot see is carried over:
+        duplicated keys, and entries without any ID (no repair can touch them anyway)."""
         known = [cid for v in views.values() for side in INDEXES for cid in v.side(side)]
         fresh = self.auditor.probe(
             sorted(views), [*known, *(c for v in views.values() for c in v.duplicates)]
         )
         for doc_id, view in fresh.items():
-            view.duplicates = dict(views[doc_id].duplicates) if doc_id in views else {}
+            old = views.get(doc_id)
+            view.duplicates = dict(old.duplicates) if old is not None else {}
+            for side in INDEXES:
+                if old is not None and "" in old.side(side):
+                    view.side(side)[""] = old.side(side)[""]
         return fresh
 
     # --- step 2 and 3: index repairs ---------------------------------------------------------
@@ -425,10 +441,10 @@ class Reconciler:
         done: list[DocRepair] = []
         for batch in _batched(planned, REPAIR_BATCH_DOCS):
             for _, missing in batch:
-                summary.unrepairable += [
-                    {"chunk_id": cid, "reason": "no copy of its text"} for cid in missing
-                ]
-            repairs = [r for r, _ in batch]
+                summary.unrepairable += _unrepairable_json(missing)
+            repairs = [r for r, _ in batch if r is not None]
+            if not repairs:
+                continue
             ops = sum(r.ops for r in repairs)
             if not budget.take(ops):
                 summary.skipped_for_budget += len(repairs)
@@ -440,14 +456,16 @@ class Reconciler:
             done += repairs
         return done
 
-    def _plan(self, views: Mapping[str, DocView], *, escalate: bool) -> list[tuple[DocRepair, list[str]]]:
+    def _plan(
+        self, views: Mapping[str, DocView], *, escalate: bool
+    ) -> list[tuple[DocRepair | None, list[tuple[str, str]]]]:
         # A document whose ledger still disagrees with the source (its re-drive did not fit the
         # budget) has no trustworthy reference yet.
         settled = [v for v in views.values() if not has_ledger_drift(v)]
         texts = self._texts(settled)
         planned = [plan_repair(v, texts, escalate=escalate) for v in settled]
-        out = [(r, missing) for r, missing in planned if r is not None]
-        for repair, _ in out:
+        out = [(r, missing) for r, missing in planned if r is not None or missing]
+        for repair in (r for r, _ in out if r is not None):
             self._assert_keeps_source(views[repair.doc_id], repair)
             if repair.bumped:
                 log.warning(
@@ -498,7 +516,7 @@ class Reconciler:
         for side in INDEXES:
             for part in _batched(need, COPY_IDS_PER_READ_MAX):
                 for cid, copy in self.indexes[side].get(part).items():
-                    if cid not in texts and copy.text is not None and content_hash(copy.text) == wanted[cid]:
+                    if cid not in texts and _verified(copy, wanted[cid]):
                         texts[cid] = copy
             need = [cid for cid in need if cid not in texts]
         return texts
@@ -516,6 +534,16 @@ class _Budget:
             return False
         self.used += ops
         return True
+
+
+def _verified(copy: StoredChunk, wanted_hash: str) -> bool:
+    """A copy fit to rewrite a chunk from: its text hashes to the reference's hash, and lockstep
+    wrote it (another writer's copy may carry metadata that is not the document's)."""
+    return not copy.foreign and copy.text is not None and content_hash(copy.text) == wanted_hash
+
+
+def _unrepairable_json(missing: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"chunk_id": cid, "reason": reason} for cid, reason in missing]
 
 
 def _without_duplicates(view: DocView) -> DocView:

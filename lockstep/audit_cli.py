@@ -108,6 +108,7 @@ def reconcile(
         summary = reconciler.run(dry_run=dry_run, max_ops=max_ops).as_json()
     typer.echo(json.dumps(summary, indent=2, sort_keys=True))
     left = summary["audit"]["clean"] is False if dry_run else summary["remaining_findings"] > 0
+    left = left or bool(summary["unrepairable"])
     raise typer.Exit(EXIT_DRIFT if left or summary["skipped_for_budget"] else EXIT_CLEAN)
 
 

@@ -14,21 +14,27 @@ import random
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tantivy
 import yaml
 from milvus_lite.server_manager import server_manager_instance
+from opensearchpy import OpenSearch
 from pymilvus import MilvusClient
 
 from adapters.keyword.es_compat_proxy import EsCompatProxy
 from adapters.keyword.settings import KeywordSettings
+from adapters.keyword.tantivy_index import TantivyKeywordIndex
 from adapters.vector.settings import VectorSettings
+from chaos.check import audit_violations
+from coordinator import invariants
 from coordinator.audit import (
     BUCKETS,
+    SHARED_ID,
     Auditor,
     Digests,
     DocView,
@@ -41,8 +47,9 @@ from coordinator.audit import (
     reservoir,
 )
 from coordinator.chunking import ChunkingSettings, chunk_id, content_hash
-from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk
-from coordinator.reconcile import RateLimiter, Reconciler, plan_repair
+from coordinator.continuous_audit import ContinuousAudit
+from coordinator.model import NO_VERSION, ChunkDelete, ChunkState, DocState, IndexedChunk, StoredChunk
+from coordinator.reconcile import NO_ID, RateLimiter, Reconciler, plan_repair
 from coordinator.sync import run_sync
 from lockstep.bootstrap import Runtime, build_source, runtime
 from lockstep.settings import Settings
@@ -55,6 +62,10 @@ DOCS = 20
 TEST_OPS_PER_S = 1e9
 CLI_TIMEOUT_S = 300
 AUDIT_CLI = [sys.executable, "-m", "lockstep.audit_cli"]
+# The raw clients that write foreign data: a request's timeout, and the Tantivy writer's heap
+# (tantivy needs at least 15 MB per indexing thread).
+RAW_TIMEOUT_S = 30
+RAW_TANTIVY_HEAP_BYTES = 16 * 1024 * 1024
 
 STACKS = ["tantivy+milvus-lite-file", "opensearch+milvus-2.3.5", "elasticsearch+milvus-lite-server"]
 
@@ -446,9 +457,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _config_file(tmp_path: Path, settings: Settings) -> Path:
+    keyword = settings.keyword.model_dump(include={"kind", "index", "path", "url"}, exclude_none=True)
     config = {
         "source": {"kind": "jsonl", "path": str(tmp_path / "events.jsonl"), "name": "events"},
-        "keyword": {"kind": "tantivy", "path": settings.keyword.path},
+        "keyword": keyword,
         "vector": {"uri": settings.vector.uri, "collection": settings.vector.collection},
         "ledger": {"path": str(tmp_path / "ledger.db")},
         "embedder": {"kind": "hashing", "dim": DIM},
@@ -480,7 +492,7 @@ def test_cli_exit_codes_and_json_schema(embedded: Settings, tmp_path: Path) -> N
         "elapsed_s",
     }
     assert report["counts"]["keyword"] == dict.fromkeys(
-        ("missing", "ghost", "stale", "orphan", "duplicate"), 0
+        ("missing", "ghost", "stale", "orphan", "duplicate", "foreign"), 0
     )
     with runtime(embedded) as rt:
         rt.keyword.delete([ChunkDelete(chunk_id("d0", 0), 2)])
@@ -503,6 +515,224 @@ def test_cli_exit_codes_and_json_schema(embedded: Settings, tmp_path: Path) -> N
     )
     assert _cli("audit", "-c", str(broken)).returncode == 2
     assert _cli("audit", "-c", str(config), "--sample", "3", "--doc", "d0").returncode == 2
+
+
+# --- foreign data: documents lockstep did not write ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Places:
+    """Where a stack's stores keep the active generation's data, for the raw clients."""
+
+    keyword: str  # the physical index name, or the Tantivy directory
+    collection: str
+    d3_row: dict[str, Any]  # the vector index's row of d3:chunk-0, vector included
+
+
+def _places(settings: Settings) -> _Places:
+    with runtime(settings) as rt:
+        keyword = str(rt.keyword.path) if isinstance(rt.keyword, TantivyKeywordIndex) else rt.keyword.name
+        held = rt.vector.get([chunk_id("d3", 0)])[chunk_id("d3", 0)]
+        row = {
+            "chunk_id": held.chunk_id,
+            "vector": rt.vector.fetch_vectors([held.chunk_id])[held.chunk_id],
+            "doc_id": held.doc_id,
+            "chunk_index": held.chunk_index,
+            "text": held.text,
+            "content_hash": held.content_hash,
+            "version": held.version,
+            "metadata": dict(held.metadata or {}),
+        }
+        return _Places(keyword, rt.vector.name, row)
+
+
+def _foreign_search_engine_docs(url: str, index: str) -> None:
+    """Three documents written with opensearch-py: one whose ID is no chunk ID and whose body
+    has no lockstep field, one whose body contradicts its ID and engine version (7) and holds a
+    metadata array, and a hand edit of a live chunk (internal versioning: its _version goes 1 -> 2)."""
+    client = OpenSearch(url, timeout=RAW_TIMEOUT_S)
+    try:
+        client.index(index=index, id="stray-note", body={"text": "written by hand"})
+        body = {
+            "chunk_id": chunk_id("d1", 2),
+            "doc_id": "d1",
+            "chunk_index": 9,
+            "text": "by hand",
+            "content_hash": content_hash("by hand"),
+            "version": 1,
+            "metadata": [1],
+        }
+        client.index(index=index, id=chunk_id("d1", 9), body=body, version=7, version_type="external")
+        client.index(index=index, id=chunk_id("d2", 0), body={"text": "edited by hand"})
+    finally:
+        client.close()
+
+
+def _foreign_tantivy_docs(path: str) -> None:
+    """The same three with the tantivy binding: one with a chunk_id and a text only (no version,
+    no seq, no deleted flag), one at version 7 whose metadata is an array, and a second document
+    under a live chunk's ID at version 2."""
+    index = tantivy.Index.open(path)
+    # The index's text field names this analyzer; any analyzer under that name lets us write.
+    index.register_tokenizer("lockstep_text", tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).build())
+    writer = index.writer(heap_size=RAW_TANTIVY_HEAP_BYTES, num_threads=1)
+    stray = tantivy.Document()
+    stray.add_text("chunk_id", "stray-note")
+    stray.add_text("text", "written by hand")
+    odd = tantivy.Document()
+    odd.add_text("chunk_id", chunk_id("d1", 9))
+    odd.add_text("doc_id", "d1")
+    odd.add_integer("chunk_index", 9)
+    odd.add_text("text", "by hand")
+    odd.add_text("content_hash", content_hash("by hand"))
+    odd.add_integer("version", 7)
+    odd.add_bytes("metadata", b"[1]")
+    odd.add_boolean("deleted", False)
+    odd.add_integer("seq", 1_000_000)
+    edit = tantivy.Document()
+    edit.add_text("chunk_id", chunk_id("d2", 0))
+    edit.add_text("text", "edited by hand")
+    edit.add_integer("version", 2)
+    for doc in (stray, odd, edit):
+        writer.add_document(doc)
+    writer.commit()
+    writer.wait_merging_threads()
+
+
+def _foreign_vector_rows(uri: str, places: _Places, real_milvus: bool) -> None:
+    """Three rows written with pymilvus: a primary key that is no chunk ID with an empty text, a
+    chunk ID whose doc_id disagrees with it (negative version, metadata an array where the store
+    takes one), and a live chunk upserted with a chunk_index that disagrees with its ID."""
+    vector = [1.0] + [0.5] * (DIM - 1)
+    # Milvus 2.3.5 refuses a JSON field that is not an object; milvus-lite stores any JSON.
+    odd_metadata: Any = {"by": "hand"} if real_milvus else [1, 2]
+    stray = {"chunk_id": "stray-row", "vector": vector, "doc_id": "stray-row", "chunk_index": 0,
+             "text": "", "content_hash": "", "version": 0, "metadata": {}}  # fmt: skip
+    odd = {"chunk_id": chunk_id("d1", 9), "vector": vector, "doc_id": "someone-else", "chunk_index": 9,
+           "text": "by hand", "content_hash": content_hash("by hand"), "version": -3,
+           "metadata": odd_metadata}  # fmt: skip
+    client = MilvusClient(uri=uri, timeout=RAW_TIMEOUT_S, dedicated=True)
+    try:
+        client.insert(places.collection, [stray, odd], timeout=RAW_TIMEOUT_S)
+        client.upsert(places.collection, [places.d3_row | {"chunk_index": 5}], timeout=RAW_TIMEOUT_S)
+    finally:
+        client.close()
+
+
+def _write_foreign_data(request: pytest.FixtureRequest, name: str, settings: Settings) -> None:
+    places = _places(settings)
+    if name.startswith("tantivy"):
+        _foreign_tantivy_docs(places.keyword)
+    else:
+        _foreign_search_engine_docs(request.getfixturevalue("opensearch_api_url"), places.keyword)
+    _foreign_vector_rows(settings.vector.uri, places, name.endswith("2.3.5"))
+
+
+def _continuous_round(settings: Settings) -> Report:
+    with runtime(settings) as rt:
+        auditor = _auditor(settings, rt)
+        rounds = ContinuousAudit(auditor, rt.ledger, settings.chunking.to_domain(), sample_docs=DOCS,
+                                 rng=random.Random(0), clock=lambda: 0.0)  # fmt: skip
+        return rounds.round()
+
+
+def _invariants_over_scans(settings: Settings) -> list[str]:
+    """The chaos suite's checks over what both indexes hold (the ghost document d1 counts as deleted)."""
+    with runtime(settings) as rt:
+        found = [
+            str(v)
+            for side, index in (("keyword", rt.keyword), ("vector", rt.vector))
+            for v in invariants.check_index(side, {}, {"d1", "stray-note"}, list(index.scan()))
+        ]
+        return found + [str(v) for v in audit_violations(_auditor(settings, rt))]
+
+
+def test_foreign_documents_are_findings_that_reconcile_removes_at_the_engines_version(
+    request: pytest.FixtureRequest, stack: tuple[str, Settings], tmp_path: Path
+) -> None:
+    """Documents written with the raw clients (no chunk ID, missing or contradicting fields, odd
+    metadata) are `foreign` findings in audit, --doc, the continuous audit and the chaos checks,
+    never a crash; reconcile deletes them at the engine's own version, rewrites hand-edited live
+    chunks, and the next audit is clean."""
+    name, settings = stack
+    _loaded(settings)
+    _write_foreign_data(request, name, settings)
+    continuous = _continuous_round(settings)
+    assert continuous.counts["keyword"]["foreign"] == 2, continuous.as_json()
+    assert continuous.counts["vector"]["foreign"] == 2, continuous.as_json()
+    violations = _invariants_over_scans(settings)
+    assert any("stray-note" in v for v in violations) and any("audit:foreign" in v for v in violations)
+    if name.startswith("tantivy"):
+        server_manager_instance.release_server(settings.vector.uri)
+    config = str(_config_file(tmp_path, settings))
+
+    audit = _cli("audit", "-c", config, "--json")
+    assert audit.returncode == 1 and "Traceback" not in audit.stderr, audit.stderr[-3000:]
+    report = json.loads(audit.stdout)
+    assert _nonzero(report["counts"]) == {
+        "keyword": {"foreign": 3}, "vector": {"foreign": 3}, "cross_index": 5
+    }, report  # fmt: skip
+    assert {e["chunk_id"] for e in report["examples"]["keyword"]["foreign"]} == {
+        "stray-note", "d1:chunk-9", "d2:chunk-0"
+    }  # fmt: skip
+    assert {e["chunk_id"] for e in report["examples"]["vector"]["foreign"]} == {
+        "stray-row", "d1:chunk-9", "d3:chunk-0"
+    }  # fmt: skip
+    human = _cli("audit", "-c", config)
+    assert human.returncode == 1 and "foreign" in human.stdout and "Traceback" not in human.stderr
+    doc = _cli("audit", "-c", config, "--doc", "stray-note", "--json")
+    assert doc.returncode == 1, doc.stderr[-3000:]
+    findings = json.loads(doc.stdout)["findings"]
+    assert sorted((f["category"], f["side"]) for f in findings) == [
+        ("cross_index", "indexes"), ("foreign", "keyword")
+    ]  # fmt: skip
+
+    fixed = _cli("reconcile", "-c", config)
+    assert fixed.returncode == 0 and "Traceback" not in fixed.stderr, fixed.stderr[-3000:]
+    summary = json.loads(fixed.stdout)
+    deletes = {d["chunk_id"]: d["version"] for r in summary["repairs"] for d in r["deletes"]}
+    upserts = {u["chunk_id"]: u["version"] for r in summary["repairs"] for u in r["upserts"]}
+    # The engines' own versions: _version 7 (the body said 1); "stray-note" has _version 1 on
+    # the search engines and no version at all in Tantivy.
+    assert deletes == {
+        "d1:chunk-9": 7, "stray-note": 0 if name.startswith("tantivy") else 1, "stray-row": 0
+    }, summary["repairs"]  # fmt: skip
+    assert upserts[chunk_id("d2", 0)] == 2 and upserts[chunk_id("d3", 0)] == 1, summary["repairs"]
+    after = _cli("audit", "-c", config, "--json")
+    assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-3000:]
+
+
+def test_a_tantivy_document_without_any_id_is_reported_unrepairable_not_deleted(embedded: Settings) -> None:
+    """A Tantivy document without a chunk_id is a foreign finding that no write can address:
+    reconcile lists it as unrepairable (so the CLI exits 1) and sends no delete that would
+    be refused into the dead-letter queue."""
+    _loaded(embedded)
+    with runtime(embedded) as rt:
+        path = str(rt.keyword.path)  # type: ignore[attr-defined]  # the embedded stack is Tantivy
+    index = tantivy.Index.open(path)
+    index.register_tokenizer("lockstep_text", tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).build())
+    writer = index.writer(heap_size=RAW_TANTIVY_HEAP_BYTES, num_threads=1)
+    nameless = tantivy.Document()
+    nameless.add_text("text", "no id at all")
+    writer.add_document(nameless)
+    writer.commit()
+    writer.wait_merging_threads()
+    assert _counts(_audit(embedded)) == {"keyword": {"foreign": 1}, "cross_index": 1}
+    summary = _reconcile(embedded)
+    assert summary["unrepairable"] == [{"chunk_id": "", "reason": NO_ID}], summary
+    assert summary["repairs"] == [] and summary["remaining_findings"] == 2
+    with runtime(embedded) as rt:
+        assert rt.ledger.counts()["dead_letters"] == 0
+
+
+def _nonzero(counts: dict[str, Any]) -> dict[str, Any]:
+    """The non-zero counts of a JSON report."""
+    out: dict[str, Any] = {}
+    for key, value in counts.items():
+        kept = {k: v for k, v in value.items() if v} if isinstance(value, dict) else value
+        if kept:
+            out[key] = kept
+    return out
 
 
 # --- pure logic: buckets, digests, classification, planning, rate limit --------------------------
@@ -563,6 +793,108 @@ def test_classify_names_each_category() -> None:
     assert names == {"I1", "I2", "I4"}, "the auditor's categories are the named invariants"
 
 
+def test_entries_lockstep_cannot_have_written_are_foreign_whatever_their_id() -> None:
+    """An ID that is no chunk ID (or not as lockstep spells one), a doc_id or chunk_index that
+    disagrees with the ID, a negative version, an empty text and the adapter's own complaint
+    each make an entry foreign; a well-formed chunk does not."""
+
+    def problems(cid: str, **changes: Any) -> str:
+        base = StoredChunk(cid, "d", 1, content_hash("t"), 3, "t", {})
+        return Observed.of(replace(base, **changes)).foreign
+
+    assert problems("d:chunk-1") == ""
+    assert "not a chunk ID" in problems("stray")
+    assert "as lockstep spells them" in problems("d:chunk-01")
+    assert "doc_id 'e'" in problems("d:chunk-1", doc_id="e")
+    assert "chunk_index 2" in problems("d:chunk-1", chunk_index=2)
+    assert "version -3" in problems("d:chunk-1", version=-3)
+    assert "empty" in problems("d:chunk-1", text="")
+    assert problems("d:chunk-1", text=None) == "", "a scan without texts has no text to judge"
+    assert problems("d:chunk-1", foreign="no seq field") == "no seq field"
+
+
+def test_classify_reports_foreign_entries_in_and_outside_the_reference() -> None:
+    """A foreign entry is `foreign` (never stale, ghost or orphan), whether its ID is a reference
+    chunk's, a chunk beyond the count, or no chunk ID; the plan rewrites the first at the store's
+    version, deletes the others at theirs, and leaves an entry with no ID to the operator."""
+    state = DocState("d", 3, False, (ChunkState("d:chunk-0", 0, content_hash("t"), 3),))
+    view = DocView("d", state)
+    view.keyword = {
+        "d:chunk-0": Observed("d:chunk-0", 5, content_hash("t"), foreign="no doc_id field"),
+        "d:chunk-4": Observed("d:chunk-4", 9, "h", foreign="metadata is list, not an object"),
+        "": Observed("", NO_VERSION, "", foreign="no chunk_id field"),
+    }
+    view.vector = {"d:chunk-0": Observed("d:chunk-0", 3, content_hash("t"))}
+    got = sorted((f.category.value, f.side, f.chunk_id) for f in classify(view, ChunkingSettings()))
+    assert got == [
+        ("cross_index", "indexes", ""),
+        ("cross_index", "indexes", "d:chunk-0"),
+        ("cross_index", "indexes", "d:chunk-4"),
+        ("foreign", "keyword", ""),
+        ("foreign", "keyword", "d:chunk-0"),
+        ("foreign", "keyword", "d:chunk-4"),
+    ]
+    repair, unrepairable = plan_repair(view, {"d:chunk-0": _stored("d:chunk-0", "t")})
+    assert repair is not None
+    assert [(c.chunk_id, c.version) for c in repair.upserts] == [("d:chunk-0", 5)]
+    assert [(d.chunk_id, d.version, d.overwrite_equal) for d in repair.deletes] == [("d:chunk-4", 9, True)]
+    assert unrepairable == [("", NO_ID)]
+
+
+def test_an_id_scanned_twice_in_one_index_is_foreign_at_its_highest_version() -> None:
+    """Two entries under one ID in a store that does not key by ID (Tantivy, written by another
+    hand) are one foreign finding at the higher version, which reconcile's delete then uses."""
+    good = StoredChunk("z:chunk-0", "z", 0, content_hash("t"), 4, "t", {})
+    auditor = Auditor(
+        # Read-only stand-ins: a full audit reads only iter_docs/get_docs and scan.
+        ledger=_Docs([]),  # type: ignore[arg-type]  # the read side of a Ledger
+        keyword=_Scanned([good, replace(good, version=2)]),  # type: ignore[arg-type]  # scan only
+        vector=_Scanned([]),  # type: ignore[arg-type]  # scan only
+        source=None,
+        chunking=ChunkingSettings(),
+        reference_name="test",
+    )
+    result = auditor.full()
+    assert [(f.category.value, f.chunk_id) for f in result.findings if f.side == "keyword"] == [
+        ("foreign", "z:chunk-0")
+    ]
+    held = result.views["z"].keyword["z:chunk-0"]
+    assert (held.version, held.foreign) == (4, SHARED_ID)
+    repair, _ = plan_repair(result.views["z"], {})
+    assert repair is not None and [(d.chunk_id, d.version) for d in repair.deletes] == [("z:chunk-0", 4)]
+
+
+class _Docs:
+    """A ledger that knows only the given documents (read side only)."""
+
+    def __init__(self, docs: list[DocState]) -> None:
+        self.docs = docs
+
+    def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]:
+        return iter([d for d in self.docs if include_deleted or not d.deleted])
+
+    def get_docs(self, doc_ids: Iterable[str]) -> dict[str, DocState]:
+        return {d.doc_id: d for d in self.docs if d.doc_id in set(doc_ids)}
+
+
+class _Scanned:
+    """An index that scans the given entries, in order."""
+
+    def __init__(self, chunks: list[StoredChunk]) -> None:
+        self.chunks = chunks
+
+    def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
+        return iter(self.chunks)
+
+
+def test_invariant_i3_passes_over_ids_that_are_no_chunk_ids() -> None:
+    """The chaos suite's I1-I4 report another writer's entry under an ID that is no chunk ID as
+    extra (I1) instead of failing to parse it."""
+    stray = StoredChunk("stray-note", "d1", 0, "h", 1)
+    found = invariants.check_index("keyword", {}, {"d1"}, [stray])
+    assert [(v.invariant, v.chunk_id) for v in found] == [("I1", "stray-note")]
+
+
 def test_a_same_version_repair_keeps_the_ledger_version() -> None:
     """Repairing a text corrupted at the ledger's version writes at that version (overwrite-equal)
     and keeps the document's committed version; only an index ahead of the ledger raises it."""
@@ -583,9 +915,7 @@ def test_a_same_version_repair_keeps_the_ledger_version() -> None:
     assert bumped.sides == {"vector"}, "keyword already holds v6; the vector side follows the raised version"
 
 
-def _stored(cid: str, text: str) -> Any:
-    from coordinator.model import StoredChunk
-
+def _stored(cid: str, text: str) -> StoredChunk:
     return StoredChunk(cid, "d", 0, content_hash(text), 0, text, {})
 
 

@@ -32,6 +32,7 @@ import structlog
 from adapters.keyword.settings import KeywordSettings
 from coordinator.errors import PermanentStoreError, TransientStoreError
 from coordinator.model import (
+    NO_VERSION,
     ChunkDelete,
     IndexedChunk,
     ItemResult,
@@ -237,15 +238,90 @@ def error_reason(error: Any, status: int | None) -> str:
     return str(error) if error else f"status {status}"
 
 
-def stored_chunk(source: Mapping[str, Any], *, with_text: bool) -> StoredChunk:
+class BodyReader:
+    """Reads a stored body's fields by type, noting each field that is missing or mistyped.
+
+    A body lockstep wrote has every field with its type; anything else was written by another
+    hand, so it is read as far as it goes (neutral values for the rest: "", ``UNREAD_INT``,
+    False, {}) and ``foreign`` says why.
+    """
+
+    # Below every version and chunk index lockstep writes.
+    UNREAD_INT = NO_VERSION
+
+    def __init__(self, body: Any) -> None:
+        self.body: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
+        self.problems: list[str] = [] if isinstance(body, Mapping) else ["the stored body is not an object"]
+        # Fields found missing or mistyped (each is reported once, by the read that found it).
+        self.unreadable: set[str] = set()
+
+    @property
+    def foreign(self) -> str:
+        return "; ".join(self.problems)
+
+    def text(self, name: str) -> str:
+        value = self.body.get(name)
+        if isinstance(value, str):
+            return value
+        self._unreadable(name, value, "a string")
+        return ""
+
+    def integer(self, name: str) -> int:
+        value = self.body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        self._unreadable(name, value, "an integer")
+        return self.UNREAD_INT
+
+    def flag(self, name: str) -> bool:
+        value = self.body.get(name)
+        if isinstance(value, bool):
+            return value
+        self._unreadable(name, value, "a boolean")
+        return False
+
+    def mapping(self, name: str) -> dict[str, Any]:
+        """An object field; an absent one reads as empty (it holds no lockstep data)."""
+        value = self.body.get(name)
+        if value is None or isinstance(value, Mapping):
+            return dict(value or {})
+        self._unreadable(name, value, "an object")
+        return {}
+
+    def agrees(self, name: str, claimed: Any, own: Any, problem: str) -> None:
+        """Note ``problem`` if the readable field ``name`` (read as ``claimed``) is not ``own``."""
+        if name not in self.unreadable and claimed != own:
+            self.problems.append(problem)
+
+    def _unreadable(self, name: str, value: Any, expected: str) -> None:
+        self.unreadable.add(name)
+        if value is None:
+            self.problems.append(f"no {name} field")
+        else:
+            self.problems.append(f"{name} is {type(value).__name__}, not {expected}")
+
+
+def stored_chunk(hit: Mapping[str, Any], *, with_text: bool, store: str) -> StoredChunk:
+    """A search hit or an mget doc. ID and version are the engine's own (``_id``, ``_version``);
+    a body that lacks a field or contradicts them makes the chunk foreign, never an error."""
+    chunk_id, version = str(hit["_id"]), hit.get("_version")
+    if not isinstance(version, int):
+        raise PermanentStoreError(f"{store} answered {chunk_id!r} without its _version", store=store)
+    body = BodyReader(hit.get("_source"))
+    claimed_id, claimed_version = body.text("chunk_id"), body.integer("version")
+    body.agrees("chunk_id", claimed_id, chunk_id, f"body chunk_id {claimed_id!r} is not its _id")
+    body.agrees(
+        "version", claimed_version, version, f"body version {claimed_version} is not its _version {version}"
+    )
     return StoredChunk(
-        chunk_id=str(source["chunk_id"]),
-        doc_id=str(source["doc_id"]),
-        chunk_index=int(source["chunk_index"]),
-        content_hash=str(source["content_hash"]),
-        version=int(source["version"]),
-        text=str(source["text"]) if with_text else None,
-        metadata=dict(source.get("metadata") or {}),
+        chunk_id=chunk_id,
+        doc_id=body.text("doc_id"),
+        chunk_index=body.integer("chunk_index"),
+        content_hash=body.text("content_hash"),
+        version=version,
+        text=body.text("text") if with_text else None,
+        metadata=body.mapping("metadata"),
+        foreign=body.foreign,
     )
 
 
@@ -257,6 +333,9 @@ class SearchEngineIndex(ABC):
     """A KeywordIndex over an OpenSearch-API or Elasticsearch index; subclasses supply the wire."""
 
     store: ClassVar[str]
+    # The sort of a point-in-time scan: one value per document, so that search_after pages
+    # through ties (ES: ``_shard_doc``; OpenSearch has no such field but sorts on ``_id``).
+    scan_sort: ClassVar[tuple[Any, ...]]
 
     def __init__(self, settings: KeywordSettings, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.name = settings.index
@@ -522,7 +601,7 @@ class SearchEngineIndex(ABC):
             response = self._retrying("mget", partial(self._wire_mget, part))
             for doc in response.get("docs") or []:
                 if doc.get("found"):
-                    chunk = stored_chunk(doc["_source"], with_text=True)
+                    chunk = stored_chunk(doc, with_text=True, store=self.store)
                     found[chunk.chunk_id] = chunk
         return found
 
@@ -574,11 +653,11 @@ class SearchEngineIndex(ABC):
         search_after: list[Any] | None = None
         try:
             while True:
-                body = _pit_page_body(pit_id, with_text, search_after)
+                body = _pit_page_body(pit_id, self.scan_sort, with_text, search_after)
                 response = self._retrying("scan page", partial(self._wire_pit_search, body))
                 pit_id = response.get("pit_id", pit_id)
                 hits = response["hits"]["hits"]
-                yield from (stored_chunk(h["_source"], with_text=with_text) for h in hits)
+                yield from (stored_chunk(h, with_text=with_text, store=self.store) for h in hits)
                 if len(hits) < SCAN_PAGE_SIZE:
                     return
                 search_after = hits[-1]["sort"]
@@ -586,12 +665,12 @@ class SearchEngineIndex(ABC):
             self._close_quietly("close point in time", lambda: self._wire_close_pit(pit_id))
 
     def _scan_scroll(self, with_text: bool) -> Iterator[StoredChunk]:
-        body = {"size": SCAN_PAGE_SIZE, "sort": ["_doc"], "_source": source_filter(with_text)}
+        body = {"size": SCAN_PAGE_SIZE, "sort": ["_doc"], "_source": source_filter(with_text), "version": True}
         response = self._retrying("scan page", partial(self._wire_search, body, scroll=_keep_alive()))
         scroll_id = response.get("_scroll_id")
         try:
             while hits := response["hits"]["hits"]:
-                yield from (stored_chunk(h["_source"], with_text=with_text) for h in hits)
+                yield from (stored_chunk(h, with_text=with_text, store=self.store) for h in hits)
                 scroll_id = response.get("_scroll_id", scroll_id)
                 # Never retried: the server may have advanced the cursor before its answer was
                 # lost, and a retry would then silently skip a page. The caller rescans instead.
@@ -614,13 +693,17 @@ def _keep_alive() -> str:
     return f"{SCAN_KEEP_ALIVE_S}s"
 
 
-def _pit_page_body(pit_id: str, with_text: bool, search_after: list[Any] | None) -> dict[str, Any]:
-    # chunk_id is unique, so it is a total order on its own and search_after never skips a tie.
+def _pit_page_body(
+    pit_id: str, sort: Sequence[Any], with_text: bool, search_after: list[Any] | None
+) -> dict[str, Any]:
+    # ``sort`` is unique per document, so search_after never skips a tie. (The body's chunk_id is
+    # not: a document another writer put in the index may lack it or repeat another's.)
     body: dict[str, Any] = {
         "size": SCAN_PAGE_SIZE,
         "pit": {"id": pit_id, "keep_alive": _keep_alive()},
-        "sort": [{"chunk_id": "asc"}],
+        "sort": list(sort),
         "_source": source_filter(with_text),
+        "version": True,
         "track_total_hits": False,
     }
     if search_after is not None:
@@ -629,12 +712,13 @@ def _pit_page_body(pit_id: str, with_text: bool, search_after: list[Any] | None)
 
 
 def _search_hit(hit: Mapping[str, Any]) -> SearchHit:
-    source = hit["_source"]
+    # A document another writer put in the index is found too; it must not fail the search.
+    body = BodyReader(hit.get("_source"))
     return SearchHit(
-        chunk_id=str(source["chunk_id"]),
-        doc_id=str(source["doc_id"]),
+        chunk_id=str(hit["_id"]),
+        doc_id=body.text("doc_id"),
         score=float(hit.get("_score") or 0.0),
-        text=str(source["text"]),
+        text=body.text("text"),
     )
 
 

@@ -24,6 +24,7 @@ class ElasticsearchKeywordIndex(SearchEngineIndex):
     """A KeywordIndex over one Elasticsearch index (external versioning, explicit mapping)."""
 
     store = "elasticsearch"
+    scan_sort = ("_shard_doc",)
 
     def __init__(self, settings: KeywordSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)

@@ -22,6 +22,7 @@ class OpenSearchKeywordIndex(SearchEngineIndex):
     """A KeywordIndex over one OpenSearch index (external versioning, explicit mapping)."""
 
     store = "opensearch"
+    scan_sort = ({"_id": "asc"},)
 
     def __init__(self, settings: KeywordSettings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)

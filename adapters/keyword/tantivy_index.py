@@ -28,8 +28,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -38,6 +40,7 @@ import tantivy
 
 from adapters.keyword._search_engine import (
     CHUNK_INDEX_MAX,
+    BodyReader,
     check_unique_ids,
     metadata_json,
     request_rejection,
@@ -62,8 +65,11 @@ WRITER_HEAP_BYTES = 64 * 1024 * 1024
 WRITER_THREADS = 1
 # Chunk IDs per version lookup query.
 LOOKUP_IDS_MAX = 1000
-# seq values per scan window, i.e. the most documents one scan page holds.
+# seq values per scan window, and documents per scan page (a window holds more only when
+# another writer reused seq values; it is then read in several pages).
 SCAN_PAGE_SIZE = 1000
+# The range of the integer field seq (tantivy's i64).
+SEQ_MIN, SEQ_MAX = -(2**63), 2**63 - 1
 # The most hits one search may ask for, as on ES/OpenSearch (index.max_result_window).
 SEARCH_K_MAX = 10_000
 # Our own name for the text analyzer, used for the field and for queries alike.
@@ -296,58 +302,92 @@ class TantivyKeywordIndex:
     # --- reads -----------------------------------------------------------------------------
 
     def _stored_versions(self, chunk_ids: Sequence[str]) -> dict[str, int]:
-        """Version of every stored document (live or tombstone) among ``chunk_ids``."""
+        """Highest version of the stored documents (live or tombstone) among ``chunk_ids``. A
+        document without a version (another writer's) gates nothing."""
         versions: dict[str, int] = {}
         for doc in self._docs_by_id(chunk_ids):
-            versions[_first(doc, "chunk_id")] = int(_first(doc, "version"))
+            chunk_id, version = _first(doc, "chunk_id"), _first(doc, "version")
+            if isinstance(version, int):
+                versions[chunk_id] = max(version, versions.get(chunk_id, version))
         return versions
 
     def _docs_by_id(self, chunk_ids: Sequence[str]) -> Iterator[dict[str, list[Any]]]:
+        """Every stored document under these IDs (another writer may have put several under one)."""
         index = self._opened()
         searcher = index.searcher()
         for start in range(0, len(chunk_ids), LOOKUP_IDS_MAX):
             part = list(chunk_ids[start : start + LOOKUP_IDS_MAX])
             query = tantivy.Query.term_set_query(self._schema, "chunk_id", part)
-            for _, address in searcher.search(query, limit=len(part), count=False).hits:
-                yield searcher.doc(address).to_dict()
+            yield from (searcher.doc(address).to_dict() for address in _all_hits(searcher, query, len(part)))
 
     def get(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
-        """Live chunks by ID, as of the last commit (every write commits before it returns)."""
+        """Live chunks by ID, as of the last commit (every write commits before it returns).
+
+        An ID held by several live documents (only another writer can do that) reads as its
+        newest one, marked foreign.
+        """
         docs = self._docs_by_id(list(dict.fromkeys(chunk_ids)))
-        chunks = (_stored_chunk(d, with_text=True) for d in docs if not _first(d, "deleted"))
-        return {c.chunk_id: c for c in chunks}
+        chunks = [_stored_chunk(d, with_text=True) for d in docs if not _first(d, "deleted")]
+        held = Counter(c.chunk_id for c in chunks)
+        newest: dict[str, StoredChunk] = {}
+        for chunk in sorted(chunks, key=lambda c: c.version):
+            newest[chunk.chunk_id] = chunk
+        return {cid: _shared(c, held[cid]) if held[cid] > 1 else c for cid, c in newest.items()}
 
     def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
-        """Every live chunk once, from one snapshot, one seq window at a time."""
+        """Every live chunk once, from one snapshot: windows of SCAN_PAGE_SIZE seq values (empty
+        stretches skipped), then the documents without a seq (written by another hand)."""
         searcher = self._opened().searcher()
-        end = _max_seq(searcher) + 1
-        for low in range(0, end, SCAN_PAGE_SIZE):
-            query = self._live_in_window(low, min(low + SCAN_PAGE_SIZE, end))
-            for _, address in searcher.search(query, limit=SCAN_PAGE_SIZE, count=False).hits:
+        for query in self._scan_queries(searcher):
+            for address in _all_hits(searcher, query, SCAN_PAGE_SIZE):
                 yield _stored_chunk(searcher.doc(address).to_dict(), with_text=with_text)
 
-    def _live_in_window(self, low: int, high: int) -> tantivy.Query:
-        window = tantivy.Query.range_query(
+    def _scan_queries(self, searcher: tantivy.Searcher) -> Iterator[tantivy.Query]:
+        low = self._first_seq_from(searcher, SEQ_MIN)
+        while low is not None:
+            high = low + SCAN_PAGE_SIZE
+            if high > SEQ_MAX:
+                yield self._live(self._seq_range(low, None))
+                break
+            yield self._live(self._seq_range(low, high))
+            low = self._first_seq_from(searcher, high)
+        unsequenced = [(tantivy.Occur.Must, tantivy.Query.all_query()), (tantivy.Occur.MustNot, _has_seq())]
+        yield self._live(tantivy.Query.boolean_query(unsequenced))
+
+    def _first_seq_from(self, searcher: tantivy.Searcher, low: int) -> int | None:
+        """The lowest seq at or above ``low`` of a live document; None when there is none."""
+        query = self._live(self._seq_range(low, None))
+        hits = searcher.search(
+            query, limit=1, count=False, order_by_field="seq", order=tantivy.Order.Asc
+        ).hits
+        return int(hits[0][0]) if hits else None
+
+    def _seq_range(self, low: int, high: int | None) -> tantivy.Query:
+        """seq in [low, high), or at least ``low`` when ``high`` is None."""
+        return tantivy.Query.range_query(
             self._schema,
             "seq",
             tantivy.FieldType.Integer,
             low,
             high,
             include_lower=True,
-            include_upper=False,
+            include_upper=high is None,
             use_inverted_index=True,
         )
+
+    def _live(self, query: tantivy.Query) -> tantivy.Query:
+        """The documents of ``query`` that are not tombstones (another writer's may lack the flag)."""
         return tantivy.Query.boolean_query(
-            [(tantivy.Occur.Must, window), (tantivy.Occur.MustNot, self._tombstones())]
+            [(tantivy.Occur.Must, query), (tantivy.Occur.MustNot, self._tombstones())]
         )
 
     def _tombstones(self) -> tantivy.Query:
         return tantivy.Query.term_query(self._schema, "deleted", True)
 
     def count(self) -> int:
+        """Live documents: everything but tombstones, as scan and search see it."""
         searcher = self._opened().searcher()
-        query = tantivy.Query.term_query(self._schema, "deleted", False)
-        result = searcher.search(query, limit=1, count=True)
+        result = searcher.search(self._live(tantivy.Query.all_query()), limit=1, count=True)
         return int(result.count)  # type: ignore[attr-defined]  # in the binding, missing from its stub
 
     def search(self, query: str, k: int) -> list[SearchHit]:
@@ -357,10 +397,7 @@ class TantivyKeywordIndex:
             return []
         searcher = self._opened().searcher()
         terms = [(tantivy.Occur.Should, tantivy.Query.term_query(self._schema, "text", w)) for w in words]
-        match = tantivy.Query.boolean_query(terms)
-        live = tantivy.Query.boolean_query(
-            [(tantivy.Occur.Must, match), (tantivy.Occur.MustNot, self._tombstones())]
-        )
+        live = self._live(tantivy.Query.boolean_query(terms))
         hits = searcher.search(live, limit=min(k, SEARCH_K_MAX), count=False).hits
         return [_search_hit(searcher.doc(address).to_dict(), float(score)) for score, address in hits]
 
@@ -460,9 +497,25 @@ def _upsert_rejection(chunk: IndexedChunk, metadata: str | None) -> str:
 
 
 def _max_seq(searcher: tantivy.Searcher) -> int:
-    """The highest seq in the snapshot, or -1 for an empty index."""
-    hits = searcher.search(tantivy.Query.all_query(), limit=1, count=False, order_by_field="seq").hits
+    """The highest seq in the snapshot, or -1 for an index holding none."""
+    hits = searcher.search(_has_seq(), limit=1, count=False, order_by_field="seq").hits
     return int(hits[0][0]) if hits else -1
+
+
+def _has_seq() -> tantivy.Query:
+    return tantivy.Query.exists_query("seq")
+
+
+def _all_hits(searcher: tantivy.Searcher, query: tantivy.Query, page: int) -> Iterator[tantivy.DocAddress]:
+    """Every hit of ``query`` in this snapshot, ``page`` at a time. Hits of equal score come in
+    document-address order, which a snapshot keeps, so offsets neither repeat nor skip one."""
+    offset = 0
+    while True:
+        hits = searcher.search(query, limit=page, count=False, offset=offset).hits
+        yield from (address for _, address in hits)
+        if len(hits) < page:
+            return
+        offset += page
 
 
 def _first(doc: dict[str, list[Any]], field: str) -> Any:
@@ -471,21 +524,46 @@ def _first(doc: dict[str, list[Any]], field: str) -> Any:
 
 
 def _stored_chunk(doc: dict[str, list[Any]], *, with_text: bool) -> StoredChunk:
-    return StoredChunk(
-        chunk_id=str(_first(doc, "chunk_id")),
-        doc_id=str(_first(doc, "doc_id")),
-        chunk_index=int(_first(doc, "chunk_index")),
-        content_hash=str(_first(doc, "content_hash")),
-        version=int(_first(doc, "version")),
-        text=str(_first(doc, "text")) if with_text else None,
-        metadata=json.loads(bytes(_first(doc, "metadata"))),
+    """A stored document; ``chunk_id`` and ``version`` are this adapter's own ID and version.
+    A document lacking one of lockstep's fields, or holding another type there, is foreign."""
+    metadata, metadata_problem = _decoded_metadata(_first(doc, "metadata"))
+    body = BodyReader({name: _first(doc, name) for name in doc} | {"metadata": metadata})
+    body.problems += [metadata_problem] if metadata_problem else []
+    chunk = StoredChunk(
+        chunk_id=body.text("chunk_id"),
+        doc_id=body.text("doc_id"),
+        chunk_index=body.integer("chunk_index"),
+        content_hash=body.text("content_hash"),
+        version=body.integer("version"),
+        text=body.text("text") if with_text else None,
+        metadata=body.mapping("metadata"),
     )
+    body.integer("seq")
+    body.flag("deleted")
+    return replace(chunk, foreign=body.foreign)
+
+
+def _decoded_metadata(raw: Any) -> tuple[Any, str]:
+    """The stored metadata JSON, decoded; or None and why it could not be."""
+    if raw is None:
+        return None, ""
+    try:
+        return json.loads(bytes(raw)), ""
+    except (TypeError, ValueError):
+        return None, "metadata is not JSON"
+
+
+def _shared(chunk: StoredChunk, documents: int) -> StoredChunk:
+    problem = f"{documents} documents hold this chunk_id"
+    return replace(chunk, foreign=f"{chunk.foreign}; {problem}" if chunk.foreign else problem)
 
 
 def _search_hit(doc: dict[str, list[Any]], score: float) -> SearchHit:
+    # A document another writer put in the index is found too; it must not fail the search.
+    body = BodyReader({name: _first(doc, name) for name in doc})
     return SearchHit(
-        chunk_id=str(_first(doc, "chunk_id")),
-        doc_id=str(_first(doc, "doc_id")),
+        chunk_id=body.text("chunk_id"),
+        doc_id=body.text("doc_id"),
         score=score,
-        text=str(_first(doc, "text")),
+        text=body.text("text"),
     )

@@ -953,6 +953,10 @@ def _vector_rejection(vector: Vector | None, dim: int) -> str:
 
 
 def _stored(row: Mapping[str, Any], *, with_text: bool) -> StoredChunk:
+    """A row as a StoredChunk; the schema types every field, but a row another writer inserted
+    may hold JSON metadata that is no object (milvus-lite stores any JSON), which makes it foreign."""
+    metadata = row.get("metadata") if with_text else None
+    foreign = "" if metadata is None or isinstance(metadata, Mapping) else _not_an_object(metadata)
     return StoredChunk(
         chunk_id=str(row["chunk_id"]),
         doc_id=str(row["doc_id"]),
@@ -960,8 +964,13 @@ def _stored(row: Mapping[str, Any], *, with_text: bool) -> StoredChunk:
         content_hash=str(row["content_hash"]),
         version=int(row["version"]),
         text=str(row["text"]) if with_text else None,
-        metadata=dict(row.get("metadata") or {}) if with_text else None,
+        metadata=dict(metadata) if isinstance(metadata, Mapping) else ({} if with_text else None),
+        foreign=foreign,
     )
+
+
+def _not_an_object(metadata: Any) -> str:
+    return f"metadata is {type(metadata).__name__}, not an object"
 
 
 def _hit(hit: Mapping[str, Any]) -> SearchHit:

@@ -23,11 +23,13 @@ from typing import Any
 
 import pytest
 import structlog
+import tantivy
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from opensearchpy import OpenSearch
 
-from adapters.keyword._search_engine import RETRY_ATTEMPTS_MAX, SearchEngineIndex
+from adapters.keyword._search_engine import RETRY_ATTEMPTS_MAX, SearchEngineIndex, stored_chunk
 from adapters.keyword.elasticsearch import ElasticsearchKeywordIndex
 from adapters.keyword.es_compat_proxy import EsCompatProxy, ProxyRequest, Reply
 from adapters.keyword.opensearch import OpenSearchKeywordIndex
@@ -36,13 +38,17 @@ from adapters.keyword.tantivy_index import TantivyKeywordIndex
 from adapters.keyword.tantivy_index import alias_target as tantivy_alias_target
 from adapters.keyword.tantivy_index import point_alias as tantivy_point_alias
 from coordinator.errors import PermanentStoreError, TransientStoreError
-from coordinator.model import ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
+from coordinator.model import NO_VERSION, ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
 from coordinator.ports import KeywordIndex
 
 APPLIED, SUPERSEDED, REJECTED = ItemStatus.APPLIED, ItemStatus.SUPERSEDED, ItemStatus.REJECTED
 
 # More than one page for every scan implementation (Tantivy windows, PIT pages, scroll pages).
 SCAN_CHUNKS = 2_500
+# The raw clients that write foreign documents: a request's timeout, and the Tantivy writer's
+# heap (tantivy needs at least 15 MB per indexing thread).
+RAW_TIMEOUT_S = 30
+RAW_TANTIVY_HEAP_BYTES = 16 * 1024 * 1024
 
 MakeIndex = Callable[[str], KeywordIndex]
 
@@ -320,6 +326,126 @@ def test_a_new_adapter_on_the_same_index_sees_the_data(make_index: MakeIndex) ->
     finally:
         second.drop()
         second.close()
+
+
+# --- foreign data: documents another writer put in the index ------------------------------
+
+
+def write_foreign_documents(request: pytest.FixtureRequest, index: KeywordIndex) -> dict[str, int]:
+    """Two documents written with the raw client, not through lockstep; returns the version the
+    engine holds for each. ``stray``'s body has no lockstep field but a text; ``d:chunk-1``'s
+    body names another chunk_id and version 1, is held at version 7 and has a metadata array."""
+    if isinstance(index, TantivyKeywordIndex):
+        write_foreign_tantivy_documents(str(index.path))
+        return {"stray": NO_VERSION, "d:chunk-1": 7}
+    backend = request.node.callspec.params["make_index"]
+    url = request.getfixturevalue("real_es_url" if backend == "elasticsearch-real" else "opensearch_api_url")
+    client = OpenSearch(url, timeout=RAW_TIMEOUT_S)
+    try:
+        client.index(index=index.name, id="stray", body={"text": "written by hand"})
+        body = {"chunk_id": "d:chunk-9", "doc_id": "d", "chunk_index": 1, "text": "by hand",
+                "content_hash": "h", "version": 1, "metadata": [1]}  # fmt: skip
+        client.index(index=index.name, id="d:chunk-1", body=body, version=7, version_type="external")
+    finally:
+        client.close()
+    # Internal versioning starts a new document at _version 1.
+    return {"stray": 1, "d:chunk-1": 7}
+
+
+def write_foreign_tantivy_documents(path: str, *, without_id: bool = False) -> None:
+    """The tantivy binding's version of the same two (``stray`` without version, seq or deleted
+    flag), plus, if asked, one document that has no chunk_id at all."""
+    raw = tantivy.Index.open(path)
+    # The index's text field names this analyzer; any analyzer under that name lets us write.
+    raw.register_tokenizer("lockstep_text", tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).build())
+    writer = raw.writer(heap_size=RAW_TANTIVY_HEAP_BYTES, num_threads=1)
+    stray = tantivy.Document()
+    stray.add_text("chunk_id", "stray")
+    stray.add_text("text", "written by hand")
+    odd = tantivy.Document()
+    odd.add_text("chunk_id", "d:chunk-1")
+    odd.add_text("doc_id", "d")
+    odd.add_integer("chunk_index", 1)
+    odd.add_text("text", "by hand")
+    odd.add_text("content_hash", "h")
+    odd.add_integer("version", 7)
+    odd.add_bytes("metadata", b"[1]")
+    odd.add_boolean("deleted", False)
+    odd.add_integer("seq", 5_000)
+    nameless = tantivy.Document()
+    nameless.add_text("text", "no id at all")
+    for doc in (stray, odd, *((nameless,) if without_id else ())):
+        writer.add_document(doc)
+    writer.commit()
+    writer.wait_merging_threads()
+
+
+def test_foreign_documents_are_read_under_the_engines_id_and_version_and_deleted_at_it(
+    request: pytest.FixtureRequest, make_index: MakeIndex
+) -> None:
+    """Documents another writer put in the index are read by scan, get, count and search without
+    error, under the engine's own ID and version and marked foreign; a delete below that version
+    is superseded, one at it (overwrite-equal, as reconcile sends) removes them."""
+    name = unique_name()
+    first = make_index(name)
+    first.ensure()
+    ours = chunk("d:chunk-0", 3)
+    first.upsert([ours])
+    first.close()
+    versions = write_foreign_documents(request, first)
+    index = make_index(name)
+    try:
+        index.ensure()
+        scanned = {c.chunk_id: c for c in index.scan(with_text=True)}
+        assert set(scanned) == {"d:chunk-0", "stray", "d:chunk-1"}
+        assert scanned["d:chunk-0"] == stored(ours) and not scanned["d:chunk-0"].foreign
+        assert {cid: scanned[cid].version for cid in versions} == versions
+        assert all(scanned[cid].foreign for cid in versions), scanned
+        assert index.get(["stray", "d:chunk-1", "d:chunk-0"]) == scanned
+        assert {c.chunk_id for c in index.scan()} == set(scanned)
+        assert index.count() == 3
+        assert {h.chunk_id for h in index.search("hand", 10)} == {"stray", "d:chunk-1"}
+        assert index.delete([ChunkDelete("d:chunk-1", 6)]).items[0].status is SUPERSEDED
+        removed = index.delete(
+            [ChunkDelete(cid, max(v, 0), overwrite_equal=True) for cid, v in versions.items()]
+        )
+        assert [i.status for i in removed.items] == [APPLIED, APPLIED]
+        assert [c.chunk_id for c in index.scan()] == ["d:chunk-0"] and index.count() == 1
+    finally:
+        index.drop()
+        index.close()
+
+
+def test_a_tantivy_document_without_a_chunk_id_is_read_as_foreign_under_no_id(tmp_path: Path) -> None:
+    """A Tantivy document with no chunk_id at all is scanned (not skipped, not a crash) as a
+    foreign entry under the empty ID, which no write can address."""
+    index = TantivyKeywordIndex(str(tmp_path / "kw"), "kw")
+    index.ensure()
+    index.upsert([chunk("d:chunk-0", 3)])
+    index.close()
+    write_foreign_tantivy_documents(str(tmp_path / "kw"), without_id=True)
+    index = TantivyKeywordIndex(str(tmp_path / "kw"), "kw")
+    try:
+        scanned = list(index.scan(with_text=True))
+        nameless = [c for c in scanned if not c.chunk_id]
+        assert len(scanned) == 4 == index.count()
+        assert len(nameless) == 1 and "chunk_id" in nameless[0].foreign
+        assert nameless[0].text == "no id at all"
+        assert index.delete([ChunkDelete("", 1)]).items[0].status is REJECTED
+    finally:
+        index.drop()
+        index.close()
+
+
+def test_a_hit_without_the_engines_version_is_an_error_not_a_foreign_document() -> None:
+    """A hit lacking _version (an engine that ignored version: true) fails the read: read as a
+    versionless foreign document, it would be deleted by reconcile."""
+    body = {"chunk_id": "d:chunk-0", "doc_id": "d", "chunk_index": 0, "content_hash": "h", "version": 2}
+    hit = {"_id": "d:chunk-0", "_source": body}
+    assert stored_chunk(hit | {"_version": 2}, with_text=False, store="opensearch").foreign == ""
+    assert "is not its _version 3" in stored_chunk(hit | {"_version": 3}, with_text=False, store="x").foreign
+    with pytest.raises(PermanentStoreError, match="without its _version"):
+        stored_chunk(hit, with_text=False, store="opensearch")
 
 
 def test_tantivy_index_survives_a_process_restart(tmp_path: Path) -> None:

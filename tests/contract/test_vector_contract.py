@@ -388,6 +388,40 @@ def test_duplicate_ids_reports_keys_held_by_several_entities(
     assert warnings == (DISAGREEMENT_WARNINGS if expected else [])
 
 
+def test_rows_written_behind_the_adapters_back_are_read_under_their_primary_keys(
+    index: MilvusVectorIndex, raw: MilvusClient, backend: Backend
+) -> None:
+    """Rows another writer inserted (a primary key that is no chunk ID with an empty text, a doc_id
+    and a negative version of its own, a JSON metadata that is no object where the store takes
+    one) are read by scan, range scan, get and count under their primary keys, never a crash; a
+    metadata that is no object marks its row foreign; delete by primary key removes them."""
+    ours = _chunk("d:chunk-0")
+    index.upsert([ours])
+    # Milvus 2.3.5 refuses a JSON field that is not an object; milvus-lite stores any JSON.
+    odd_metadata: Any = {"by": "hand"} if backend.is_real else [1, 2]
+    base = {"vector": _vector("foreign"), "chunk_index": 0, "content_hash": "h"}
+    rows = [
+        base | {"chunk_id": "stray", "doc_id": "stray", "text": "", "version": 0, "metadata": {}},
+        base | {"chunk_id": "d:chunk-1", "doc_id": "else", "text": "by hand", "version": -3,
+                "metadata": odd_metadata},
+    ]  # fmt: skip
+    raw.insert(index.name, rows, timeout=REQUEST_TIMEOUT_S)
+    scanned = {c.chunk_id: c for c in index.scan(with_text=True)}
+    assert set(scanned) == {"d:chunk-0", "stray", "d:chunk-1"}
+    assert scanned["d:chunk-0"] == _stored(ours)
+    assert (scanned["stray"].text, scanned["stray"].foreign) == ("", "")
+    odd = scanned["d:chunk-1"]
+    assert (odd.doc_id, odd.version, odd.metadata) == ("else", -3, {} if not backend.is_real else odd_metadata)
+    assert bool(odd.foreign) == (not backend.is_real), odd
+    assert index.get(["d:chunk-0", "stray", "d:chunk-1"]) == scanned
+    assert {c.chunk_id for c in index.range_scan(with_text=True)} == set(scanned) == {
+        c.chunk_id for c in index.scan()
+    }  # fmt: skip
+    assert index.count() == 3
+    index.delete([ChunkDelete("stray", 0), ChunkDelete("d:chunk-1", 0)])
+    assert [c.chunk_id for c in index.scan()] == ["d:chunk-0"] and index.count() == 1
+
+
 def test_random_upserts_and_deletes_agree_with_a_dict(index: MilvusVectorIndex, backend: Backend) -> None:
     """Random upsert/delete sequences (versions rising, as the ledger gates them) match a plain dict."""
     pool = ("p#0", "p#1", "q#0", *AWKWARD_IDS[:3])
