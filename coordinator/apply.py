@@ -308,8 +308,12 @@ class ApplyEngine:
             if not exc.retriable:
                 raise
             return {}
+        # A row written behind lockstep's back (``foreign``) may carry any vector under a
+        # matching hash field: never reused.
         same = [
-            c for c in chunks if (s := held.get(c.chunk_id)) is not None and s.content_hash == c.content_hash
+            c
+            for c in chunks
+            if (s := held.get(c.chunk_id)) is not None and not s.foreign and s.content_hash == c.content_hash
         ]
         if not same:
             return {}

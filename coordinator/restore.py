@@ -40,7 +40,7 @@ def committed_copies(
     copies: dict[str, StoredChunk] = {}
     for index in held:
         for cid, copy in index.items():
-            if cid in copies or cid not in wanted or copy.text is None:
+            if cid in copies or cid not in wanted or copy.text is None or copy.foreign:
                 continue
             if content_hash(copy.text) == wanted[cid] and metadata_hash(copy.metadata or {}) == committed.metadata_hash:
                 copies[cid] = copy
