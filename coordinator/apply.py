@@ -491,9 +491,9 @@ class ApplyEngine:
 
     def _dead_letter(self, letters: Iterable[DeadLetter]) -> None:
         batch = [replace(letter, reason=redact(letter.reason)) for letter in letters]
-        self.ledger.add_dead_letters(batch)
-        self._count(dead_letters=len(batch))
-        for letter in batch:
+        added = self.ledger.add_dead_letters(batch)
+        self._count(dead_letters=len(added))
+        for letter in added:
             log.warning(
                 "dead-lettered",
                 doc_id=letter.doc_id,

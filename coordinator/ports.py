@@ -232,7 +232,7 @@ class Ledger(Protocol):
 
     def set_checkpoint(self, source: str, position: str) -> None: ...
 
-    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]: ...
 
     def dead_letters(self, *, limit: int, after_id: int = 0) -> list[tuple[int, DeadLetter]]: ...
 
@@ -248,7 +248,8 @@ class DeadLetterQueue(Protocol):
     Letters are numbered in the order they were added; a letter keeps its first reason, and
     each later failed attempt (a replay) adds its own to the letter's history."""
 
-    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        """Add letters; returns those added (a record delivered again is kept once)."""
 
     def dead_letters(self, *, limit: int, after_id: int = 0) -> list[tuple[int, DeadLetter]]:
         """Up to ``limit`` letters numbered above ``after_id``, oldest first."""

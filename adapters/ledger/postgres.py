@@ -429,14 +429,17 @@ class PostgresLedger:
                 (source, position),
             )
 
-    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
-        """Add letters; one that repeats a letter already kept (same source, position and first
-        reason: a source delivering the same record again) is not added twice."""
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        """Add letters and return those added: one that repeats a letter already kept (same
+        source, position and first reason: a source delivering the same record again) is not
+        added twice."""
         now = self._clock()
         marks = ", ".join(["%s"] * len(LETTER_INSERT_COLS.split(",")))
+        added: list[DeadLetter] = []
+        dlq_schema = self.home_schema or self.schema
         with self._tx() as cur:
             # Replicas dead-lettering the same redelivered record take turns.
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"lockstep.dlq.{self.schema}",))
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"lockstep.dlq.{dlq_schema}",))
             for letter in letters:
                 if letter.position is not None and cur.execute(
                     "SELECT 1 FROM dead_letters WHERE source = %s AND position = %s AND reason = %s",
@@ -444,6 +447,8 @@ class PostgresLedger:
                 ).fetchone():
                     continue
                 cur.execute(f"INSERT INTO dead_letters ({LETTER_INSERT_COLS}) VALUES ({marks})", letter_row(letter, now))
+                added.append(letter)
+        return added
 
     def dead_letters(self, *, limit: int, after_id: int = 0) -> list[tuple[int, DeadLetter]]:
         with self._tx() as cur:

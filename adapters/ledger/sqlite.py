@@ -366,10 +366,12 @@ class SqliteLedger:
                 (source, position),
             )
 
-    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
-        """Add letters; one that repeats a letter already kept (same source, position and first
-        reason: a source delivering the same record again) is not added twice."""
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        """Add letters and return those added: one that repeats a letter already kept (same
+        source, position and first reason: a source delivering the same record again) is not
+        added twice."""
         now = self._clock()
+        added: list[DeadLetter] = []
         with self._tx() as cur:
             for letter in letters:
                 if letter.position is not None and cur.execute(
@@ -381,6 +383,8 @@ class SqliteLedger:
                     f"INSERT INTO dead_letters ({LETTER_INSERT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     letter_row(letter, now),
                 )
+                added.append(letter)
+        return added
 
     def dead_letters(self, *, limit: int, after_id: int = 0) -> list[tuple[int, DeadLetter]]:
         rows = self._read(

@@ -151,7 +151,8 @@ class Item:
     event: ChangeEvent | None = None
     reason: str | None = None
     doc_id: str | None = None
-    # A line that is not valid UTF-8, kept as its exact bytes (``payload`` cannot hold them).
+    # The item's bytes as sent (a line of a JSON-lines body), kept for its dead letter: ``payload``
+    # holds the canonical event, or cannot hold bytes that are not UTF-8.
     raw: bytes | None = None
 
     @property
@@ -321,15 +322,16 @@ def _line_item(index: int, line: bytes) -> Item:
         return Item(index, text, reason=f"invalid JSON: {exc.msg} at column {exc.colno}")
     except RecursionError:
         return Item(index, text, reason="invalid JSON: nested too deeply")
-    return _item(index, raw, text)
+    return _item(index, raw, text, line)
 
 
-def _item(index: int, raw: object, payload: str) -> Item:
+def _item(index: int, raw: object, payload: str, sent: bytes | None = None) -> Item:
+    """``sent``: the item's bytes as the client sent them (a line), kept for its dead letter."""
     try:
         event = event_from_dict(raw)
     except InvalidEvent as exc:
-        return Item(index, payload, reason=exc.reason, doc_id=exc.doc_id)
-    return Item(index, canonical_json(event_to_dict(event)), event=event)
+        return Item(index, payload, reason=exc.reason, doc_id=exc.doc_id, raw=sent)
+    return Item(index, canonical_json(event_to_dict(event)), event=event, raw=sent)
 
 
 def _json_payload(value: object) -> str:

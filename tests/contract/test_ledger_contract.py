@@ -250,13 +250,13 @@ def test_dead_letters_keep_records_exactly_and_page_by_id(ledger: AnyLedger) -> 
         DeadLetter("s", "too big", big, position="2"),
         DeadLetter("t", "conflict", "{}", doc_id="c", version=3),
     ]
-    ledger.add_dead_letters(letters)
-    ledger.add_dead_letters(letters[:2])
+    assert ledger.add_dead_letters(letters) == letters
+    assert ledger.add_dead_letters(letters[:2]) == []
     first, *rest = ledger.dead_letters(limit=10)
     assert len(rest) == 2 and first[1].record_bytes() == raw and first[1].encoding is PayloadEncoding.BASE64
     assert rest[0][1].payload == big and rest[1][1].version == 3 and rest[1][1].position is None
     assert [i for i, _ in ledger.dead_letters(limit=10, after_id=first[0])] == [i for i, _ in rest]
-    ledger.add_dead_letters(letters[2:])
+    assert ledger.add_dead_letters(letters[2:]) == letters[2:]
     assert len(ledger.dead_letters(limit=10)) == 4
 
 
