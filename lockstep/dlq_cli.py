@@ -16,6 +16,7 @@ from rich.table import Table
 from coordinator.errors import InvalidEvent
 from coordinator.events import ChangeEvent, event_from_dict, loads_event_json
 from coordinator.model import DeadLetter
+from coordinator.planner import plan
 from coordinator.ports import DeadLetterQueue
 from lockstep.bootstrap import Runtime, build_ledger, runtime
 from lockstep.settings import load_settings
@@ -92,11 +93,12 @@ class _Replay:
     stale: int = 0
     still_invalid: int = 0
     dead_lettered_again: int = 0
+    consumed: int = 0
     unknown: int = 0
 
     @property
     def failed(self) -> bool:
-        return bool(self.still_invalid or self.dead_lettered_again or self.unknown)
+        return bool(self.still_invalid or self.dead_lettered_again or self.consumed or self.unknown)
 
 
 @app.command()
@@ -112,8 +114,9 @@ def replay(
     A letter whose record is now a valid event is applied; it leaves the queue if it was applied
     or is superseded by a newer version (stale), and stays, with this attempt's reason added to
     its history, if it fails again. A record that still is not a valid event (undecodable bytes
-    included: they are never decoded lossily) stays likewise. Exits 0 when every letter left the
-    queue, 1 when some stayed or were not found, 2 on an error.
+    included: they are never decoded lossily) stays likewise, and so does an event whose version
+    a store's refusal consumed (send a newer version from the source). Exits 0 when every letter
+    left the queue, 1 when some stayed or were not found, 2 on an error.
 
     Needs exclusive use of embedded stores: stop `lockstep run` first when it uses them.
     """
@@ -154,11 +157,31 @@ def _replay_one(rt: Runtime, letter_id: int, outcome: _Replay) -> None:
         dlq.drop_dead_letters([i for i, _ in again])
         outcome.dead_lettered_again += 1
         return
+    if rt.engine.stats.stale_events > stale_before and _consumed(rt, event):
+        dlq.record_attempt(
+            letter_id,
+            f"replay: version {event.version} of {event.doc_id!r} was consumed when a store refused it "
+            "(the indexes hold the version before it); send a newer version from the source",
+        )
+        outcome.consumed += 1
+        return
     dlq.drop_dead_letters([letter_id])
     if rt.engine.stats.stale_events > stale_before:
         outcome.stale += 1
     else:
         outcome.replayed += 1
+
+
+def _consumed(rt: Runtime, event: ChangeEvent) -> bool:
+    """Whether the ledger holds the event's version without its content: a store refused it and
+    the indexes were brought back to the version before (``coordinator/restore.py``)."""
+    state = rt.ledger.get_docs([event.doc_id]).get(event.doc_id)
+    if state is None or state.version != event.version:
+        return False
+    applied = plan(event, None, rt.generations[0].generation.chunking).after
+    assert applied is not None, "an event planned against no state applies"
+    held = (state.deleted, state.metadata_hash, [c.content_hash for c in state.chunks])
+    return held != (applied.deleted, applied.metadata_hash, [c.content_hash for c in applied.chunks])
 
 
 def _event(letter: DeadLetter) -> ChangeEvent:

@@ -50,6 +50,7 @@ from pymilvus.exceptions import (
     DataNotMatchException,
     DataTypeNotMatchException,
     MilvusUnavailableException,
+    ParamError,
 )
 
 from adapters.vector.settings import VectorSettings
@@ -703,6 +704,9 @@ def _refuses_content(exc: StoreError) -> bool:
     cause = exc.__cause__
     if isinstance(cause, DataNotMatchException | DataTypeNotMatchException):
         return True
+    if isinstance(cause, ParamError):
+        # pymilvus checks each value against the collection's schema ("invalid input of field").
+        return "field" in str(cause.message)
     if not isinstance(cause, MilvusException):
         return False
     code = _code(cause)
