@@ -14,6 +14,7 @@ import yaml
 
 from adapters.ledger.sqlite import SqliteLedger
 from coordinator.crashpoints import PROTOCOL_POINTS
+from coordinator.errors import ConfigError
 from coordinator.events import TEXT_BYTES_MAX
 from coordinator.invariants import ExpectedChunk, check_index
 from lockstep.bootstrap import runtime
@@ -277,3 +278,18 @@ def test_dlq_list_show_replay_and_drop(tmp_path: Path) -> None:
     assert json.loads(dropped.stdout) == {"dropped": 2}
     assert json.loads(_lockstep("dlq", "list", "-c", str(config), "--json").stdout) == []
     _assert_indexes_equal(config, {"good": _doc("good", 1), "late": _doc("late", 1)}, set())
+
+
+def test_documented_defaults_hold_for_sections_the_config_gives_in_part(tmp_path: Path) -> None:
+    """keyword: {path} is Tantivy there, keyword: {index} Tantivy at the documented default path,
+    vector: {collection} the documented milvus-lite file; a url without a kind is refused by name."""
+    config = tmp_path / "partial.yaml"
+    config.write_text(yaml.safe_dump({"keyword": {"path": "kw"}, "vector": {"collection": "c"}}))
+    settings = load_settings(config)
+    assert (settings.keyword.kind, settings.keyword.path) == ("tantivy", "kw")
+    assert (settings.vector.uri, settings.vector.collection) == ("./lockstep-data/milvus.db", "c")
+    config.write_text(yaml.safe_dump({"keyword": {"index": "kb"}}))
+    assert load_settings(config).keyword.path == "./lockstep-data/tantivy"
+    config.write_text(yaml.safe_dump({"keyword": {"url": "http://search:9200"}}))
+    with pytest.raises(ConfigError, match="set `kind` to opensearch or elasticsearch"):
+        load_settings(config)
