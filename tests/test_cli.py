@@ -200,11 +200,13 @@ def test_config_errors_exit_2_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def test_demo_proves_both_indexes_equal_the_source(tmp_path: Path) -> None:
-    """The README's main job runs end to end on the embedded default and ends in agreement."""
+    """The README's main job runs end to end on the embedded default, ends in agreement and
+    writes nothing to stderr."""
     result = _lockstep("demo", "--data-dir", str(tmp_path / "demo"), "--docs", "40", "--embedder", "hashing")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "both indexes equal the source" in result.stdout
     assert "stale events ignored" in result.stdout
+    assert result.stderr == ""
 
 
 def test_sync_from_a_sql_table_follows_updates_soft_and_hard_deletes(tmp_path: Path) -> None:
@@ -293,3 +295,18 @@ def test_documented_defaults_hold_for_sections_the_config_gives_in_part(tmp_path
     config.write_text(yaml.safe_dump({"keyword": {"url": "http://search:9200"}}))
     with pytest.raises(ConfigError, match="set `kind` to opensearch or elasticsearch"):
         load_settings(config)
+
+
+def test_a_normal_sync_and_run_write_nothing_to_stderr(tmp_path: Path) -> None:
+    """A sync with the local model (`auto`) and a `run` on Ray leave stderr empty: no model
+    loading bars, no Ray notices, no third-party tracebacks."""
+    with_model, on_ray = tmp_path / "model", tmp_path / "ray"
+    for home in (with_model, on_ray):
+        home.mkdir()
+        _write_events(home, _doc("a", 1), _doc("b", 1))
+    synced = _lockstep("sync", "-c", str(_config(with_model, embedder={"kind": "auto"})))
+    assert synced.returncode == 0 and synced.stderr == "", synced.stderr[-3000:]
+    assert json.loads(synced.stdout)["upserted_chunks"] == 6
+    run_config = _config(on_ray, run={"shards": 1, "http_port": 0, "audit_interval_s": 0})
+    ran = _lockstep("run", "-c", str(run_config), "--exit-when-idle")
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr[-3000:]
