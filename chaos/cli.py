@@ -36,6 +36,7 @@ from chaos.runner import (
 from chaos.servers import ServerStartError
 from chaos.servertier import ServerTierSetup, refusal
 from coordinator.errors import LockstepError
+from lockstep.cli_errors import command_errors
 from lockstep.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, help="Chaos schedules: faults in, invariants checked.")
@@ -133,26 +134,27 @@ def run(
         kinds = parse_kinds(faults_spec)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--faults") from exc
-    target = _target(config, servers, managed_milvus, kinds)
-    if replay is not None:
-        specs = [ScheduleSpec(replay, kinds, plant_bug)]
-    else:
-        specs = plan_specs(seed, schedules, kinds, plant_bug)
-    try:
-        summary = run_schedules(
-            specs,
-            workers=workers or min(2 * (os.cpu_count() or 1), target.workers_max),
-            budget_s=budget_s,
-            fail_fast=fail_fast,
-            setup=target.setup,
-        )
-    except ServerStartError as exc:
-        out.print(f"[red]a server the suite manages did not start:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    _print(summary, target.replay_flags)
-    if report is not None:
-        _write_report(report, summary, target.replay_flags)
-    raise typer.Exit(1 if summary.violations else 0)
+    with command_errors("chaos run"):
+        target = _target(config, servers, managed_milvus, kinds)
+        if replay is not None:
+            specs = [ScheduleSpec(replay, kinds, plant_bug)]
+        else:
+            specs = plan_specs(seed, schedules, kinds, plant_bug)
+        try:
+            summary = run_schedules(
+                specs,
+                workers=workers or min(2 * (os.cpu_count() or 1), target.workers_max),
+                budget_s=budget_s,
+                fail_fast=fail_fast,
+                setup=target.setup,
+            )
+        except ServerStartError as exc:
+            out.print(f"[red]a server the suite manages did not start:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        _print(summary, target.replay_flags)
+        if report is not None:
+            _write_report(report, summary, target.replay_flags)
+        raise typer.Exit(1 if summary.violations else 0)
 
 
 def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...]) -> Target:
