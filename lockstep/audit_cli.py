@@ -198,7 +198,26 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
     out.print(table)
     _print_examples(out, report["examples"])
     verdict = "[green]clean[/green]" if report["clean"] else "[red]drift found[/red]"
-    out.print(f"{verdict} — scanned {report['scanned']}, {report['elapsed_s']} s")
+    out.print(f"{verdict} — {_scope_text(report)} in {report['elapsed_s']} s", soft_wrap=True)
+
+
+def _scope_text(report: dict[str, Any]) -> str:
+    """What the audit looked at, in words: what a full audit scanned (``scanned``), or how many
+    documents a sample or a since-audit checked (their ``scanned`` is empty)."""
+    scanned: dict[str, int | None] = report["scanned"]
+    if not scanned:
+        return f"checked {_count(report['documents_checked'], 'document')}"
+    parts = []
+    if scanned.get("source_docs") is not None:
+        bad = scanned.get("source_bad_rows") or 0
+        parts.append(_count(scanned["source_docs"], "source document") + (f" ({_count(bad, 'unreadable row')})" if bad else ""))
+    parts.append(f"{_count(scanned.get('ledger_docs'), 'ledger document')} ({_count(scanned.get('ledger_chunks'), 'chunk')})")
+    parts += [_count(scanned.get(f"{side}_chunks"), f"{side} chunk") for side in INDEXES]
+    return "scanned " + ", ".join(parts)
+
+
+def _count(n: int | None, noun: str) -> str:
+    return f"{n or 0} {noun}{'' if n == 1 else 's'}"
 
 
 def _print_examples(out: Console, examples: dict[str, Any]) -> None:
@@ -215,15 +234,39 @@ def _print_examples(out: Console, examples: dict[str, Any]) -> None:
 
 
 def _print_evidence(proof: dict[str, Any]) -> None:
-    out = Console()
+    out = Console(soft_wrap=True)
     out.print(f"document {proof['doc_id']!r}")
-    out.print(f"  source : {proof['source']}")
-    out.print(f"  ledger : {proof['ledger']}")
+    out.print(f"  source : {_source_text(proof['source'])}")
+    ledger = proof["ledger"]
+    version = "" if ledger["version"] is None else f" at version {ledger['version']}"
+    out.print(f"  ledger : {ledger['state']}{version}, {_count(ledger['chunks'], 'chunk')}")
     for side in INDEXES:
-        out.print(
-            f"  {side:<7}: {proof[side]['count']} chunk(s) {[c['chunk_id'] for c in proof[side]['chunks']]}"
-        )
-    out.print("  forgotten everywhere" if proof["forgotten"] else "  NOT forgotten everywhere")
+        ids = ", ".join(c["chunk_id"] for c in proof[side]["chunks"])
+        out.print(f"  {side:<7}: {_count(proof[side]['count'], 'chunk')}" + (f" ({ids})" if ids else ""))
+    out.print(f"  verdict: {_doc_verdict(proof)}")
+    for finding in proof["findings"]:
+        where = finding["chunk_id"] or finding["doc_id"]
+        out.print(f"  [red]{finding['category']}[/red] ({finding['side']}) {where}: {finding['detail']}")
+
+
+def _source_text(source: dict[str, Any]) -> str:
+    if not source["listable"]:
+        return "not listable (an event stream): the ledger is the reference"
+    if not source["present"]:
+        return "absent"
+    return "present" + ("" if source["version"] is None else f" at version {source['version']}")
+
+
+def _doc_verdict(proof: dict[str, Any]) -> str:
+    """What the evidence says about the document: live, forgotten, or deleted with remnants."""
+    if proof["forgotten"]:
+        return "forgotten everywhere (no chunk in either index, nothing live in the ledger)"
+    if proof["ledger"]["state"] == "live":
+        return f"live at version {proof['ledger']['version']}: not deleted, so nothing to forget"
+    if proof["source"]["present"]:
+        return "still at the source: not deleted there, so nothing to forget yet"
+    held = [f"{side} ({proof[side]['count']} chunks)" for side in INDEXES if proof[side]["count"]]
+    return f"NOT forgotten: deleted, but still held by {', '.join(held)}"
 
 
 # A stand-alone app, so that ``python -m lockstep.audit_cli audit -c FILE`` works before (and

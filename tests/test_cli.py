@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -412,3 +413,25 @@ def test_only_run_asks_for_the_webhook_token_and_keyword_path_alone_means_tantiv
         "config error: source.token is required to serve POST /events: set LOCKSTEP_SOURCE__TOKEN "
         "(at least 16 characters) (see docs/configuration.md)"
     ]
+
+
+def test_audit_prints_a_readable_summary_and_the_right_verdict_for_each_document(tmp_path: Path) -> None:
+    """The audit's last line says in words what it scanned (or, sampling, checked); --doc calls a
+    live document live and a deleted one forgotten."""
+    config = _config(tmp_path)
+    _write_events(tmp_path, _doc("a", 1), _doc("b", 1), {"op": "delete", "doc_id": "b", "version": 2})
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    audit = _lockstep("audit", "-c", str(config))
+    assert audit.returncode == 0, audit.stderr[-3000:]
+    summary = audit.stdout.splitlines()[-1]
+    assert re.fullmatch(
+        r"clean — scanned 1 ledger document \(3 chunks\), 3 keyword chunks, 3 vector chunks in [0-9.]+ s",
+        summary,
+    ), summary
+    sampled = _lockstep("audit", "-c", str(config), "--sample", "1", "--seed", "1")
+    assert re.fullmatch(r"clean — checked 1 document in [0-9.]+ s", sampled.stdout.splitlines()[-1]), sampled.stdout
+    live = _lockstep("audit", "-c", str(config), "--doc", "a")
+    assert live.returncode == 0 and "verdict: live at version 1: not deleted" in live.stdout, live.stdout
+    assert "forgotten" not in live.stdout
+    gone = _lockstep("audit", "-c", str(config), "--doc", "b")
+    assert gone.returncode == 0 and "verdict: forgotten everywhere" in gone.stdout, gone.stdout
