@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from coordinator.errors import ConfigError
 from coordinator.events import TEXT_BYTES_MAX
 from coordinator.invariants import ExpectedChunk, check_index
 from lockstep.bootstrap import runtime
+from lockstep.cli_errors import EXTRA_OF_MODULE
 from lockstep.settings import load_settings
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
@@ -413,6 +415,21 @@ def test_only_run_asks_for_the_webhook_token_and_keyword_path_alone_means_tantiv
         "config error: source.token is required to serve POST /events: set LOCKSTEP_SOURCE__TOKEN "
         "(at least 16 characters) (see docs/configuration.md)"
     ]
+
+
+def test_the_missing_extra_hints_name_every_extra_of_pyproject() -> None:
+    """Each package an extra of pyproject.toml brings (dev aside) maps to that extra in the
+    one-line hint, and the hint names no other package."""
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    declared = {
+        re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("-", "_"): extra
+        for extra, requirements in extras.items()
+        if extra != "dev"
+        for requirement in requirements
+    }
+    assert declared == EXTRA_OF_MODULE
 
 
 def test_audit_prints_a_readable_summary_and_the_right_verdict_for_each_document(tmp_path: Path) -> None:
