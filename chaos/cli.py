@@ -191,7 +191,8 @@ def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple
     refused = refusal(server_kinds, settings)
     if refused is not None:
         raise typer.BadParameter(refused, param_hint="--faults")
-    return Target(ServerTierSetup(deployment=settings), SERVER_WORKERS_DEFAULT_MAX, flags, (ServerStartError,))
+    setup = ServerTierSetup(deployment=settings)
+    return Target(setup, SERVER_WORKERS_DEFAULT_MAX, flags, (ServerStartError,))
 
 
 def _managed(config: Path | None, managed_milvus: str) -> Target:

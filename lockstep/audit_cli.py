@@ -210,8 +210,10 @@ def _scope_text(report: dict[str, Any]) -> str:
     parts = []
     if scanned.get("source_docs") is not None:
         bad = scanned.get("source_bad_rows") or 0
-        parts.append(_count(scanned["source_docs"], "source document") + (f" ({_count(bad, 'unreadable row')})" if bad else ""))
-    parts.append(f"{_count(scanned.get('ledger_docs'), 'ledger document')} ({_count(scanned.get('ledger_chunks'), 'chunk')})")
+        unreadable = f" ({_count(bad, 'unreadable row')})" if bad else ""
+        parts.append(_count(scanned["source_docs"], "source document") + unreadable)
+    ledger_chunks = _count(scanned.get("ledger_chunks"), "chunk")
+    parts.append(f"{_count(scanned.get('ledger_docs'), 'ledger document')} ({ledger_chunks})")
     parts += [_count(scanned.get(f"{side}_chunks"), f"{side} chunk") for side in INDEXES]
     return "scanned " + ", ".join(parts)
 
@@ -265,7 +267,7 @@ def _doc_verdict(proof: dict[str, Any]) -> str:
         return f"live at version {proof['ledger']['version']}: not deleted, so nothing to forget"
     if proof["source"]["present"]:
         return "still at the source: not deleted there, so nothing to forget yet"
-    held = [f"{side} ({proof[side]['count']} chunks)" for side in INDEXES if proof[side]["count"]]
+    held = [f"{side} ({_count(proof[side]['count'], 'chunk')})" for side in INDEXES if proof[side]["count"]]
     return f"NOT forgotten: deleted, but still held by {', '.join(held)}"
 
 

@@ -8,12 +8,17 @@ connection), and a package that only an extra installs names the extra::
 
 Exit status 2 keeps 1 free for what the commands document it as (a dead letter, drift). The
 global ``--debug`` option prints the traceback above the line. Use it around a command's body,
-as a context manager or as a decorator under ``@app.command()``::
+as a context manager or as a decorator under ``@app.command()`` (Typer still sees the
+command's own parameters)::
 
     @app.command()
     def status(config: ConfigOpt) -> None:
         with command_errors("status"):
             ...
+
+    @app.command("list")
+    @command_errors("dlq list")
+    def list_letters(config: ConfigOpt) -> None: ...
 
 Usage errors (``typer.BadParameter``) and ``typer.Exit`` pass through untouched.
 """

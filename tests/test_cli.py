@@ -446,7 +446,8 @@ def test_audit_prints_a_readable_summary_and_the_right_verdict_for_each_document
         summary,
     ), summary
     sampled = _lockstep("audit", "-c", str(config), "--sample", "1", "--seed", "1")
-    assert re.fullmatch(r"clean — checked 1 document in [0-9.]+ s", sampled.stdout.splitlines()[-1]), sampled.stdout
+    checked = sampled.stdout.splitlines()[-1]
+    assert re.fullmatch(r"clean — checked 1 document in [0-9.]+ s", checked), sampled.stdout
     live = _lockstep("audit", "-c", str(config), "--doc", "a")
     assert live.returncode == 0 and "verdict: live at version 1: not deleted" in live.stdout, live.stdout
     assert "forgotten" not in live.stdout

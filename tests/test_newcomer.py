@@ -144,7 +144,8 @@ def test_a_command_that_needs_an_extra_says_which_in_one_line(newcomer: Newcomer
         "embedder": {"kind": "hashing"},
     }
     jsonl = tmp_path / "jsonl.yaml"
-    jsonl.write_text(yaml.safe_dump({"source": {"kind": "jsonl", "path": str(tmp_path / "e.jsonl")}, **stores}))
+    jsonl_source = {"kind": "jsonl", "path": str(tmp_path / "e.jsonl")}
+    jsonl.write_text(yaml.safe_dump({"source": jsonl_source, **stores}))
     pg = tmp_path / "pg.yaml"
     pg_source = {"kind": "postgres_logical", "dsn": "postgresql://lockstep@127.0.0.1:1/kb", "tables": ["kb"]}
     pg.write_text(yaml.safe_dump({"source": pg_source, **stores}))
