@@ -6,6 +6,10 @@ proxies), or on servers the suite starts itself (``--servers managed``: every ki
 faults included). Exit 0 when every schedule held every invariant, 1 on any violation (the
 failing seeds are printed with the exact replay command), 2 on a usage error (including kinds
 that cannot run where the schedules go) or when a managed server does not start.
+
+Server schedules need the ``servers`` extra (``chaos.servertier`` drives real server processes),
+so that module is imported only for them: ``lockstep chaos`` and in-process schedules work on
+the base install.
 """
 
 from __future__ import annotations
@@ -33,9 +37,8 @@ from chaos.runner import (
     plan_specs,
     run_schedules,
 )
-from chaos.servers import ServerStartError
-from chaos.servertier import ServerTierSetup, refusal
 from coordinator.errors import LockstepError
+from lockstep.cli_errors import command_errors
 from lockstep.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, help="Chaos schedules: faults in, invariants checked.")
@@ -75,6 +78,8 @@ class Target:
     setup: WorkerSetup
     workers_max: int
     replay_flags: str
+    # What a server of the schedules raises when it does not start (server targets only).
+    start_errors: tuple[type[Exception], ...] = ()
 
 
 @app.command()
@@ -127,32 +132,34 @@ def run(
     """Run N seeded schedules; print one row per schedule and the seeds of any failure; exit 1 on a violation.
 
     Server kinds need servers: -c FILE naming OpenSearch/Elasticsearch and/or a Milvus server
-    (network kinds, through the suite's proxies), or --servers managed (every kind).
+    (network kinds, through the suite's proxies), or --servers managed (every kind); both need
+    the servers extra.
     """
     try:
         kinds = parse_kinds(faults_spec)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--faults") from exc
-    target = _target(config, servers, managed_milvus, kinds)
-    if replay is not None:
-        specs = [ScheduleSpec(replay, kinds, plant_bug)]
-    else:
-        specs = plan_specs(seed, schedules, kinds, plant_bug)
-    try:
-        summary = run_schedules(
-            specs,
-            workers=workers or min(2 * (os.cpu_count() or 1), target.workers_max),
-            budget_s=budget_s,
-            fail_fast=fail_fast,
-            setup=target.setup,
-        )
-    except ServerStartError as exc:
-        out.print(f"[red]a server the suite manages did not start:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    _print(summary, target.replay_flags)
-    if report is not None:
-        _write_report(report, summary, target.replay_flags)
-    raise typer.Exit(1 if summary.violations else 0)
+    with command_errors("chaos run"):
+        target = _target(config, servers, managed_milvus, kinds)
+        if replay is not None:
+            specs = [ScheduleSpec(replay, kinds, plant_bug)]
+        else:
+            specs = plan_specs(seed, schedules, kinds, plant_bug)
+        try:
+            summary = run_schedules(
+                specs,
+                workers=workers or min(2 * (os.cpu_count() or 1), target.workers_max),
+                budget_s=budget_s,
+                fail_fast=fail_fast,
+                setup=target.setup,
+            )
+        except target.start_errors as exc:
+            out.print(f"[red]a server the suite manages did not start:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        _print(summary, target.replay_flags)
+        if report is not None:
+            _write_report(report, summary, target.replay_flags)
+        raise typer.Exit(1 if summary.violations else 0)
 
 
 def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...]) -> Target:
@@ -178,10 +185,14 @@ def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple
     flags = f" -c {shlex.quote(str(config))}"
     if not server_kinds:
         return Target(StoresSetup(DeploymentOpener(settings)), WORKERS_DEFAULT_MAX, flags)
+    from chaos.servers import ServerStartError
+    from chaos.servertier import ServerTierSetup, refusal
+
     refused = refusal(server_kinds, settings)
     if refused is not None:
         raise typer.BadParameter(refused, param_hint="--faults")
-    return Target(ServerTierSetup(deployment=settings), SERVER_WORKERS_DEFAULT_MAX, flags)
+    setup = ServerTierSetup(deployment=settings)
+    return Target(setup, SERVER_WORKERS_DEFAULT_MAX, flags, (ServerStartError,))
 
 
 def _managed(config: Path | None, managed_milvus: str) -> Target:
@@ -190,9 +201,12 @@ def _managed(config: Path | None, managed_milvus: str) -> Target:
             "--servers managed starts its own stores; -c FILE names yours: give one of them",
             param_hint="--servers",
         )
+    from chaos.servers import ServerStartError
+    from chaos.servertier import ServerTierSetup
+
     real = managed_milvus == MILVUS_2_3_5
     flags = " --servers managed" + (f" --managed-milvus {MILVUS_2_3_5}" if real else "")
-    return Target(ServerTierSetup(real_milvus=real), SERVER_WORKERS_DEFAULT_MAX, flags)
+    return Target(ServerTierSetup(real_milvus=real), SERVER_WORKERS_DEFAULT_MAX, flags, (ServerStartError,))
 
 
 def _settings(config: Path) -> Settings:

@@ -2,9 +2,9 @@
 
 Registered on the main app by ``register(app)``. Exit status, usable as a CI gate: 0 when every
 side agrees, 1 when drift was found (or, for ``reconcile``, remains), 2 on any error. Any
-exception maps to 2, not only lockstep's own, because an auditor that crashed must never be read
-as "drift found" (Typer's default for an uncaught exception is 1). The JSON schema of ``--json``
-is documented in docs/audit.md.
+exception maps to 2 (``command_errors``), not only lockstep's own, because an auditor that crashed
+must never be read as "drift found" (Typer's default for an uncaught exception is 1). The JSON
+schema of ``--json`` is documented in docs/audit.md.
 """
 
 from __future__ import annotations
@@ -18,23 +18,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from coordinator.audit import INDEX_CATEGORIES, INDEXES, Auditor, AuditResult, ListableSource, evidence
-from coordinator.errors import LockstepError
 from coordinator.reconcile import REPAIR_OPS_PER_S, RateLimiter, Reconciler
 from lockstep.bootstrap import Runtime, build_source, runtime
+from lockstep.cli_errors import DebugOpt, command_errors, set_debug
 from lockstep.logging import configure_logging
+from lockstep.progress import opened
 from lockstep.settings import Settings, load_settings
 
-EXIT_CLEAN, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+# Exit 2, on any error, is command_errors' (lockstep.cli_errors.EXIT_ERROR).
+EXIT_CLEAN, EXIT_DRIFT = 0, 1
 # Source kinds that can list their current state (the audit's reference); the others are streams.
 LISTABLE_SOURCE_KINDS = frozenset({"folder", "sql"})
 
-log = structlog.get_logger(__name__)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -65,9 +65,8 @@ def audit(
     """Compare source, ledger, keyword and vector index; exit 0 clean, 1 drift, 2 error."""
     modes = [m for m in (full, sample is not None, since is not None, doc is not None) if m]
     if len(modes) > 1:
-        raise _fail("choose one of --full, --sample, --since, --doc")
-    settings = _load(config)
-    with _errors_exit_2("audit"), _auditor(settings, hash_text) as auditor:
+        raise typer.BadParameter("choose one of --full, --sample, --since, --doc")
+    with command_errors("audit"), _auditor(load_settings(config), hash_text) as auditor:
         started = time.monotonic()
         if doc is not None:
             _finish_doc(auditor.document(doc), doc, as_json)
@@ -92,8 +91,20 @@ def reconcile(
     Exit 0 when nothing is left to repair, 1 when findings remain (or in a dry run, when there
     is anything to repair), 2 on error.
     """
-    settings = _load(config)
-    with _errors_exit_2("reconcile"), runtime(settings) as rt, _source(settings, rt) as source:
+    with command_errors("reconcile"):
+        settings = load_settings(config)
+        summary = _reconcile(settings, dry_run, max_ops, ops_per_s)
+    typer.echo(json.dumps(summary, indent=2, sort_keys=True))
+    left = summary["audit"]["clean"] is False if dry_run else summary["remaining_findings"] > 0
+    left = left or bool(summary["unrepairable"])
+    raise typer.Exit(EXIT_DRIFT if left or summary["skipped_for_budget"] else EXIT_CLEAN)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _reconcile(settings: Settings, dry_run: bool, max_ops: int | None, ops_per_s: float) -> dict[str, Any]:
+    with opened(err, "opening the indexes", runtime(settings)) as rt, _source(settings, rt) as source:
         auditor = _make_auditor(settings, rt, source, hash_text=True)
         reconciler = Reconciler(
             auditor=auditor,
@@ -105,14 +116,7 @@ def reconcile(
             chunking=rt.generations[0].generation.chunking,
             limiter=RateLimiter(ops_per_s),
         )
-        summary = reconciler.run(dry_run=dry_run, max_ops=max_ops).as_json()
-    typer.echo(json.dumps(summary, indent=2, sort_keys=True))
-    left = summary["audit"]["clean"] is False if dry_run else summary["remaining_findings"] > 0
-    left = left or bool(summary["unrepairable"])
-    raise typer.Exit(EXIT_DRIFT if left or summary["skipped_for_budget"] else EXIT_CLEAN)
-
-
-# --- helpers -------------------------------------------------------------------------------------
+        return reconciler.run(dry_run=dry_run, max_ops=max_ops).as_json()
 
 
 def _run_mode(auditor: Auditor, sample: int | None, since: str | None, seed: int | None) -> AuditResult:
@@ -146,7 +150,7 @@ def _parse_since(value: str) -> float:
 
 @contextmanager
 def _auditor(settings: Settings, hash_text: bool) -> Iterator[Auditor]:
-    with runtime(settings) as rt, _source(settings, rt) as source:
+    with opened(err, "opening the indexes", runtime(settings)) as rt, _source(settings, rt) as source:
         yield _make_auditor(settings, rt, source, hash_text=hash_text)
 
 
@@ -180,30 +184,6 @@ def _make_auditor(
     )
 
 
-def _load(config: Path) -> Settings:
-    try:
-        return load_settings(config)
-    except LockstepError as exc:
-        raise _fail(f"config error: {exc}") from exc
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]{message}[/red]")
-    return typer.Exit(EXIT_ERROR)
-
-
-@contextmanager
-def _errors_exit_2(command: str) -> Iterator[None]:
-    try:
-        yield
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except Exception as exc:  # a crashed audit must exit 2, never 1 ("drift")
-        log.error(f"{command} failed", error=str(exc), error_type=type(exc).__name__)
-        err.print(f"[red]{command} failed:[/red] {type(exc).__name__}: {exc}")
-        raise typer.Exit(EXIT_ERROR) from exc
-
-
 def _print_report(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
@@ -219,7 +199,28 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
     out.print(table)
     _print_examples(out, report["examples"])
     verdict = "[green]clean[/green]" if report["clean"] else "[red]drift found[/red]"
-    out.print(f"{verdict} — scanned {report['scanned']}, {report['elapsed_s']} s")
+    out.print(f"{verdict} — {_scope_text(report)} in {report['elapsed_s']} s", soft_wrap=True)
+
+
+def _scope_text(report: dict[str, Any]) -> str:
+    """What the audit looked at, in words: what a full audit scanned (``scanned``), or how many
+    documents a sample or a since-audit checked (their ``scanned`` is empty)."""
+    scanned: dict[str, int | None] = report["scanned"]
+    if not scanned:
+        return f"checked {_count(report['documents_checked'], 'document')}"
+    parts = []
+    if scanned.get("source_docs") is not None:
+        bad = scanned.get("source_bad_rows") or 0
+        unreadable = f" ({_count(bad, 'unreadable row')})" if bad else ""
+        parts.append(_count(scanned["source_docs"], "source document") + unreadable)
+    ledger_chunks = _count(scanned.get("ledger_chunks"), "chunk")
+    parts.append(f"{_count(scanned.get('ledger_docs'), 'ledger document')} ({ledger_chunks})")
+    parts += [_count(scanned.get(f"{side}_chunks"), f"{side} chunk") for side in INDEXES]
+    return "scanned " + ", ".join(parts)
+
+
+def _count(n: int | None, noun: str) -> str:
+    return f"{n or 0} {noun}{'' if n == 1 else 's'}"
 
 
 def _print_examples(out: Console, examples: dict[str, Any]) -> None:
@@ -236,15 +237,39 @@ def _print_examples(out: Console, examples: dict[str, Any]) -> None:
 
 
 def _print_evidence(proof: dict[str, Any]) -> None:
-    out = Console()
+    out = Console(soft_wrap=True)
     out.print(f"document {proof['doc_id']!r}")
-    out.print(f"  source : {proof['source']}")
-    out.print(f"  ledger : {proof['ledger']}")
+    out.print(f"  source : {_source_text(proof['source'])}")
+    ledger = proof["ledger"]
+    version = "" if ledger["version"] is None else f" at version {ledger['version']}"
+    out.print(f"  ledger : {ledger['state']}{version}, {_count(ledger['chunks'], 'chunk')}")
     for side in INDEXES:
-        out.print(
-            f"  {side:<7}: {proof[side]['count']} chunk(s) {[c['chunk_id'] for c in proof[side]['chunks']]}"
-        )
-    out.print("  forgotten everywhere" if proof["forgotten"] else "  NOT forgotten everywhere")
+        ids = ", ".join(c["chunk_id"] for c in proof[side]["chunks"])
+        out.print(f"  {side:<7}: {_count(proof[side]['count'], 'chunk')}" + (f" ({ids})" if ids else ""))
+    out.print(f"  verdict: {_doc_verdict(proof)}")
+    for finding in proof["findings"]:
+        where = finding["chunk_id"] or finding["doc_id"]
+        out.print(f"  [red]{finding['category']}[/red] ({finding['side']}) {where}: {finding['detail']}")
+
+
+def _source_text(source: dict[str, Any]) -> str:
+    if not source["listable"]:
+        return "not listable (an event stream): the ledger is the reference"
+    if not source["present"]:
+        return "absent"
+    return "present" + ("" if source["version"] is None else f" at version {source['version']}")
+
+
+def _doc_verdict(proof: dict[str, Any]) -> str:
+    """What the evidence says about the document: live, forgotten, or deleted with remnants."""
+    if proof["forgotten"]:
+        return "forgotten everywhere (no chunk in either index, nothing live in the ledger)"
+    if proof["ledger"]["state"] == "live":
+        return f"live at version {proof['ledger']['version']}: not deleted, so nothing to forget"
+    if proof["source"]["present"]:
+        return "still at the source: not deleted there, so nothing to forget yet"
+    held = [f"{side} ({_count(proof[side]['count'], 'chunk')})" for side in INDEXES if proof[side]["count"]]
+    return f"NOT forgotten: deleted, but still held by {', '.join(held)}"
 
 
 # A stand-alone app, so that ``python -m lockstep.audit_cli audit -c FILE`` works before (and
@@ -255,8 +280,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Audit and re
 @app.callback()
 def _main(
     log_level: Annotated[str, typer.Option(help="Log level for the JSON logs on stderr.")] = "warning",
+    debug: DebugOpt = False,
 ) -> None:
     configure_logging(log_level)
+    set_debug(debug)
 
 
 register(app)

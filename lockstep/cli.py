@@ -14,14 +14,14 @@ from rich.table import Table
 
 from chaos import cli as chaos_cli
 from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
-from coordinator.errors import LockstepError
 from coordinator.sync import run_sync
 from lockstep import audit_cli, dlq_cli, rebuild_cli, source_cli
 from lockstep import demo as demo_module
 from lockstep.bootstrap import build_source, runtime
+from lockstep.cli_errors import DebugOpt, command_errors, set_debug
 from lockstep.logging import configure_logging
-from lockstep.progress import record_progress
-from lockstep.settings import Settings, load_settings
+from lockstep.progress import opened, record_progress
+from lockstep.settings import load_settings, require_serving_token
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -54,21 +54,15 @@ def _crash_hook(point: str | None) -> CrashHook:
     return hook
 
 
-def _load(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except LockstepError as exc:
-        err.print(f"[red]config error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
 @app.callback()
 def main(
     ctx: typer.Context,
     log_level: Annotated[str, typer.Option(help="Log level for the JSON logs on stderr.")] = "warning",
+    debug: DebugOpt = False,
 ) -> None:
     ctx.obj = {"log_level": log_level}
     configure_logging(log_level)
+    set_debug(debug)
 
 
 @app.command()
@@ -80,9 +74,10 @@ def sync(
 
     Exits 1 if anything went to the dead-letter queue, 2 on an error.
     """
-    settings = _load(config)
-    try:
-        with runtime(settings, crash=_crash_hook(crash_at)) as rt:
+    crash = _crash_hook(crash_at)
+    with command_errors("sync"):
+        settings = load_settings(config)
+        with opened(err, "opening the indexes", runtime(settings, crash=crash)) as rt:
             source = build_source(settings, rt.ledger)
             try:
                 with record_progress(err, "syncing") as progress:
@@ -91,9 +86,6 @@ def sync(
                     )
             finally:
                 source.close()
-    except LockstepError as exc:
-        err.print(f"[red]sync failed:[/red] {exc}")
-        raise typer.Exit(2) from exc
     summary = stats.as_dict()
     typer.echo(json.dumps(summary, sort_keys=True))
     if summary["dead_letters"]:
@@ -110,32 +102,32 @@ def run(
     crash_at: Annotated[str | None, typer.Option(hidden=True, help="Test-only crash point.")] = None,
 ) -> None:
     """The long-running service: shard actors on Ray, two-phase apply, /healthz /readyz /metrics."""
-    from lockstep.service import Service
-
-    settings = _load(config)
     if crash_at is not None:
         _crash_hook(crash_at)  # validates the name
-    try:
+    with command_errors("run"):
+        settings = load_settings(config)
+        require_serving_token(settings)
+        # Ray and the streaming sources come with the 'streaming' extra: imported only here.
+        from lockstep.service import Service
+
         code = Service(
             settings, log_level=ctx.obj["log_level"], crash_at=crash_at, exit_when_idle=exit_when_idle
         ).run()
-    except LockstepError as exc:
-        err.print(f"[red]run failed:[/red] {exc}")
-        raise typer.Exit(2) from exc
     raise typer.Exit(code)
 
 
 @app.command()
 def status(config: ConfigOpt) -> None:
     """Counts per index and per ledger state."""
-    settings = _load(config)
-    with runtime(settings) as rt:
-        counts = {
-            "ledger": rt.ledger.counts(),
-            "keyword": {"kind": settings.keyword.kind, "chunks": rt.keyword.count()},
-            "vector": {"kind": "milvus", "chunks": rt.vector.count()},
-            "embedder": rt.embedder.model_id,
-        }
+    with command_errors("status"):
+        settings = load_settings(config)
+        with opened(err, "opening the indexes", runtime(settings)) as rt:
+            counts = {
+                "ledger": rt.ledger.counts(),
+                "keyword": {"kind": settings.keyword.kind, "chunks": rt.keyword.count()},
+                "vector": {"kind": "milvus", "chunks": rt.vector.count()},
+                "embedder": rt.embedder.model_id,
+            }
     typer.echo(json.dumps(counts, indent=2, sort_keys=True))
 
 
@@ -148,7 +140,8 @@ def demo(
     embedder: Annotated[str, typer.Option(help="auto | hashing | sentence-transformers")] = "auto",
 ) -> None:
     """The main job on the embedded default: Tantivy + milvus-lite + SQLite ledger."""
-    ok = demo_module.run(data_dir, docs=docs, embedder_kind=embedder, console=Console())
+    with command_errors("demo"):
+        ok = demo_module.run(data_dir, docs=docs, embedder_kind=embedder, console=Console())
     raise typer.Exit(0 if ok else 1)
 
 

@@ -23,10 +23,13 @@ from coordinator.invariants import ExpectedChunk, Violation, check_index
 from coordinator.sync import run_sync
 from lockstep.bootstrap import Runtime, build_source, runtime
 from lockstep.corpus import Doc, edit_one_paragraph, make_corpus, retag, shrink
-from lockstep.progress import record_progress
-from lockstep.settings import EmbedderSettings, JsonlSourceSettings, LedgerSettings, Settings
+from lockstep.progress import opened, record_progress, spinner
+from lockstep.settings import EmbedderSettings, JsonlSourceSettings, LedgerSettings, Settings, SyncConfig
 
 QUERY = "how do I reset my password"
+# Events per apply batch: small enough that the bar moves during the initial load (one batch of
+# the default 500 would be a single jump after the whole wait), big enough to cost little.
+DEMO_BATCH_EVENTS = 50
 
 
 def demo_settings(data_dir: Path, embedder_kind: str) -> Settings:
@@ -36,6 +39,7 @@ def demo_settings(data_dir: Path, embedder_kind: str) -> Settings:
         vector=VectorSettings(uri=str(data_dir / "milvus.db")),
         ledger=LedgerSettings(path=str(data_dir / "ledger.db")),
         embedder=EmbedderSettings(kind=embedder_kind),  # type: ignore[arg-type]
+        sync=SyncConfig(batch_events=DEMO_BATCH_EVENTS),
     )
 
 
@@ -46,7 +50,7 @@ def run(data_dir: Path, *, docs: int, embedder_kind: str, console: Console) -> b
     settings = demo_settings(data_dir, embedder_kind)
     corpus = {d.doc_id: d for d in make_corpus(docs)}
     deleted: set[str] = set()
-    with runtime(settings) as rt:
+    with opened(console, "opening the embedded stores and the embedder", runtime(settings)) as rt:
         console.print(
             f"[bold]lockstep demo[/bold]: {docs} documents, embedder [cyan]{rt.embedder.model_id}[/cyan]"
         )
@@ -56,7 +60,8 @@ def run(data_dir: Path, *, docs: int, embedder_kind: str, console: Console) -> b
         stale = _sync(rt, settings, replays, console, "replays")
         _print_stats(console, initial, edits, stale)
         _print_search(console, rt)
-        violations = _verify(rt, settings, corpus, deleted)
+        with spinner(console, "checking both indexes against the source"):
+            violations = _verify(rt, settings, corpus, deleted)
     _print_verdict(console, violations)
     return not violations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
@@ -40,6 +41,42 @@ class _Redacting(logging.Filter):
 #   falls back to a client-side timestamp (harmless: our scans are cross-checked by count).
 _QUIET_LOGGERS = {"grpc._server": logging.CRITICAL, "pymilvus.orm.iterator": logging.ERROR}
 
+# Third-party records that are debug detail to lockstep, whatever level they carry (logger →
+# message prefixes; none: every record of that logger). The store clients log every failed call
+# (pymilvus at ERROR, the search clients at WARNING, each with a traceback) before raising, and
+# the adapter turns that exception into lockstep's own error, which the command reports in one
+# line. Ray announces its token authentication and its local instance on every start. Filters
+# rather than levels, because Ray's logging set-up resets the levels of the loggers under ``ray``
+# when it is imported (after this runs), but keeps their filters.
+_DEBUG_ONLY: dict[str, tuple[str, ...]] = {
+    "pymilvus.decorators": (),
+    "opensearch": (),
+    "elastic_transport.transport": (),
+    "elastic_transport.node_pool": (),
+    "elastic_transport.node": (),
+    "ray._private.authentication.authentication_token_setup": (),
+    "ray._private.worker": (
+        "Started a local Ray instance",
+        "Connecting to existing Ray cluster",
+        "Connected to Ray cluster",
+    ),
+}
+
+
+class _DebugOnly(logging.Filter):
+    """Re-levels the records it covers to DEBUG; they pass only when debug logs are on."""
+
+    def __init__(self, threshold: int, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.prefixes and not record.getMessage().startswith(self.prefixes):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.threshold <= logging.DEBUG
+
 
 def configure_logging(level: str = "info") -> None:
     """Route stdlib and structlog logs as JSON to stderr at ``level``."""
@@ -51,6 +88,11 @@ def configure_logging(level: str = "info") -> None:
         handler.addFilter(_Redacting())
     for name, quiet_level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(quiet_level, numeric))
+    for name, prefixes in _DEBUG_ONLY.items():
+        _only_at_debug(logging.getLogger(name), numeric, prefixes)
+    # Model downloads and weight loading draw tqdm bars on stderr (transformers reads this when
+    # it is imported, which is later: the local model is loaded lazily).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -63,3 +105,10 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _only_at_debug(logger: logging.Logger, threshold: int, prefixes: tuple[str, ...]) -> None:
+    """Install (or replace: configure_logging may run again) the logger's _DebugOnly filter."""
+    for old in [f for f in logger.filters if isinstance(f, _DebugOnly)]:
+        logger.removeFilter(old)
+    logger.addFilter(_DebugOnly(threshold, prefixes))

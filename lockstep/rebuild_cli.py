@@ -23,9 +23,10 @@ from rich.progress import (
 from rich.table import Table
 
 from coordinator.chunking import ChunkingSettings
-from coordinator.errors import LockstepError
 from coordinator.generations import Generation, active
+from lockstep.cli_errors import command_errors
 from lockstep.generations import generation_embedder_settings
+from lockstep.progress import spinner
 from lockstep.rebuild import Rebuild
 from lockstep.settings import EmbedderSettings, Settings, load_settings
 
@@ -63,13 +64,15 @@ def rebuild(
         int | None, typer.Option(hidden=True, help="Test only: SIGKILL after N backfill batches.")
     ] = None,
 ) -> None:
-    """Build a new generation beside the live one (live writes reach both), validate it with a
-    full audit, then swap the aliases. Re-running after a crash resumes where it stopped.
+    """Build a new generation beside the live one, validate it, swap the aliases to it.
+
+    Live writes reach both generations while the new one is built; a full audit validates it
+    before the swap. Re-running after a crash resumes where it stopped.
 
     Without --embedder/--chunking the config's own settings are the target (edit the config,
-    then rebuild); with either, the active generation's settings are changed by the options."""
-    settings = _load(config)
-    with _errors_exit_2("rebuild"), _rebuild(settings) as rb:
+    then rebuild); with either, the active generation's settings are changed by the options.
+    """
+    with command_errors("rebuild"), _rebuild(config) as (settings, rb):
         rb.crash_after_batches = crash_after_batches
         if rollback or abort:
             result: dict[str, Any] = {"rollback": rb.rollback()} if rollback else {"aborted": rb.abort()}
@@ -88,8 +91,7 @@ def gc(
     ] = None,
 ) -> None:
     """Drop standby generations older than the retention period, and aborted ones."""
-    settings = _load(config)
-    with _errors_exit_2("gc"), _rebuild(settings) as rb:
+    with command_errors("gc"), _rebuild(config) as (settings, rb):
         keep = settings.rebuild.retention_s if retention_s is None else retention_s
         dropped = rb.gc(now=time.time(), retention_s=keep)
     typer.echo(json.dumps({"dropped": dropped}))
@@ -100,8 +102,7 @@ def generations(
     as_json: Annotated[bool, typer.Option("--json", help="Print the registry as JSON.")] = False,
 ) -> None:
     """The generation registry: which generation readers see, which are kept, which are built."""
-    settings = _load(config)
-    with _errors_exit_2("generations"), _rebuild(settings) as rb:
+    with command_errors("generations"), _rebuild(config) as (_, rb):
         gens = rb.generations()
         writers = rb.registry.writers()
     if as_json:
@@ -153,20 +154,23 @@ def _kv(text: str, option: str) -> dict[str, Any]:
 
 
 @contextmanager
-def _rebuild(settings: Settings) -> Iterator[Rebuild]:
-    rb = Rebuild(settings)
+def _rebuild(config: Path) -> Iterator[tuple[Settings, Rebuild]]:
+    settings = load_settings(config)
+    with spinner(err, "opening the generations"):
+        rb = Rebuild(settings)
     try:
-        yield rb
+        yield settings, rb
     finally:
         rb.close()
 
 
 @contextmanager
 def _progress() -> Iterator[Callable[[int, int], None]]:
-    """A bar with ETA on a terminal; otherwise a log line every PROGRESS_LOG_INTERVAL_S."""
+    """A bar with ETA on a terminal; otherwise a log line every PROGRESS_LOG_INTERVAL_S (none
+    for a backfill shorter than that)."""
     columns = [TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     started = time.monotonic()
-    last = [0.0]
+    last = [started]
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("backfill", total=None)
 
@@ -181,22 +185,3 @@ def _progress() -> Iterator[Callable[[int, int], None]]:
                             eta_s=None if eta is None else round(eta, 1))
 
         yield advance
-
-
-def _load(config: Path) -> Settings:
-    try:
-        return load_settings(config)
-    except LockstepError as exc:
-        err.print(f"[red]config error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
-@contextmanager
-def _errors_exit_2(command: str) -> Iterator[None]:
-    try:
-        yield
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except LockstepError as exc:
-        err.print(f"[red]{command} failed:[/red] {exc}")
-        raise typer.Exit(2) from exc

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     Tag,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -35,6 +36,12 @@ from coordinator.limits import CHUNK_CHARS_MAX
 from coordinator.redact import has_userinfo, register_secrets
 
 DEFAULT_DATA_DIR = "./lockstep-data"
+DEFAULT_TANTIVY_PATH = f"{DEFAULT_DATA_DIR}/tantivy"
+DEFAULT_MILVUS_URI = f"{DEFAULT_DATA_DIR}/milvus.db"
+TOKEN_REQUIRED = (
+    "source.token is required to serve POST /events: set LOCKSTEP_SOURCE__TOKEN "
+    f"(at least {webhook.TOKEN_CHARS_MIN} characters)"
+)
 
 
 class _Frozen(BaseModel):
@@ -75,8 +82,9 @@ class WebhookSourceSettings(_Frozen):
     kind: Literal["webhook"] = "webhook"
     name: str = "webhook"
     # Clients send ``Authorization: Bearer <token>``; set it from a secret
-    # (``LOCKSTEP_SOURCE__TOKEN``). Checked for length here without echoing it.
-    token: SecretStr
+    # (``LOCKSTEP_SOURCE__TOKEN``). Checked for length here without echoing it. Only
+    # ``lockstep run`` serves ``POST /events``, so only it needs one (``token`` below).
+    token_value: SecretStr | None = Field(default=None, alias="token")
     body_bytes_max: int = Field(default=webhook.BODY_BYTES_MAX, ge=1024, le=256 * 1024 * 1024)
     batch_events_max: int = Field(default=webhook.BATCH_EVENTS_MAX, ge=1, le=100_000)
     backlog_events_max: int = Field(default=webhook.BACKLOG_EVENTS_MAX, ge=1)
@@ -85,12 +93,19 @@ class WebhookSourceSettings(_Frozen):
     # With the Postgres ledger the inbox is a table in the ledger's schema.
     inbox_path: str | None = None
 
-    @field_validator("token")
+    @field_validator("token_value")
     @classmethod
-    def _long_enough(cls, token: SecretStr) -> SecretStr:
-        if len(token.get_secret_value()) < webhook.TOKEN_CHARS_MIN:
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < webhook.TOKEN_CHARS_MIN:
             raise ValueError(f"the webhook token must have at least {webhook.TOKEN_CHARS_MIN} characters")
         return token
+
+    @property
+    def token(self) -> SecretStr:
+        """The bearer token ``POST /events`` checks; ConfigError when the config has none."""
+        if self.token_value is None:
+            raise ConfigError(TOKEN_REQUIRED)
+        return self.token_value
 
 
 class PgLogicalSourceSettings(_Frozen):
@@ -241,11 +256,11 @@ class RunSettings(_Frozen):
 
 
 def _default_keyword() -> KeywordSettings:
-    return KeywordSettings(kind="tantivy", path=f"{DEFAULT_DATA_DIR}/tantivy")
+    return KeywordSettings(kind="tantivy", path=DEFAULT_TANTIVY_PATH)
 
 
 def _default_vector() -> VectorSettings:
-    return VectorSettings(uri=f"{DEFAULT_DATA_DIR}/milvus.db")
+    return VectorSettings(uri=DEFAULT_MILVUS_URI)
 
 
 class Settings(BaseSettings):
@@ -283,6 +298,20 @@ class Settings(BaseSettings):
         _collect_secrets(self, found)
         return found
 
+    @field_validator("keyword", mode="before")
+    @classmethod
+    def _tantivy_path_default(cls, value: Any) -> Any:
+        """A Tantivy index the config gives no ``path`` lives where the embedded default's does."""
+        if isinstance(value, dict) and value.get("kind", "tantivy") == "tantivy" and not value.get("url"):
+            return {"path": DEFAULT_TANTIVY_PATH, **value}
+        return value
+
+    @field_validator("vector", mode="before")
+    @classmethod
+    def _milvus_uri_default(cls, value: Any) -> Any:
+        """A vector section without ``uri`` uses the embedded default's milvus-lite file."""
+        return {"uri": DEFAULT_MILVUS_URI, **value} if isinstance(value, dict) else value
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -306,11 +335,27 @@ def load_settings(path: str | Path | None) -> Settings:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a YAML mapping")
+    where = path or "(LOCKSTEP_* variables)"
     try:
-        settings = Settings(**data)
-    except ValueError as exc:
-        raise ConfigError(f"invalid config: {exc}") from exc
-    return settings
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config {where}: {_one_line(exc)}") from exc
+    except ValueError as exc:  # pydantic-settings: an environment value it cannot parse
+        raise ConfigError(f"invalid config {where}: {' '.join(str(exc).split())}") from exc
+
+
+def require_serving_token(settings: Settings) -> None:
+    """``lockstep run`` serves ``POST /events`` for a webhook source, so it needs the token."""
+    if isinstance(settings.source, WebhookSourceSettings) and settings.source.token_value is None:
+        raise ConfigError(TOKEN_REQUIRED)
+
+
+def _one_line(exc: ValidationError) -> str:
+    """Every refused key and its rule on one line; never the value (it may be a secret)."""
+    return "; ".join(
+        f"{'.'.join(map(str, error['loc'])) or 'config'}: {error['msg'].removeprefix('Value error, ')}"
+        for error in exc.errors(include_url=False, include_input=False)
+    )
 
 
 # ``user:password@`` inside a URL or a libpq URI.

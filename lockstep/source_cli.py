@@ -18,10 +18,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from coordinator.errors import LockstepError
 from coordinator.sync import run_sync
 from lockstep.bootstrap import build_pg_logical_source, runtime
-from lockstep.progress import record_progress
+from lockstep.cli_errors import command_errors
+from lockstep.progress import opened, record_progress
 from lockstep.settings import PgLogicalSourceSettings, load_settings
 
 app = typer.Typer(no_args_is_help=True, help="Maintenance of change sources (Postgres logical replication).")
@@ -38,12 +38,12 @@ def resnapshot(config: ConfigOpt) -> None:
 
     Prints a JSON summary; exits 1 if anything went to the dead-letter queue, 2 on an error.
     """
-    try:
+    with command_errors("source resnapshot"):
         settings = load_settings(config)
         src = settings.source
         if not isinstance(src, PgLogicalSourceSettings):
             raise typer.BadParameter("resnapshot needs a `source` of kind postgres_logical", param_hint="--config")
-        with runtime(settings) as rt:
+        with opened(err, "opening the indexes", runtime(settings)) as rt:
             source = build_pg_logical_source(src, rt.ledger, resnapshot=True)
             try:
                 with record_progress(err, "re-snapshotting") as progress:
@@ -51,9 +51,6 @@ def resnapshot(config: ConfigOpt) -> None:
             finally:
                 source.close()
             checkpoint = rt.ledger.get_checkpoint(src.name)
-    except LockstepError as exc:
-        err.print(f"[red]resnapshot failed:[/red] {exc}")
-        raise typer.Exit(2) from exc
     summary = {**stats.as_dict(), "slot": src.slot, "checkpoint": checkpoint}
     typer.echo(json.dumps(summary, sort_keys=True))
     if summary["dead_letters"]:

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from adapters.keyword.es_compat_proxy import EsCompatProxy, ProxyRequest, Reply
 from adapters.ledger.sqlite import SqliteLedger
+from chaos.servers import free_port
 from coordinator.crashpoints import PROTOCOL_POINTS
+from coordinator.errors import ConfigError
 from coordinator.events import TEXT_BYTES_MAX
 from coordinator.invariants import ExpectedChunk, check_index
 from lockstep.bootstrap import runtime
+from lockstep.cli_errors import EXTRA_OF_MODULE
 from lockstep.settings import load_settings
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
 CLI_TIMEOUT_S = 300
+# Commands that read a config; each must refuse a bad one in one line (dlq's are the lead's).
+CONFIG_COMMANDS = [
+    ["sync"], ["status"], ["audit"], ["reconcile"], ["rebuild"], ["gc"], ["generations"], ["run"],
+    ["source", "resnapshot"],
+]
 
 
 def _config(tmp_path: Path, **overrides: Any) -> Path:
@@ -199,11 +211,13 @@ def test_config_errors_exit_2_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def test_demo_proves_both_indexes_equal_the_source(tmp_path: Path) -> None:
-    """The README's main job runs end to end on the embedded default and ends in agreement."""
+    """The README's main job runs end to end on the embedded default, ends in agreement and
+    writes nothing to stderr."""
     result = _lockstep("demo", "--data-dir", str(tmp_path / "demo"), "--docs", "40", "--embedder", "hashing")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "both indexes equal the source" in result.stdout
     assert "stale events ignored" in result.stdout
+    assert result.stderr == ""
 
 
 def test_sync_from_a_sql_table_follows_updates_soft_and_hard_deletes(tmp_path: Path) -> None:
@@ -279,3 +293,165 @@ def test_dlq_list_show_replay_and_drop(tmp_path: Path) -> None:
     assert json.loads(dropped.stdout) == {"dropped": 2, "not_found": []}
     assert json.loads(_lockstep("dlq", "list", "-c", str(config), "--json").stdout) == []
     _assert_indexes_equal(config, {"good": _doc("good", 1), "late": _doc("late", 1)}, set())
+
+
+def test_documented_defaults_hold_for_sections_the_config_gives_in_part(tmp_path: Path) -> None:
+    """keyword: {path} is Tantivy there, keyword: {index} Tantivy at the documented default path,
+    vector: {collection} the documented milvus-lite file; a url without a kind is refused by name."""
+    config = tmp_path / "partial.yaml"
+    config.write_text(yaml.safe_dump({"keyword": {"path": "kw"}, "vector": {"collection": "c"}}))
+    settings = load_settings(config)
+    assert (settings.keyword.kind, settings.keyword.path) == ("tantivy", "kw")
+    assert (settings.vector.uri, settings.vector.collection) == ("./lockstep-data/milvus.db", "c")
+    config.write_text(yaml.safe_dump({"keyword": {"index": "kb"}}))
+    assert load_settings(config).keyword.path == "./lockstep-data/tantivy"
+    config.write_text(yaml.safe_dump({"keyword": {"url": "http://search:9200"}}))
+    with pytest.raises(ConfigError, match="set `kind` to opensearch or elasticsearch"):
+        load_settings(config)
+
+
+def test_a_normal_sync_and_run_write_nothing_to_stderr(tmp_path: Path) -> None:
+    """A sync with the local model (`auto`) and a `run` on Ray leave stderr empty: no model
+    loading bars, no Ray notices, no third-party tracebacks."""
+    with_model, on_ray = tmp_path / "model", tmp_path / "ray"
+    for home in (with_model, on_ray):
+        home.mkdir()
+        _write_events(home, _doc("a", 1), _doc("b", 1))
+    synced = _lockstep("sync", "-c", str(_config(with_model, embedder={"kind": "auto"})))
+    assert synced.returncode == 0 and synced.stderr == "", synced.stderr[-3000:]
+    assert json.loads(synced.stdout)["upserted_chunks"] == 6
+    run_config = _config(on_ray, run={"shards": 1, "http_port": 0, "audit_interval_s": 0})
+    ran = _lockstep("run", "-c", str(run_config), "--exit-when-idle")
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr[-3000:]
+
+
+def _said(stderr: str) -> list[str]:
+    """What stderr says to a person: every line but lockstep's JSON log lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
+
+
+class BasicAuthGateway(EsCompatProxy):
+    """The OpenSearch-API server behind HTTP basic auth, as a reverse proxy in front of a cluster
+    puts it: a request without the right credentials gets 401 with no body (HEAD has none anyway)."""
+
+    def __init__(self, upstream_url: str, username: str, password: str) -> None:
+        super().__init__(upstream_url)
+        self.expected = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+    def before_upstream(self, request: ProxyRequest) -> Reply | None:
+        given = {k.lower(): v for k, v in request.headers}.get("authorization")
+        if given == self.expected:
+            return None
+        return Reply(401, b"", (("WWW-Authenticate", 'Basic realm="search"'),))
+
+
+@pytest.mark.parametrize("kind", ["opensearch", "elasticsearch"])
+def test_an_http_error_of_the_keyword_store_shows_its_status_and_reason(
+    tmp_path: Path, opensearch_api_url: str, kind: str
+) -> None:
+    """A 401 without a body is reported as `HTTP 401 Unauthorized` in one line, exit 2, and the
+    password that was refused appears nowhere."""
+    password = "not-the-right-Pa55word"
+    with BasicAuthGateway(opensearch_api_url, "lockstep", "the-right-one") as gateway:
+        keyword = {"kind": kind, "url": gateway.url, "index": f"cli-401-{kind}", "username": "lockstep"}
+        config = _config(tmp_path, keyword=keyword)
+        _write_events(tmp_path, _doc("a", 1))
+        result = _lockstep("sync", "-c", str(config), env={"LOCKSTEP_KEYWORD__PASSWORD": password})
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = _said(result.stderr)
+    assert line.startswith(f"sync failed: {kind} ") and line.endswith("HTTP 401 Unauthorized"), line
+    assert password not in result.stdout + result.stderr
+
+
+def test_a_store_that_is_down_is_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    """status against a Milvus server nobody runs exits 2 with one line naming the store and a
+    hint; --debug prints the traceback above that same line."""
+    config = _config(tmp_path, vector={"uri": f"http://127.0.0.1:{free_port()}", "connect_timeout_s": 1})
+    plain = _lockstep("status", "-c", str(config))
+    assert plain.returncode == 2, plain.stderr[-3000:]
+    [line] = _said(plain.stderr)
+    assert _is_milvus_down_line(line), line
+    debug = _lockstep("--debug", "status", "-c", str(config))
+    assert debug.returncode == 2
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert _is_milvus_down_line(debug.stderr.splitlines()[-1]), debug.stderr[-3000:]
+
+
+def _is_milvus_down_line(line: str) -> bool:
+    return line.startswith("status failed: milvus connect failed") and line.endswith(
+        "(is milvus up and reachable?)"
+    )
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS, ids=" ".join)
+def test_every_command_refuses_a_bad_config_in_one_line(tmp_path: Path, command: list[str]) -> None:
+    """A config with two mistakes: exit 2 and one line naming both keys and rules, without
+    pydantic's links or a traceback."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"keyword": {"kind": "opensearch"}, "chunking": {"max_chars": 0}}))
+    result = _lockstep(*command, "-c", str(config))
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"config error: invalid config {config}: "), line
+    assert "keyword: an opensearch keyword index needs `url`" in line
+    assert "chunking.max_chars: Input should be greater than or equal to 1" in line
+
+
+def test_only_run_asks_for_the_webhook_token_and_keyword_path_alone_means_tantivy(tmp_path: Path) -> None:
+    """With a webhook source and no token, the commands that serve no HTTP work (a keyword
+    section with only `path` is Tantivy there); `run` refuses in one line naming the variable."""
+    tantivy = tmp_path / "kw"
+    config = _config(tmp_path, source={"kind": "webhook"}, keyword={"path": str(tantivy)})
+    synced = _lockstep("sync", "-c", str(config))
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert json.loads(synced.stdout)["events"] == 0
+    status = _lockstep("status", "-c", str(config))
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert json.loads(status.stdout)["keyword"] == {"kind": "tantivy", "chunks": 0} and tantivy.is_dir()
+    for command in (["audit", "--json"], ["generations"], ["reconcile", "--dry-run"]):
+        result = _lockstep(*command, "-c", str(config))
+        assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
+    run = _lockstep("run", "-c", str(config))
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        "config error: source.token is required to serve POST /events: set LOCKSTEP_SOURCE__TOKEN "
+        "(at least 16 characters) (see docs/configuration.md)"
+    ]
+
+
+def test_the_missing_extra_hints_name_every_extra_of_pyproject() -> None:
+    """Each package an extra of pyproject.toml brings (dev aside) maps to that extra in the
+    one-line hint, and the hint names no other package."""
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    declared = {
+        re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("-", "_"): extra
+        for extra, requirements in extras.items()
+        if extra != "dev"
+        for requirement in requirements
+    }
+    assert declared == EXTRA_OF_MODULE
+
+
+def test_audit_prints_a_readable_summary_and_the_right_verdict_for_each_document(tmp_path: Path) -> None:
+    """The audit's last line says in words what it scanned (or, sampling, checked); --doc calls a
+    live document live and a deleted one forgotten."""
+    config = _config(tmp_path)
+    _write_events(tmp_path, _doc("a", 1), _doc("b", 1), {"op": "delete", "doc_id": "b", "version": 2})
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    audit = _lockstep("audit", "-c", str(config))
+    assert audit.returncode == 0, audit.stderr[-3000:]
+    summary = audit.stdout.splitlines()[-1]
+    assert re.fullmatch(
+        r"clean — scanned 1 ledger document \(3 chunks\), 3 keyword chunks, 3 vector chunks in [0-9.]+ s",
+        summary,
+    ), summary
+    sampled = _lockstep("audit", "-c", str(config), "--sample", "1", "--seed", "1")
+    checked = sampled.stdout.splitlines()[-1]
+    assert re.fullmatch(r"clean — checked 1 document in [0-9.]+ s", checked), sampled.stdout
+    live = _lockstep("audit", "-c", str(config), "--doc", "a")
+    assert live.returncode == 0 and "verdict: live at version 1: not deleted" in live.stdout, live.stdout
+    assert "forgotten" not in live.stdout
+    gone = _lockstep("audit", "-c", str(config), "--doc", "b")
+    assert gone.returncode == 0 and "verdict: forgotten everywhere" in gone.stdout, gone.stdout

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from typing import Any, ClassVar, TypeVar
 
 import structlog
@@ -109,12 +110,31 @@ class WireError(Exception):
         self.transient = transient
 
 
+# The longest detail an error message quotes from an answer's body: a proxy or a load balancer
+# in front of the engine may answer with a whole HTML page.
+ERROR_DETAIL_CHARS_MAX = 300
+
+
 def api_wire_error(status: int, body: Any, fallback: str) -> WireError:
-    """The WireError for an HTTP error answer; ``body`` is the decoded error body, if any."""
+    """The WireError for an HTTP error answer; ``body`` is the decoded error body, if any, and
+    ``fallback`` the client's own text for it.
+
+    The reason always starts with the status and its phrase (``HTTP 401 Unauthorized``): the
+    answer to a HEAD request, or a proxy's, has no body to explain it."""
     error = body.get("error") if isinstance(body, Mapping) else None
     error_type = str(error.get("type", "")) if isinstance(error, Mapping) else ""
-    reason = error_reason(error, status) if error else fallback
+    detail = " ".join((error_reason(error, status) if error else str(fallback or "")).split())
+    reason = _status_line(status)
+    if detail and detail.lower() not in reason.lower():
+        reason = f"{reason}: {detail[:ERROR_DETAIL_CHARS_MAX]}"
     return WireError(reason, status=status, error_type=error_type, transient=is_transient_status(status))
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def is_transient_status(status: int) -> bool:

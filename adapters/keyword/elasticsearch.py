@@ -127,7 +127,8 @@ def _wire() -> Iterator[None]:
     except WireError:
         raise
     except ApiError as exc:
-        raise api_wire_error(exc.meta.status, exc.body, str(exc.message)) from exc
+        # Without a body (a HEAD answer, a proxy's 401) the client's message is the text "None".
+        raise api_wire_error(exc.meta.status, exc.body, str(exc.message) if exc.body else "") from exc
     except TlsError as exc:
         # A certificate problem does not heal by retrying.
         raise WireError(f"TLS failure: {exc.message}", status=None, transient=False) from exc

@@ -23,7 +23,8 @@ class KeywordSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: KeywordKind
+    # The embedded default, as for every section: ``keyword: {path: X}`` is Tantivy at X.
+    kind: KeywordKind = "tantivy"
     index: str = Field(default="lockstep-chunks", min_length=1)
     # Tantivy: the directory that holds the index.
     path: str | None = None
@@ -43,6 +44,8 @@ class KeywordSettings(BaseModel):
     @model_validator(mode="after")
     def _check_kind_fields(self) -> KeywordSettings:
         if self.kind == "tantivy":
+            if self.url:
+                raise ValueError("`url` names a server: set `kind` to opensearch or elasticsearch")
             if not self.path:
                 raise ValueError("a tantivy keyword index needs `path`")
             return self
