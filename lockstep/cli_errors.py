@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.text import Text
 
 from coordinator.errors import ConfigError, LockstepError, StoreError
+from coordinator.redact import redact
 
 EXIT_ERROR = 2
 
@@ -84,7 +85,7 @@ def command_errors(command: str) -> Iterator[None]:
         raise
     except Exception as exc:  # a command that crashed must never exit 1 ("dead letters", "drift")
         if _mode.debug:
-            err.print(traceback.format_exc(), end="", markup=False, highlight=False, soft_wrap=True)
+            err.print(redact(traceback.format_exc()), end="", markup=False, highlight=False, soft_wrap=True)
         prefix, reason = _describe(command, exc)
         err.print(Text.assemble((prefix, "bold red"), " ", reason), soft_wrap=True, highlight=False)
         raise typer.Exit(EXIT_ERROR) from exc
@@ -111,5 +112,6 @@ def _describe(command: str, exc: Exception) -> tuple[str, str]:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The exception's message with every run of whitespace (newlines included) made one space."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The exception's message, redacted, with every run of whitespace (newlines included) made
+    one space."""
+    return redact(" ".join(str(exc).split())) or type(exc).__name__

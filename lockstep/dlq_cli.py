@@ -19,6 +19,7 @@ from coordinator.model import DeadLetter
 from coordinator.planner import plan
 from coordinator.ports import DeadLetterQueue
 from lockstep.bootstrap import Runtime, build_ledger, runtime
+from lockstep.cli_errors import command_errors
 from lockstep.settings import load_settings
 
 # Rows shown by `dlq list` unless --limit says otherwise.
@@ -39,6 +40,7 @@ IdsArg = Annotated[list[int], typer.Argument(help="Letter IDs, as `lockstep dlq 
 
 
 @app.command("list")
+@command_errors("dlq list")
 def list_letters(
     config: ConfigOpt,
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many letters, oldest first.")] = LIST_ROWS_DEFAULT,
@@ -64,6 +66,7 @@ def list_letters(
 
 
 @app.command()
+@command_errors("dlq show")
 def show(config: ConfigOpt, letter_id: Annotated[int, typer.Argument(help="The letter's ID.")]) -> None:
     """One dead letter in full: the original record, its position, every reason and attempt."""
     ledger = build_ledger(load_settings(config))
@@ -102,6 +105,7 @@ class _Replay:
 
 
 @app.command()
+@command_errors("dlq replay")
 def replay(
     config: ConfigOpt,
     letter_ids: Annotated[
@@ -109,16 +113,11 @@ def replay(
     ] = None,
     all_letters: Annotated[bool, typer.Option("--all", help="Replay every letter in the queue.")] = False,
 ) -> None:
-    """Offer dead letters again, exactly as they were recorded, through the normal path.
+    """Offer dead letters again, exactly as recorded, through the normal path.
 
-    A letter whose record is now a valid event is applied; it leaves the queue if it was applied
-    or is superseded by a newer version (stale), and stays, with this attempt's reason added to
-    its history, if it fails again. A record that still is not a valid event (undecodable bytes
-    included: they are never decoded lossily) stays likewise, and so does an event whose version
-    a store's refusal consumed (send a newer version from the source). Exits 0 when every letter
-    left the queue, 1 when some stayed or were not found, 2 on an error.
+    A letter whose record is now a valid event is applied. It leaves the queue if it was applied or is superseded by a newer version (stale); it stays, with this attempt's reason added to its history, if it fails again, if its record still is not a valid event (undecodable bytes are never decoded lossily), or if a store's refusal consumed its version (send a newer version from the source).
 
-    Needs exclusive use of embedded stores: stop `lockstep run` first when it uses them.
+    Exits 0 when every letter left the queue, 1 when some stayed or were not found, 2 on an error. Needs exclusive use of embedded stores: stop `lockstep run` first when it uses them.
     """
     if not letter_ids and not all_letters:
         raise typer.BadParameter("name letter IDs, or pass --all")
@@ -222,9 +221,11 @@ def _all_ids(dlq: DeadLetterQueue) -> Iterator[int]:
 
 
 @app.command()
+@command_errors("dlq drop")
 def drop(config: ConfigOpt, letter_ids: IdsArg) -> None:
-    """Discard dead letters for good (after deciding they need no replay). Exits 1 if some of
-    the IDs name no letter."""
+    """Discard dead letters for good (after deciding they need no replay).
+
+    Exits 1 if some of the IDs name no letter."""
     ledger = build_ledger(load_settings(config))
     try:
         missing = [i for i in letter_ids if ledger.dead_letter(i) is None]

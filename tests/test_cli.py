@@ -31,7 +31,7 @@ CLI_TIMEOUT_S = 300
 # Commands that read a config; each must refuse a bad one in one line (dlq's are the lead's).
 CONFIG_COMMANDS = [
     ["sync"], ["status"], ["audit"], ["reconcile"], ["rebuild"], ["gc"], ["generations"], ["run"],
-    ["source", "resnapshot"],
+    ["source", "resnapshot"], ["dlq", "list"], ["dlq", "show", "1"], ["dlq", "replay", "--all"], ["dlq", "drop", "1"],
 ]
 
 
