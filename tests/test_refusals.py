@@ -26,6 +26,7 @@ from adapters.ledger.sqlite import SqliteLedger
 from lockstep.settings import load_settings
 from tests.support.milvus_servers import RealMilvus
 from tests.support.raw_stores import documents, read_keyword, read_vector
+from tests.support.service_process import free_port, ready, start_service, stop_service, wait_for
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
 CLI_TIMEOUT_S = 300
@@ -214,3 +215,53 @@ def test_a_document_the_keyword_index_refuses_per_item_is_restored_in_both(
     assert after["meta"].reason == letters["meta"].reason and after["meta"].attempts == 2
     assert [a.reason for a in after["meta"].history if "was consumed when a store refused it" in a.reason]
     _assert_clean(config)
+
+
+def test_a_refusal_in_the_running_service_restores_both_indexes_and_the_shard_keeps_going(
+    tmp_path: Path, real_milvus: RealMilvus
+) -> None:
+    """The same refusal inside `lockstep run` (shard actors on Ray, events POSTed to the
+    webhook): the refused documents are dead-lettered and restored, the shard neither dies nor
+    stalls (events after them are applied), the service stays ready and stops with exit 0."""
+    vector = {"uri": real_milvus.uri, "collection": f"narrow_{uuid.uuid4().hex[:8]}"}
+    _narrow_collection(vector["uri"], vector["collection"])
+    port = free_port()
+    config = _config(tmp_path, {"kind": "tantivy", "path": str(tmp_path / "tantivy")}, vector)
+    raw = yaml.safe_load(config.read_text())
+    raw["source"] = {"kind": "webhook", "name": "hook", "token": TOKEN}
+    raw["run"] = {"shards": 1, "http_port": port, "audit_interval_s": 0}
+    config.write_text(yaml.safe_dump(raw))
+    base = f"http://127.0.0.1:{port}"
+    proc = start_service(config)
+    try:
+        wait_for(lambda: ready(base), "ready", proc)
+        _post(base, _event("keep", 1, SHORT), _event("edit", 1, SHORT, acl="a"))
+        wait_for(lambda: _versions(config, "keep", "edit") == {"keep": 1, "edit": 1}, "the first events", proc)
+        _post(base, _event("edit", 2, LONG), _event("new", 1, LONG), _event("after", 1, SHORT))
+        _post(base, _event("later", 1, SHORT))
+        wait_for(lambda: _versions(config, "after", "later") == {"after": 1, "later": 1}, "events after the refusals", proc)
+        assert len(_letters(config)) == 2 and ready(base)
+    finally:
+        err = stop_service(proc)
+    assert proc.returncode == 0, err[-3000:]
+    for docs in _docs(config):
+        assert {d: t for d, (_, t, _) in docs.items()} == {"keep": SHORT, "edit": SHORT, "after": SHORT, "later": SHORT}
+    _assert_clean(config)
+
+
+TOKEN = "refusals-token-" + "r" * 20
+
+
+def _post(base: str, *events: dict[str, Any]) -> None:
+    body = "".join(json.dumps(e) + "\n" for e in events).encode()
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-ndjson"}
+    response = httpx.post(f"{base}/events", content=body, headers=headers, timeout=30.0)
+    assert response.status_code == 202, response.text
+
+
+def _versions(config: Path, *doc_ids: str) -> dict[str, int]:
+    ledger = SqliteLedger(load_settings(config).ledger.path)  # type: ignore[union-attr]
+    try:
+        return {d: s.version for d, s in ledger.get_docs(doc_ids).items()}
+    finally:
+        ledger.close()
