@@ -441,20 +441,19 @@ class ApplyEngine:
         if not refused:
             return []
         events = self._forget(refused)
-        restores = self._restores(refused, events)
+        restores = self._restores(refused)
         self.ledger.replace_intents(restores, fence)
         self._dead_letter(self._refusal_letter(i, e, reasons[i.doc_id]) for i, e in zip(refused, events, strict=True))
         return restores
 
-    def _restores(self, refused: Sequence[Intent], events: Sequence[ChangeEvent | None]) -> list[Intent]:
+    def _restores(self, refused: Sequence[Intent]) -> list[Intent]:
         committed = self.ledger.get_docs(i.doc_id for i in refused)
         ids = [cid for i in refused for cid in touched_ids(i)]
         held = [self.sides[side].get(ids) for side in (KEYWORD, VECTOR)]
         restores: list[Intent] = []
-        for intent, event in zip(refused, events, strict=True):
+        for intent in refused:
             state = committed.get(intent.doc_id)
-            refused_hash = event_hash(event) if event is not None else intent.after.source_hash
-            restore, missing = plan_restore(intent, state, committed_copies(state, held), refused_hash)
+            restore, missing = plan_restore(intent, state, committed_copies(state, held))
             if missing:
                 log.error("no copy left of committed chunks of a refused document; run `lockstep reconcile`",
                           doc_id=intent.doc_id, version=intent.version, chunks=missing[:10], phase="restore")

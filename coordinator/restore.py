@@ -48,7 +48,7 @@ def committed_copies(
 
 
 def plan_restore(
-    refused: Intent, committed: DocState | None, copies: Mapping[str, StoredChunk], refused_hash: str
+    refused: Intent, committed: DocState | None, copies: Mapping[str, StoredChunk]
 ) -> tuple[Intent, list[str]]:
     """The intent replacing ``refused`` (same doc and version) and the chunk IDs it cannot bring
     back (no copy of their committed text is left in either index: ``reconcile`` reports them)."""
@@ -66,7 +66,8 @@ def plan_restore(
         else:
             missing.append(cid)
     restored = {c.chunk_id for c in upserts}
-    after = _after(refused.doc_id, committed, version, restored, refused_hash)
+    # The refused intent's ``after`` carries the refused event's hash (its ``source_hash``).
+    after = _after(refused.doc_id, committed, version, restored, refused.after.source_hash)
     intent = Intent(refused.doc_id, version, tuple(upserts), tuple(deletes), after, restores=True)
     return intent, missing
 
