@@ -285,7 +285,7 @@ def test_dlq_list_show_replay_and_drop(tmp_path: Path) -> None:
     assert shown["reason"] == "missing version" and "no version" in shown["payload"] and shown["created_at"]
     replayed = _lockstep("dlq", "replay", "-c", str(config), "--all")
     assert json.loads(replayed.stdout) == {
-        "replayed": 1, "stale": 0, "still_invalid": 2, "dead_lettered_again": 0, "unknown": 0
+        "replayed": 1, "stale": 0, "still_invalid": 2, "dead_lettered_again": 0, "consumed": 0, "unknown": 0
     }
     after = {e["doc_id"]: e for e in json.loads(_lockstep("dlq", "list", "-c", str(config), "--json").stdout)}
     assert set(after) == {None, "nv"} and after["nv"]["attempts"] == 2
