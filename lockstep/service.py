@@ -8,6 +8,7 @@ stops the reader thread at its bounded queue: backpressure reaches the source, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
@@ -34,9 +35,10 @@ from coordinator.shard import Envelope, ShardStatus
 from coordinator.watermark import LowWatermark
 from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
 from lockstep.generations import WriterAnnouncement, generation_ledger, load_generations
+from lockstep.leftovers import RunFile, run_file
 from lockstep.metrics import Metrics
 from lockstep.ops_http import EventsEndpoint, OpsServer
-from lockstep.ray_runtime import ShardCluster, kill_service, start_ray, stop_ray
+from lockstep.ray_runtime import ShardCluster, kill_service, start_ray, stop_ray, this_driver
 from lockstep.settings import Settings, WebhookSourceSettings
 
 log = structlog.get_logger(__name__)
@@ -95,22 +97,34 @@ class Service:
         self.generations: list[Generation] = []
         self._auditing: threading.Thread | None = None
         self._audit_stop = threading.Event()
+        self.run_file = RunFile(None, None)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status."""
-        self.ops = OpsServer(
-            self.rs.http_host,
-            self.rs.http_port,
-            self.metrics.registry,
-            self.readiness,
-            events=isinstance(self.settings.source, WebhookSourceSettings),
-        ).start()
-        log.info("serving", port=self.ops.port, owner=self.owner)
-        start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
-        # After ray.init, which installs handlers of its own that would kill the driver at once.
-        self._install_signals()
+        with contextlib.ExitStack() as stack:
+            self.ops = OpsServer(
+                self.rs.http_host,
+                self.rs.http_port,
+                self.metrics.registry,
+                self.readiness,
+                events=isinstance(self.settings.source, WebhookSourceSettings),
+            ).start()
+            stack.callback(self.ops.stop)
+            log.info("serving", port=self.ops.port, owner=self.owner)
+            # Before Ray starts: what a killed run left running beside this data goes first.
+            self.run_file = stack.enter_context(run_file(self.settings))
+            start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
+            stack.callback(stop_ray)
+            self.run_file.note_children()
+            # After ray.init, which installs handlers of its own that would kill the driver at once.
+            self._install_signals()
+            self._run_ready()
+        return 1 if self.state.fatal else 0
+
+    def _run_ready(self) -> None:
+        """Ray is up: build the ledger, source and shard actors, serve, and stop in order."""
         ledger = self.ledger = build_ledger(self.settings)
         # Announced before the registry is read: a rebuild registering a generation meanwhile
         # waits for this service to report writing it (docs/rebuild.md, "Live writers").
@@ -140,9 +154,6 @@ class Service:
             if active_ledger is not ledger:
                 active_ledger.close()
             ledger.close()
-            stop_ray()
-            self.ops.stop()
-        return 1 if self.state.fatal else 0
 
     def _attach_events(self, source: ChangeSource) -> None:
         """Open ``POST /events`` once the webhook source (and its inbox) exists."""
@@ -169,7 +180,10 @@ class Service:
             generations=self.generations,
             crash_at=(self.crash_at, os.getpid()) if self.crash_at else None,
             log_level=self.log_level,
+            # Actors of a Ray started here end with this process; a cluster joined ends them itself.
+            driver=None if self.rs.ray_address else this_driver(),
         )
+        self.run_file.note_children()
         # Every record offered from now on goes to actors that write this set.
         self.writer.writing([g.number for g in self.generations])
         log.info("shards ready", shards=self.rs.shards, recovered_intents=cluster.recovered,

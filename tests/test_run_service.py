@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -27,6 +29,7 @@ from coordinator.crashpoints import PROTOCOL_POINTS
 from coordinator.invariants import ExpectedChunk, check_index, versions_never_go_back
 from lockstep.bootstrap import build_keyword, runtime
 from lockstep.settings import load_settings
+from tests.support.service_process import kill_all, kill_process_group, still_running
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
 RUN_TIMEOUT_S = 300
@@ -506,3 +509,117 @@ def test_metrics_absorb_every_figure_a_shard_reports() -> None:
     assert metrics.apply_seconds.labels("keyword")._value.get() == 0.5
     assert metrics.apply_writes.labels("keyword")._value.get() == 2
     assert metrics.events.labels("applied")._value.get() == 3
+
+
+# --- restarts after a crash, and stops at any moment --------------------------------------------
+
+
+def _streaming_config(tmp_path: Path) -> tuple[Path, str]:
+    """Embedded stores (a Tantivy directory, a milvus-lite file), small batches and small
+    mailboxes, so that a run is still streaming seconds after it turned ready and a stop leaves
+    records unread."""
+    port = _free_port()
+    run = {"shards": 2, "http_port": port, "batch_docs_max": 5, "mailbox_docs_max": 20, "offer_batch_max": 10}
+    return _config(tmp_path, run=run), f"http://127.0.0.1:{port}"
+
+
+def _kill_group_mid_stream(
+    tmp_path: Path, config: Path, *, freeze: bool = False
+) -> tuple[list[psutil.Process], dict[int, str], dict[str, Any]]:
+    """Start a run over 300 documents, SIGKILL its process group once 20 are committed (with
+    ``freeze``, SIGSTOP the processes outside it right after), append more events; returns the
+    processes it had started, those frozen still running (by name), and the newest state per
+    document."""
+    events, final = _history(docs=300, versions=1, seed=16)
+    _append(tmp_path, events)
+    proc = _start_service(config)
+    frozen: dict[int, str] = {}
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] >= 20, "the first documents committed")
+        ledger.close()
+        outside = {p: p.name() for p in psutil.Process(proc.pid).children(recursive=True)
+                   if os.getpgid(p.pid) != proc.pid}
+        started = kill_process_group(proc)
+        # After the kill: stopped before it, they would be sent SIGHUP and SIGCONT the moment
+        # their process groups were orphaned (POSIX), and end.
+        if freeze:
+            for process in outside:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.suspend()
+            frozen = {p.pid: outside[p] for p in still_running(list(outside))}
+    finally:
+        if proc.poll() is None:
+            _signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+    more, final2 = _history(docs=20, versions=2, seed=17, prefix="late")
+    _append(tmp_path, more)
+    return started, frozen, final | final2
+
+
+def _restart(config: Path, command: str) -> subprocess.CompletedProcess[str]:
+    """`lockstep run --exit-when-idle` or `lockstep sync`, started at once."""
+    if command == "run":
+        return _run(config, "--exit-when-idle")
+    return subprocess.run([*LOCKSTEP, "sync", "-c", str(config)], capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S, check=False, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("restart", ["run", "sync"])
+def test_a_restart_at_once_after_the_process_group_is_killed_converges(tmp_path: Path, restart: str) -> None:
+    """SIGKILL of the service's process group only, mid-stream (as systemd or a container runtime
+    sends it: Ray's actors, in groups of their own, get nothing), then `lockstep run` or, in the
+    other case, `lockstep sync` at once: it gets past whatever the killed run left, both indexes
+    equal the source with nothing pending, and no process of the killed run is left."""
+    config, _ = _streaming_config(tmp_path)
+    started: list[psutil.Process] = []
+    try:
+        started, _, final = _kill_group_mid_stream(tmp_path, config)
+        again = _restart(config, restart)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert still_running(started) == [], "processes of the killed run are still running"
+    finally:
+        kill_all(started)
+    _assert_converged(config, final)
+
+
+# How long the killed run's processes stay frozen before they may go on, where the restart
+# (`lockstep sync`, which keeps no run file) cannot clear them itself.
+FROZEN_S = 5.0
+
+
+@pytest.mark.parametrize("restart", ["run", "sync"])
+def test_a_restart_gets_past_leftovers_frozen_after_the_kill(tmp_path: Path, restart: str) -> None:
+    """As above, but the processes outside the group that are still running right after the kill
+    are frozen (SIGSTOP), as if starved of CPU: `lockstep run` finds them through the killed
+    run's record and kills them, naming the actors in its log; `lockstep sync` waits for the
+    milvus-lite file (if its holder is among them) until they thaw after FROZEN_S and end
+    themselves, their driver gone. Either converges, and nothing of the killed run is left."""
+    config, _ = _streaming_config(tmp_path)
+    started: list[psutil.Process] = []
+    try:
+        started, frozen, final = _kill_group_mid_stream(tmp_path, config, freeze=True)
+        thaw = threading.Timer(FROZEN_S, _thaw, args=([p for p in started if p.pid in frozen],))
+        if restart == "sync":
+            thaw.start()
+        again = _restart(config, restart)
+        if restart == "sync":
+            thaw.join()
+        assert again.returncode == 0, again.stderr[-3000:]
+        _wait(lambda: still_running(started) == [], "no process of the killed run running")
+        actors = {pid for pid, name in frozen.items() if "Actor" in name}
+        if restart == "run" and actors:
+            line = next(line for line in again.stderr.splitlines() if "killing the processes it left" in line)
+            killed = set(json.loads(line)["pids"])
+            assert actors <= killed <= set(frozen), f"killed {killed}, frozen {frozen}"
+    finally:
+        kill_all(started)
+    _assert_converged(config, final)
+
+
+def _thaw(processes: list[psutil.Process]) -> None:
+    for process in still_running(processes):
+        try:
+            process.resume()
+        except psutil.NoSuchProcess:
+            continue
