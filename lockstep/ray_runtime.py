@@ -13,7 +13,7 @@ Topology of ``lockstep run``:
 Lifetimes: every actor on the driver's machine ends itself as soon as the driver is gone
 (``DRIVER_WATCH_S``), so that a driver killed with its process group (actors live in groups of
 their own) does not leave actors holding an embedded store's lock for the next start to trip
-over.
+over. The driver keeps its own SIGTERM handler while Ray starts (``start_ray``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
+import ray._private.ray_constants
+import ray._private.utils
 import structlog
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
@@ -74,6 +76,8 @@ KEYWORD_WRITER_CONCURRENCY = 2
 # exiting seconds later (tens under load), still holding what they had open (an embedded
 # store's lock); an actor on the driver's machine ends itself within this instead.
 DRIVER_WATCH_S = 0.1
+# The driver's own handlers of these stop it cleanly (lockstep/service.py).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> None:
@@ -83,10 +87,37 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     # Ray starts workers at nice 15 by default; the shard and writer actors are the service's
     # hot path, so they get the same priority as the stores they talk to.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    with _keeping_stop_handlers():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+@contextlib.contextmanager
+def _keeping_stop_handlers() -> Iterator[None]:
+    """Keep the driver's own SIGTERM and SIGINT handlers (a clean stop) in force from Ray's start
+    to the process's exit. ray.init installs two SIGTERM handlers in Python (one calls
+    ``sys.exit(15)`` wherever the driver is, one kills Ray's processes and exits 1), and its
+    core worker a native one that ray.shutdown resets to the default action, so that a SIGTERM
+    during or after the shutdown would kill the driver. Ray installs the first two through one
+    function and the third unless one of its constants says not to (the driver then loses
+    only Ray's stack dump of a native crash; its workers keep theirs)."""
+    utils: Any = ray._private.utils
+    constants: Any = ray._private.ray_constants
+    assert callable(getattr(utils, "set_sigterm_handler", None)), "Ray no longer installs its handlers here"
+    assert hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"), "Ray no longer reads this constant"
+    kept = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    ray_installs, ray_disables = utils.set_sigterm_handler, constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    utils.set_sigterm_handler = lambda _handler: None
+    constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = ray_installs
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = ray_disables
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)

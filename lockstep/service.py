@@ -38,7 +38,7 @@ from lockstep.generations import WriterAnnouncement, generation_ledger, load_gen
 from lockstep.leftovers import RunFile, run_file
 from lockstep.metrics import Metrics
 from lockstep.ops_http import EventsEndpoint, OpsServer
-from lockstep.ray_runtime import ShardCluster, kill_service, start_ray, stop_ray, this_driver
+from lockstep.ray_runtime import STOP_SIGNALS, ShardCluster, kill_service, start_ray, stop_ray, this_driver
 from lockstep.settings import Settings, WebhookSourceSettings
 
 log = structlog.get_logger(__name__)
@@ -102,7 +102,9 @@ class Service:
     # --- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status."""
+        """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status: 0
+        after a clean stop, whenever the signal came; 1 if a shard or the source stopped it."""
+        self._install_signals()
         with contextlib.ExitStack() as stack:
             self.ops = OpsServer(
                 self.rs.http_host,
@@ -118,9 +120,11 @@ class Service:
             start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
             stack.callback(stop_ray)
             self.run_file.note_children()
-            # After ray.init, which installs handlers of its own that would kill the driver at once.
-            self._install_signals()
-            self._run_ready()
+            if self.stop_requested.is_set():
+                log.info("stopped before serving")
+            else:
+                self._run_ready()
+        _ignore_stop_signals()
         return 1 if self.state.fatal else 0
 
     def _run_ready(self) -> None:
@@ -276,7 +280,9 @@ class Service:
             audit_ledger.close()
 
     def _install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        """A stop signal, at any moment and however often, only asks for a clean stop (Ray's own
+        SIGTERM handler is kept out while it starts: see ``start_ray``)."""
+        for sig in STOP_SIGNALS:
             signal.signal(sig, lambda *_: self.stop_requested.set())
 
     def readiness(self) -> tuple[bool, list[str]]:
@@ -455,6 +461,7 @@ class Service:
         """Stop reading, then let in-flight work commit for at most ``grace_s``."""
         self.state.stopping = True
         self.stop_requested.set()
+        log.info("stopping", unfinished=self.watermark.outstanding, grace_s=self.rs.grace_s)
         deadline = time.monotonic() + self.rs.grace_s
         while self.watermark.outstanding and time.monotonic() < deadline and not self.state.fatal:
             self._offer(cluster)
@@ -463,3 +470,10 @@ class Service:
             time.sleep(TICK_S)
         log.info("stopped", unfinished=self.watermark.outstanding, checkpoint=self.state.committed)
 
+
+def _ignore_stop_signals() -> None:
+    """Once everything is stopped, a stop signal has nothing left to stop: ignore it, so that one
+    arriving while the interpreter exits (Python restores default handlers then, but leaves
+    ignored signals ignored) cannot turn a clean exit into a death by that signal."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

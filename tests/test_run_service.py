@@ -29,7 +29,7 @@ from coordinator.crashpoints import PROTOCOL_POINTS
 from coordinator.invariants import ExpectedChunk, check_index, versions_never_go_back
 from lockstep.bootstrap import build_keyword, runtime
 from lockstep.settings import load_settings
-from tests.support.service_process import kill_all, kill_process_group, still_running
+from tests.support.service_process import LogTail, kill_all, kill_process_group, still_running
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
 RUN_TIMEOUT_S = 300
@@ -623,3 +623,83 @@ def _thaw(processes: list[psutil.Process]) -> None:
             process.resume()
         except psutil.NoSuchProcess:
             continue
+
+
+def test_sigterm_while_ray_is_still_starting_exits_0_after_a_clean_stop(tmp_path: Path) -> None:
+    """SIGTERM as soon as /healthz answers, while Ray is still starting: the service stops
+    cleanly before any shard starts and exits 0, and a restart then converges."""
+    config, base = _streaming_config(tmp_path)
+    events, final = _history(docs=30, versions=1, seed=18)
+    _append(tmp_path, events)
+    proc = _start_service(config)
+    log = LogTail(proc)
+    try:
+        _wait(lambda: _get(base + "/healthz").status_code == 200, "/healthz answering")
+        proc.send_signal(signal.SIGTERM)
+        code = log.wait_exit()
+    finally:
+        if proc.poll() is None:
+            _signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log.text()[-3000:]
+    assert "shards ready" not in log.text(), "the SIGTERM came too late to test a stop while Ray starts"
+    again = _run(config, "--exit-when-idle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_converged(config, final)
+
+
+def test_sigterm_while_streaming_exits_0_and_a_restart_converges(tmp_path: Path) -> None:
+    """SIGTERM while documents are still streaming: the service stops reading, lets in-flight
+    work commit, exits 0 with a checkpoint short of the end, and a restart converges."""
+    config, _ = _streaming_config(tmp_path)
+    events, final = _history(docs=300, versions=1, seed=19)
+    _append(tmp_path, events)
+    proc = _start_service(config)
+    log = LogTail(proc)
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] >= 20, "the first documents committed")
+        proc.send_signal(signal.SIGTERM)
+        code = log.wait_exit()
+        stopped_at = ledger.get_checkpoint("events")
+        ledger.close()
+    finally:
+        if proc.poll() is None:
+            _signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log.text()[-3000:]
+    assert stopped_at is not None and int(stopped_at) < (tmp_path / "events.jsonl").stat().st_size, (
+        "the SIGTERM came too late to test a stop while streaming")
+    again = _run(config, "--exit-when-idle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_converged(config, final)
+
+
+# Between two SIGTERMs sent to a service that is stopping.
+SIGTERM_REPEAT_S = 0.05
+
+
+def test_sigterm_again_and_again_while_stopping_still_exits_0(tmp_path: Path) -> None:
+    """SIGTERM mid-stream, then SIGTERM again and again all through the stop (draining, actors
+    stopping, Ray shutting down), as an impatient supervisor may: the stop stays clean, exits 0."""
+    config, _ = _streaming_config(tmp_path)
+    events, final = _history(docs=200, versions=1, seed=20)
+    _append(tmp_path, events)
+    proc = _start_service(config)
+    log = LogTail(proc)
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] >= 20, "the first documents committed")
+        ledger.close()
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(SIGTERM_REPEAT_S)
+        code = log.wait_exit()
+    finally:
+        if proc.poll() is None:
+            _signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log.text()[-3000:]
+    again = _run(config, "--exit-when-idle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_converged(config, final)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,36 @@ def kill_all(processes: list[psutil.Process]) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             continue
+
+
+class LogTail:
+    """A started service whose stderr (the JSON log lines) is read as it comes, so that a test can
+    act at a given moment of the service's life."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None, "the service's stderr must be a pipe"
+        self.proc = proc
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="log-tail", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_exit(self) -> int:
+        """The exit status, once the process ended and its last log line was read."""
+        code = self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self._reader.join(STOP_TIMEOUT_S)
+        return code
+
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
 
 
 def kill_service(proc: subprocess.Popen[str]) -> None:
