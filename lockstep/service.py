@@ -56,6 +56,11 @@ DRAIN_INTERVAL_S = 0.1
 # How often the registry is read for a generation being built, swapped or dropped; a change
 # restarts the shard actors (after in-flight work commits) so that writes reach the new set.
 GENERATIONS_POLL_S = 2.0
+# How often the reader thread, waiting on a full queue, looks whether a stop was asked for.
+READER_CHECK_S = 0.1
+# At a stop, the reader thread is given this long to notice and return before the source is
+# closed (it looks every READER_CHECK_S, or at every poll of a source's own).
+READER_STOP_S = 10.0
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Service:
         self.generations: list[Generation] = []
         self._auditing: threading.Thread | None = None
         self._audit_stop = threading.Event()
+        self._reader: threading.Thread | None = None
         self.run_file = RunFile(None, None)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -154,6 +160,7 @@ class Service:
             self._stop_audit()
             self.cluster.stop()
             self.writer.withdraw()
+            self._stop_reader()
             source.close()
             if active_ledger is not ledger:
                 active_ledger.close()
@@ -301,8 +308,8 @@ class Service:
     def _serve(self, source: ChangeSource) -> None:
         self._source = source
         records: queue.Queue[SourceRecord | None] = queue.Queue(maxsize=READ_QUEUE_MAX)
-        reader = threading.Thread(target=self._read, args=(source, records), name="reader", daemon=True)
-        reader.start()
+        self._reader = threading.Thread(target=self._read, args=(source, records), name="reader", daemon=True)
+        self._reader.start()
         while not self.stop_requested.is_set():
             self._tick(self.cluster, source, records)
             self._follow_generations()
@@ -328,19 +335,46 @@ class Service:
             for record in self._records(source):
                 while not self.stop_requested.is_set():
                     try:
-                        records.put(record, timeout=0.1)
+                        records.put(record, timeout=READER_CHECK_S)
                         break
                     except queue.Full:
                         continue
                 if self.stop_requested.is_set():
                     return
         except Exception as exc:
-            # A source that cannot go on (a lost replication slot, an outage beyond its limit):
-            # stop serving with the reason on /readyz and a non-zero exit, never read silently.
-            log.error("source failed; stopping", error=str(exc), error_type=type(exc).__name__)
-            self.state.fatal.append(f"source: {type(exc).__name__}: {exc}")
+            self._source_failed(exc)
         finally:
-            records.put(None)
+            self._put_end(records)
+
+    def _source_failed(self, exc: Exception) -> None:
+        """A source that cannot go on (a lost replication slot, an outage beyond its limit) stops
+        the service with the reason on /readyz and a non-zero exit, never reads silently. Once
+        a stop was asked for, what the source raises (a consumer already leaving its group) costs
+        nothing: no record read after it would be offered any more."""
+        if self.stop_requested.is_set():
+            log.warning("the source failed while stopping", error=str(exc), error_type=type(exc).__name__)
+            return
+        log.error("source failed; stopping", error=str(exc), error_type=type(exc).__name__)
+        self.state.fatal.append(f"source: {type(exc).__name__}: {exc}")
+
+    def _put_end(self, records: queue.Queue[SourceRecord | None]) -> None:
+        """Tell the main loop that reading ended (while it still pulls records: not at a stop)."""
+        while True:
+            try:
+                records.put(None, timeout=READER_CHECK_S)
+                return
+            except queue.Full:
+                if self.stop_requested.is_set():
+                    return
+
+    def _stop_reader(self) -> None:
+        """Wait for the reader thread to return before its source is closed under it."""
+        self.stop_requested.set()
+        if self._reader is None:
+            return
+        self._reader.join(READER_STOP_S)
+        if self._reader.is_alive():
+            log.warning("the reader did not stop in time; closing its source under it", waited_s=READER_STOP_S)
 
     def _records(self, source: ChangeSource) -> Iterator[SourceRecord]:
         follow = getattr(source, "follow", None)
