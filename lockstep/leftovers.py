@@ -144,16 +144,24 @@ class RunFile:
             self.path.unlink(missing_ok=True)
 
 
+def clear_dead_runs(settings: Settings) -> None:
+    """Kill what dead runs beside this deployment's data left running (see ``clear_leftovers``);
+    for any command about to open its embedded stores."""
+    directory, here = runs_dir(settings), machine()
+    if directory is not None and here is not None and directory.is_dir():
+        clear_leftovers(directory, here)
+
+
 @contextlib.contextmanager
 def run_file(settings: Settings) -> Iterator[RunFile]:
     """Clear what dead runs beside this data left running, then keep this run's record until the
     run ends (a clean end removes it; a kill leaves it for the next start to judge)."""
+    clear_dead_runs(settings)
     directory, here, me = runs_dir(settings), machine(), this_process()
     if directory is None or here is None or me is None:
         yield RunFile(None, None)
         return
     directory.mkdir(parents=True, exist_ok=True)
-    clear_leftovers(directory, here)
     own = RunFile(directory / f"{me.pid}-{me.start_ticks}.json", RunRecord(here, me))
     own.write()
     try:

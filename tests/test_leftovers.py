@@ -20,6 +20,7 @@ from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.leftovers import ProcessId, RunRecord
 from lockstep.leftovers import (
+    clear_dead_runs,
     clear_leftovers,
     descendants,
     machine,
@@ -142,6 +143,23 @@ def test_the_run_file_records_this_run_and_what_it_started_and_goes_at_a_clean_e
         own.note_children()
         record = RunRecord.decode(own.path.read_text())
         assert record is not None and child in record.processes
+    assert list(directory.iterdir()) == []
+
+
+def test_clearing_dead_runs_for_a_command_kills_what_a_dead_run_beside_its_data_left(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """What `sync` or another command would call before opening the stores: a dead run's
+    leftover beside the ledger is killed; with no records there, nothing happens."""
+    settings = Settings.model_validate({"ledger": {"path": str(tmp_path / "ledger.db")}})
+    clear_dead_runs(settings)  # no record directory yet
+    directory = runs_dir(settings)
+    assert directory is not None
+    directory.mkdir()
+    leftover_proc, leftover = _sleeper(processes)
+    (directory / "dead.json").write_text(RunRecord(_here(), _gone_owner(processes), (leftover,)).encode())
+    clear_dead_runs(settings)
+    assert leftover_proc.wait(timeout=PROCESS_WAIT_S) == -signal.SIGKILL
     assert list(directory.iterdir()) == []
 
 
