@@ -523,6 +523,13 @@ def _streaming_config(tmp_path: Path) -> tuple[Path, str]:
     return _config(tmp_path, run=run), f"http://127.0.0.1:{port}"
 
 
+# How long the killed run's processes stay frozen before they may go on, where the restart
+# (`lockstep sync`, which keeps no run file) cannot clear them itself.
+FROZEN_S = 5.0
+# After freezing them, how long until a process counts as frozen (several DRIVER_WATCH_S).
+FREEZE_SETTLE_S = 1.0
+
+
 def _kill_group_mid_stream(
     tmp_path: Path, config: Path, *, freeze: bool = False
 ) -> tuple[list[psutil.Process], dict[int, str], dict[str, Any]]:
@@ -547,6 +554,9 @@ def _kill_group_mid_stream(
             for process in outside:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.suspend()
+            # One whose driver watch had already sent its SIGKILL dies stopped or not: only
+            # those still there after several of its rounds count as frozen.
+            time.sleep(FREEZE_SETTLE_S)
             frozen = {p.pid: outside[p] for p in still_running(list(outside))}
     finally:
         if proc.poll() is None:
@@ -583,9 +593,6 @@ def test_a_restart_at_once_after_the_process_group_is_killed_converges(tmp_path:
     _assert_converged(config, final)
 
 
-# How long the killed run's processes stay frozen before they may go on, where the restart
-# (`lockstep sync`, which keeps no run file) cannot clear them itself.
-FROZEN_S = 5.0
 
 
 @pytest.mark.parametrize("restart", ["run", "sync"])
