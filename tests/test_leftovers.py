@@ -202,7 +202,7 @@ def test_an_actor_ends_itself_once_its_driver_is_gone(processes: list[subprocess
     """)
     actor = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    processes.append(actor)  # type: ignore[arg-type]
+    processes.append(actor)
     assert actor.stdout is not None and actor.stdout.readline() == b"watching\n"
     time.sleep(0.5)
     assert actor.poll() is None, "the actor ended while its driver ran"
