@@ -9,6 +9,11 @@ Topology of ``lockstep run``:
   prepared intents, then run the apply loop on a background thread;
 - the reader (the driver process, ``lockstep/service.py``) routes batches of envelopes to the
   shards: one Ray call per batch, never one per event.
+
+Lifetimes: every actor on the driver's machine ends itself as soon as the driver is gone
+(``DRIVER_WATCH_S``), so that a driver killed with its process group (actors live in groups of
+their own) does not leave actors holding an embedded store's lock for the next start to trip
+over. The driver keeps its own SIGTERM handler while Ray starts (``start_ray``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
+import ray._private.ray_constants
+import ray._private.utils
 import structlog
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
@@ -32,6 +39,7 @@ from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook
 from coordinator.errors import FencedError, LockstepError, TransientStoreError
 from coordinator.generations import Generation, check_embedder
+from coordinator.leftovers import ProcessId, is_running
 from coordinator.model import ChunkDelete, IndexedChunk, SearchHit, StoredChunk, Vector, WriteResult
 from coordinator.multi_apply import MultiEngine
 from coordinator.ports import ChunkIndex
@@ -39,6 +47,7 @@ from coordinator.routing import shard_of
 from coordinator.shard import Backoff, Envelope, ShardStatus, ShardWorker
 from lockstep.bootstrap import build_embedder, build_embedding_cache, build_keyword, build_ledger
 from lockstep.generations import generation_embedder_settings, generation_ledger, generation_settings
+from lockstep.leftovers import machine, start_of, this_process
 from lockstep.logging import configure_logging
 from lockstep.settings import Settings
 
@@ -62,6 +71,13 @@ ACTOR_CONCURRENCY = 4
 # store (the slower one, as a rule) never idles between requests. A writer of an embedded store
 # (Tantivy, milvus-lite) and the vector writer take one call at a time.
 KEYWORD_WRITER_CONCURRENCY = 2
+# How often an actor looks whether its driver still runs. Ray ends the actors of a driver killed
+# with its process group only once they notice that their raylet died with it, and they finish
+# exiting seconds later (tens under load), still holding what they had open (an embedded
+# store's lock); an actor on the driver's machine ends itself within this instead.
+DRIVER_WATCH_S = 0.1
+# The driver's own handlers of these stop it cleanly (lockstep/service.py).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> None:
@@ -71,10 +87,68 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     # Ray starts workers at nice 15 by default; the shard and writer actors are the service's
     # hot path, so they get the same priority as the stores they talk to.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    with _keeping_stop_handlers():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+@contextlib.contextmanager
+def _keeping_stop_handlers() -> Iterator[None]:
+    """Keep the driver's own SIGTERM and SIGINT handlers (a clean stop) in force from Ray's start
+    to the process's exit. ray.init installs two SIGTERM handlers in Python (one calls
+    ``sys.exit(15)`` wherever the driver is, one kills Ray's processes and exits 1), and its
+    core worker a native one that ray.shutdown resets to the default action, so that a SIGTERM
+    during or after the shutdown would kill the driver. Ray installs the first two through one
+    function and the third unless one of its constants says not to (the driver then loses
+    only Ray's stack dump of a native crash; its workers keep theirs)."""
+    utils: Any = ray._private.utils
+    constants: Any = ray._private.ray_constants
+    assert callable(getattr(utils, "set_sigterm_handler", None)), "Ray no longer installs its handlers here"
+    assert hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"), "Ray no longer reads this constant"
+    kept = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    ray_installs, ray_disables = utils.set_sigterm_handler, constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    utils.set_sigterm_handler = lambda _handler: None
+    constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = ray_installs
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = ray_disables
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class Driver:
+    """The driver process and its machine (boot and PID namespace), for its actors to end with it."""
+
+    machine: str
+    process: ProcessId
+
+
+def this_driver() -> Driver | None:
+    """This process as its actors' driver; None where processes cannot be watched (no /proc)."""
+    here, me = machine(), this_process()
+    return None if here is None or me is None else Driver(here, me)
+
+
+def _end_with(driver: Driver | None) -> None:
+    """Let this actor end itself once ``driver`` is gone, if both run on one machine (on another
+    node of a cluster, the raylet outlives the driver and Ray ends the driver's actors itself)."""
+    if driver is None or machine() != driver.machine:
+        return
+    threading.Thread(target=_watch_driver, args=(driver.process,), name="driver-watch", daemon=True).start()
+
+
+def _watch_driver(driver: ProcessId) -> None:
+    while is_running(driver, start_of):
+        time.sleep(DRIVER_WATCH_S)
+    log.warning("the driver is gone; this actor ends with it", driver_pid=driver.pid)
+    # SIGKILL, not an exit: exit handlers (milvus-lite's waits 2 s for its server) would keep
+    # the locks held longer, and nothing here has anything left to save.
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def stop_ray() -> None:
@@ -101,7 +175,7 @@ def _call(ref: Any, timeout_s: float, what: str) -> Any:
 class IndexWriterActor:
     """Owns one side's index client; every write to that index goes through here."""
 
-    def __init__(self, side: str, generations: list[WriterTarget], log_level: str) -> None:
+    def __init__(self, side: str, generations: list[WriterTarget], log_level: str, driver: Driver | None) -> None:
         """One client per live generation (its physical index names), all in this one process:
         an embedded store (a milvus-lite file) admits a single process. The vector side refuses
         a collection built with another model than its generation's.
@@ -110,6 +184,7 @@ class IndexWriterActor:
         the actor, which Ray would never start again: its client is built at the first call
         that needs it, and until then every such call fails like a write to a store that is
         down (the shards back off and /readyz says degraded)."""
+        _end_with(driver)
         configure_logging(log_level)
         self.side = side
         self.targets = {t.number: t for t in generations}
@@ -249,7 +324,9 @@ class ShardActor:
         generations: list[Generation],
         writers: dict[str, Any],
         crash_at: tuple[str, int] | None,
+        driver: Driver | None,
     ) -> None:
+        _end_with(driver)
         configure_logging(config.log_level)
         structlog.contextvars.bind_contextvars(shard=config.shard)
         self.config = config
@@ -398,8 +475,10 @@ class ShardCluster:
         generations: list[Generation],
         crash_at: tuple[str, int] | None,
         log_level: str,
+        driver: Driver | None,
     ) -> None:
-        """``generations``: every live generation, the active one (which readers see) first."""
+        """``generations``: every live generation, the active one (which readers see) first;
+        ``driver``: the process the actors end with (None: Ray's own lifetimes only)."""
         rs = settings.run
         self.shards_n = rs.shards
         self.dim = generations[0].dim
@@ -407,7 +486,7 @@ class ShardCluster:
         targets = [WriterTarget(g.number, generation_settings(settings, g), g.dim, g.model_id) for g in generations]
         self.writers = {
             side: IndexWriterActor.options(max_concurrency=writer_concurrency(side, targets)).remote(  # type: ignore[attr-defined]
-                side, targets, log_level
+                side, targets, log_level, driver
             )
             for side in (KEYWORD, VECTOR)
         }
@@ -418,7 +497,7 @@ class ShardCluster:
             for i in range(rs.shards)
         ]
         self.shards = [
-            ShardActor.remote(c, settings, generations, self.writers, crash_at)  # type: ignore[attr-defined]
+            ShardActor.remote(c, settings, generations, self.writers, crash_at, driver)  # type: ignore[attr-defined]
             for c in configs
         ]
         self.recovered = sum(

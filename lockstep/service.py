@@ -8,6 +8,7 @@ stops the reader thread at its bounded queue: backpressure reaches the source, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
@@ -34,9 +35,10 @@ from coordinator.shard import Envelope, ShardStatus
 from coordinator.watermark import LowWatermark
 from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
 from lockstep.generations import WriterAnnouncement, generation_ledger, load_generations
+from lockstep.leftovers import RunFile, run_file
 from lockstep.metrics import Metrics
 from lockstep.ops_http import EventsEndpoint, OpsServer
-from lockstep.ray_runtime import ShardCluster, kill_service, start_ray, stop_ray
+from lockstep.ray_runtime import STOP_SIGNALS, ShardCluster, kill_service, start_ray, stop_ray, this_driver
 from lockstep.settings import Settings, WebhookSourceSettings
 
 log = structlog.get_logger(__name__)
@@ -54,6 +56,11 @@ DRAIN_INTERVAL_S = 0.1
 # How often the registry is read for a generation being built, swapped or dropped; a change
 # restarts the shard actors (after in-flight work commits) so that writes reach the new set.
 GENERATIONS_POLL_S = 2.0
+# How often the reader thread, waiting on a full queue, looks whether a stop was asked for.
+READER_CHECK_S = 0.1
+# At a stop, the reader thread is given this long to notice and return before the source is
+# closed (it looks every READER_CHECK_S, or at every poll of a source's own).
+READER_STOP_S = 10.0
 
 
 @dataclass
@@ -95,22 +102,39 @@ class Service:
         self.generations: list[Generation] = []
         self._auditing: threading.Thread | None = None
         self._audit_stop = threading.Event()
+        self._reader: threading.Thread | None = None
+        self.run_file = RunFile(None, None)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status."""
-        self.ops = OpsServer(
-            self.rs.http_host,
-            self.rs.http_port,
-            self.metrics.registry,
-            self.readiness,
-            events=isinstance(self.settings.source, WebhookSourceSettings),
-        ).start()
-        log.info("serving", port=self.ops.port, owner=self.owner)
-        start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
-        # After ray.init, which installs handlers of its own that would kill the driver at once.
+        """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status: 0
+        after a clean stop, whenever the signal came; 1 if a shard or the source stopped it."""
         self._install_signals()
+        with contextlib.ExitStack() as stack:
+            self.ops = OpsServer(
+                self.rs.http_host,
+                self.rs.http_port,
+                self.metrics.registry,
+                self.readiness,
+                events=isinstance(self.settings.source, WebhookSourceSettings),
+            ).start()
+            stack.callback(self.ops.stop)
+            log.info("serving", port=self.ops.port, owner=self.owner)
+            # Before Ray starts: what a killed run left running beside this data goes first.
+            self.run_file = stack.enter_context(run_file(self.settings))
+            start_ray(self.rs.ray_address, self.rs.ray_num_cpus)
+            stack.callback(stop_ray)
+            self.run_file.note_children()
+            if self.stop_requested.is_set():
+                log.info("stopped before serving")
+            else:
+                self._run_ready()
+        _ignore_stop_signals()
+        return 1 if self.state.fatal else 0
+
+    def _run_ready(self) -> None:
+        """Ray is up: build the ledger, source and shard actors, serve, and stop in order."""
         ledger = self.ledger = build_ledger(self.settings)
         # Announced before the registry is read: a rebuild registering a generation meanwhile
         # waits for this service to report writing it (docs/rebuild.md, "Live writers").
@@ -136,13 +160,11 @@ class Service:
             self._stop_audit()
             self.cluster.stop()
             self.writer.withdraw()
+            self._stop_reader()
             source.close()
             if active_ledger is not ledger:
                 active_ledger.close()
             ledger.close()
-            stop_ray()
-            self.ops.stop()
-        return 1 if self.state.fatal else 0
 
     def _attach_events(self, source: ChangeSource) -> None:
         """Open ``POST /events`` once the webhook source (and its inbox) exists."""
@@ -169,7 +191,10 @@ class Service:
             generations=self.generations,
             crash_at=(self.crash_at, os.getpid()) if self.crash_at else None,
             log_level=self.log_level,
+            # Actors of a Ray started here end with this process; a cluster joined ends them itself.
+            driver=None if self.rs.ray_address else this_driver(),
         )
+        self.run_file.note_children()
         # Every record offered from now on goes to actors that write this set.
         self.writer.writing([g.number for g in self.generations])
         log.info("shards ready", shards=self.rs.shards, recovered_intents=cluster.recovered,
@@ -262,7 +287,9 @@ class Service:
             audit_ledger.close()
 
     def _install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        """A stop signal, at any moment and however often, only asks for a clean stop (Ray's own
+        SIGTERM handler is kept out while it starts: see ``start_ray``)."""
+        for sig in STOP_SIGNALS:
             signal.signal(sig, lambda *_: self.stop_requested.set())
 
     def readiness(self) -> tuple[bool, list[str]]:
@@ -281,8 +308,8 @@ class Service:
     def _serve(self, source: ChangeSource) -> None:
         self._source = source
         records: queue.Queue[SourceRecord | None] = queue.Queue(maxsize=READ_QUEUE_MAX)
-        reader = threading.Thread(target=self._read, args=(source, records), name="reader", daemon=True)
-        reader.start()
+        self._reader = threading.Thread(target=self._read, args=(source, records), name="reader", daemon=True)
+        self._reader.start()
         while not self.stop_requested.is_set():
             self._tick(self.cluster, source, records)
             self._follow_generations()
@@ -308,19 +335,46 @@ class Service:
             for record in self._records(source):
                 while not self.stop_requested.is_set():
                     try:
-                        records.put(record, timeout=0.1)
+                        records.put(record, timeout=READER_CHECK_S)
                         break
                     except queue.Full:
                         continue
                 if self.stop_requested.is_set():
                     return
         except Exception as exc:
-            # A source that cannot go on (a lost replication slot, an outage beyond its limit):
-            # stop serving with the reason on /readyz and a non-zero exit, never read silently.
-            log.error("source failed; stopping", error=str(exc), error_type=type(exc).__name__)
-            self.state.fatal.append(f"source: {type(exc).__name__}: {exc}")
+            self._source_failed(exc)
         finally:
-            records.put(None)
+            self._put_end(records)
+
+    def _source_failed(self, exc: Exception) -> None:
+        """A source that cannot go on (a lost replication slot, an outage beyond its limit) stops
+        the service with the reason on /readyz and a non-zero exit, never reads silently. Once
+        a stop was asked for, what the source raises (a consumer already leaving its group) costs
+        nothing: no record read after it would be offered any more."""
+        if self.stop_requested.is_set():
+            log.warning("the source failed while stopping", error=str(exc), error_type=type(exc).__name__)
+            return
+        log.error("source failed; stopping", error=str(exc), error_type=type(exc).__name__)
+        self.state.fatal.append(f"source: {type(exc).__name__}: {exc}")
+
+    def _put_end(self, records: queue.Queue[SourceRecord | None]) -> None:
+        """Tell the main loop that reading ended (while it still pulls records: not at a stop)."""
+        while True:
+            try:
+                records.put(None, timeout=READER_CHECK_S)
+                return
+            except queue.Full:
+                if self.stop_requested.is_set():
+                    return
+
+    def _stop_reader(self) -> None:
+        """Wait for the reader thread to return before its source is closed under it."""
+        self.stop_requested.set()
+        if self._reader is None:
+            return
+        self._reader.join(READER_STOP_S)
+        if self._reader.is_alive():
+            log.warning("the reader did not stop in time; closing its source under it", waited_s=READER_STOP_S)
 
     def _records(self, source: ChangeSource) -> Iterator[SourceRecord]:
         follow = getattr(source, "follow", None)
@@ -441,6 +495,7 @@ class Service:
         """Stop reading, then let in-flight work commit for at most ``grace_s``."""
         self.state.stopping = True
         self.stop_requested.set()
+        log.info("stopping", unfinished=self.watermark.outstanding, grace_s=self.rs.grace_s)
         deadline = time.monotonic() + self.rs.grace_s
         while self.watermark.outstanding and time.monotonic() < deadline and not self.state.fatal:
             self._offer(cluster)
@@ -449,3 +504,10 @@ class Service:
             time.sleep(TICK_S)
         log.info("stopped", unfinished=self.watermark.outstanding, checkpoint=self.state.committed)
 
+
+def _ignore_stop_signals() -> None:
+    """Once everything is stopped, a stop signal has nothing left to stop: ignore it, so that one
+    arriving while the interpreter exits (Python restores default handlers then, but leaves
+    ignored signals ignored) cannot turn a clean exit into a death by that signal."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

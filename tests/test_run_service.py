@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -27,6 +29,7 @@ from coordinator.crashpoints import PROTOCOL_POINTS
 from coordinator.invariants import ExpectedChunk, check_index, versions_never_go_back
 from lockstep.bootstrap import build_keyword, runtime
 from lockstep.settings import load_settings
+from tests.support.service_process import LogTail, kill_all, kill_process_group, still_running
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
 RUN_TIMEOUT_S = 300
@@ -506,3 +509,204 @@ def test_metrics_absorb_every_figure_a_shard_reports() -> None:
     assert metrics.apply_seconds.labels("keyword")._value.get() == 0.5
     assert metrics.apply_writes.labels("keyword")._value.get() == 2
     assert metrics.events.labels("applied")._value.get() == 3
+
+
+# --- restarts after a crash, and stops at any moment --------------------------------------------
+
+
+def _streaming_config(tmp_path: Path) -> tuple[Path, str]:
+    """Embedded stores (a Tantivy directory, a milvus-lite file), small batches and small
+    mailboxes, so that a run is still streaming seconds after it turned ready and a stop leaves
+    records unread."""
+    port = _free_port()
+    run = {"shards": 2, "http_port": port, "batch_docs_max": 5, "mailbox_docs_max": 20, "offer_batch_max": 10}
+    return _config(tmp_path, run=run), f"http://127.0.0.1:{port}"
+
+
+# How long the killed run's processes stay frozen before they may go on, where the restart
+# (`lockstep sync`, which keeps no run file) cannot clear them itself.
+FROZEN_S = 5.0
+# After freezing them, how long until a process counts as frozen (several DRIVER_WATCH_S).
+FREEZE_SETTLE_S = 1.0
+
+
+def _kill_group_mid_stream(
+    tmp_path: Path, config: Path, *, freeze: bool = False
+) -> tuple[list[psutil.Process], dict[int, str], dict[str, Any]]:
+    """Start a run over 300 documents, SIGKILL its process group once 20 are committed (with
+    ``freeze``, SIGSTOP the processes outside it right after), append more events; returns the
+    processes it had started, those frozen still running (by name), and the newest state per
+    document."""
+    events, final = _history(docs=300, versions=1, seed=16)
+    _append(tmp_path, events)
+    proc = _start_service(config)
+    frozen: dict[int, str] = {}
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] >= 20, "the first documents committed")
+        ledger.close()
+        outside = {p: p.name() for p in psutil.Process(proc.pid).children(recursive=True)
+                   if os.getpgid(p.pid) != proc.pid}
+        started = kill_process_group(proc)
+        # After the kill: stopped before it, they would be sent SIGHUP and SIGCONT the moment
+        # their process groups were orphaned (POSIX), and end.
+        if freeze:
+            for process in outside:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.suspend()
+            # One whose driver watch had already sent its SIGKILL dies stopped or not: only
+            # those still there after several of its rounds count as frozen.
+            time.sleep(FREEZE_SETTLE_S)
+            frozen = {p.pid: outside[p] for p in still_running(list(outside))}
+    finally:
+        if proc.poll() is None:
+            _signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+    more, final2 = _history(docs=20, versions=2, seed=17, prefix="late")
+    _append(tmp_path, more)
+    return started, frozen, final | final2
+
+
+def _restart(config: Path, command: str) -> subprocess.CompletedProcess[str]:
+    """`lockstep run --exit-when-idle` or `lockstep sync`, started at once."""
+    if command == "run":
+        return _run(config, "--exit-when-idle")
+    return subprocess.run([*LOCKSTEP, "sync", "-c", str(config)], capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S, check=False, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("restart", ["run", "sync"])
+def test_a_restart_at_once_after_the_process_group_is_killed_converges(tmp_path: Path, restart: str) -> None:
+    """SIGKILL of the service's process group only, mid-stream (as systemd or a container runtime
+    sends it: Ray's actors, in groups of their own, get nothing), then `lockstep run` or, in the
+    other case, `lockstep sync` at once: it gets past whatever the killed run left, both indexes
+    equal the source with nothing pending, and no process of the killed run is left."""
+    config, _ = _streaming_config(tmp_path)
+    started: list[psutil.Process] = []
+    try:
+        started, _, final = _kill_group_mid_stream(tmp_path, config)
+        again = _restart(config, restart)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert still_running(started) == [], "processes of the killed run are still running"
+    finally:
+        kill_all(started)
+    _assert_converged(config, final)
+
+
+
+
+@pytest.mark.parametrize("restart", ["run", "sync"])
+def test_a_restart_gets_past_leftovers_frozen_after_the_kill(tmp_path: Path, restart: str) -> None:
+    """As above, but the processes outside the group that are still running right after the kill
+    are frozen (SIGSTOP), as if starved of CPU: `lockstep run` finds them through the killed
+    run's record and kills them, naming the actors in its log; `lockstep sync` waits for the
+    milvus-lite file (if its holder is among them) until they thaw after FROZEN_S and end
+    themselves, their driver gone. Either converges, and nothing of the killed run is left."""
+    config, _ = _streaming_config(tmp_path)
+    started: list[psutil.Process] = []
+    try:
+        started, frozen, final = _kill_group_mid_stream(tmp_path, config, freeze=True)
+        thaw = threading.Timer(FROZEN_S, _thaw, args=([p for p in started if p.pid in frozen],))
+        if restart == "sync":
+            thaw.start()
+        again = _restart(config, restart)
+        if restart == "sync":
+            thaw.join()
+        assert again.returncode == 0, again.stderr[-3000:]
+        _wait(lambda: still_running(started) == [], "no process of the killed run running")
+        actors = {pid for pid, name in frozen.items() if "Actor" in name}
+        if restart == "run" and actors:
+            line = next(line for line in again.stderr.splitlines() if "killing the processes it left" in line)
+            killed = set(json.loads(line)["pids"])
+            assert actors <= killed <= set(frozen), f"killed {killed}, frozen {frozen}"
+    finally:
+        kill_all(started)
+    _assert_converged(config, final)
+
+
+def _thaw(processes: list[psutil.Process]) -> None:
+    for process in still_running(processes):
+        try:
+            process.resume()
+        except psutil.NoSuchProcess:
+            continue
+
+
+def test_sigterm_while_ray_is_still_starting_exits_0_after_a_clean_stop(tmp_path: Path) -> None:
+    """SIGTERM as soon as /healthz answers, while Ray is still starting: the service stops
+    cleanly before any shard starts and exits 0, and a restart then converges."""
+    config, base = _streaming_config(tmp_path)
+    events, final = _history(docs=30, versions=1, seed=18)
+    _append(tmp_path, events)
+    proc = _start_service(config)
+    log = LogTail(proc)
+    try:
+        _wait(lambda: _get(base + "/healthz").status_code == 200, "/healthz answering")
+        proc.send_signal(signal.SIGTERM)
+        code = log.wait_exit()
+    finally:
+        if proc.poll() is None:
+            _signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log.text()[-3000:]
+    assert "shards ready" not in log.text(), "the SIGTERM came too late to test a stop while Ray starts"
+    again = _run(config, "--exit-when-idle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_converged(config, final)
+
+
+def test_sigterm_while_streaming_exits_0_and_a_restart_converges(tmp_path: Path) -> None:
+    """SIGTERM while documents are still streaming: the service stops reading, lets in-flight
+    work commit, exits 0 with a checkpoint short of the end, and a restart converges."""
+    config, _ = _streaming_config(tmp_path)
+    events, final = _history(docs=300, versions=1, seed=19)
+    _append(tmp_path, events)
+    proc = _start_service(config)
+    log = LogTail(proc)
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] >= 20, "the first documents committed")
+        proc.send_signal(signal.SIGTERM)
+        code = log.wait_exit()
+        stopped_at = ledger.get_checkpoint("events")
+        ledger.close()
+    finally:
+        if proc.poll() is None:
+            _signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log.text()[-3000:]
+    assert stopped_at is not None and int(stopped_at) < (tmp_path / "events.jsonl").stat().st_size, (
+        "the SIGTERM came too late to test a stop while streaming")
+    again = _run(config, "--exit-when-idle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_converged(config, final)
+
+
+# Between two SIGTERMs sent to a service that is stopping.
+SIGTERM_REPEAT_S = 0.05
+
+
+def test_sigterm_again_and_again_while_stopping_still_exits_0(tmp_path: Path) -> None:
+    """SIGTERM mid-stream, then SIGTERM again and again all through the stop (draining, actors
+    stopping, Ray shutting down), as an impatient supervisor may: the stop stays clean, exits 0."""
+    config, _ = _streaming_config(tmp_path)
+    events, final = _history(docs=200, versions=1, seed=20)
+    _append(tmp_path, events)
+    proc = _start_service(config)
+    log = LogTail(proc)
+    try:
+        ledger = SqliteLedger(tmp_path / "ledger.db")
+        _wait(lambda: ledger.counts()["live_docs"] >= 20, "the first documents committed")
+        ledger.close()
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(SIGTERM_REPEAT_S)
+        code = log.wait_exit()
+    finally:
+        if proc.poll() is None:
+            _signal_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, log.text()[-3000:]
+    again = _run(config, "--exit-when-idle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_converged(config, final)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -79,6 +80,15 @@ STORE = "milvus"
 # A connect refused at once (not timed out) is tried this many times in all, this far apart.
 CONNECT_ATTEMPTS = 3
 CONNECT_RETRY_PAUSE_S = 0.5
+# A milvus-lite file admits one process, which holds its lock till it ends. After a crash, what
+# is left of the process that had it open (a killed service's Ray actors) may hold it a few
+# seconds more: opening the file waits this long for its holder to go before failing.
+LITE_LOCK_WAIT_S = 30.0
+LITE_LOCK_POLL_S = 0.1
+# milvus-lite's lock file inside the data directory its ``.db`` path names (milvus_lite/db.py),
+# and the kernel's table of file locks, which names their holders (Linux).
+LITE_LOCK_FILE = "LOCK"
+LOCKS_TABLE = Path("/proc/locks")
 
 # Schema limits. Document IDs are at most 512 bytes (coordinator.events.DOC_ID_BYTES_MAX); a chunk
 # ID adds a separator and an index. VARCHAR lengths are bytes; 1 KiB leaves room for both.
@@ -663,13 +673,46 @@ def _client(settings: VectorSettings) -> MilvusClient:
         auth["server_pem_path"] = settings.server_pem_path
     if settings.server_name is not None:
         auth["server_name"] = settings.server_name
-    return MilvusClient(
-        uri=settings.uri,
-        db_name=settings.db_name,
-        timeout=settings.connect_timeout_s,
-        dedicated=True,
-        **auth,
-    )
+
+    def connect() -> MilvusClient:
+        return MilvusClient(
+            uri=settings.uri, db_name=settings.db_name, timeout=settings.connect_timeout_s, dedicated=True, **auth
+        )
+
+    return _open_lite(Path(settings.uri), connect) if settings.is_embedded else connect()
+
+
+def _open_lite(path: Path, connect: Callable[[], MilvusClient]) -> MilvusClient:
+    """Open a milvus-lite file once no other process holds it, waiting at most LITE_LOCK_WAIT_S
+    (then the open fails as it would have at once)."""
+    deadline = time.monotonic() + LITE_LOCK_WAIT_S
+    holder = _lite_holder(path)
+    if holder is not None:
+        log.warning("another process holds the milvus-lite file; waiting for it to let go",
+                    path=str(path), holder_pid=holder, wait_s=LITE_LOCK_WAIT_S)
+    while holder is not None and time.monotonic() < deadline:
+        time.sleep(LITE_LOCK_POLL_S)
+        holder = _lite_holder(path)
+    return connect()
+
+
+def _lite_holder(path: Path) -> int | None:
+    """The PID of another process holding the lock of the milvus-lite file at ``path`` (0 if it
+    runs in another PID namespace), from /proc/locks; None if no other process holds it."""
+    try:
+        stat = (path / LITE_LOCK_FILE).stat()
+        table = LOCKS_TABLE.read_text()
+    except OSError:
+        return None
+    # By inode alone: the device the table names is not always the one stat() reports (btrfs),
+    # and a lock on another device's file of the same inode number costs only a bounded wait.
+    inode = f":{stat.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4449 08:01:1234 0 EOF"; a waiter's line has "->" second.
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(inode) and int(fields[4]) != os.getpid():
+            return int(fields[4])
+    return None
 
 
 @contextmanager
