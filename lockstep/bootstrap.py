@@ -241,7 +241,10 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
         load_generations,
         writer_owner,
     )
+    from lockstep.leftovers import clear_dead_runs
 
+    # A run killed with its process group may have left actors holding the embedded stores.
+    clear_dead_runs(settings)
     home = build_ledger(settings, crash)
     built: list[GenerationParts] = []
     writer: WriterAnnouncement | None = None
