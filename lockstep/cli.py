@@ -22,6 +22,7 @@ from lockstep.cli_errors import DebugOpt, command_errors, set_debug
 from lockstep.logging import configure_logging
 from lockstep.progress import opened, record_progress
 from lockstep.settings import load_settings, require_serving_token
+from lockstep.stop_signals import EARLY_STOP, release_early
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -61,6 +62,8 @@ def main(
     debug: DebugOpt = False,
 ) -> None:
     ctx.obj = {"log_level": log_level}
+    if ctx.invoked_subcommand != "run":
+        release_early()
     configure_logging(log_level)
     set_debug(debug)
 
@@ -111,7 +114,11 @@ def run(
         from lockstep.service import Service
 
         code = Service(
-            settings, log_level=ctx.obj["log_level"], crash_at=crash_at, exit_when_idle=exit_when_idle
+            settings,
+            log_level=ctx.obj["log_level"],
+            crash_at=crash_at,
+            exit_when_idle=exit_when_idle,
+            stop_requested=EARLY_STOP,
         ).run()
     raise typer.Exit(code)
 

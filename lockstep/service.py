@@ -82,15 +82,23 @@ class Service:
     """One ``lockstep run`` process."""
 
     def __init__(
-        self, settings: Settings, *, log_level: str, crash_at: str | None = None, exit_when_idle: bool = False
+        self,
+        settings: Settings,
+        *,
+        log_level: str,
+        crash_at: str | None = None,
+        exit_when_idle: bool = False,
+        stop_requested: threading.Event | None = None,
     ) -> None:
+        """``stop_requested``: an event a stop signal may have set before the service existed
+        (the command line's, set while it was still importing)."""
         self.settings = settings
         self.rs = settings.run
         self.log_level = log_level
         self.crash_at = crash_at
         self.exit_when_idle = exit_when_idle
         self.metrics = Metrics()
-        self.stop_requested = threading.Event()
+        self.stop_requested = stop_requested or threading.Event()
         self.watermark = LowWatermark()
         self.state = _State(buffers={i: [] for i in range(self.rs.shards)})
         self.owner = f"{self.rs.replica or os.uname().nodename}#{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -111,6 +119,9 @@ class Service:
         """Serve until SIGTERM/SIGINT (or until idle when asked); returns the exit status: 0
         after a clean stop, whenever the signal came; 1 if a shard or the source stopped it."""
         self._install_signals()
+        if self.stop_requested.is_set():
+            log.info("stopped before starting")
+            return 0
         with contextlib.ExitStack() as stack:
             self.ops = OpsServer(
                 self.rs.http_host,

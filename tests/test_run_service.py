@@ -29,7 +29,7 @@ from coordinator.crashpoints import PROTOCOL_POINTS
 from coordinator.invariants import ExpectedChunk, check_index, versions_never_go_back
 from lockstep.bootstrap import build_keyword, runtime
 from lockstep.settings import load_settings
-from tests.support.service_process import LogTail, kill_all, kill_process_group, still_running
+from tests.support.service_process import STOP_TIMEOUT_S, LogTail, kill_all, kill_process_group, still_running
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
 RUN_TIMEOUT_S = 300
@@ -710,3 +710,35 @@ def test_sigterm_again_and_again_while_stopping_still_exits_0(tmp_path: Path) ->
     again = _run(config, "--exit-when-idle")
     assert again.returncode == 0, again.stderr[-3000:]
     _assert_converged(config, final)
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler installed for ``sig`` (its /proc status SigCgt mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (sig - 1)))
+
+
+def test_sigterm_while_the_command_line_still_imports_exits_0_and_other_commands_die_by_it(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM that reaches `lockstep run` as soon as it catches the signal (while it still
+    imports, long before the service exists) is a clean stop: exit 0. A command other than run
+    that got one meanwhile ends by the signal, as it always did."""
+    config, _ = _streaming_config(tmp_path)
+    for command, expected in ((["run", "-c", str(config)], 0), (["status", "-c", str(config)], -signal.SIGTERM)):
+        proc = subprocess.Popen([*LOCKSTEP, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        try:
+            _wait(lambda p=proc: _catches(p.pid, signal.SIGTERM) or p.poll() is not None, "SIGTERM caught")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=STOP_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                _signal_tree(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == expected, (command, err[-2000:])
+        assert "Started a local Ray instance" not in err and "shards ready" not in err
