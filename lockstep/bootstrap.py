@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.embedders.cached import CachedEmbedder, TieredEmbeddingCache
+from adapters.embedders.cached import CachedEmbedder, ReadThroughCache, TieredEmbeddingCache
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
@@ -21,9 +21,17 @@ from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError
-from coordinator.generations import live
+from coordinator.generations import Generation, check_embedder, live
 from coordinator.multi_apply import MultiEngine
-from coordinator.ports import ChangeSource, Embedder, EmbeddingCache, KeywordIndex
+from coordinator.ports import (
+    ChangeSource,
+    Embedder,
+    EmbeddingCache,
+    KeywordIndex,
+    KeywordSearch,
+    VectorSearch,
+)
+from coordinator.search import SearchService
 from lockstep.settings import (
     EmbedderSettings,
     FolderSourceSettings,
@@ -39,6 +47,8 @@ log = structlog.get_logger(__name__)
 # Vectors each process keeps in memory in front of the durable embedding cache: a few apply
 # batches' worth (the apply path reads each vector twice in a row), ~1.5 KB each at 384 dims.
 EMBEDDING_FRONT_ENTRIES_MAX = 8192
+# Query vectors a search process keeps in memory (a repeated query is embedded once): ~6 MB.
+QUERY_VECTORS_MAX = 4096
 
 if TYPE_CHECKING:
     from adapters.ledger.postgres import PostgresLedger
@@ -292,3 +302,94 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
     finally:
         writer.withdraw()
         rt.close()
+
+
+@dataclass
+class SearchRuntime:
+    """A search service on the active generation, read-only: its ledger for the fence, both
+    readers' aliases, and the generation's embedder for queries (``close`` releases them)."""
+
+    service: SearchService
+    generation: int
+    closers: list[Callable[[], None]]
+
+    def close(self) -> None:
+        self.service.close()
+        for close in reversed(self.closers):
+            close()
+
+
+def open_search(
+    settings: Settings, *, vector: VectorSearch | None = None, fenced: bool = True
+) -> SearchRuntime:
+    """Build the read path: nothing is written (no registry record, no alias, no cache entry).
+
+    ``vector``: a reader to use instead of opening the vector alias (``lockstep run`` passes its
+    writer's, since a milvus-lite file admits one process). ``fenced=False`` is test-only."""
+    from adapters.ledger.generations import registry_for
+    from lockstep.generations import generation_embedder_settings, generation_ledger
+
+    home = build_ledger(settings)
+    closers: list[Callable[[], None]] = [home.close]
+    try:
+        gen = _active_generation(registry_for(home).all())
+        ledger = home if gen.number == 1 else generation_ledger(settings, gen.number)
+        if ledger is not home:
+            closers.append(ledger.close)
+        inner = build_embedder(generation_embedder_settings(settings, gen))
+        check_embedder(gen, inner.model_id, inner.dim)
+        keyword = open_keyword_reader(settings)
+        closers.append(keyword.close)
+        if vector is None:
+            opened = open_vector_reader(settings, gen.dim)
+            closers.append(opened.close)
+            vector = opened
+        service = SearchService(
+            ledger=ledger,
+            keyword=keyword,
+            vector=vector,
+            embedder=CachedEmbedder(
+                inner, ReadThroughCache(build_embedding_cache(home), memory_entries_max=QUERY_VECTORS_MAX)
+            ),
+            params=settings.search.to_domain(),
+            clock=time.monotonic,
+            sleep=time.sleep,
+            sources=[settings.source.name] if settings.source else [],
+            fenced=fenced,
+        )
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    return SearchRuntime(service, gen.number, closers)
+
+
+def _active_generation(generations: list[Generation]) -> Generation:
+    current = live(generations)
+    if not current:
+        raise ConfigError(
+            "nothing is indexed yet (no generation in the ledger): run `lockstep sync` or `lockstep run` first"
+        )
+    return current[0]
+
+
+def open_keyword_reader(settings: Settings) -> KeywordSearch:
+    """The keyword index readers use: the alias (for Tantivy, the directory its pointer file
+    names now)."""
+    from lockstep.generations import keyword_alias
+
+    alias = keyword_alias(settings)
+    if settings.keyword.kind == "tantivy":
+        from adapters.keyword.tantivy_index import TantivyKeywordIndex
+
+        return TantivyKeywordIndex.open_alias(alias, settings.keyword.index)
+    index = build_keyword(settings.keyword.model_copy(update={"index": alias}))
+    assert isinstance(index, KeywordSearch), "every keyword adapter offers the read path"
+    return index
+
+
+def open_vector_reader(settings: Settings, dim: int) -> MilvusVectorIndex:
+    """The vector index readers use: the alias."""
+    from lockstep.generations import vector_alias
+
+    return MilvusVectorIndex(settings.vector.model_copy(update={"collection": vector_alias(settings)}), dim=dim)

@@ -227,8 +227,8 @@ class IndexWriterActor:
         """Answers once the constructor is done: the generations whose client is built."""
         return sorted(self.indexes)
 
-    def call(self, generation: int, method: str, *args: Any) -> Any:
-        return getattr(self._index(generation), method)(*args)
+    def call(self, generation: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._index(generation), method)(*args, **kwargs)
 
     def close(self) -> None:
         for index in self.indexes.values():
@@ -260,9 +260,9 @@ class ActorIndex:
         self.dim = dim
         self.generation = generation
 
-    def _do(self, method: str, *args: Any) -> Any:
+    def _do(self, method: str, *args: Any, wait_s: float = INDEX_CALL_TIMEOUT_S, **kwargs: Any) -> Any:
         return _call(
-            self.handle.call.remote(self.generation, method, *args), INDEX_CALL_TIMEOUT_S, f"{self.name} index"
+            self.handle.call.remote(self.generation, method, *args, **kwargs), wait_s, f"{self.name} index"
         )
 
     def ensure(self) -> None:
@@ -289,6 +289,19 @@ class ActorIndex:
 
     def search(self, query: str | Vector, k: int) -> list[SearchHit]:
         result: list[SearchHit] = self._do("search", query, k)
+        return result
+
+    def search_hits(
+        self, query: str | Vector, k: int, *, timeout_s: float | None = None, **options: Any
+    ) -> list[SearchHit]:
+        """The read path's search, run by the writer (an embedded store admits one process):
+        queued behind the write in progress, so ``timeout_s`` bounds the wait as well."""
+        wait_s = INDEX_CALL_TIMEOUT_S if timeout_s is None else timeout_s
+        result: list[SearchHit] = self._do("search_hits", query, k, wait_s=wait_s, timeout_s=timeout_s, **options)
+        return result
+
+    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]:
+        result: dict[str, int] = self._do("visible", list(chunk_ids))
         return result
 
     def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
