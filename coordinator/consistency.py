@@ -26,12 +26,13 @@ import base64
 import binascii
 import json
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from coordinator.errors import InvalidSearch
-from coordinator.events import canonical_json
+from coordinator.events import ChangeEvent, canonical_json
 from coordinator.limits import VERSION_MAX
 from coordinator.model import DocState
 
@@ -169,3 +170,42 @@ def invisible(states: Sequence[DocState], keyword: SearchVisibility) -> list[Doc
     late = {doc for cid, (doc, version) in wanted.items() if seen.get(cid, -1) < version}
     return [s for s in states if s.doc_id in late]
 
+
+
+class WrittenChanges:
+    """The changes one write path made, for the token it returns: the ``(doc_id, version)`` of
+    each event it applied, at most ``docs_max`` documents (the most recently written kept; a
+    bigger write's token covers its last ``docs_max`` documents and says so with ``complete``)."""
+
+    def __init__(self, docs_max: int = TOKEN_DOCS_MAX) -> None:
+        self.docs_max = docs_max
+        self._versions: OrderedDict[str, int] = OrderedDict()
+        self.dropped = 0
+
+    def add(self, records: Iterable[object]) -> None:
+        """Note the change events among ``records`` (bad records carry no change)."""
+        for record in records:
+            if isinstance(record, ChangeEvent):
+                self._note(record.doc_id, record.version)
+
+    def _note(self, doc_id: str, version: int) -> None:
+        self._versions[doc_id] = max(version, self._versions.get(doc_id, version))
+        self._versions.move_to_end(doc_id)
+        if len(self._versions) > self.docs_max:
+            self._versions.popitem(last=False)
+            self.dropped += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.dropped == 0
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return list(self._versions)
+
+    def token(self, committed: Mapping[str, DocState]) -> ConsistencyToken:
+        """A token of the changes the ledger committed (or superseded): an event that went to
+        the dead-letter queue instead is left out, since no search could ever see it."""
+        return ConsistencyToken.of(
+            (d, v) for d, v in self._versions.items() if _committed(committed.get(d), v)
+        )

@@ -34,7 +34,8 @@ from coordinator.ports import MetadataFilter
 class FenceReason(enum.StrEnum):
     """Why a hit was not served."""
 
-    # The ledger knows no such document (never written through lockstep).
+    # The ledger has committed nothing of this document: its first version is still only
+    # prepared, or it was never written through lockstep.
     UNKNOWN = "unknown"
     # The document's committed state is a tombstone.
     DELETED = "deleted"

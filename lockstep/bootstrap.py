@@ -311,6 +311,7 @@ class SearchRuntime:
 
     service: SearchService
     generation: int
+    home: AnyLedger
     closers: list[Callable[[], None]]
 
     def close(self) -> None:
@@ -332,16 +333,16 @@ def open_search(
     home = build_ledger(settings)
     closers: list[Callable[[], None]] = [home.close]
     try:
-        gen = _active_generation(registry_for(home).all())
+        gen = active_generation(registry_for(home).all())
         ledger = home if gen.number == 1 else generation_ledger(settings, gen.number)
         if ledger is not home:
             closers.append(ledger.close)
         inner = build_embedder(generation_embedder_settings(settings, gen))
         check_embedder(gen, inner.model_id, inner.dim)
-        keyword = open_keyword_reader(settings)
+        keyword = open_keyword_reader(settings, gen)
         closers.append(keyword.close)
         if vector is None:
-            opened = open_vector_reader(settings, gen.dim)
+            opened = open_vector_reader(settings, gen)
             closers.append(opened.close)
             vector = opened
         service = SearchService(
@@ -361,10 +362,10 @@ def open_search(
         for close in reversed(closers):
             close()
         raise
-    return SearchRuntime(service, gen.number, closers)
+    return SearchRuntime(service, gen.number, home, closers)
 
 
-def _active_generation(generations: list[Generation]) -> Generation:
+def active_generation(generations: list[Generation]) -> Generation:
     current = live(generations)
     if not current:
         raise ConfigError(
@@ -373,23 +374,38 @@ def _active_generation(generations: list[Generation]) -> Generation:
     return current[0]
 
 
-def open_keyword_reader(settings: Settings) -> KeywordSearch:
-    """The keyword index readers use: the alias (for Tantivy, the directory its pointer file
-    names now)."""
-    from lockstep.generations import keyword_alias
+def open_keyword_reader(settings: Settings, gen: Generation) -> KeywordSearch:
+    """The keyword index readers use: its alias (for Tantivy, the directory the pointer file
+    names), or the active generation's own index while no alias exists yet (a deployment only
+    ever written by ``lockstep run``, which leaves aliases to the one-shot commands)."""
+    from lockstep.generations import keyword_alias, keyword_settings
 
     alias = keyword_alias(settings)
     if settings.keyword.kind == "tantivy":
-        from adapters.keyword.tantivy_index import TantivyKeywordIndex
+        from adapters.keyword.tantivy_index import TantivyKeywordIndex, alias_target
 
-        return TantivyKeywordIndex.open_alias(alias, settings.keyword.index)
+        if alias_target(alias) is not None:
+            return TantivyKeywordIndex.open_alias(alias, settings.keyword.index)
+        own = keyword_settings(settings, gen)
+        assert own.path is not None, "validated by KeywordSettings"
+        return TantivyKeywordIndex(own.path, own.index)
     index = build_keyword(settings.keyword.model_copy(update={"index": alias}))
+    if index.alias_target(alias) is None:  # type: ignore[attr-defined]  # both search engines have aliases
+        index.close()
+        index = build_keyword(keyword_settings(settings, gen))
     assert isinstance(index, KeywordSearch), "every keyword adapter offers the read path"
     return index
 
 
-def open_vector_reader(settings: Settings, dim: int) -> MilvusVectorIndex:
-    """The vector index readers use: the alias."""
-    from lockstep.generations import vector_alias
+def open_vector_reader(settings: Settings, gen: Generation) -> MilvusVectorIndex:
+    """The vector index readers use: its alias, or the active generation's own collection while
+    no alias exists yet."""
+    from lockstep.generations import vector_alias, vector_settings
 
-    return MilvusVectorIndex(settings.vector.model_copy(update={"collection": vector_alias(settings)}), dim=dim)
+    alias = vector_alias(settings)
+    reader = MilvusVectorIndex(settings.vector.model_copy(update={"collection": alias}), dim=gen.dim)
+    if reader.alias_target(alias) is None:
+        reader.close()
+        reader = MilvusVectorIndex(vector_settings(settings, gen), dim=gen.dim)
+    reader.load()
+    return reader

@@ -254,11 +254,15 @@ class WriterTarget:
 class ActorIndex:
     """A ChunkIndex (and VectorIndex) whose every call goes to an IndexWriterActor."""
 
-    def __init__(self, handle: Any, name: str, dim: int = 0, generation: int = 1) -> None:
+    def __init__(
+        self, handle: Any, name: str, dim: int = 0, generation: int = 1, *, filters_metadata: bool = False
+    ) -> None:
         self.handle = handle
         self.name = name
         self.dim = dim
         self.generation = generation
+        # As the adapter behind the actor (the read path asks before pushing a filter down).
+        self.filters_metadata = filters_metadata
 
     def _do(self, method: str, *args: Any, wait_s: float = INDEX_CALL_TIMEOUT_S, **kwargs: Any) -> Any:
         return _call(
@@ -527,7 +531,7 @@ class ShardCluster:
         continuous audit)."""
         return (
             ActorIndex(self.writers[KEYWORD], KEYWORD, generation=self.active),
-            ActorIndex(self.writers[VECTOR], VECTOR, dim=self.dim, generation=self.active),
+            ActorIndex(self.writers[VECTOR], VECTOR, dim=self.dim, generation=self.active, filters_metadata=True),
         )
 
     def route(self, doc_key: str) -> int:

@@ -216,6 +216,11 @@ class MilvusVectorIndex:
         self._ensure_index(client)
         self._ensure_loaded(client)
 
+    def load(self) -> None:
+        """Load the collection for searches without changing anything else (a reader's ``ensure``:
+        a reopened milvus-lite file or a restarted server may hold it unloaded)."""
+        self._ensure_loaded(self._connect())
+
     def recorded_model(self) -> str | None:
         """The model id recorded with the collection (None if it was created without one)."""
         client = self._connect()
@@ -725,6 +730,13 @@ def _open_lite(path: Path, connect: Callable[[], MilvusClient]) -> MilvusClient:
         time.sleep(LITE_LOCK_POLL_S)
         holder = _lite_holder(path)
     return connect()
+
+
+def lite_holder(uri: str) -> int | None:
+    """The PID of another process that holds the milvus-lite file ``uri`` (0 if it runs in
+    another PID namespace), or None: a command that only reads can then ask that process instead
+    of waiting for the file."""
+    return _lite_holder(Path(uri))
 
 
 def _lite_holder(path: Path) -> int | None:
