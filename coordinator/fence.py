@@ -62,10 +62,9 @@ def fence(hits: Sequence[SearchHit], committed: Mapping[str, DocState]) -> Fence
     """Check each hit against ``committed`` (one ledger read of every hit's document)."""
     served: list[SearchHit] = []
     fenced: Counter[FenceReason] = Counter()
-    by_index = {doc_id: {c.chunk_index: c for c in state.chunks} for doc_id, state in committed.items()}
+    digests = _MetadataDigests()
     for hit in hits:
-        state = committed.get(hit.doc_id)
-        reason = why_fenced(hit, state, by_index.get(hit.doc_id, {}))
+        reason = why_fenced(hit, committed.get(hit.doc_id), digests)
         if reason is None:
             served.append(hit)
         else:
@@ -73,22 +72,59 @@ def fence(hits: Sequence[SearchHit], committed: Mapping[str, DocState]) -> Fence
     return FenceResult(tuple(served), fenced)
 
 
-def why_fenced(hit: SearchHit, state: DocState | None, chunks: Mapping[int, ChunkState]) -> FenceReason | None:
+def why_fenced(hit: SearchHit, state: DocState | None, digests: _MetadataDigests | None = None) -> FenceReason | None:
     """The reason ``hit`` must not be served, or None when it is exactly what the ledger committed."""
     if state is None:
         return FenceReason.UNKNOWN
     if state.deleted:
         return FenceReason.DELETED
-    chunk = chunks.get(hit.chunk_index)
+    chunk = _committed_chunk(state, hit.chunk_index)
     if chunk is None or chunk.chunk_id != hit.chunk_id:
         return FenceReason.PAST_END
     if hit.version > chunk.version:
         return FenceReason.UNCOMMITTED
     if hit.version < chunk.version:
         return FenceReason.STALE
-    if content_hash(hit.text) != chunk.content_hash or metadata_digest(hit.metadata) != state.metadata_hash:
+    digest = (digests or _MetadataDigests()).of(hit)
+    if content_hash(hit.text) != chunk.content_hash or digest != state.metadata_hash:
         return FenceReason.HASH
     return None
+
+
+def _committed_chunk(state: DocState, index: int) -> ChunkState | None:
+    # The ledger keeps a document's chunks densely by position (coordinator/codec.py).
+    if not 0 <= index < len(state.chunks):
+        return None
+    chunk = state.chunks[index]
+    return chunk if chunk.chunk_index == index else None
+
+
+class _MetadataDigests:
+    """Metadata digests of one fence pass: the hits of one document usually carry the same
+    metadata, whose canonical JSON is then computed once. Reused only for metadata of exactly
+    the same JSON (types included: ``1``, ``1.0`` and ``true`` spell differently)."""
+
+    def __init__(self) -> None:
+        self._by_doc: dict[str, tuple[Mapping[str, Any], str]] = {}
+
+    def of(self, hit: SearchHit) -> str:
+        known = self._by_doc.get(hit.doc_id)
+        if known is not None and _same_json_value(known[0], hit.metadata):
+            return known[1]
+        digest = metadata_digest(hit.metadata)
+        self._by_doc[hit.doc_id] = (hit.metadata, digest)
+        return digest
+
+
+def _same_json_value(a: Any, b: Any) -> bool:
+    """Equality that keeps JSON's types apart (Python's ``==`` takes ``True`` for ``1``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, Mapping):
+        return a.keys() == b.keys() and all(_same_json_value(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json_value(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def metadata_digest(metadata: Mapping[str, Any]) -> str:

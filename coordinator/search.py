@@ -331,7 +331,8 @@ class SearchService:
         ranked = {name: _served_ids(leg.hits, kept) for name, leg in legs.items() if not leg.error}
         fused = rrf(ranked, k=self.params.rrf_k, weights=self.params.weights)
         first = _first_served(legs, kept)
-        hits = [_hit(f, first[f.chunk_id]) for f in fused]
+        # Per document, every fused chunk may be some document's sibling; otherwise k suffice.
+        hits = [_hit(f, first[f.chunk_id]) for f in (fused if request.per_doc else fused[: request.k])]
         docs = collapse(hits) if request.per_doc else []
         return SearchResult(
             hits=tuple(d.best for d in docs[: request.k]) if request.per_doc else tuple(hits[: request.k]),

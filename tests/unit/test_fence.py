@@ -81,3 +81,13 @@ def test_metadata_filters_compare_json_values_by_type() -> None:
     assert not matches(metadata, {"lang": "de"})
     assert not matches(metadata, {"missing": None})
     assert matches(metadata, {})
+
+
+def test_metadata_equal_to_python_but_not_to_json_is_fenced() -> None:
+    """Hits of one document are not waved through on the first hit's metadata digest when their
+    metadata only compare equal in Python (1, 1.0 and true are three JSON values)."""
+    state = committed(3, n=1)
+    good = hit(0, 3, "alpha one\n\n", n=1)
+    result = fence([good, hit(1, 3, "beta two\n\n", n=True), hit(2, 3, "gamma three", n=1.0)], {"doc": state})
+    assert result.served == (good,)
+    assert result.fenced == {FenceReason.HASH: 2}
