@@ -1,5 +1,6 @@
-"""The service's HTTP port: /healthz, /readyz, /metrics, and ``POST /events`` (the webhook source);
-and ``post_events``, the client side of ``POST /events`` (benchmarks, tests, scripts).
+"""The service's HTTP port: /healthz, /readyz, /metrics, ``POST /events`` (the webhook source) and
+``POST /search`` (its handler and statuses: ``lockstep/search_http.py``); and ``post_events``, the
+client side of ``POST /events`` (benchmarks, tests, scripts).
 
 ``POST /events`` answers the first of these that applies, checked in this order:
 
@@ -20,7 +21,7 @@ and ``post_events``, the client side of ``POST /events`` (benchmarks, tests, scr
 | 422 | valid JSON that is not an event or an array of events, an empty array |
 | 503 | the inbox holds ``backlog_events_max`` uncommitted events, or cannot be written (``Retry-After``) |
 | 422 | some items are not valid events (listed by index in ``rejected``) |
-| 202 | every item is stored durably (new, or a duplicate of one stored before) |
+| 202 | every item is stored durably (new, or a duplicate of one stored before); the body's ``consistency_token`` covers them |
 
 A 422 that lists items (``rejected``) still stored every other item of the request durably, and
 the rejected ones are recorded for the dead-letter queue; resending the request is harmless.
