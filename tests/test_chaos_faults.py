@@ -68,3 +68,20 @@ def test_a_crash_schedule_restarts_lockstep_and_redelivers(tmp_path: Path) -> No
     result = run_schedule(ScheduleSpec(77, ("lockstep_crash", "reorder")), tmp_path)
     assert result.details["restarts"] >= 1 and result.details["crash_points"]
     assert result.violations == []
+
+
+# A schedule in which the keyword index refuses (item by item) a version that also shrinks its
+# document: found by the CI smoke's plan (seed 20251126, schedule 6). Before the fix the keyword
+# side sent the refused document's deletes anyway, so no copy of its committed chunks was left
+# to restore from.
+REFUSED_SHRINK = ScheduleSpec(
+    824029084596, ("delete_before_create", "store_refuses_document", "malformed_vector"), path="shard"
+)
+
+
+def test_a_refused_version_that_shrinks_its_document_is_rolled_back_in_both_indexes(tmp_path: Path) -> None:
+    """A store that refuses a document's new version keeps every chunk of it, those the version
+    would delete included, so both indexes are restored to the committed state."""
+    result = run_schedule(REFUSED_SHRINK, tmp_path)
+    assert result.injected.get("store_refuses_document", 0) > 0, result.injected
+    assert result.violations == [], "\n".join(result.violations[:20])
