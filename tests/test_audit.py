@@ -1089,3 +1089,28 @@ def test_a_folder_source_lists_its_files_for_the_audit(tmp_path: Path) -> None:
     assert _reconcile(settings)["redrives"] == [{"doc_id": "b.txt", "op": "upsert", "version": 2}]
     assert _audit(settings).clean
     server_manager_instance.release_server(settings.vector.uri)
+
+
+def test_metadata_is_compared_exactly_when_contents_are_read() -> None:
+    """The full audit digests every index's metadata with its texts: metadata other than the
+    ledger's is stale in the index that holds it; `--no-hash-text` reads no texts and compares no
+    metadata in any index (a Milvus scan without texts reads none), so it sees neither."""
+    text = "t"
+    state = DocState("z", 4, False, (ChunkState("z:chunk-0", 0, content_hash(text), 4),),
+                     metadata_hash=invariants.metadata_digest({"tenant": "a"}))  # fmt: skip
+    good = StoredChunk("z:chunk-0", "z", 0, content_hash(text), 4, text, {"tenant": "a"})
+
+    def audit(hash_text: bool) -> list[tuple[str, str]]:
+        auditor = Auditor(
+            ledger=_Docs([state]),  # type: ignore[arg-type]  # the read side of a Ledger
+            keyword=_Scanned([replace(good, metadata={"tenant": "b"})]),  # type: ignore[arg-type]  # scan only
+            vector=_Scanned([good]),  # type: ignore[arg-type]  # scan only
+            source=None,
+            chunking=ChunkingSettings(),
+            reference_name="test",
+            hash_text=hash_text,
+        )
+        return sorted((f.category.value, f.side) for f in auditor.full().findings)
+
+    assert audit(True) == [("cross_index", "indexes"), ("stale", "keyword")]
+    assert audit(False) == []

@@ -85,3 +85,12 @@ def test_a_refused_version_that_shrinks_its_document_is_rolled_back_in_both_inde
     result = run_schedule(REFUSED_SHRINK, tmp_path)
     assert result.injected.get("store_refuses_document", 0) > 0, result.injected
     assert result.violations == [], "\n".join(result.violations[:20])
+
+
+def test_a_crash_between_batches_of_the_batch_path_resumes_from_the_checkpoint(tmp_path: Path) -> None:
+    """On the batch path lockstep dies right after a batch's checkpoint (seed 3 arms that point);
+    the next run_sync resumes from it and every invariant holds."""
+    result = run_schedule(ScheduleSpec(3, ("lockstep_crash", "reorder"), path="batch"), tmp_path)
+    assert result.details["path"] == "batch" and result.details["crash_points"] == ["after_checkpoint"]
+    assert result.details["restarts"] >= 1
+    assert result.violations == [], "\n".join(result.violations[:20])
