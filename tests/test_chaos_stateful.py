@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
+from chaos.drive import CRASH_POINTS, BatchDrive, ShardDrive
 from chaos.faults import EMBED_ARMABLE
 from chaos.rig import Rig, Stores
-from chaos.drive import CRASH_POINTS, BatchDrive, ShardDrive
 from chaos.runner import EmbeddedStores, ScheduleSpec, quiescent_checks
 from chaos.servertier import ServerTier
 from chaos.stream import DELIVERY_FAULTS, StreamFaults
