@@ -26,16 +26,16 @@ Kafka) the ledger is the reference. Per index and chunk, the categories are:
                 or rewrites it when its ID is a reference chunk's;
 
 and across sides: ``ledger_drift`` (ledger vs source, per document) and ``cross_index`` (the two
-indexes hold different (version, hash) for one chunk, or only one holds it). The categories are
+indexes hold different (version, hash, metadata) for one chunk, or only one holds it). The categories are
 the named invariants of ``coordinator.invariants`` spelled per chunk: missing/ghost/orphan break
 I1 (ghosts of deleted documents I3), stale breaks I2, duplicate I4; ``check_view_invariants``
 runs those very functions over one document's view so the two definitions cannot drift apart.
 
 How it scales (``full``). Every side is streamed once and never held in memory:
 
-1. pass one: each record (chunk ID, version, hash and, when contents are read, a digest of its
-   metadata; for the source and the ledger's document
-   view: doc ID, document hash) goes to a bucket chosen by a stable hash of its *document ID*
+1. pass one: each record (chunk ID, version, hash and, when contents are read, the digest of
+   its metadata; for the source and the ledger's document view: doc ID, document hash) goes
+   to a bucket chosen by a stable hash of its *document ID*
    (so all chunks of a document share a bucket and the detail pass sees whole documents, which
    orphans and per-document repairs need), and is folded into the bucket's digest: a count and a
    sum modulo 2**128 of a 128-bit BLAKE2b of the record. A sum (unlike XOR) does not cancel two
