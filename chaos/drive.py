@@ -49,8 +49,11 @@ OBSERVE_EVERY_STEPS = 8
 SYNC_BATCH_EVENTS = 8
 # Simulated seconds before the next ``lockstep sync`` run after one failed (a scheduler's retry).
 SYNC_RERUN_AFTER_S = 5.0
-# Faults that destroy stored data fire in the second half of the deliveries, once data exists.
+# Faults that destroy stored data fire in the last quarter of the deliveries, and on the streaming
+# path not before this share of them is committed: most data exists and later traffic rewrites
+# little of it, so the reconciler has a real loss to repair.
 LATE_KINDS = frozenset({"keyword_server_data_loss", "vector_server_kill9"})
+LATE_AFTER_COMMITTED_SHARE = 0.75
 ZOMBIE_OWNER = "zombie_owner"
 # Crash points armed by ``lockstep_crash``: the apply protocol's and the ledger's; the batch path
 # also crashes right after a batch's checkpoint, between batches.
@@ -210,7 +213,7 @@ class ShardDrive(Drive):
     def _fire_due(self) -> None:
         while self.actions and self.actions[0][0] <= self.steps:
             kind = self.actions[0][1]
-            if kind == ZOMBIE_OWNER and not self._owner_has_work():
+            if not self._ready(kind):
                 return
             self.actions.pop(0)
             if kind == ZOMBIE_OWNER:
@@ -218,10 +221,14 @@ class ShardDrive(Drive):
             else:
                 self.arm(kind)
 
-    def _owner_has_work(self) -> bool:
+    def _ready(self, kind: str) -> bool:
         """A takeover waits until the owner holds events (so its stall strands them), or until
-        everything was read."""
-        return self.rig.worker.status().waiting_docs > 0 or self.read_at >= self.log.end
+        everything was read; a data loss until most deliveries are committed (so data exists)."""
+        if kind == ZOMBIE_OWNER:
+            return self.rig.worker.status().waiting_docs > 0 or self.read_at >= self.log.end
+        if kind in LATE_KINDS:
+            return self.log.committed >= LATE_AFTER_COMMITTED_SHARE * self.log.end
+        return True
 
     def _take_over(self) -> None:
         zombie = self.rig.take_over()
@@ -331,7 +338,7 @@ class BatchDrive(Drive):
 def _tick(kind: str, ticks: int, rng: random.Random) -> int:
     """When a fault fires: early (so counted faults meet traffic), data losses late (so data exists)."""
     if kind in LATE_KINDS:
-        return ticks // 2 + rng.randrange(ticks // 2 + 1)
+        return ticks - 1 - rng.randrange(max(1, ticks // 4))
     return rng.randrange(ticks // 2 + 1)
 
 

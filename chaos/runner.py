@@ -66,6 +66,13 @@ PATHS = (SHARD_PATH, BATCH_PATH)
 # Kinds only the streaming path meets: a poison document (``lockstep sync`` has no isolation: a
 # text the model always fails on fails every run), an ownership takeover, and the server kinds.
 SHARD_ONLY_KINDS = frozenset({"poison_document", "zombie_owner", *SERVER_KINDS})
+# Kinds never drawn into one schedule. A store that lost its data (until the reconciler rebuilds
+# it after quiescence) holds no copy of a document's committed chunks; if the other store then
+# takes a version that the first one refuses, its copy is overwritten too and nothing is left to
+# roll back to: no index, and for an event stream no source, holds the committed text any more.
+APART = frozenset(
+    frozenset({"store_refuses_document", loss}) for loss in ("keyword_server_data_loss", "vector_server_kill9")
+)
 # Salt of the seeded choice of the store that refuses a document (kept apart from the
 # schedule's own random stream, so that adding the kind moved no other fault).
 REFUSING_SIDE_SALT = 0x4EF05E
@@ -119,11 +126,15 @@ class ScheduleResult:
 
 
 def draw_faults(seed: int, kinds: Sequence[str], forced: str | None) -> tuple[str, ...]:
-    """The fault kinds of one schedule: ``forced`` plus up to EXTRA_FAULTS_MAX drawn from the seed."""
+    """The fault kinds of one schedule: ``forced`` plus up to EXTRA_FAULTS_MAX drawn from the seed,
+    leaving out a drawn kind that must not share a schedule with one chosen before it."""
     rng = random.Random(seed ^ 0x5EED)
     extra = rng.sample(list(kinds), min(len(kinds), rng.randint(1, EXTRA_FAULTS_MAX)))
-    chosen = ([forced] if forced else []) + [k for k in extra if k != forced]
-    return tuple(dict.fromkeys(chosen))
+    chosen: list[str] = [forced] if forced else []
+    for kind in extra:
+        if kind not in chosen and not any(frozenset({kind, c}) in APART for c in chosen):
+            chosen.append(kind)
+    return tuple(chosen)
 
 
 def plan_specs(
