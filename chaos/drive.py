@@ -54,6 +54,9 @@ SYNC_RERUN_AFTER_S = 5.0
 # little of it, so the reconciler has a real loss to repair.
 LATE_KINDS = frozenset({"keyword_server_data_loss", "vector_server_kill9"})
 LATE_AFTER_COMMITTED_SHARE = 0.75
+# Steps a data loss waits past its tick for that share at most (a poison document can hold the
+# checkpoint back until its sentinels come, after the last delivery).
+LATE_WAIT_STEPS_MAX = 60
 ZOMBIE_OWNER = "zombie_owner"
 # Crash points armed by ``lockstep_crash``: the apply protocol's and the ledger's; the batch path
 # also crashes right after a batch's checkpoint, between batches.
@@ -212,8 +215,8 @@ class ShardDrive(Drive):
 
     def _fire_due(self) -> None:
         while self.actions and self.actions[0][0] <= self.steps:
-            kind = self.actions[0][1]
-            if not self._ready(kind):
+            tick, kind = self.actions[0]
+            if not self._ready(kind, tick):
                 return
             self.actions.pop(0)
             if kind == ZOMBIE_OWNER:
@@ -221,13 +224,15 @@ class ShardDrive(Drive):
             else:
                 self.arm(kind)
 
-    def _ready(self, kind: str) -> bool:
+    def _ready(self, kind: str, tick: int) -> bool:
         """A takeover waits until the owner holds events (so its stall strands them), or until
-        everything was read; a data loss until most deliveries are committed (so data exists)."""
+        everything was read; a data loss until most deliveries are committed (so data exists),
+        or for LATE_WAIT_STEPS_MAX steps."""
         if kind == ZOMBIE_OWNER:
             return self.rig.worker.status().waiting_docs > 0 or self.read_at >= self.log.end
         if kind in LATE_KINDS:
-            return self.log.committed >= LATE_AFTER_COMMITTED_SHARE * self.log.end
+            committed = self.log.committed >= LATE_AFTER_COMMITTED_SHARE * self.log.end
+            return committed or self.steps >= tick + LATE_WAIT_STEPS_MAX
         return True
 
     def _take_over(self) -> None:
