@@ -1,7 +1,7 @@
 """The CI chaos smoke: 200 seeded schedules over every in-process fault kind, within a bounded
 budget, with zero violations, through both paths (shard worker, run_sync); the planted bugs that
 the same plan catches are tests/test_chaos_planted.py's; and the server smoke,
-`lockstep chaos run --servers managed` over a mix of all 30 fault kinds, in which each server kind
+`lockstep chaos run --servers managed` over a mix of all 32 fault kinds, in which each server kind
 (network, process, tombstone) must report its own injection."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ SMOKE_SCHEDULES = 200
 # About five minutes on two busy cores; a schedule takes ~1 s of wall time, four run at once.
 SMOKE_BUDGET_S = 300.0
 SMOKE_WORKERS = 4
-# The server smoke: each of the 30 schedules forces one kind (the 12 server kinds first, then the
-# 18 in-process ones) and draws up to 3 more from all 30, so every kind runs, mixed with others.
+# The server smoke: each of the 32 schedules forces one kind (the 12 server kinds first, then the
+# 20 in-process ones) and draws up to 3 more from all 32, so every kind runs, mixed with others.
 SERVER_SMOKE_FAULTS = "server,inproc"
 SERVER_SMOKE_SCHEDULES = len(KINDS)
 # Each worker runs its own OpenSearch-API server and milvus-lite server; a schedule mostly waits
@@ -125,7 +125,7 @@ def test_the_server_smoke_holds_every_invariant_and_injects_every_kind(
     server_smoke: tuple[subprocess.CompletedProcess[str], dict[str, Any]],
 ) -> None:
     """All server-smoke schedules run on managed servers within budget, exit 0 with no violation,
-    and every one of the 30 kinds was injected, the 12 server kinds included."""
+    and every one of the 32 kinds was injected, the 12 server kinds included."""
     done, report = server_smoke
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert report["schedules"] == SERVER_SMOKE_SCHEDULES, f"budget ran out: {report['schedules']}"
