@@ -27,8 +27,11 @@ from rich.table import Table
 
 from chaos.catalogue import CATALOGUE, SERVER_KINDS, parse_kinds
 from chaos.deployment import DeploymentOpener
-from chaos.planted import PLANTED_BUGS
+from chaos.planted import PLANTED_BUGS, plant
 from chaos.runner import (
+    PATHS,
+    SHARD_ONLY_KINDS,
+    SHARD_PATH,
     RunSummary,
     ScheduleResult,
     ScheduleSpec,
@@ -128,6 +131,14 @@ def run(
     plant_bug: Annotated[
         str | None, typer.Option(hidden=True, help=f"Test-only: {', '.join(PLANTED_BUGS)}.")
     ] = None,
+    path: Annotated[
+        str | None,
+        typer.Option(
+            help="shard: every schedule through the streaming path (lockstep run's shard worker); "
+            "batch: through lockstep sync's batch path. Default: one seed in four takes the batch "
+            "path when its faults can happen there."
+        ),
+    ] = None,
 ) -> None:
     """Run N seeded schedules; print one row per schedule and the seeds of any failure; exit 1 on a violation.
 
@@ -139,12 +150,13 @@ def run(
         kinds = parse_kinds(faults_spec)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--faults") from exc
+    _check_path(path, kinds, plant_bug)
     with command_errors("chaos run"):
         target = _target(config, servers, managed_milvus, kinds)
         if replay is not None:
-            specs = [ScheduleSpec(replay, kinds, plant_bug)]
+            specs = [ScheduleSpec(replay, kinds, plant_bug, path)]
         else:
-            specs = plan_specs(seed, schedules, kinds, plant_bug)
+            specs = plan_specs(seed, schedules, kinds, plant_bug, path)
         try:
             summary = run_schedules(
                 specs,
@@ -160,6 +172,22 @@ def run(
         if report is not None:
             _write_report(report, summary, target.replay_flags)
         raise typer.Exit(1 if summary.violations else 0)
+
+
+def _check_path(path: str | None, kinds: tuple[str, ...], plant_bug: str | None) -> None:
+    """A usage error (exit 2) for an unknown planted bug, or a path that is unknown or that the
+    kinds or the bug cannot take."""
+    if plant_bug is not None and plant_bug not in PLANTED_BUGS:
+        raise typer.BadParameter(f"one of {', '.join(PLANTED_BUGS)}", param_hint="--plant-bug")
+    if path is None or path == SHARD_PATH:
+        return
+    if path not in PATHS:
+        raise typer.BadParameter(f"one of {', '.join(PATHS)}", param_hint="--path")
+    shard_only = [k for k in kinds if k in SHARD_ONLY_KINDS]
+    if shard_only:
+        raise typer.BadParameter(f"only the shard path meets {', '.join(shard_only)}", param_hint="--path")
+    if plant_bug is not None and plant(plant_bug).shard_only:
+        raise typer.BadParameter(f"{plant_bug} lives on the shard path only", param_hint="--path")
 
 
 def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...]) -> Target:
@@ -257,5 +285,7 @@ def _injected(result: ScheduleResult) -> str:
 
 
 def _bug_flag(result: ScheduleResult) -> str:
+    """The flags beyond seed and kinds that a replay needs: a planted bug, a path given by hand."""
     bug = result.details.get("planted_bug")
-    return f" --plant-bug {bug}" if bug else ""
+    path = result.details.get("forced_path")
+    return (f" --plant-bug {bug}" if bug else "") + (f" --path {path}" if path else "")
