@@ -206,8 +206,8 @@ class SkipsRestoreEngine(ApplyEngine):
     """A document a store refuses is dead-lettered, but the intent that should bring both indexes
     back to its committed state writes nothing: the index that took the refused version keeps it."""
 
-    def _restores(self, refused: Sequence[Intent], events: Sequence[ChangeEvent | None]) -> list[Intent]:
-        return [replace(r, upserts=(), deletes=()) for r in super()._restores(refused, events)]
+    def _restores(self, refused: Sequence[Intent]) -> list[Intent]:
+        return [replace(r, upserts=(), deletes=()) for r in super()._restores(refused)]
 
 
 @dataclass
