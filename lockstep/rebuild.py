@@ -31,6 +31,7 @@ import structlog
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
 from coordinator.chunking import ChunkingSettings
+from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError, LockstepError
 from coordinator.events import ChangeEvent, Op
 from coordinator.generations import (
@@ -228,8 +229,21 @@ def _batched(items: Iterator[DocState], size: int) -> Iterator[list[DocState]]:
 class Rebuild:
     """One ``lockstep rebuild`` (or ``--rollback`` / ``--abort``) run."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        crash: CrashHook = no_crash,
+    ) -> None:
+        """``clock`` and ``sleep`` time every wait of the rebuild (the chaos suite runs it on
+        simulated time, stepping the live service while it waits); ``crash`` is passed to the
+        new generation's engine and ledger (test only: the chaos suite's crash points)."""
         self.settings = settings
+        self._clock = clock
+        self._sleep = sleep
+        self._crash = crash
         # Test only: a real SIGKILL of this process after this many saved backfill batches.
         self.crash_after_batches: int | None = None
         self.home = build_ledger(settings)
@@ -279,21 +293,21 @@ class Rebuild:
         act = active(self.registry.all())
         report = RebuildReport(generation=gen.number, previous=act.number, resumed_from=gen.backfill_position)
         reader = self._reader(act)
-        target = build_parts(self.settings, gen, self.home, source_name=self._source_name())
+        target = build_parts(self.settings, gen, self.home, source_name=self._source_name(), crash=self._crash)
         try:
             # Intents a killed rebuild left prepared are driven first (the service may be driving
             # some of them too; both writes carry the same versions).
             target.engine.recover()
-            started = time.monotonic()
+            started = self._clock()
             if not gen.backfill_done:
                 gen = self._backfill(gen, reader, target, report, progress)
-            report.seconds["backfill"] = round(time.monotonic() - started, 3)
-            started = time.monotonic()
+            report.seconds["backfill"] = round(self._clock() - started, 3)
+            started = self._clock()
             report.live_writers = self._await_writers(gen)
-            report.seconds["writers_switch"] = round(time.monotonic() - started, 3)
-            started = time.monotonic()
+            report.seconds["writers_switch"] = round(self._clock() - started, 3)
+            started = self._clock()
             self._validate(gen, reader, target, report)
-            report.seconds["validate"] = round(time.monotonic() - started, 3)
+            report.seconds["validate"] = round(self._clock() - started, 3)
             # Chunk embeddings only (the query set's own embeddings come after).
             report.embed_calls = target.embedder.embed_calls
             report.cache_hits = target.embedder.cache_hits
@@ -307,7 +321,7 @@ class Rebuild:
 
     def _await_writers(self, gen: Generation) -> list[str]:
         """Wait until every live writer writes ``gen`` too; the writers seen, for the report."""
-        deadline = time.monotonic() + WRITERS_WAIT_MAX_S
+        deadline = self._clock() + WRITERS_WAIT_MAX_S
         logged: list[str] | None = None
         while True:
             writers = self.registry.writers()
@@ -315,7 +329,7 @@ class Rebuild:
             if not lagging:
                 log.info("every live writer writes the new generation", generation=gen.number, writers=sorted(writers))
                 return sorted(writers)
-            if time.monotonic() >= deadline:
+            if self._clock() >= deadline:
                 raise LockstepError(
                     f"after {WRITERS_WAIT_MAX_S:.0f} s these writers still do not write generation {gen.number}: "
                     f"{', '.join(lagging)}; a `lockstep run` switches within seconds of a rebuild starting, a "
@@ -325,7 +339,7 @@ class Rebuild:
             if lagging != logged:
                 log.info("waiting for live writers to write the new generation", generation=gen.number, lagging=lagging)
                 logged = lagging
-            time.sleep(WRITERS_POLL_S)
+            self._sleep(WRITERS_POLL_S)
 
     def _source_name(self) -> str:
         return self.settings.source.name if self.settings.source else "api"
@@ -370,7 +384,7 @@ class Rebuild:
         for _ in range(DEFERRED_PASSES_MAX):
             if not doc_ids:
                 return
-            time.sleep(CONFLICT_PAUSE_S)
+            self._sleep(CONFLICT_PAUSE_S)
             states = list(reader.ledger.get_docs(dict.fromkeys(doc_ids)).values())
             doc_ids = _apply(target, snapshot_events(states, reader, report.unreadable_docs))
         if doc_ids:
@@ -434,8 +448,7 @@ class Rebuild:
                 f"found per round: {found}); not swapping (see the audit rounds in the report)"
             )
 
-    @staticmethod
-    def _settle(doc_ids: Sequence[str], reader: _Reader, target: GenerationParts) -> None:
+    def _settle(self, doc_ids: Sequence[str], reader: _Reader, target: GenerationParts) -> None:
         """Wait until the live writes of these documents that are in flight now (an intent
         prepared but not committed, in either generation) have landed: such a document is on its
         way, not drift, and a recheck made before it lands would only find it again. Only the
@@ -452,13 +465,13 @@ class Rebuild:
             }
 
         waiting = in_flight()
-        deadline = time.monotonic() + VALIDATE_SETTLE_MAX_S
+        deadline = self._clock() + VALIDATE_SETTLE_MAX_S
         while True:
-            time.sleep(VALIDATE_SETTLE_S)
+            self._sleep(VALIDATE_SETTLE_S)
             waiting &= in_flight()
             if not waiting:
                 return
-            if time.monotonic() >= deadline:
+            if self._clock() >= deadline:
                 log.warning("live writes still in flight after the settle limit; rechecking anyway",
                             docs=len(waiting), limit_s=VALIDATE_SETTLE_MAX_S)
                 return
@@ -536,9 +549,8 @@ class Rebuild:
                 per_query.append({"query": query, "keyword_overlap": kw, "vector_overlap": vec})
         finally:
             old_vector.close()
-        mean = lambda key: round(sum(q[key] for q in per_query) / len(per_query), 3) if per_query else None  # noqa: E731
-        return {"k": k, "queries": len(per_query), "keyword_overlap_mean": mean("keyword_overlap"),
-                "vector_overlap_mean": mean("vector_overlap"), "per_query": per_query}
+        return {"k": k, "queries": len(per_query), "keyword_overlap_mean": _mean(per_query, "keyword_overlap"),
+                "vector_overlap_mean": _mean(per_query, "vector_overlap"), "per_query": per_query}
 
     # --- swap, rollback, abort, gc ----------------------------------------------------------------
 
@@ -608,6 +620,10 @@ def _docs(hits: Sequence[Any]) -> list[str]:
         if hit.doc_id not in out:
             out.append(hit.doc_id)
     return out
+
+
+def _mean(rows: Sequence[dict[str, Any]], key: str) -> float | None:
+    return round(sum(float(r[key]) for r in rows) / len(rows), 3) if rows else None
 
 
 def _overlap(a: list[str], b: list[str]) -> float:
