@@ -35,6 +35,7 @@ from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError, LockstepError
 from coordinator.events import ChangeEvent, Op
 from coordinator.generations import (
+    LET_GO_STATES,
     Generation,
     GenState,
     active,
@@ -45,6 +46,7 @@ from coordinator.generations import (
     reassemble,
     rollback_target,
     start_building,
+    still_writing,
     swapped,
 )
 from coordinator.model import DocState
@@ -580,22 +582,44 @@ class Rebuild:
         return self.swap(rollback_target(self.registry.all()).number)
 
     def abort(self) -> int:
+        """Give up the generation being built: no writer writes it any more, then its stores go."""
         gen = building(self.registry.all())
         if gen is None:
             raise ConfigError("no generation is being built")
-        self.registry.put([replace(gen, state=GenState.ABORTED, retired_at=time.time())])
-        drop_generation_stores(self.settings, gen)
-        self.registry.put([replace(gen, state=GenState.DROPPED, retired_at=time.time())])
+        self._drop(replace(gen, state=GenState.ABORTED, retired_at=time.time()))
         return gen.number
 
     def gc(self, *, now: float, retention_s: float) -> list[int]:
         dropped = []
         for gen in expired(self.registry.all(), now, retention_s):
-            drop_generation_stores(self.settings, gen)
-            self.registry.put([replace(gen, state=GenState.DROPPED)])
+            self._drop(gen if gen.state in LET_GO_STATES else replace(gen, state=GenState.RETIRED))
             dropped.append(gen.number)
             log.info("generation dropped", generation=gen.number)
         return dropped
+
+    def _drop(self, gen: Generation) -> None:
+        """Record ``gen`` as let go (no longer live), wait until no live writer writes it, then
+        drop its stores and record it dropped. Dropping sooner would pull the stores from under a
+        running ``lockstep run`` that still writes it until its next registry poll: its writes
+        there would fail for good and its drain before switching would never end."""
+        self.registry.put([gen])
+        self._await_writers_gone(gen.number)
+        drop_generation_stores(self.settings, gen)
+        self.registry.put([replace(gen, state=GenState.DROPPED)])
+
+    def _await_writers_gone(self, number: int) -> None:
+        deadline = self._clock() + WRITERS_WAIT_MAX_S
+        logged: list[str] = []
+        while writers := still_writing(self.registry.writers(), number):
+            if self._clock() >= deadline:
+                raise LockstepError(
+                    f"after {WRITERS_WAIT_MAX_S:.0f} s these writers still write generation {number}: "
+                    f"{', '.join(writers)}; it is no longer live, and `lockstep gc` drops it once they stopped"
+                )
+            if writers != logged:
+                log.info("waiting for live writers to stop writing the generation", generation=number, writers=writers)
+                logged = writers
+            self._sleep(WRITERS_POLL_S)
 
 
 def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> list[str]:
