@@ -155,3 +155,28 @@ def test_a_retry_after_the_building_generation_failed_writes_each_generation_its
     for number in (1, 2):
         assert two.violations(number, {"a": _text("a", 1)}) == [], f"generation {number}"
         assert two.gens[number].ledger.pending() == []
+
+
+def test_an_intent_a_killed_rebuild_left_prepared_is_driven_by_the_shard_that_waits_on_it(
+    two: TwoGenerations,
+) -> None:
+    """The rebuild died with "a" v1 prepared in generation 2 (and nobody resumes it): the live
+    "a" v2 waits for it only INTENT_ADOPT_AFTER_S, then the shard drives the dead writer's
+    intent itself and "a" v2 commits in both generations; the rest of the batch never waited."""
+    from coordinator.planner import plan
+    from coordinator.shard import INTENT_ADOPT_AFTER_S
+
+    two.gens[1].engine.apply([_up("a", 1)])
+    two.gens[2].ledger.prepare([plan(_up("a", 1), None, CHUNKING[2]).to_intent()])  # the rebuild's
+    two.worker.offer([Envelope(0, _up("a", 2)), Envelope(1, _up("b", 1))])
+    assert two.worker.step() == [1], "b commits, a waits for the other writer"
+    held_s = 0.0
+    while held_s < INTENT_ADOPT_AFTER_S:
+        assert two.worker.step() == [] and two.versions(2, "a") == {}, "a waits while the other writer may live"
+        two.clock.now_s += INTENT_ADOPT_AFTER_S / 4
+        held_s += INTENT_ADOPT_AFTER_S / 4
+    assert sorted(two.run_until_idle()) == [0]
+    assert two.versions(1, "ab") == two.versions(2, "ab") == {"a": 2, "b": 1}
+    assert [g.ledger.pending() for g in two.gens.values()] == [[], []]
+    for number in (1, 2):
+        assert two.violations(number, {"a": _text("a", 2), "b": _text("b", 1)}) == []
