@@ -90,12 +90,17 @@ OFFER_EVENTS_PER_STEP = 1
 REBUILD_AT_SHARE = (0.2, 0.5)
 # Live steps between the swap and a rollback or gc, and between a dead rebuild and its resume/abort.
 OPS_GAP_STEPS = (2, 10)
+# Liveness: the checkpoint may stand still this long (simulated) while events past it are
+# offered: a store fault's backoff, a drain before a switch, a wait on another writer's intent
+# (INTENT_ADOPT_AFTER_S) all fit well inside it.
+CHECKPOINT_STALL_S_MAX = LAG_AFTER_HEAL_S_MAX
 # Liveness: a schedule not quiet after this many live steps is a violation.
 STEPS_MAX = 2000
 # A rebuild killed this many times in a row is not retried (its crash point fires once per run).
 REBUILD_RUNS_MAX = 3
-# Faults are armed within the first this-many live steps per event (they meet the rebuild).
-FAULT_STEPS_PER_EVENT = 2
+# Faults are armed while this share of the events is offered: around the rebuild, and early
+# enough that later events meet them (an armed crash point fires at a later write).
+FAULT_ARMING_SHARE = 0.75
 # Worker-exit finalizers run in decreasing priority; a worker's servers have no ordering needs.
 FINALIZE_PRIORITY = 10
 
@@ -193,9 +198,13 @@ class GenerationsRun:
         self.offered = 0
         self.finished: set[int] = set()
         self.steps = 0
-        horizon = max(2, FAULT_STEPS_PER_EVENT * len(deliveries))
+        horizon = max(2, math.ceil(FAULT_ARMING_SHARE * len(deliveries) / OFFER_EVENTS_PER_STEP))
         self.actions = sorted((self.rng.randrange(horizon), k) for k in spec.faults if k in ARMED_INPROC)
         self.history: dict[tuple[int, str], list[tuple[str, int]]] = {}
+        # The checkpoint: the first event not finished yet, when it last moved, its longest stall.
+        self.low = 0
+        self.low_moved_at = 0.0
+        self.stall_s = 0.0
         self.rebuild_crash = CountdownCrash()
         self.rebuild_runs = 0
         self.reports: list[dict[str, Any]] = []
@@ -241,12 +250,24 @@ class GenerationsRun:
                                  f"prepared: {self.service.pending()}")
         finished, crashed = self.service.step()
         self.finished.update(finished)
+        self._advance_checkpoint()
         self.steps += 1
         if crashed:
             self._redeliver()
         if self.steps % OBSERVE_EVERY_STEPS == 0:
             self.observe()
         return crashed
+
+    def _advance_checkpoint(self) -> None:
+        """Move the checkpoint past finished events; while events it has not passed are offered,
+        it must not stand still longer than CHECKPOINT_STALL_S_MAX (checked at the end)."""
+        moved = False
+        while self.low < len(self.envelopes) and self.low in self.finished:
+            self.low += 1
+            moved = True
+        if moved or self.low >= self.offered:
+            self.low_moved_at = self.clock.now_s
+        self.stall_s = max(self.stall_s, self.clock.now_s - self.low_moved_at)
 
     def _redeliver(self) -> None:
         """After a restart the source resumes at the low watermark: everything after it comes again."""
@@ -379,10 +400,12 @@ class GenerationsRun:
     def checks(self) -> list[Violation]:
         letters = [letter for _, letter in self.service.home.dead_letters(limit=check.DEAD_LETTERS_READ_MAX)]
         out = [*self.errors, *self._story_checks(), *check.lag_bound(self.lag_s, LAG_AFTER_HEAL_S_MAX)]
-        unfinished = [e.seq for e in self.envelopes if e.seq not in self.finished]
-        if unfinished:
+        if self.low < len(self.envelopes):
             out.append(Violation("checkpoint", "source", self.model.namespace,
-                                 f"{len(unfinished)} events never finished (first seq {unfinished[0]})"))
+                                 f"stopped at event {self.low} of {len(self.envelopes)}"))
+        if self.stall_s > CHECKPOINT_STALL_S_MAX:
+            out.append(Violation("checkpoint", "source", self.model.namespace,
+                                 f"stood still {self.stall_s:.0f} s with events offered past it"))
         for parts in self.service.parts:
             out += [_in_generation(v, parts.generation.number) for v in self._generation_checks(parts, letters)]
         for (n, side), seen in self.history.items():
@@ -475,7 +498,7 @@ def run_generation_schedule(spec: ScheduleSpec, workdir: Path, *, stores: GenSto
     injected = streams.injected + (run.injected() if run is not None else Counter())
     if run is not None:
         details |= {"steps": run.steps, "restarts": run.service.restarts, "rebuild_runs": run.rebuild_runs,
-                    "rebuilds": run.reports}
+                    "rebuilds": run.reports, "checkpoint_stall_s": run.stall_s}
     return ScheduleResult(spec.seed, spec.faults, {k: v for k, v in sorted(injected.items()) if v},
                           len(deliveries), [str(v) for v in violations], time.monotonic() - started, details)
 
