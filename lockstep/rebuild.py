@@ -427,7 +427,7 @@ class Rebuild:
                 docs = sorted({f.doc_id for f in result.findings})
                 found.append(len(docs))
                 self._repair(result, reader, target, exact=exact, unreadable=report.unreadable_docs)
-                self._settle(docs, reader, target)
+                self._settle(docs, reader, target, clock=self._clock, sleep=self._sleep)
                 result = auditor.recheck(docs)
                 if not result.report.clean and not any(has_ledger_drift(v) for v in result.views.values()):
                     # Only index-level findings are left: the reconciler's repairs (from the
@@ -450,7 +450,15 @@ class Rebuild:
                 f"found per round: {found}); not swapping (see the audit rounds in the report)"
             )
 
-    def _settle(self, doc_ids: Sequence[str], reader: _Reader, target: GenerationParts) -> None:
+    @staticmethod
+    def _settle(
+        doc_ids: Sequence[str],
+        reader: _Reader,
+        target: GenerationParts,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         """Wait until the live writes of these documents that are in flight now (an intent
         prepared but not committed, in either generation) have landed: such a document is on its
         way, not drift, and a recheck made before it lands would only find it again. Only the
@@ -467,13 +475,13 @@ class Rebuild:
             }
 
         waiting = in_flight()
-        deadline = self._clock() + VALIDATE_SETTLE_MAX_S
+        deadline = clock() + VALIDATE_SETTLE_MAX_S
         while True:
-            self._sleep(VALIDATE_SETTLE_S)
+            sleep(VALIDATE_SETTLE_S)
             waiting &= in_flight()
             if not waiting:
                 return
-            if self._clock() >= deadline:
+            if clock() >= deadline:
                 log.warning("live writes still in flight after the settle limit; rechecking anyway",
                             docs=len(waiting), limit_s=VALIDATE_SETTLE_MAX_S)
                 return
