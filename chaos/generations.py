@@ -41,15 +41,13 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
-from multiprocessing.util import Finalize
 from pathlib import Path
 from typing import Any
 
-from adapters.keyword.settings import KeywordSettings
 from adapters.vector.milvus import MilvusVectorIndex
-from adapters.vector.settings import VectorSettings
 from chaos import check
 from chaos.gen_live import LiveService
+from chaos.gen_stores import GenStores, managed_stores
 from chaos.rig import EMBED_DIM, STEP_S, SimClock, SimulatedCrash
 from chaos.runner import (
     ARMED_INPROC,
@@ -74,14 +72,12 @@ from coordinator.shard import Envelope
 from lockstep.bootstrap import build_keyword
 from lockstep.generations import drop_generation_stores, keyword_settings, vector_settings
 from lockstep.rebuild import Rebuild
-from lockstep.settings import ChunkingConfig, EmbedderSettings, LedgerSettings, RebuildSettings, Settings
+from lockstep.settings import EmbedderSettings, Settings
 
 STORIES = ("swap", "rollback", "gc", "resume", "abort")
 # The rebuild's target: another dimension, another chunk size, or both (chosen by the seed).
 TARGET_DIM = 24
 TARGET_CHUNK_CHARS = 200
-# Documents per backfill batch: small, so a schedule's backfill has several batches to interleave.
-REBUILD_BATCH_DOCS = 3
 # Live steps run by the rebuild's progress callback after each backfill batch.
 LIVE_STEPS_PER_BATCH = 2
 # One event offered per live step: the schedule's events spread over the whole story.
@@ -101,8 +97,6 @@ REBUILD_RUNS_MAX = 3
 # Faults are armed while this share of the events is offered: around the rebuild, and early
 # enough that later events meet them (an armed crash point fires at a later write).
 FAULT_ARMING_SHARE = 0.75
-# Worker-exit finalizers run in decreasing priority; a worker's servers have no ordering needs.
-FINALIZE_PRIORITY = 10
 
 
 def story_of(seed: int) -> str:
@@ -120,36 +114,6 @@ def plan_generation_specs(seed: int, schedules: int, kinds: Sequence[str]) -> li
         s = raw - raw % len(STORIES) + i % len(STORIES)
         specs.append(ScheduleSpec(s, draw_faults(s, kinds, kinds[i] if i < len(kinds) else None)))
     return specs
-
-
-# --- where a schedule's stores are ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenStores:
-    """The servers of a run: an OpenSearch/Elasticsearch keyword index and a Milvus server, or
-    ``vector`` None for a milvus-lite file in each worker's directory. Each schedule names its
-    own index and collection after them (picklable, for worker processes)."""
-
-    keyword: KeywordSettings
-    vector: VectorSettings | None
-
-    def settings(self, workdir: Path, namespace: str) -> Settings:
-        """A schedule's lockstep settings: its own index, collection, ledger and aliases."""
-        keyword = self.keyword.model_copy(update={"index": f"{self.keyword.index}-chaos-{namespace}", "alias": None})
-        if self.vector is None:
-            vector = VectorSettings(uri=str(workdir / "milvus.db"), collection=f"lockstep_chaos_{namespace}")
-        else:
-            collection = f"{self.vector.collection}_chaos_{namespace}".replace("-", "_")
-            vector = self.vector.model_copy(update={"collection": collection, "alias": None})
-        return Settings(
-            keyword=keyword,
-            vector=vector,
-            ledger=LedgerSettings(path=str(workdir / f"{namespace}.ledger.db")),
-            embedder=EmbedderSettings(kind="hashing", dim=EMBED_DIM),
-            chunking=ChunkingConfig(max_chars=CHUNK_CHARS_MAX),
-            rebuild=RebuildSettings(batch_docs=REBUILD_BATCH_DOCS),
-        )
 
 
 def target_of(seed: int) -> tuple[EmbedderSettings, ChunkingSettings]:
@@ -529,23 +493,5 @@ class GenerationsSetup:
     managed: str | None = None
 
     def __call__(self, workdir: Path) -> ScheduleRunner:
-        stores = self.stores if self.stores is not None else _managed_stores(workdir, self.managed or "lite")
+        stores = self.stores if self.stores is not None else managed_stores(workdir, self.managed or "lite")
         return partial(run_generation_schedule, workdir=workdir, stores=stores)
-
-
-def _managed_stores(workdir: Path, milvus_kind: str) -> GenStores:
-    """Start this worker's OpenSearch-API server (and Milvus server); stopped when the worker exits."""
-    from chaos.servers import MilvusLiteServer, OpenSearchApiServer, RealMilvusServer
-
-    servers: list[Any] = [OpenSearchApiServer(log_path=workdir / "osmem.log")]
-    if milvus_kind == "lite":
-        servers.append(MilvusLiteServer(workdir / "milvus-data"))
-    elif milvus_kind == "2.3.5":
-        (workdir / "milvus-2.3.5").mkdir(parents=True, exist_ok=True)
-        servers.append(RealMilvusServer(workdir / "milvus-2.3.5"))
-    for server in servers:
-        server.start()
-        Finalize(server, server.kill9, exitpriority=FINALIZE_PRIORITY)
-    keyword = KeywordSettings(kind="opensearch", url=servers[0].url, index="lockstep")
-    vector = VectorSettings(uri=servers[1].uri, collection="lockstep") if len(servers) > 1 else None
-    return GenStores(keyword, vector)
