@@ -102,12 +102,15 @@ class LiveService:
         self.switches = 0
         self.generations: list[Generation] = []
         self.parts: list[GenerationParts] = []
-        numbers = lambda: [g.number for g in self.generations]  # noqa: E731 - read at arming time
-        self.keyword = _Fan(lambda n: FaultyIndex(None, label="keyword"), numbers, rng)
-        self.vector = _Fan(lambda n: FaultyIndex(None, label="vector"), numbers, rng)
-        self.embedder = _Fan(self._faulty_embedder, numbers, rng)
+        self.keyword = _Fan(lambda _n: FaultyIndex(None, label="keyword"), self._numbers, rng)
+        self.vector = _Fan(lambda _n: FaultyIndex(None, label="vector"), self._numbers, rng)
+        self.embedder = _Fan(self._faulty_embedder, self._numbers, rng)
         self._polled_at = 0.0
         self._open()
+
+    def _numbers(self) -> list[int]:
+        """The generations written now (read when a fault is armed)."""
+        return [g.number for g in self.generations]
 
     # --- start, switch, restart ------------------------------------------------------------
 
