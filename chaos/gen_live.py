@@ -100,6 +100,8 @@ class LiveService:
         self.crash = CrashSwitch()
         self.restarts = 0
         self.switches = 0
+        # Other writers' intents the service's workers drove (ShardWorker.adopted_intents).
+        self.adopted_intents = 0
         self.generations: list[Generation] = []
         self.parts: list[GenerationParts] = []
         self.keyword = _Fan(lambda _n: FaultyIndex(None, label="keyword"), self._numbers, rng)
@@ -171,6 +173,8 @@ class LiveService:
         raise AssertionError(f"recovery did not succeed within {RECOVER_ATTEMPTS_MAX} attempts")
 
     def _close_parts(self) -> None:
+        self.adopted_intents += self.worker.adopted_intents
+        self.worker.adopted_intents = 0
         self.worker.close()
         for parts in self.parts:
             parts.close(keep_ledger=parts.ledger is self.home)

@@ -363,7 +363,7 @@ class GenerationsRun:
 
     def checks(self) -> list[Violation]:
         letters = [letter for _, letter in self.service.home.dead_letters(limit=check.DEAD_LETTERS_READ_MAX)]
-        out = [*self.errors, *self._story_checks(), *check.lag_bound(self.lag_s, LAG_AFTER_HEAL_S_MAX)]
+        out = [*self.errors, *self._story_checks(), *self._adoptions(), *check.lag_bound(self.lag_s, LAG_AFTER_HEAL_S_MAX)]
         if self.low < len(self.envelopes):
             out.append(Violation("checkpoint", "source", self.model.namespace,
                                  f"stopped at event {self.low} of {len(self.envelopes)}"))
@@ -390,6 +390,16 @@ class GenerationsRun:
             *check.index_against_source("vector", cut, skip, parts.vector.scan()),
             *check.audit_violations(auditor),
         ]
+
+    def _adoptions(self) -> list[Violation]:
+        """The service drives another writer's intent only when that writer died with it prepared:
+        here, only a rebuild killed at its crash point. Any other adoption was an intent the
+        service itself left behind, found only because a live document waited on it."""
+        adopted = self.service.adopted_intents + self.service.worker.adopted_intents
+        if not adopted or self.rebuild_crash.fired:
+            return []
+        return [Violation("adopted", "shard", self.model.namespace,
+                          f"{adopted} intents prepared by no live writer were driven after INTENT_ADOPT_AFTER_S")]
 
     def _story_checks(self) -> list[Violation]:
         """The registry tells the story's outcome, and a dropped generation's stores are gone."""

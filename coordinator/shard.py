@@ -129,6 +129,8 @@ class ShardWorker:
         # have been waiting on it (see ``_hold``).
         self._held_until: dict[str, float] = {}
         self._held_since: dict[str, float] = {}
+        # Intents of other writers this shard drove (``_adopt``): a writer died with them prepared.
+        self.adopted_intents = 0
         self._attempt = 0
         self._retry_at = 0.0
         self._last_error = ""
@@ -254,6 +256,7 @@ class ShardWorker:
         except (StoreError, EmbedError) as exc:
             self._failed(exc)
             return
+        self.adopted_intents += len(pending)
         for intent in pending:
             log.warning("drove an intent another writer left prepared", shard=self.shard, doc_id=intent.doc_id,
                         version=intent.version, phase="adopt")
