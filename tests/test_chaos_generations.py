@@ -36,8 +36,11 @@ SMOKE_KINDS = (
     "lockstep_crash", "keyword_down", "vector_lost_ack", "embed_5xx", "replay_checkpoint",
     "duplicate", "late_upsert_after_delete", "poison_document", "truncate", "vector_down",
 )  # fmt: skip
-# One schedule per story on each other vector store kind.
+# One schedule per story on a milvus-lite file; on Milvus 2.3.5 (seconds per collection
+# created, loaded and dropped) the first three stories, which swap, roll back and gc: the
+# aliases and drops of the real server (the killed rebuilds are told on the other two kinds).
 KIND_SCHEDULES = len(STORIES)
+REAL_MILVUS_SCHEDULES = 3
 SMOKE_WORKERS = 2
 # The whole CLI run, servers' start included, must end within this (a liveness bound).
 CLI_TIMEOUT_S = 600
@@ -58,9 +61,11 @@ def _cli(*args: str, report: Path) -> dict[str, Any]:
 
 def _assert_every_story_held(report: dict[str, Any], schedules: int) -> None:
     assert report["schedules"] == schedules and report["violations"] == 0, report["failed_seeds"]
-    assert {r["details"]["story"] for r in report["results"]} == set(STORIES)
+    told = STORIES[:schedules]
+    assert {r["details"]["story"] for r in report["results"]} == set(told)
     assert report["injected"].get("generation_switch", 0) >= schedules, "the service switched in every schedule"
-    assert report["injected"].get("rebuild_crash", 0) >= 1, "a rebuild was killed at a crash point"
+    if {"resume", "abort"} & set(told):
+        assert report["injected"].get("rebuild_crash", 0) >= 1, "a rebuild was killed at a crash point"
 
 
 def test_the_generations_smoke_tells_every_story_under_faults_on_a_milvus_lite_server(tmp_path: Path) -> None:
@@ -84,16 +89,16 @@ def test_generations_schedules_run_on_a_milvus_lite_file(tmp_path: Path) -> None
 def test_generations_schedules_run_on_milvus_2_3_5_through_a_config(
     tmp_path: Path, opensearch_api_url: str, real_milvus: Any
 ) -> None:
-    """One schedule per story on the Milvus 2.3.5 server and the OpenSearch-API server a config
-    names; each schedule leaves no index or collection of any generation behind."""
+    """A swap, a rollback and a gc on the Milvus 2.3.5 server and the OpenSearch-API server a
+    config names; each schedule leaves no index or collection of any generation behind."""
     config = write_config(
         tmp_path / "lockstep.yaml",
         f"{{kind: opensearch, url: '{opensearch_api_url}', index: {USER_INDEX}}}",
         f"{{uri: '{real_milvus.uri}', collection: {USER_COLLECTION}}}",
     )
-    report = _cli("-c", str(config), "--seed", str(SMOKE_SEED), "--schedules", str(KIND_SCHEDULES),
+    report = _cli("-c", str(config), "--seed", str(SMOKE_SEED), "--schedules", str(REAL_MILVUS_SCHEDULES),
                   "--workers", str(SMOKE_WORKERS), report=tmp_path / "r.json")
-    _assert_every_story_held(report, KIND_SCHEDULES)
+    _assert_every_story_held(report, REAL_MILVUS_SCHEDULES)
     indexes = httpx.get(f"{opensearch_api_url}/_cat/indices?format=json", timeout=10).json()
     assert [i["index"] for i in indexes if i["index"].startswith(USER_INDEX)] == []
     client = MilvusClient(uri=real_milvus.uri)
