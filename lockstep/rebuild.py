@@ -32,7 +32,7 @@ from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
 from coordinator.chunking import ChunkingSettings
 from coordinator.crashpoints import CrashHook, no_crash
-from coordinator.errors import ConfigError, LockstepError
+from coordinator.errors import ConfigError, IntentConflict, LockstepError
 from coordinator.events import ChangeEvent, Op
 from coordinator.generations import (
     LET_GO_STATES,
@@ -432,15 +432,7 @@ class Rebuild:
                 if not result.report.clean and not any(has_ledger_drift(v) for v in result.views.values()):
                     # Only index-level findings are left: the reconciler's repairs (from the
                     # new generation's own ledger) fix those.
-                    Reconciler(
-                        auditor=auditor,
-                        engine=target.engine,
-                        ledger=target.ledger,
-                        keyword=target.keyword,
-                        vector=target.vector,
-                        chunking=gen.chunking,
-                        limiter=RateLimiter(VALIDATE_REPAIR_OPS_PER_S),
-                    ).run(dry_run=False, max_ops=None)
+                    self._reconcile(auditor, target, gen)
                     result = auditor.recheck(docs)
         report.audit_rounds.append({"mode": result.report.mode, "clean": result.report.clean,
                                     "counts": result.report.as_json()["counts"]})
@@ -449,6 +441,24 @@ class Rebuild:
                 f"generation {gen.number} is still not clean after {len(found)} rounds of repair (documents "
                 f"found per round: {found}); not swapping (see the audit rounds in the report)"
             )
+
+    @staticmethod
+    def _reconcile(auditor: Auditor, target: GenerationParts, gen: Generation) -> None:
+        """Repair index-level findings through the new generation's own ledger. A document a
+        live write holds an intent for meanwhile is on its way, not drift: the reconciler stops
+        there, and the next round's recheck sees the document as the live write left it."""
+        try:
+            Reconciler(
+                auditor=auditor,
+                engine=target.engine,
+                ledger=target.ledger,
+                keyword=target.keyword,
+                vector=target.vector,
+                chunking=gen.chunking,
+                limiter=RateLimiter(VALIDATE_REPAIR_OPS_PER_S),
+            ).run(dry_run=False, max_ops=None)
+        except IntentConflict as exc:
+            log.info("a live write holds a document to repair; the next round checks it again", error=str(exc))
 
     @staticmethod
     def _settle(
