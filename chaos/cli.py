@@ -27,6 +27,8 @@ from rich.table import Table
 
 from chaos.catalogue import CATALOGUE, SERVER_KINDS, parse_kinds
 from chaos.deployment import DeploymentOpener
+from chaos.gen_stores import GenStores
+from chaos.generations import GenerationsSetup, plan_generation_specs
 from chaos.planted import PLANTED_BUGS, plant
 from chaos.runner import (
     PATHS,
@@ -58,6 +60,9 @@ SERVERS_CONFIG = "config"
 SERVERS_MANAGED = "managed"
 MILVUS_LITE = "lite"
 MILVUS_2_3_5 = "2.3.5"
+# Generations schedules only: a milvus-lite file in each worker's directory (beside a managed
+# OpenSearch-API server).
+MILVUS_FILE = "file"
 
 
 def register(parent: typer.Typer) -> None:
@@ -107,8 +112,20 @@ def run(
         ),
     ] = SERVERS_CONFIG,
     managed_milvus: Annotated[
-        str, typer.Option(help="With --servers managed: the Milvus server to start, lite or 2.3.5.")
+        str,
+        typer.Option(
+            help="With --servers managed: the Milvus server to start, lite or 2.3.5 (with "
+            "--generations also file: a milvus-lite file per worker)."
+        ),
     ] = MILVUS_LITE,
+    generations: Annotated[
+        bool,
+        typer.Option(
+            "--generations",
+            help="Schedules that rebuild, swap, roll back, abort and gc generations beside the live "
+            "service while the faults go on (in-process kinds; an OpenSearch/Elasticsearch keyword index).",
+        ),
+    ] = False,
     budget_s: Annotated[
         float, typer.Option("--budget-s", help="Stop starting schedules after this many seconds.")
     ] = 300.0,
@@ -152,9 +169,14 @@ def run(
         raise typer.BadParameter(str(exc), param_hint="--faults") from exc
     _check_path(path, kinds, plant_bug)
     with command_errors("chaos run"):
-        target = _target(config, servers, managed_milvus, kinds)
+        if generations:
+            target = _generations_target(config, servers, managed_milvus, kinds, plant_bug)
+        else:
+            target = _target(config, servers, managed_milvus, kinds)
         if replay is not None:
             specs = [ScheduleSpec(replay, kinds, plant_bug, path)]
+        elif generations:
+            specs = plan_generation_specs(seed, schedules, kinds)
         else:
             specs = plan_specs(seed, schedules, kinds, plant_bug, path)
         try:
@@ -221,6 +243,45 @@ def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple
         raise typer.BadParameter(refused, param_hint="--faults")
     setup = ServerTierSetup(deployment=settings)
     return Target(setup, SERVER_WORKERS_DEFAULT_MAX, flags, (ServerStartError,))
+
+
+def _generations_target(
+    config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...], plant_bug: str | None
+) -> Target:
+    """Where generations schedules run: servers the workers start, or a config's stores."""
+    refused = [k for k in kinds if k in SERVER_KINDS]
+    if refused or plant_bug:
+        what = ", ".join(refused) if refused else f"--plant-bug {plant_bug}"
+        raise typer.BadParameter(f"generations schedules take in-process kinds only, not {what}", param_hint="--faults")
+    if servers == SERVERS_MANAGED:
+        if config is not None:
+            raise typer.BadParameter("give --servers managed or -c FILE, not both", param_hint="--servers")
+        if managed_milvus not in (MILVUS_LITE, MILVUS_2_3_5, MILVUS_FILE):
+            raise typer.BadParameter(f"one of {MILVUS_LITE}, {MILVUS_2_3_5}, {MILVUS_FILE}", param_hint="--managed-milvus")
+        flags = f" --generations --servers managed --managed-milvus {managed_milvus}"
+        return Target(GenerationsSetup(managed=managed_milvus), SERVER_WORKERS_DEFAULT_MAX, flags, _start_errors())
+    if config is None:
+        raise typer.BadParameter(
+            "generations schedules rebuild beside a live service, which needs an OpenSearch/Elasticsearch "
+            "keyword index: give --servers managed (--managed-milvus lite, 2.3.5 or file) or -c FILE",
+            param_hint="--generations",
+        )
+    settings = _settings(config)
+    if settings.keyword.kind not in ("opensearch", "elasticsearch"):
+        raise typer.BadParameter(
+            "a Tantivy index admits one writer, and a rebuild writes the new generation beside the live "
+            "service: generations schedules need an OpenSearch/Elasticsearch keyword index",
+            param_hint="--config",
+        )
+    stores = GenStores(settings.keyword, None if settings.vector.is_embedded else settings.vector)
+    flags = f" --generations -c {shlex.quote(str(config))}"
+    return Target(GenerationsSetup(stores=stores), SERVER_WORKERS_DEFAULT_MAX, flags)
+
+
+def _start_errors() -> tuple[type[Exception], ...]:
+    from chaos.servers import ServerStartError
+
+    return (ServerStartError,)
 
 
 def _managed(config: Path | None, managed_milvus: str) -> Target:
