@@ -167,7 +167,7 @@ def run(
         kinds = parse_kinds(faults_spec)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--faults") from exc
-    _check_path(path, kinds, plant_bug)
+    kinds = _check_path(path, kinds, plant_bug, faults_spec)
     with command_errors("chaos run"):
         if generations:
             target = _generations_target(config, servers, managed_milvus, kinds, plant_bug)
@@ -196,20 +196,23 @@ def run(
         raise typer.Exit(1 if summary.violations else 0)
 
 
-def _check_path(path: str | None, kinds: tuple[str, ...], plant_bug: str | None) -> None:
-    """A usage error (exit 2) for an unknown planted bug, or a path that is unknown or that the
-    kinds or the bug cannot take."""
+def _check_path(path: str | None, kinds: tuple[str, ...], plant_bug: str | None, faults_spec: str) -> tuple[str, ...]:
+    """The kinds the path's schedules draw from; a usage error (exit 2) for an unknown planted
+    bug, or a path that is unknown or that a kind named by name or the bug cannot take (a tier,
+    such as the default ``inproc``, leaves out the kinds that only the shard path meets)."""
     if plant_bug is not None and plant_bug not in PLANTED_BUGS:
         raise typer.BadParameter(f"one of {', '.join(PLANTED_BUGS)}", param_hint="--plant-bug")
     if path is None or path == SHARD_PATH:
-        return
+        return kinds
     if path not in PATHS:
         raise typer.BadParameter(f"one of {', '.join(PATHS)}", param_hint="--path")
-    shard_only = [k for k in kinds if k in SHARD_ONLY_KINDS]
+    named = {part.strip() for part in faults_spec.split(",")}
+    shard_only = [k for k in kinds if k in SHARD_ONLY_KINDS and k in named]
     if shard_only:
         raise typer.BadParameter(f"only the shard path meets {', '.join(shard_only)}", param_hint="--path")
     if plant_bug is not None and plant(plant_bug).shard_only:
         raise typer.BadParameter(f"{plant_bug} lives on the shard path only", param_hint="--path")
+    return tuple(k for k in kinds if k not in SHARD_ONLY_KINDS)
 
 
 def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...]) -> Target:

@@ -96,6 +96,15 @@ REBUILD_RUNS_MAX = 3
 FAULT_ARMING_SHARE = 0.75
 
 
+def _arm_crash(target: Any, rng: random.Random) -> None:
+    target.crash.point = rng.choice(CRASH_POINTS)
+
+
+# The in-process kinds a generations schedule arms on its live service (a crash included: the
+# shard path's drive arms its own).
+ARMED: dict[str, Callable[[Any, random.Random], None]] = {**ARMED_INPROC, "lockstep_crash": _arm_crash}
+
+
 def story_of(seed: int) -> str:
     return STORIES[seed % len(STORIES)]
 
@@ -160,7 +169,7 @@ class GenerationsRun:
         self.finished: set[int] = set()
         self.steps = 0
         horizon = max(2, math.ceil(FAULT_ARMING_SHARE * len(deliveries) / OFFER_EVENTS_PER_STEP))
-        self.actions = sorted((self.rng.randrange(horizon), k) for k in spec.faults if k in ARMED_INPROC)
+        self.actions = sorted((self.rng.randrange(horizon), k) for k in spec.faults if k in ARMED)
         self.history: dict[tuple[int, str], list[tuple[str, int]]] = {}
         # The checkpoint: the first event not finished yet, when it last moved, its longest stall.
         self.low = 0
@@ -197,7 +206,7 @@ class GenerationsRun:
         while self.actions and self.actions[0][0] <= self.steps:
             _, kind = self.actions.pop(0)
             # LiveService carries the Rig's injectors (embedder, keyword, vector, crash).
-            ARMED_INPROC[kind](self.service, self.rng)  # type: ignore[arg-type]
+            ARMED[kind](self.service, self.rng)
 
     def _offer(self) -> None:
         batch = [self.queue[i] for i in range(min(OFFER_EVENTS_PER_STEP, len(self.queue)))]
@@ -377,14 +386,15 @@ class GenerationsRun:
         gen: Generation = parts.generation
         cut = replace(self.model, chunking=gen.chunking)
         docs = parts.ledger.get_docs(self.model.latest)
-        skip = check.dead_lettered_newest(self.model, docs)
+        skip = check.dead_lettered_newest(self.model, letters)
         auditor = Auditor(ledger=parts.ledger, keyword=parts.keyword, vector=parts.vector, source=None,
                           chunking=gen.chunking, reference_name="ledger", buckets=64)
         return [
             *check.nothing_pending(parts.ledger),
             *check.accounted(self.model, docs, letters),
-            *check.index_against_source("keyword", cut, skip, parts.keyword.scan()),
-            *check.index_against_source("vector", cut, skip, parts.vector.scan()),
+            *check.ledger_not_ahead(self.model, docs),
+            *check.index_against_source("keyword", cut, skip, parts.keyword.scan(with_text=True)),
+            *check.index_against_source("vector", cut, skip, parts.vector.scan(with_text=True)),
             *check.audit_violations(auditor),
         ]
 
