@@ -47,8 +47,20 @@ CATALOGUE: tuple[FaultKind, ...] = (
     FaultKind("vector_down", "store", "inproc", "a vector write refused before it is applied"),
     FaultKind("keyword_lost_ack", "store", "inproc", "a keyword write applied, its answer lost"),
     FaultKind("vector_lost_ack", "store", "inproc", "a vector write applied, its answer lost"),
+    FaultKind(
+        "store_refuses_document",
+        "store",
+        "inproc",
+        "one store refuses a document's new version for good at write time, the other takes it",
+    ),
     # --- lockstep process ---
     FaultKind("lockstep_crash", "process", "inproc", "lockstep dies at a named crash point and restarts"),
+    FaultKind(
+        "zombie_owner",
+        "process",
+        "inproc",
+        "the shard's owner stalls, a new owner takes over (new epoch), then the old one wakes",
+    ),
     # --- network (TCP proxy in front of each store; HTTP proxy in front of OpenSearch) ---
     FaultKind("net_latency", "network", "server", "latency plus jitter on every forwarded block"),
     FaultKind(

@@ -3,19 +3,26 @@
 Checked once a schedule is quiet (all faults healed, nothing waiting, nothing prepared):
 
 - I1-I4 per index against the source model (``invariants.check_index``), for every document
-  whose newest source version was committed; documents whose newest version went to the DLQ
-  are compared with the ledger instead, by the auditor (``Auditor.full``), which checks I1-I4
-  of every document against the ledger;
+  whose newest source version was committed: each stored text is compared with the model's own
+  text of that chunk, its hash with a SHA-256 the model computed itself, its metadata with the
+  model's by a digest the check computes (``invariants.metadata_digest``), so no check takes a
+  hash lockstep computed on trust; documents whose newest version went to the DLQ are compared
+  with the ledger instead, by the auditor (``Auditor.full``), which checks I1-I4 of every
+  document against the ledger (metadata included);
 - I5 over the versions observed along the run (``invariants.versions_never_go_back``);
 - I6: the simulated time from the last heal to quiescence stays under its bound;
 - every source change is applied (the ledger's committed version reached it) or in the DLQ
-  with a reason, and nothing is left prepared;
+  with a reason, no committed version is above the source's newest, and nothing is left
+  prepared;
+- the source's committed checkpoint reached the end of the deliveries;
+- no ledger write of an owner that another one took over from was accepted (fencing);
 - embed calls never exceed the distinct chunk texts of the source (all new to the schedule).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from chaos.workload import SourceModel
 from coordinator import invariants
@@ -52,9 +59,22 @@ def accounted(
     return out
 
 
-def dead_lettered_newest(model: SourceModel, docs: dict[str, DocState]) -> set[str]:
-    """Documents whose newest source version was not committed (it is in the DLQ)."""
-    return {d for d, e in model.latest.items() if d not in docs or docs[d].version != e.version}
+def dead_lettered_newest(model: SourceModel, letters: Sequence[DeadLetter]) -> set[str]:
+    """Documents whose newest source version is in the DLQ: what the indexes hold of them is the
+    ledger's to say (a version a store refused is consumed, with the earlier content)."""
+    dead = {(letter.doc_id, letter.version) for letter in letters}
+    return {d for d, e in model.latest.items() if (d, e.version) in dead}
+
+
+def ledger_not_ahead(model: SourceModel, docs: dict[str, DocState]) -> list[Violation]:
+    """The ledger never commits a version of a document that the source never had: an event
+    applied past the version gate, or a version made up, shows here even when both indexes
+    agree with the ledger."""
+    return [
+        Violation("ledger_ahead", "ledger", d, f"v{docs[d].version} committed, the source's newest is v{e.version}")
+        for d, e in sorted(model.latest.items())
+        if d in docs and docs[d].version > e.version
+    ]
 
 
 def index_against_source(
@@ -77,7 +97,7 @@ def audit_violations(auditor: Auditor) -> list[Violation]:
 
 def embed_bound(model: SourceModel, texts_embedded: int) -> list[Violation]:
     """Embed calls never exceed the distinct new-or-changed chunk texts (all new to this schedule)."""
-    bound = len(model.distinct_chunk_hashes())
+    bound = len(model.distinct_chunk_texts())
     if texts_embedded <= bound:
         return []
     return [
@@ -92,6 +112,26 @@ def lag_bound(lag_s: float, bound_s: float) -> list[Violation]:
     if lag_s <= bound_s:
         return []
     return [Violation("I6", "lag", "-", f"{lag_s:.1f} s from heal to quiescence > {bound_s:.1f} s")]
+
+
+class Witness(Protocol):
+    """What saw every owner's ledger writes (``chaos.rig.FenceWitness``)."""
+
+    @property
+    def accepted_stale(self) -> list[str]: ...
+
+
+def fenced(witness: Witness) -> list[Violation]:
+    """Ownership: once a new owner took the shard over, the ledger refused every write of the old."""
+    return [Violation("fenced", "ledger", "-", what) for what in witness.accepted_stale]
+
+
+def checkpoint_at_end(committed: int, end: int) -> list[Violation]:
+    """At quiescence the source's committed checkpoint is after the last delivery: everything
+    read was finished, and the checkpoint advanced to it."""
+    if committed == end:
+        return []
+    return [Violation("checkpoint", "source", "-", f"committed position {committed} != end {end}")]
 
 
 def nothing_pending(ledger: Ledger) -> list[Violation]:

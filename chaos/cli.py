@@ -27,8 +27,13 @@ from rich.table import Table
 
 from chaos.catalogue import CATALOGUE, SERVER_KINDS, parse_kinds
 from chaos.deployment import DeploymentOpener
-from chaos.planted import PLANTED_BUGS
+from chaos.gen_stores import GenStores
+from chaos.generations import GenerationsSetup, plan_generation_specs
+from chaos.planted import PLANTED_BUGS, plant
 from chaos.runner import (
+    PATHS,
+    SHARD_ONLY_KINDS,
+    SHARD_PATH,
     RunSummary,
     ScheduleResult,
     ScheduleSpec,
@@ -55,6 +60,9 @@ SERVERS_CONFIG = "config"
 SERVERS_MANAGED = "managed"
 MILVUS_LITE = "lite"
 MILVUS_2_3_5 = "2.3.5"
+# Generations schedules only: a milvus-lite file in each worker's directory (beside a managed
+# OpenSearch-API server).
+MILVUS_FILE = "file"
 
 
 def register(parent: typer.Typer) -> None:
@@ -104,8 +112,20 @@ def run(
         ),
     ] = SERVERS_CONFIG,
     managed_milvus: Annotated[
-        str, typer.Option(help="With --servers managed: the Milvus server to start, lite or 2.3.5.")
+        str,
+        typer.Option(
+            help="With --servers managed: the Milvus server to start, lite or 2.3.5 (with "
+            "--generations also file: a milvus-lite file per worker)."
+        ),
     ] = MILVUS_LITE,
+    generations: Annotated[
+        bool,
+        typer.Option(
+            "--generations",
+            help="Schedules that rebuild, swap, roll back, abort and gc generations beside the live "
+            "service while the faults go on (in-process kinds; an OpenSearch/Elasticsearch keyword index).",
+        ),
+    ] = False,
     budget_s: Annotated[
         float, typer.Option("--budget-s", help="Stop starting schedules after this many seconds.")
     ] = 300.0,
@@ -128,6 +148,14 @@ def run(
     plant_bug: Annotated[
         str | None, typer.Option(hidden=True, help=f"Test-only: {', '.join(PLANTED_BUGS)}.")
     ] = None,
+    path: Annotated[
+        str | None,
+        typer.Option(
+            help="shard: every schedule through the streaming path (lockstep run's shard worker); "
+            "batch: through lockstep sync's batch path. Default: one seed in four takes the batch "
+            "path when its faults can happen there."
+        ),
+    ] = None,
 ) -> None:
     """Run N seeded schedules; print one row per schedule and the seeds of any failure; exit 1 on a violation.
 
@@ -139,12 +167,18 @@ def run(
         kinds = parse_kinds(faults_spec)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--faults") from exc
+    kinds = _check_path(path, kinds, plant_bug, faults_spec)
     with command_errors("chaos run"):
-        target = _target(config, servers, managed_milvus, kinds)
-        if replay is not None:
-            specs = [ScheduleSpec(replay, kinds, plant_bug)]
+        if generations:
+            target = _generations_target(config, servers, managed_milvus, kinds, plant_bug)
         else:
-            specs = plan_specs(seed, schedules, kinds, plant_bug)
+            target = _target(config, servers, managed_milvus, kinds)
+        if replay is not None:
+            specs = [ScheduleSpec(replay, kinds, plant_bug, path)]
+        elif generations:
+            specs = plan_generation_specs(seed, schedules, kinds)
+        else:
+            specs = plan_specs(seed, schedules, kinds, plant_bug, path)
         try:
             summary = run_schedules(
                 specs,
@@ -160,6 +194,25 @@ def run(
         if report is not None:
             _write_report(report, summary, target.replay_flags)
         raise typer.Exit(1 if summary.violations else 0)
+
+
+def _check_path(path: str | None, kinds: tuple[str, ...], plant_bug: str | None, faults_spec: str) -> tuple[str, ...]:
+    """The kinds the path's schedules draw from; a usage error (exit 2) for an unknown planted
+    bug, or a path that is unknown or that a kind named by name or the bug cannot take (a tier,
+    such as the default ``inproc``, leaves out the kinds that only the shard path meets)."""
+    if plant_bug is not None and plant_bug not in PLANTED_BUGS:
+        raise typer.BadParameter(f"one of {', '.join(PLANTED_BUGS)}", param_hint="--plant-bug")
+    if path is None or path == SHARD_PATH:
+        return kinds
+    if path not in PATHS:
+        raise typer.BadParameter(f"one of {', '.join(PATHS)}", param_hint="--path")
+    named = {part.strip() for part in faults_spec.split(",")}
+    shard_only = [k for k in kinds if k in SHARD_ONLY_KINDS and k in named]
+    if shard_only:
+        raise typer.BadParameter(f"only the shard path meets {', '.join(shard_only)}", param_hint="--path")
+    if plant_bug is not None and plant(plant_bug).shard_only:
+        raise typer.BadParameter(f"{plant_bug} lives on the shard path only", param_hint="--path")
+    return tuple(k for k in kinds if k not in SHARD_ONLY_KINDS)
 
 
 def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...]) -> Target:
@@ -193,6 +246,45 @@ def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple
         raise typer.BadParameter(refused, param_hint="--faults")
     setup = ServerTierSetup(deployment=settings)
     return Target(setup, SERVER_WORKERS_DEFAULT_MAX, flags, (ServerStartError,))
+
+
+def _generations_target(
+    config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...], plant_bug: str | None
+) -> Target:
+    """Where generations schedules run: servers the workers start, or a config's stores."""
+    refused = [k for k in kinds if k in SERVER_KINDS]
+    if refused or plant_bug:
+        what = ", ".join(refused) if refused else f"--plant-bug {plant_bug}"
+        raise typer.BadParameter(f"generations schedules take in-process kinds only, not {what}", param_hint="--faults")
+    if servers == SERVERS_MANAGED:
+        if config is not None:
+            raise typer.BadParameter("give --servers managed or -c FILE, not both", param_hint="--servers")
+        if managed_milvus not in (MILVUS_LITE, MILVUS_2_3_5, MILVUS_FILE):
+            raise typer.BadParameter(f"one of {MILVUS_LITE}, {MILVUS_2_3_5}, {MILVUS_FILE}", param_hint="--managed-milvus")
+        flags = f" --generations --servers managed --managed-milvus {managed_milvus}"
+        return Target(GenerationsSetup(managed=managed_milvus), SERVER_WORKERS_DEFAULT_MAX, flags, _start_errors())
+    if config is None:
+        raise typer.BadParameter(
+            "generations schedules rebuild beside a live service, which needs an OpenSearch/Elasticsearch "
+            "keyword index: give --servers managed (--managed-milvus lite, 2.3.5 or file) or -c FILE",
+            param_hint="--generations",
+        )
+    settings = _settings(config)
+    if settings.keyword.kind not in ("opensearch", "elasticsearch"):
+        raise typer.BadParameter(
+            "a Tantivy index admits one writer, and a rebuild writes the new generation beside the live "
+            "service: generations schedules need an OpenSearch/Elasticsearch keyword index",
+            param_hint="--config",
+        )
+    stores = GenStores(settings.keyword, None if settings.vector.is_embedded else settings.vector)
+    flags = f" --generations -c {shlex.quote(str(config))}"
+    return Target(GenerationsSetup(stores=stores), SERVER_WORKERS_DEFAULT_MAX, flags)
+
+
+def _start_errors() -> tuple[type[Exception], ...]:
+    from chaos.servers import ServerStartError
+
+    return (ServerStartError,)
 
 
 def _managed(config: Path | None, managed_milvus: str) -> Target:
@@ -257,5 +349,7 @@ def _injected(result: ScheduleResult) -> str:
 
 
 def _bug_flag(result: ScheduleResult) -> str:
+    """The flags beyond seed and kinds that a replay needs: a planted bug, a path given by hand."""
     bug = result.details.get("planted_bug")
-    return f" --plant-bug {bug}" if bug else ""
+    path = result.details.get("forced_path")
+    return (f" --plant-bug {bug}" if bug else "") + (f" --path {path}" if path else "")

@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.errors import PermanentEmbedError, TransientEmbedError, TransientStoreError
-from coordinator.model import ChunkDelete, IndexedChunk, StoredChunk, WriteResult
+from coordinator.errors import PermanentEmbedError, RefusedContent, TransientEmbedError, TransientStoreError
+from coordinator.model import ChunkDelete, IndexedChunk, ItemResult, ItemStatus, StoredChunk, WriteResult
 from coordinator.ports import ChunkIndex, Embedder
 
 # Fault kinds a FaultyEmbedder can be armed with for a number of calls.
@@ -20,6 +20,8 @@ EMBED_TIMEOUT = "embed_timeout"
 EMBED_5XX = "embed_5xx"
 MALFORMED_VECTOR = "malformed_vector"
 EMBED_ARMABLE = (EMBED_TIMEOUT, EMBED_5XX, MALFORMED_VECTOR)
+# The kind a FaultyIndex reports a refused document under.
+STORE_REFUSES_DOCUMENT = "store_refuses_document"
 
 
 @dataclass
@@ -87,13 +89,21 @@ class FaultyIndex:
     """A ChunkIndex whose writes fail with a transient error while ``down``, or for the next
     few writes it was armed for (``arm``): ``down`` (refused before the write) or ``lost_ack``
     (the write is applied, then its answer is lost: a transient error the caller must retry).
-    Armed faults are reported as ``{label}_{kind}``."""
+    Armed faults are reported as ``{label}_{kind}``.
+
+    With ``refuse`` set, every chunk whose metadata holds that key is refused for good, as a store
+    whose mapping an operator made strict refuses a document: per item (REJECTED, the rest of the
+    request applied), as ES/OpenSearch answer a ``_bulk``, or with ``refuse_whole_request`` the
+    whole request (``RefusedContent``, nothing applied), as Milvus does. Reported as
+    ``store_refuses_document``."""
 
     inner: Any
     down: bool = False
     injected: Counter[str] = field(default_factory=Counter)
     label: str = "index"
     armed: Counter[str] = field(default_factory=Counter)
+    refuse: str | None = None
+    refuse_whole_request: bool = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -126,9 +136,19 @@ class FaultyIndex:
 
     def upsert(self, chunks: Sequence[IndexedChunk]) -> WriteResult:
         self._check("upsert")
-        result: WriteResult = self.inner.upsert(chunks)
+        refused = [c for c in chunks if self._refuses(c)]
+        if refused:
+            self.injected[STORE_REFUSES_DOCUMENT] += 1
+            if self.refuse_whole_request:
+                raise RefusedContent(f"{self.inner.name} refused a field of the request (injected)")
+        taken = [c for c in chunks if not self._refuses(c)]
+        result: WriteResult = self.inner.upsert(taken) if taken else WriteResult()
         self._lose_ack("upsert")
-        return result
+        rejected = (ItemResult(c.chunk_id, ItemStatus.REJECTED, "strict mapping (injected)") for c in refused)
+        return WriteResult((*result.items, *rejected))
+
+    def _refuses(self, chunk: IndexedChunk) -> bool:
+        return self.refuse is not None and self.refuse in chunk.metadata
 
     def delete(self, deletes: Sequence[ChunkDelete]) -> WriteResult:
         self._check("delete")

@@ -9,6 +9,11 @@ Tantivy directory, a collection in the worker's milvus-lite file, a SQLite ledge
 Fault mix: ``draw_faults`` picks kinds from the seed; ``plan_specs`` also rotates through the
 requested kinds so that each appears in the first ``len(kinds)`` schedules.
 
+Path: a schedule drives the streaming path (``chaos.drive.ShardDrive``: reader, low watermark,
+shard worker) or the batch path (``chaos.drive.BatchDrive``: ``run_sync``). Unless a spec names
+one, one schedule seed in ``BATCH_EVERY`` takes the batch path, when its faults can happen there
+(``path_of``): the path follows from the seed and the faults, so a replay needs no more than them.
+
 Where schedules run is a *setup* (``WorkerSetup``), called once in each worker process with the
 worker's own directory; it returns what runs one schedule there. ``StoresSetup`` opens fresh
 stores per schedule (embedded ones, or a deployment's); ``chaos.servertier.ServerTierSetup``
@@ -18,14 +23,13 @@ starts the worker's own fault proxies (and servers) first.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import random
 import tempfile
 import time
 import traceback
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -37,47 +41,41 @@ from adapters.keyword.tantivy_index import TantivyKeywordIndex
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from chaos import check, planted
-from chaos.catalogue import INPROC_KINDS, KINDS
-from chaos.faults import EMBED_5XX, EMBED_TIMEOUT, MALFORMED_VECTOR
+from chaos.catalogue import INPROC_KINDS, SERVER_KINDS
+from chaos.drive import BatchDrive, ServerArm, ShardDrive
+from chaos.faults import STORE_REFUSES_DOCUMENT
 from chaos.rig import EMBED_DIM, Rig, Stores
 from chaos.stream import DELIVERY_FAULTS, StreamFaults, ensure_deleted_docs
-from chaos.workload import SourceModel, random_history
-from coordinator import crashpoints
+from chaos.workload import REFUSAL_KEY, SourceModel, random_history
 from coordinator.audit import Auditor
-from coordinator.errors import StoreError
 from coordinator.invariants import Violation
-from coordinator.shard import Envelope
 from lockstep.logging import configure_logging
 
 # Source changes per schedule: enough for every fault to find a target, small enough for CI.
 CHANGES_MIN = 16
 CHANGES_MAX = 36
-# Deliveries offered to the shard per simulated step.
-OFFER_EVENTS_PER_STEP = 6
-# Liveness bound: a schedule that is not quiet after this many steps is a violation.
-STEPS_MAX = 3000
 # I6: simulated seconds from the last heal to quiescence (the backoff caps at 10 s).
 LAG_AFTER_HEAL_S_MAX = 120.0
-# Steps without quiescence after which a sentinel change is delivered: live traffic proves the
-# embedder works, which is what lets the shard dead-letter a poison document.
-SENTINEL_EVERY_STEPS = 30
-# Observe versions (I5) every this many steps.
-OBSERVE_EVERY_STEPS = 8
 # Extra faults drawn per schedule on top of the rotated one.
 EXTRA_FAULTS_MAX = 3
-# Faults that destroy stored data fire in the second half of the deliveries, once data exists.
-LATE_KINDS = frozenset({"keyword_server_data_loss", "vector_server_kill9"})
-# Crash points armed by ``lockstep_crash``: the apply protocol's and the ledger's.
-CRASH_POINTS = (
-    crashpoints.AFTER_EMBED,
-    crashpoints.AFTER_PREPARE,
-    crashpoints.AFTER_KEYWORD_APPLY,
-    crashpoints.AFTER_VECTOR_APPLY,
-    crashpoints.AFTER_COMMIT,
-    "ledger.prepare.between_statements",
-    "ledger.mark_done.between_statements",
-    "ledger.commit.between_statements",
+# One schedule seed in this many takes the batch path (when its faults can happen there).
+BATCH_EVERY = 4
+SHARD_PATH = "shard"
+BATCH_PATH = "batch"
+PATHS = (SHARD_PATH, BATCH_PATH)
+# Kinds only the streaming path meets: a poison document (``lockstep sync`` has no isolation: a
+# text the model always fails on fails every run), an ownership takeover, and the server kinds.
+SHARD_ONLY_KINDS = frozenset({"poison_document", "zombie_owner", *SERVER_KINDS})
+# Kinds never drawn into one schedule. A store that lost its data (until the reconciler rebuilds
+# it after quiescence) holds no copy of a document's committed chunks; if the other store then
+# takes a version that the first one refuses, its copy is overwritten too and nothing is left to
+# roll back to: no index, and for an event stream no source, holds the committed text any more.
+APART = frozenset(
+    frozenset({"store_refuses_document", loss}) for loss in ("keyword_server_data_loss", "vector_server_kill9")
 )
+# Salt of the seeded choice of the store that refuses a document (kept apart from the
+# schedule's own random stream, so that adding the kind moved no other fault).
+REFUSING_SIDE_SALT = 0x4EF05E
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,17 @@ class ScheduleSpec:
     seed: int
     faults: tuple[str, ...]
     planted_bug: str | None = None
+    # SHARD_PATH or BATCH_PATH; None: follows from the seed and the faults (``path_of``).
+    path: str | None = None
+
+
+def path_of(spec: ScheduleSpec) -> str:
+    """The path a schedule drives: the spec's, else batch for one seed in BATCH_EVERY whose faults
+    the batch path can meet (and whose planted bug lives there), else the streaming path."""
+    if spec.path is not None:
+        return spec.path
+    shard_only = set(spec.faults) & SHARD_ONLY_KINDS or planted.plant(spec.planted_bug).shard_only
+    return BATCH_PATH if spec.seed % BATCH_EVERY == 0 and not shard_only else SHARD_PATH
 
 
 @dataclass
@@ -117,21 +126,25 @@ class ScheduleResult:
 
 
 def draw_faults(seed: int, kinds: Sequence[str], forced: str | None) -> tuple[str, ...]:
-    """The fault kinds of one schedule: ``forced`` plus up to EXTRA_FAULTS_MAX drawn from the seed."""
+    """The fault kinds of one schedule: ``forced`` plus up to EXTRA_FAULTS_MAX drawn from the seed,
+    leaving out a drawn kind that must not share a schedule with one chosen before it."""
     rng = random.Random(seed ^ 0x5EED)
     extra = rng.sample(list(kinds), min(len(kinds), rng.randint(1, EXTRA_FAULTS_MAX)))
-    chosen = ([forced] if forced else []) + [k for k in extra if k != forced]
-    return tuple(dict.fromkeys(chosen))
+    chosen: list[str] = [forced] if forced else []
+    for kind in extra:
+        if kind not in chosen and not any(frozenset({kind, c}) in APART for c in chosen):
+            chosen.append(kind)
+    return tuple(chosen)
 
 
 def plan_specs(
-    seed: int, schedules: int, kinds: Sequence[str], planted_bug: str | None = None
+    seed: int, schedules: int, kinds: Sequence[str], planted_bug: str | None = None, path: str | None = None
 ) -> list[ScheduleSpec]:
     """Schedule seeds derived from ``seed``; the first ``len(kinds)`` each force one kind."""
     rng = random.Random(seed)
     seeds = [rng.getrandbits(40) for _ in range(schedules)]
     return [
-        ScheduleSpec(s, draw_faults(s, kinds, kinds[i] if i < len(kinds) else None), planted_bug)
+        ScheduleSpec(s, draw_faults(s, kinds, kinds[i] if i < len(kinds) else None), planted_bug, path)
         for i, s in enumerate(seeds)
     ]
 
@@ -167,8 +180,6 @@ StoreOpener = Callable[[Path, str], Stores]
 ScheduleRunner = Callable[[ScheduleSpec], ScheduleResult]
 # Called once per worker process with the worker's directory; must be picklable.
 WorkerSetup = Callable[[Path], ScheduleRunner]
-# Server-tier hook: arms one server fault kind on a running schedule.
-ServerArm = Callable[[str, Rig, random.Random], None]
 
 
 # --- one schedule ------------------------------------------------------------------------------
@@ -196,17 +207,27 @@ def run_schedule(
         return ScheduleResult(
             spec.seed, spec.faults, {}, len(deliveries), [str(error)], time.monotonic() - started
         )
-    rig = Rig(model, stores, workdir, wrap_keyword=planted.keyword_wrapper(spec.planted_bug))
+    path = path_of(spec)
     violations: list[Violation] = []
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"path": path, "planted_bug": spec.planted_bug}
+    if spec.path is not None:
+        details["forced_path"] = spec.path
     try:
-        run = _Run(rig, deliveries, spec, rng, server_arm)
-        run.to_quiescence()
+        rig = Rig(model, stores, workdir, plant=planted.plant(spec.planted_bug))
+    except Exception as exc:
+        stores.close()
+        error = Violation("error", "runner", model.namespace, _short_trace(exc))
+        return ScheduleResult(
+            spec.seed, spec.faults, {}, len(deliveries), [str(error)], time.monotonic() - started, details
+        )
+    try:
+        _refusing_store(rig, spec)
+        drive = (BatchDrive if path == BATCH_PATH else ShardDrive)(rig, deliveries, spec, rng, server_arm)
+        drive.to_quiescence()
         if after_quiet is not None:
             violations += after_quiet(rig)
-        violations += quiescent_checks(rig, run)
-        details = {"restarts": rig.restarts, "crash_points": rig.crash.fired_at, "steps": run.steps}
-        details["planted_bug"] = spec.planted_bug
+        violations += quiescent_checks(rig, drive)
+        details |= {"restarts": rig.restarts, "crash_points": rig.crash.fired_at, "steps": drive.steps}
     except Exception as exc:
         violations.append(Violation("error", "runner", model.namespace, _short_trace(exc)))
     finally:
@@ -235,6 +256,16 @@ def _closed(rig: Rig, stores: Stores) -> list[Violation]:
     return errors
 
 
+def _refusing_store(rig: Rig, spec: ScheduleSpec) -> None:
+    """With ``store_refuses_document``, one store (seeded) refuses metadata holding REFUSAL_KEY:
+    the keyword index item by item, the vector index the whole request (as Milvus does)."""
+    if STORE_REFUSES_DOCUMENT in spec.faults:
+        side = random.Random(spec.seed ^ REFUSING_SIDE_SALT).choice(("keyword", "vector"))
+        index = rig.keyword if side == "keyword" else rig.vector
+        index.refuse = REFUSAL_KEY
+        index.refuse_whole_request = side == "vector"
+
+
 def build_deliveries(
     model: SourceModel, spec: ScheduleSpec, rng: random.Random, streams: StreamFaults
 ) -> list[Any]:
@@ -244,6 +275,8 @@ def build_deliveries(
     ensure_deleted_docs(model, rng)
     if "pk_change" in spec.faults:
         streams.pk_change(model)
+    if STORE_REFUSES_DOCUMENT in spec.faults:
+        streams.refused_version(model)
     if "truncate" in spec.faults:
         streams.truncate(model)
     deliveries = list(model.history)
@@ -255,152 +288,15 @@ def build_deliveries(
     return deliveries
 
 
-class _Run:
-    """The delivery loop of one schedule: offer, step, fire faults, then settle."""
-
-    def __init__(
-        self,
-        rig: Rig,
-        deliveries: list[Any],
-        spec: ScheduleSpec,
-        rng: random.Random,
-        server_arm: ServerArm | None,
-    ) -> None:
-        self.rig = rig
-        self.rng = rng
-        self.server_arm = server_arm
-        self.envelopes = [Envelope(seq, e) for seq, e in enumerate(deliveries)]
-        self.queue: deque[Envelope] = deque(self.envelopes)
-        self.offered = 0
-        self.finished: set[int] = set()
-        self.steps = 0
-        ticks = max(2, math.ceil(len(deliveries) / OFFER_EVENTS_PER_STEP))
-        self.actions = sorted((_tick(k, ticks, rng), k) for k in spec.faults if _armed_kind(k))
-        self.history: dict[str, list[tuple[str, int]]] = {"ledger": [], "keyword": [], "vector": []}
-        self.lag_s = 0.0
-
-    def to_quiescence(self) -> None:
-        while self.queue or self.actions:
-            self._fire_due()
-            self._offer()
-            self._step()
-        self.rig.keyword.armed.clear()
-        self.rig.vector.armed.clear()
-        self.rig.embedder.armed.clear()
-        self.rig.crash.point = None
-        healed_at = self.rig.clock.now_s
-        self._settle()
-        self.lag_s = self.rig.clock.now_s - healed_at
-
-    def _fire_due(self) -> None:
-        while self.actions and self.actions[0][0] <= self.steps:
-            _, kind = self.actions.pop(0)
-            arm(kind, self.rig, self.rng, self.server_arm)
-
-    def _offer(self) -> None:
-        batch = [self.queue[i] for i in range(min(OFFER_EVENTS_PER_STEP, len(self.queue)))]
-        for _ in range(self.rig.offer(batch)):
-            self.queue.popleft()
-            self.offered += 1
-
-    def _step(self) -> None:
-        if self.steps >= STEPS_MAX:
-            raise AssertionError(f"not quiet after {STEPS_MAX} steps: {self.rig.worker.status()}")
-        finished, crashed = self.rig.step()
-        self.finished.update(finished)
-        self.steps += 1
-        if crashed:
-            self._redeliver()
-        if self.steps % OBSERVE_EVERY_STEPS == 0:
-            self.observe()
-
-    def _redeliver(self) -> None:
-        """After a restart the source resumes at the low watermark: everything after it comes again."""
-        delivered = self.envelopes[: self.offered]
-        low = min((e.seq for e in delivered if e.seq not in self.finished), default=self.offered)
-        again = [e for e in delivered if e.seq >= low]
-        self.queue.extendleft(reversed(again))
-        self.offered -= len(again)
-
-    def _settle(self) -> None:
-        quiet_steps = 0
-        while not (self.rig.worker.idle and not self.queue):
-            self._offer()
-            self._step()
-            quiet_steps += 1
-            if quiet_steps % SENTINEL_EVERY_STEPS == 0:
-                self._sentinel()
-        self.observe()
-
-    def _sentinel(self) -> None:
-        event = self.rig.model.create(self.rng)
-        envelope = Envelope(len(self.envelopes), event)
-        self.envelopes.append(envelope)
-        self.queue.append(envelope)
-
-    def observe(self) -> None:
-        """Record versions seen now, for I5 (an index that is down right now is skipped)."""
-        docs = self.rig.ledger.get_docs(self.rig.model.latest)
-        self.history["ledger"] += sorted((d, s.version) for d, s in docs.items())
-        for side, index in (("keyword", self.rig.stores.keyword), ("vector", self.rig.stores.vector)):
-            try:
-                self.history[side] += sorted((c.chunk_id, c.version) for c in index.scan())
-            except StoreError as exc:
-                if not exc.retriable:
-                    raise
-
-
-def _tick(kind: str, ticks: int, rng: random.Random) -> int:
-    """When a fault fires: early (so counted faults meet traffic), data losses late (so data exists)."""
-    if kind in LATE_KINDS:
-        return ticks // 2 + rng.randrange(ticks // 2 + 1)
-    return rng.randrange(ticks // 2 + 1)
-
-
-def _armed_kind(kind: str) -> bool:
-    return kind in ARMED_INPROC or KINDS[kind].tier == "server"
-
-
-def _arm_embedder(kind: str) -> Callable[[Rig, random.Random], None]:
-    return lambda rig, rng: rig.embedder.arm(kind, rng.randint(1, 3))
-
-
-def _arm_index(side: str, kind: str) -> Callable[[Rig, random.Random], None]:
-    return lambda rig, rng: getattr(rig, side).arm(kind, rng.randint(1, 3))
-
-
-def _arm_crash(rig: Rig, rng: random.Random) -> None:
-    rig.crash.point = rng.choice(CRASH_POINTS)
-
-
-ARMED_INPROC: dict[str, Callable[[Rig, random.Random], None]] = {
-    "embed_timeout": _arm_embedder(EMBED_TIMEOUT),
-    "embed_5xx": _arm_embedder(EMBED_5XX),
-    "malformed_vector": _arm_embedder(MALFORMED_VECTOR),
-    "keyword_down": _arm_index("keyword", "down"),
-    "vector_down": _arm_index("vector", "down"),
-    "keyword_lost_ack": _arm_index("keyword", "lost_ack"),
-    "vector_lost_ack": _arm_index("vector", "lost_ack"),
-    "lockstep_crash": _arm_crash,
-}
-
-
-def arm(kind: str, rig: Rig, rng: random.Random, server_arm: ServerArm | None) -> None:
-    if kind in ARMED_INPROC:
-        ARMED_INPROC[kind](rig, rng)
-    elif server_arm is not None:
-        server_arm(kind, rig, rng)
-
-
 # --- checks ------------------------------------------------------------------------------------
 
 
-def quiescent_checks(rig: Rig, run: _Run) -> list[Violation]:
+def quiescent_checks(rig: Rig, drive: ShardDrive | BatchDrive) -> list[Violation]:
     """Every invariant of chaos/check.py, once the schedule is quiet."""
     model = rig.model
     docs = rig.ledger.get_docs(model.latest)
     letters = [letter for _, letter in rig.ledger.dead_letters(limit=check.DEAD_LETTERS_READ_MAX)]
-    skip = check.dead_lettered_newest(model, docs)
+    skip = check.dead_lettered_newest(model, letters)
     auditor = Auditor(
         ledger=rig.ledger,
         keyword=rig.stores.keyword,
@@ -413,12 +309,15 @@ def quiescent_checks(rig: Rig, run: _Run) -> list[Violation]:
     return [
         *check.nothing_pending(rig.ledger),
         *check.accounted(model, docs, letters),
-        *check.index_against_source("keyword", model, skip, rig.stores.keyword.scan()),
-        *check.index_against_source("vector", model, skip, rig.stores.vector.scan()),
+        *check.ledger_not_ahead(model, docs),
+        *check.index_against_source("keyword", model, skip, rig.stores.keyword.scan(with_text=True)),
+        *check.index_against_source("vector", model, skip, rig.stores.vector.scan(with_text=True)),
         *check.audit_violations(auditor),
-        *(v for side, h in run.history.items() for v in check.versions(h, side)),
-        *check.lag_bound(run.lag_s, LAG_AFTER_HEAL_S_MAX),
+        *(v for side, h in drive.history.items() for v in check.versions(h, side)),
+        *check.lag_bound(drive.lag_s, LAG_AFTER_HEAL_S_MAX),
         *check.embed_bound(model, rig.embedder.texts_embedded),
+        *check.checkpoint_at_end(drive.log.committed, drive.log.end),
+        *check.fenced(rig.witness),
     ]
 
 

@@ -46,6 +46,13 @@ class StreamFaults:
             model.change_key(self.rng.choice(live))
             self.injected["pk_change"] += 1
 
+    def refused_version(self, model: SourceModel) -> None:
+        """A document gets a new version that one store will refuse (the store's side is set by
+        the runner; the store reports the refusal when it happens)."""
+        live = _clean_live(model)
+        if live:
+            model.refused_update(self.rng, self.rng.choice(live))
+
     def truncate(self, model: SourceModel) -> None:
         """A table is truncated: every live document of it is deleted."""
         deletes = model.truncate(self.rng.choice(TABLES))

@@ -8,18 +8,23 @@ schedule never serves another (the embed-call bound stays exact).
 
 Source mutations offered here: create, update (some paragraphs change, documents grow and
 shrink), metadata-only change, delete, re-create after a delete, a primary-key change (delete of
-the old ID + create of a new one with the same text, as Debezium emits it) and a truncate
-(a delete of every live document of one "table").
+the old ID + create of a new one with the same text, as Debezium emits it), a truncate (a delete
+of every live document of one "table") and a version a store will refuse (``REFUSAL_KEY``).
+
+What the indexes must hold is the model's own: each chunk's text as the model cut it, its
+SHA-256 computed here with hashlib and the digest of the document's metadata computed by the
+check (``invariants.metadata_digest``), never a hash lockstep computed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 
-from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
+from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text
 from coordinator.events import ChangeEvent, Op
-from coordinator.invariants import ExpectedChunk
+from coordinator.invariants import ExpectedChunk, metadata_digest
 
 # Paragraphs per document: enough to grow and shrink, few enough that a schedule stays fast.
 PARAGRAPHS_MAX = 5
@@ -29,6 +34,8 @@ CHUNKING = ChunkingSettings(max_chars=CHUNK_CHARS_MAX)
 TABLES = ("t0", "t1")
 # Marks a text the FaultyEmbedder always fails on (a poison document).
 POISON_MARK = "\x00POISON\x00"
+# A metadata key one store refuses for good (``FaultyIndex.refuse``), as a strict mapping would.
+REFUSAL_KEY = "refused_by_store"
 
 
 @dataclass
@@ -64,6 +71,13 @@ class SourceModel:
     def delete(self, doc_id: str) -> ChangeEvent:
         return self._record(ChangeEvent(Op.DELETE, doc_id, self.version(doc_id) + 1))
 
+    def refused_update(self, rng: random.Random, doc_id: str) -> ChangeEvent:
+        """An update whose metadata a store will refuse (it holds REFUSAL_KEY)."""
+        event = self.update(rng, doc_id)
+        self.history.pop()
+        metadata = {**event.metadata, REFUSAL_KEY: True}
+        return self._record(ChangeEvent(Op.UPSERT, doc_id, event.version, event.text, metadata))
+
     def recreate(self, rng: random.Random, doc_id: str) -> ChangeEvent:
         self._paragraphs[doc_id] = [rng.randint(5, 9)] * rng.randint(1, PARAGRAPHS_MAX)
         return self._upsert(doc_id, self.version(doc_id) + 1, rng.choice(TABLES))
@@ -94,20 +108,23 @@ class SourceModel:
         return {d for d, e in self.latest.items() if e.op is Op.DELETE}
 
     def expected_chunks(self, doc_ids: set[str] | None = None) -> dict[str, ExpectedChunk]:
-        """What both indexes must hold for these live documents (all of them by default)."""
+        """What both indexes must hold for these live documents (all of them by default): each
+        chunk's own text, its SHA-256 and the digest of the document's metadata."""
         out: dict[str, ExpectedChunk] = {}
         for doc_id in self.live_ids():
             if doc_ids is not None and doc_id not in doc_ids:
                 continue
-            text = self.latest[doc_id].text or ""
-            for i, piece in enumerate(chunk_text(text, self.chunking)):
-                out[chunk_id(doc_id, i)] = ExpectedChunk(chunk_id(doc_id, i), content_hash(piece))
+            event = self.latest[doc_id]
+            digest = metadata_digest(event.metadata)
+            for i, piece in enumerate(chunk_text(event.text or "", self.chunking)):
+                cid = chunk_id(doc_id, i)
+                out[cid] = ExpectedChunk(cid, hashlib.sha256(piece.encode("utf-8")).hexdigest(), piece, digest)
         return out
 
-    def distinct_chunk_hashes(self) -> set[str]:
+    def distinct_chunk_texts(self) -> set[str]:
         """Every distinct chunk text of every upsert in the history: the embed-call bound."""
         return {
-            content_hash(piece)
+            piece
             for e in self.history
             if e.op is Op.UPSERT and POISON_MARK not in (e.text or "")
             for piece in chunk_text(e.text or "", self.chunking)

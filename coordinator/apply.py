@@ -416,12 +416,13 @@ class ApplyEngine:
             vectors, _, embedded = self._vectors(upserts)
             self._count(embed_calls=embedded)
             upserts = [replace(c, vector=vectors[c.content_hash]) for c in upserts]
-        deletes = [d for i in todo for d in i.deletes]
-        results = [
-            *(index.upsert(upserts).rejected() if upserts else []),
-            *(index.delete(deletes).rejected() if deletes else []),
-        ]
         owner = {cid: i.doc_id for i in todo for cid in touched_ids(i)}
+        results = index.upsert(upserts).rejected() if upserts else []
+        # A document whose upserts this side refused gets none of its deletes either: the chunks
+        # they would remove are the committed copies that its restore brings back from.
+        refused = {owner[r.chunk_id] for r in results}
+        deletes = [d for i in todo if i.doc_id not in refused for d in i.deletes]
+        results += index.delete(deletes).rejected() if deletes else []
         return {owner[r.chunk_id]: f"{side} index refused {r.chunk_id!r}: {r.reason}" for r in results}
 
     def _refuse(self, intents: Sequence[Intent], reasons: dict[str, str], fence: Fence | None) -> list[Intent]:

@@ -12,8 +12,10 @@ Kafka) the ledger is the reference. Per index and chunk, the categories are:
 
 - ``missing``   the reference has the chunk, the index does not;
 - ``ghost``     the index has a chunk of a document that is not live (deleted, or never known);
-- ``stale``     an older or newer version than the reference, another content hash, or a text
-                that does not hash to its own ``content_hash`` (an edit behind lockstep's back);
+- ``stale``     an older or newer version than the reference, another content hash, a text
+                that does not hash to its own ``content_hash`` (an edit behind lockstep's back),
+                or metadata other than the reference's (the ledger records a digest of each
+                document's metadata; the auditor digests what each index holds itself);
 - ``orphan``    a chunk of a live document at an index at or beyond its chunk count;
 - ``duplicate`` more than one Milvus entity for one primary key (invariant I4);
 - ``foreign``   an entry lockstep cannot have written: its ID is no chunk ID, or its body lacks a
@@ -24,15 +26,16 @@ Kafka) the ledger is the reference. Per index and chunk, the categories are:
                 or rewrites it when its ID is a reference chunk's;
 
 and across sides: ``ledger_drift`` (ledger vs source, per document) and ``cross_index`` (the two
-indexes hold different (version, hash) for one chunk, or only one holds it). The categories are
+indexes hold different (version, hash, metadata) for one chunk, or only one holds it). The categories are
 the named invariants of ``coordinator.invariants`` spelled per chunk: missing/ghost/orphan break
 I1 (ghosts of deleted documents I3), stale breaks I2, duplicate I4; ``check_view_invariants``
 runs those very functions over one document's view so the two definitions cannot drift apart.
 
 How it scales (``full``). Every side is streamed once and never held in memory:
 
-1. pass one: each record (chunk ID, version, hash; for the source and the ledger's document
-   view: doc ID, document hash) goes to a bucket chosen by a stable hash of its *document ID*
+1. pass one: each record (chunk ID, version, hash and, when contents are read, the digest of
+   its metadata; for the source and the ledger's document view: doc ID, document hash) goes
+   to a bucket chosen by a stable hash of its *document ID*
    (so all chunks of a document share a bucket and the detail pass sees whole documents, which
    orphans and per-document repairs need), and is folded into the bucket's digest: a count and a
    sum modulo 2**128 of a 128-bit BLAKE2b of the record. A sum (unlike XOR) does not cancel two
@@ -62,6 +65,7 @@ import structlog
 
 from coordinator import invariants
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash, parse_chunk_id
+from coordinator.invariants import metadata_digest
 from coordinator.model import DocState, StoredChunk
 from coordinator.planner import document_hash
 from coordinator.ports import BadRecord, ChunkIndex, Ledger
@@ -227,19 +231,22 @@ class Digests:
 @dataclass(frozen=True)
 class Observed:
     """One chunk as an index holds it; ``text_ok`` False when its text does not hash to its hash,
-    ``foreign`` says why lockstep cannot have written it ("" when it can have)."""
+    ``foreign`` says why lockstep cannot have written it ("" when it can have), and
+    ``metadata_digest`` is the digest of the metadata it holds (None when it was not read)."""
 
     chunk_id: str
     version: int
     content_hash: str
     text_ok: bool = True
     foreign: str = ""
+    metadata_digest: str | None = None
 
     @classmethod
     def of(cls, chunk: StoredChunk) -> Observed:
         text_ok = chunk.text is None or content_hash(chunk.text) == chunk.content_hash
         foreign = "; ".join(p for p in (chunk.foreign, *layout_problems(chunk)) if p)
-        return cls(chunk.chunk_id, chunk.version, chunk.content_hash, text_ok, foreign)
+        digest = None if chunk.metadata is None else metadata_digest(chunk.metadata)
+        return cls(chunk.chunk_id, chunk.version, chunk.content_hash, text_ok, foreign, digest)
 
     @property
     def effective_hash(self) -> str:
@@ -249,11 +256,21 @@ class Observed:
             return f"foreign:{self.content_hash}"
         return self.content_hash if self.text_ok else f"text-mismatch:{self.content_hash}"
 
+    @property
+    def digested(self) -> str:
+        """What pass one digests: the effective hash, with the metadata digest when it was read."""
+        return with_metadata(self.effective_hash, self.metadata_digest)
+
     def shared(self) -> Observed:
         """This entry, found to share its ID with others in one index."""
         if SHARED_ID in self.foreign:
             return self
         return replace(self, foreign=f"{self.foreign}; {SHARED_ID}" if self.foreign else SHARED_ID)
+
+
+def with_metadata(hashed: str, digest: str | None) -> str:
+    """A record's hash together with its metadata digest (the hash alone when there is none)."""
+    return hashed if digest is None else f"{hashed}|{digest}"
 
 
 def layout_problems(chunk: StoredChunk) -> list[str]:
@@ -279,12 +296,14 @@ def layout_problems(chunk: StoredChunk) -> list[str]:
 
 @dataclass(frozen=True)
 class RefChunk:
-    """What the reference says one chunk must be; ``version`` None when only the source knows it."""
+    """What the reference says one chunk must be; ``version`` None when only the source knows it,
+    ``metadata_digest`` None when the reference records no metadata for it."""
 
     chunk_id: str
     chunk_index: int
     content_hash: str
     version: int | None
+    metadata_digest: str | None = None
 
 
 @dataclass
@@ -325,18 +344,25 @@ class Finding:
 
 
 def source_chunks(doc: SourceDoc, chunking: ChunkingSettings) -> dict[str, RefChunk]:
-    """The chunks the source's current text cuts into (no versions: the source knows none)."""
+    """The chunks the source's current text cuts into (no versions: the source knows none), with
+    the digest of the source's metadata."""
+    digest = metadata_digest(doc.metadata)
     return {
-        chunk_id(doc.doc_id, i): RefChunk(chunk_id(doc.doc_id, i), i, content_hash(t), None)
+        chunk_id(doc.doc_id, i): RefChunk(chunk_id(doc.doc_id, i), i, content_hash(t), None, digest)
         for i, t in enumerate(chunk_text(doc.text, chunking))
     }
 
 
 def ledger_chunks(state: DocState | None) -> dict[str, RefChunk]:
-    """The live chunks the ledger recorded, with the versions they were written with."""
+    """The live chunks the ledger recorded, with the versions they were written with and the
+    document's metadata digest (every state the planner commits records one; a state without it
+    compares no metadata)."""
     if state is None or state.deleted:
         return {}
-    return {c.chunk_id: RefChunk(c.chunk_id, c.chunk_index, c.content_hash, c.version) for c in state.chunks}
+    digest = state.metadata_hash or None
+    return {
+        c.chunk_id: RefChunk(c.chunk_id, c.chunk_index, c.content_hash, c.version, digest) for c in state.chunks
+    }
 
 
 def has_ledger_drift(view: DocView) -> bool:
@@ -417,7 +443,15 @@ def stale_reason(want: RefChunk, got: Observed) -> str:
         return f"hash {got.content_hash[:12]} != reference {want.content_hash[:12]}"
     if want.version is not None and got.version != want.version:
         return f"version {got.version} != reference {want.version}"
-    return ""
+    return _metadata_reason(want.metadata_digest, got.metadata_digest)
+
+
+def _metadata_reason(want: str | None, got: str | None) -> str:
+    """Metadata other than the reference's: the index's copy answers filters and facets (a
+    tenant, an ACL) wrongly even though its text is right. Unread metadata is not judged."""
+    if want is None or got is None or got == want:
+        return ""
+    return f"metadata differs: digest {got[:12]} != reference {want[:12]}"
 
 
 def _extra_finding(doc_id: str, side: str, cid: str, live: bool, count: int) -> Finding:
@@ -438,13 +472,16 @@ def _cross_findings(view: DocView) -> list[Finding]:
     return out
 
 
-def _as_record(o: Observed | None) -> tuple[int, str] | None:
-    return None if o is None else (o.version, o.effective_hash)
+def _as_record(o: Observed | None) -> tuple[int, str, str | None] | None:
+    return None if o is None else (o.version, o.effective_hash, o.metadata_digest)
 
 
 def _cross_detail(k: Observed | None, v: Observed | None) -> str:
     def show(o: Observed | None) -> str:
-        return "absent" if o is None else f"v{o.version} {o.effective_hash[:12]}"
+        if o is None:
+            return "absent"
+        metadata = "" if o.metadata_digest is None else f" metadata {o.metadata_digest[:12]}"
+        return f"v{o.version} {o.effective_hash[:12]}{metadata}"
 
     return f"keyword {show(k)}, vector {show(v)}"
 
@@ -453,14 +490,16 @@ def check_view_invariants(view: DocView, chunking: ChunkingSettings) -> list[inv
     """I1-I4 of ``coordinator.invariants`` over one document's view (the same definitions)."""
     ref = reference(view, chunking)
     expected = {cid: invariants.ExpectedChunk(cid, r.content_hash) for cid, r in ref.items()}
+    metadata = {cid: replace(e, metadata_digest=ref[cid].metadata_digest) for cid, e in expected.items()}
     deleted = set() if ref else {view.doc_id}
     out: list[invariants.Violation] = []
     for side in INDEXES:
-        held = [
-            StoredChunk(o.chunk_id, view.doc_id, 0, o.effective_hash, o.version)
-            for o in view.side(side).values()
-        ]
+        observed = view.side(side).values()
+        held = [StoredChunk(o.chunk_id, view.doc_id, 0, o.effective_hash, o.version) for o in observed]
         out += invariants.check_index(side, expected, deleted, held)
+        # A view holds metadata as digests (or none, when a scan did not read it).
+        read = [(o.chunk_id, o.metadata_digest) for o in observed if o.metadata_digest is not None]
+        out += invariants.latest_metadata(side, metadata, read)
     dup_ids = [cid for cid, n in view.duplicates.items() for _ in range(n)]
     return out + invariants.one_entity_per_id(VECTOR, dup_ids)
 
@@ -659,8 +698,10 @@ class Auditor:
     def _digest_ledger(self, digests: _SideDigests) -> None:
         for state in self.ledger.iter_docs(include_deleted=False):
             digests.ledger_docs.add(state.doc_id, state.doc_id, None, state.source_hash)
+            # Index scans read metadata exactly when they read texts (``_observe``).
+            digest = (state.metadata_hash or None) if self.hash_text else None
             for c in state.chunks:
-                digests.ledger.add(state.doc_id, c.chunk_id, c.version, c.content_hash)
+                digests.ledger.add(state.doc_id, c.chunk_id, c.version, with_metadata(c.content_hash, digest))
 
     def _digest_source(self, target: Digests) -> None:
         for doc in self._listed():
@@ -668,8 +709,13 @@ class Auditor:
 
     def _digest_index(self, side: str, target: Digests) -> None:
         for chunk in self.indexes[side].scan(with_text=self.hash_text):
-            o = Observed.of(chunk)
-            target.add(doc_of(o.chunk_id), o.chunk_id, o.version, o.effective_hash)
+            o = self._observe(chunk)
+            target.add(doc_of(o.chunk_id), o.chunk_id, o.version, o.digested)
+
+    def _observe(self, chunk: StoredChunk) -> Observed:
+        """A scanned chunk; without ``hash_text`` its metadata is left out too, so that every
+        index is compared alike (a Milvus scan without texts reads no metadata)."""
+        return Observed.of(chunk if self.hash_text else replace(chunk, metadata=None))
 
     def _listed(self) -> Iterator[SourceDoc]:
         """The source's live documents; rows it cannot turn into documents are counted, not compared."""
@@ -722,7 +768,7 @@ class Auditor:
 
     def _held(self, side: str, wanted: Callable[[str], bool]) -> list[Observed]:
         chunks = self.indexes[side].scan(with_text=self.hash_text)
-        return [Observed.of(c) for c in chunks if wanted(doc_of(c.chunk_id))]
+        return [self._observe(c) for c in chunks if wanted(doc_of(c.chunk_id))]
 
     def _source_docs(self, wanted: set[str]) -> dict[str, SourceDoc]:
         if isinstance(self.source, FetchableSource):

@@ -1,7 +1,9 @@
 """Continuous audit inside ``lockstep run``: what changed since the last round plus a random sample.
 
 Each round probes, by real-time reads, every document the ledger committed since the previous
-round and a rolling uniform sample of all documents. Documents with a prepared intent are left
+round and a rolling uniform sample of all documents. A probe reads texts and metadata, so a
+chunk whose metadata is not the ledger's (edited in one index, or a metadata-only change that
+reached one index only) is counted as ``stale`` like any other copy that is not the reference's. Documents with a prepared intent are left
 out (they are legitimately half-applied), and a finding counts only if a second probe shortly
 after still shows it, so a commit racing the probe is not reported as drift.
 """

@@ -26,12 +26,18 @@ class GenState(enum.StrEnum):
     ACTIVE = "active"
     STANDBY = "standby"
     DROPPED = "dropped"
+    # No longer written, stores not dropped yet: a generation being built that was given up
+    # (``aborted``), or a standby one that ``gc`` let go (``retired``). Its stores are dropped
+    # once no live writer writes it any more; a ``gc`` run finishes what an interrupted one left.
     ABORTED = "aborted"
+    RETIRED = "retired"
 
 
 # Generations that receive every live write: the one readers see, the one being built, and the
 # ones a rollback may return to.
 LIVE_STATES = frozenset({GenState.BUILDING, GenState.ACTIVE, GenState.STANDBY})
+# Generations let go whose stores are still to drop.
+LET_GO_STATES = frozenset({GenState.ABORTED, GenState.RETIRED})
 
 
 @dataclass(frozen=True)
@@ -179,12 +185,19 @@ def rollback_target(generations: Sequence[Generation]) -> Generation:
 
 
 def expired(generations: Iterable[Generation], now: float, retention_s: float) -> list[Generation]:
-    """Standby and aborted generations whose retention is over (never the active or building one)."""
+    """Standby generations whose retention is over, and aborted or retired ones whose stores are
+    still to drop (never the active or building one)."""
     out = []
     for g in generations:
-        if (g.state is GenState.STANDBY and (g.retired_at or 0.0) + retention_s <= now) or g.state is GenState.ABORTED:
+        if (g.state is GenState.STANDBY and (g.retired_at or 0.0) + retention_s <= now) or g.state in LET_GO_STATES:
             out.append(g)
     return out
+
+
+def still_writing(writers: Mapping[str, Sequence[int] | None], number: int) -> list[str]:
+    """The live writers that may still write generation ``number``: those whose set holds it, and
+    those still starting (their set is not known yet)."""
+    return sorted(owner for owner, numbers in writers.items() if numbers is None or number in numbers)
 
 
 def check_embedder(generation: Generation, model_id: str, dim: int) -> None:

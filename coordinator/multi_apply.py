@@ -71,40 +71,54 @@ class MultiEngine:
     ) -> tuple[list[Intent], list[str]]:
         """``prepare`` in every generation, leaving out the documents another writer (a
         rebuild's backfill) holds in any of them: what one generation left out is withdrawn from
-        the others, so a document is prepared everywhere or nowhere. Returns the active
-        generation's intents and the doc_ids left out, for the caller to keep waiting."""
-        intents, skipped = self.primary.prepare_some(records, fence)
-        held = set(skipped)
-        events = [r for r in records if isinstance(r, ChangeEvent) and r.doc_id not in held]
-        done: list[tuple[ApplyEngine, list[Intent]]] = [(self.primary, intents)]
+        the others, so a document is prepared everywhere or nowhere. Returns one intent for each
+        document prepared in *some* generation, and the doc_ids left out, for the caller to keep
+        waiting.
+
+        Each generation plans against its own ledger, so an event can be old news to one and
+        new to another: a duplicate the active generation already committed is news to the
+        generation being built while its backfill has not reached the document. Such a document
+        is prepared in that generation only, and ``drive`` commits it there."""
+        held: set[str] = set()
+        done: list[tuple[ApplyEngine, list[Intent]]] = []
+        offered: Sequence[SourceRecord] = records
         try:
-            for engine in self.engines[1:]:
-                prepared, later = engine.prepare_some(events, fence)
+            for engine in self.engines:
+                prepared, later = engine.prepare_some(offered, fence)
                 done.append((engine, prepared))
-                if later:
-                    held.update(later)
-                    events = [e for e in events if e.doc_id not in held]
+                held.update(later)
+                # Bad records are dead-lettered once, by the active generation.
+                offered = [r for r in records if isinstance(r, ChangeEvent) and r.doc_id not in held]
         except Exception:
             for prepared_in, prepared in done:
                 prepared_in.ledger.abort([(i.doc_id, i.version) for i in prepared])
             raise
-        if len(held) > len(skipped):
-            for prepared_in, prepared in done:
-                withdrawn = [(i.doc_id, i.version) for i in prepared if i.doc_id in held]
-                if withdrawn:
-                    prepared_in.ledger.abort(withdrawn)
-        return [i for i in intents if i.doc_id not in held], sorted(held)
+        self._withdraw(done, held)
+        first: dict[str, Intent] = {}
+        for _, prepared in done:
+            for intent in prepared:
+                if intent.doc_id not in held:
+                    first.setdefault(intent.doc_id, intent)
+        return list(first.values()), sorted(held)
+
+    @staticmethod
+    def _withdraw(done: Sequence[tuple[ApplyEngine, list[Intent]]], held: set[str]) -> None:
+        """Abort what was prepared for the documents some generation left out."""
+        for prepared_in, prepared in done:
+            withdrawn = [(i.doc_id, i.version) for i in prepared if i.doc_id in held]
+            if withdrawn:
+                prepared_in.ledger.abort(withdrawn)
 
     def drive(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
-        """Drive, in every generation, whatever is prepared for these documents.
+        """Drive, in every generation, whatever is prepared there for these documents.
 
-        Each generation's prepared intents are read back from its own ledger, so a retry after a
-        failure in any generation re-drives exactly what is still missing there."""
+        Each generation's intents are read back from its own ledger: a document may be prepared
+        in some generations only, and a retry after a failure in one generation re-drives
+        exactly what is still missing there, never another generation's intents (whose chunks,
+        vectors and model are that generation's, not this one's)."""
         docs = {i.doc_id for i in intents}
-        self.primary.drive(intents, fence)
-        for engine in self.engines[1:]:
-            pending = [i for i in engine.ledger.pending() if i.doc_id in docs]
-            engine.drive(pending, fence)
+        for engine in self.engines:
+            engine.drive([i for i in engine.ledger.pending() if i.doc_id in docs], fence)
 
     def dead_letter_event(self, event: ChangeEvent, reason: str, attempts: int) -> None:
         self.primary.dead_letter_event(event, reason, attempts)

@@ -11,11 +11,13 @@ Order of work:
 2. the affected documents are read again (real-time ``get``), and every remaining index finding
    becomes one repair *intent* per document, prepared in the ledger and driven by
    ``ApplyEngine.drive``, the same two-phase path (prepare, both sides, mark, commit) that live
-   events take and that ``recover()`` re-drives after a crash. Missing and stale chunks are
-   rewritten from the source's text (pure streams: from whichever index still holds a text that
-   hashes to the ledger's hash, never a foreign entry's); vectors come from the embedding cache,
+   events take and that ``recover()`` re-drives after a crash. Missing and stale chunks (stale
+   metadata included) are rewritten from the source's text and metadata (pure streams: from
+   whichever index still holds a text that hashes to the ledger's hash with metadata that digests
+   to the ledger's metadata digest, never a foreign entry's); vectors come from the embedding cache,
    else the vector index's stored copy of that very hash, and the model is called only when
-   neither has it. Ghosts, orphans and foreign entries outside the reference are deleted by ID
+   neither has it (a text that did not change, as in a metadata repair, is never embedded
+   again). Ghosts, orphans and foreign entries outside the reference are deleted by ID
    (a foreign entry under a reference chunk's ID is rewritten, like a stale one; one with no ID
    at all cannot be addressed and is reported unrepairable); duplicated Milvus keys are deleted
    and rewritten in a second round
@@ -89,6 +91,7 @@ from coordinator.audit import (
 )
 from coordinator.chunking import ChunkingSettings, chunk_text, content_hash
 from coordinator.events import ChangeEvent, Op
+from coordinator.invariants import metadata_digest
 from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk, StoredChunk
 from coordinator.ports import ChunkIndex, Intent, Ledger
 
@@ -106,7 +109,7 @@ REPAIR_ESCALATIONS_MAX = 3
 # Chunk IDs per real-time read when fetching index copies of texts.
 COPY_IDS_PER_READ_MAX = 1000
 # Why a chunk could not be repaired.
-NO_TEXT = "no copy of its text"
+NO_TEXT = "no copy of its text with the document's metadata"
 NO_ID = "an entry without an ID: no write can address it; remove it with the store's own tools"
 
 
@@ -511,7 +514,7 @@ class Reconciler:
         texts: dict[str, StoredChunk] = {}
         for view in views:
             texts |= source_copies(view, self.chunking)
-        wanted = {c.chunk_id: c.content_hash for v in views for c in ledger_chunks(v.ledger).values()}
+        wanted = {cid: ref for v in views for cid, ref in ledger_chunks(v.ledger).items()}
         need = sorted(cid for cid in wanted if cid not in texts)
         for side in INDEXES:
             for part in _batched(need, COPY_IDS_PER_READ_MAX):
@@ -536,10 +539,14 @@ class _Budget:
         return True
 
 
-def _verified(copy: StoredChunk, wanted_hash: str) -> bool:
-    """A copy fit to rewrite a chunk from: its text hashes to the reference's hash, and lockstep
-    wrote it (another writer's copy may carry metadata that is not the document's)."""
-    return not copy.foreign and copy.text is not None and content_hash(copy.text) == wanted_hash
+def _verified(copy: StoredChunk, want: RefChunk) -> bool:
+    """A copy fit to rewrite a chunk from: lockstep wrote it (another writer's copy may carry
+    metadata that is not the document's), its text hashes to the reference's hash and its
+    metadata digests to the reference's (the index whose metadata was edited is repaired from
+    the other one's copy)."""
+    if copy.foreign or copy.text is None or content_hash(copy.text) != want.content_hash:
+        return False
+    return want.metadata_digest is None or metadata_digest(copy.metadata or {}) == want.metadata_digest
 
 
 def _unrepairable_json(missing: Iterable[tuple[str, str]]) -> list[dict[str, str]]:

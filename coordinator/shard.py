@@ -44,6 +44,9 @@ from coordinator.ports import BadRecord, Fence, Intent, SourceRecord
 
 # How soon a batch that met another writer's intent (IntentConflict) is tried again.
 INTENT_CONFLICT_RETRY_S = 0.05
+# How long a document may wait on another writer's intent before its shard drives that intent
+# itself (see ``_hold``): longer than any live writer takes to drive one batch.
+INTENT_ADOPT_AFTER_S = 30.0
 
 log = structlog.get_logger(__name__)
 
@@ -122,8 +125,12 @@ class ShardWorker:
         self._lock = threading.Lock()
         self._waiting: OrderedDict[str, _Waiting] = OrderedDict()
         self._in_flight: dict[str, tuple[Intent, list[int]]] = {}
-        # Documents another writer holds, and when they may be taken again (see ``_hold``).
+        # Documents another writer holds, when they may be taken again, and since when they
+        # have been waiting on it (see ``_hold``).
         self._held_until: dict[str, float] = {}
+        self._held_since: dict[str, float] = {}
+        # Intents of other writers this shard drove (``_adopt``): a writer died with them prepared.
+        self.adopted_intents = 0
         self._attempt = 0
         self._retry_at = 0.0
         self._last_error = ""
@@ -225,12 +232,37 @@ class ShardWorker:
         """Another writer (a rebuild's backfill) holds these documents: they go back to the
         front of the mailbox and are not taken again for INTENT_CONFLICT_RETRY_S, while the rest
         of the batch goes on (each document's versions still apply in order). Not an outage:
-        no backoff, no degraded report. Returns the rest."""
-        until = self.clock() + INTENT_CONFLICT_RETRY_S
+        no backoff, no degraded report. Returns the rest.
+
+        A document still held after INTENT_ADOPT_AFTER_S waits on a writer that died with its
+        intent prepared (a killed rebuild nobody resumed): the shard drives that intent itself,
+        as a recovery would, and the document goes on. Driving an intent its writer is still
+        driving is harmless (same versions; the second commit finds it committed)."""
+        now = self.clock()
         self._put_back({k: w for k, w in batch.items() if k in held})
         with self._lock:
-            self._held_until.update(dict.fromkeys(held, until))
+            self._held_until.update(dict.fromkeys(held, now + INTENT_CONFLICT_RETRY_S))
+            since = {k: self._held_since.setdefault(k, now) for k in held}
+        self._adopt({k for k, t in since.items() if now - t >= INTENT_ADOPT_AFTER_S})
         return {k: w for k, w in batch.items() if k not in held}
+
+    def _adopt(self, doc_ids: set[str]) -> None:
+        """Drive what is prepared for these documents, whoever prepared it."""
+        if not doc_ids:
+            return
+        pending = [i for i in self.engine.ledger.pending() if i.doc_id in doc_ids]
+        try:
+            self.engine.drive(pending, self.fence)
+        except (StoreError, EmbedError) as exc:
+            self._failed(exc)
+            return
+        self.adopted_intents += len(pending)
+        for intent in pending:
+            log.warning("drove an intent another writer left prepared", shard=self.shard, doc_id=intent.doc_id,
+                        version=intent.version, phase="adopt")
+        with self._lock:
+            for doc_id in doc_ids:
+                self._held_since.pop(doc_id, None)
 
     def _take(self, exclude: Collection[str] = (), *, full_only: bool = False) -> dict[str, _Waiting]:
         """Up to a batch of waiting documents (none in flight, excluded or held back); with
@@ -279,6 +311,7 @@ class ShardWorker:
         self._prepared_batches += 1
         for key in batch:
             self._suspects.pop(key, None)
+            self._held_since.pop(key, None)
         self._isolate = bool(self._suspects)
 
     def _put_back(self, batch: dict[str, _Waiting], *, to_back: bool = False) -> None:

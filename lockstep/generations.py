@@ -28,7 +28,7 @@ from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteLedger
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
-from coordinator.apply import ApplyEngine
+from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import LockstepError
 from coordinator.generations import Generation, GenState, check_embedder, physical_names
@@ -239,6 +239,13 @@ def drop_generation_ledger(settings: Settings, number: int) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+IndexWrap = Callable[[str, Any], Any]
+
+
+def _unwrapped(_side: str, index: Any) -> Any:
+    return index
+
+
 @dataclass
 class GenerationParts:
     generation: Generation
@@ -265,8 +272,12 @@ def build_parts(
     crash: CrashHook = no_crash,
     inner: Embedder | None = None,
     ensure: bool = True,
+    wrap: IndexWrap = _unwrapped,
 ) -> GenerationParts:
-    """Everything that writes ``gen``; refuses an embedder other than the generation's own."""
+    """Everything that writes ``gen``; refuses an embedder other than the generation's own.
+
+    ``wrap(side, index)`` is what the engine writes through (the chaos suite's fault injectors);
+    the parts keep the stores themselves."""
     if inner is None:
         inner = build_embedder(generation_embedder_settings(settings, gen))
     check_embedder(gen, inner.model_id, inner.dim)
@@ -279,8 +290,8 @@ def build_parts(
     embedder = CachedEmbedder(inner, build_embedding_cache(home))
     engine = ApplyEngine(
         ledger=ledger,
-        keyword=keyword,
-        vector=vector,
+        keyword=wrap(KEYWORD, keyword),
+        vector=wrap(VECTOR, vector),
         embedder=embedder,
         chunking=gen.chunking,
         source_name=source_name,

@@ -31,9 +31,11 @@ import structlog
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
 from coordinator.chunking import ChunkingSettings
-from coordinator.errors import ConfigError, LockstepError
+from coordinator.crashpoints import CrashHook, no_crash
+from coordinator.errors import ConfigError, IntentConflict, LockstepError
 from coordinator.events import ChangeEvent, Op
 from coordinator.generations import (
+    LET_GO_STATES,
     Generation,
     GenState,
     active,
@@ -44,6 +46,7 @@ from coordinator.generations import (
     reassemble,
     rollback_target,
     start_building,
+    still_writing,
     swapped,
 )
 from coordinator.model import DocState
@@ -228,8 +231,21 @@ def _batched(items: Iterator[DocState], size: int) -> Iterator[list[DocState]]:
 class Rebuild:
     """One ``lockstep rebuild`` (or ``--rollback`` / ``--abort``) run."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        crash: CrashHook = no_crash,
+    ) -> None:
+        """``clock`` and ``sleep`` time every wait of the rebuild (the chaos suite runs it on
+        simulated time, stepping the live service while it waits); ``crash`` is passed to the
+        new generation's engine and ledger (test only: the chaos suite's crash points)."""
         self.settings = settings
+        self._clock = clock
+        self._sleep = sleep
+        self._crash = crash
         # Test only: a real SIGKILL of this process after this many saved backfill batches.
         self.crash_after_batches: int | None = None
         self.home = build_ledger(settings)
@@ -279,21 +295,21 @@ class Rebuild:
         act = active(self.registry.all())
         report = RebuildReport(generation=gen.number, previous=act.number, resumed_from=gen.backfill_position)
         reader = self._reader(act)
-        target = build_parts(self.settings, gen, self.home, source_name=self._source_name())
+        target = build_parts(self.settings, gen, self.home, source_name=self._source_name(), crash=self._crash)
         try:
             # Intents a killed rebuild left prepared are driven first (the service may be driving
             # some of them too; both writes carry the same versions).
             target.engine.recover()
-            started = time.monotonic()
+            started = self._clock()
             if not gen.backfill_done:
                 gen = self._backfill(gen, reader, target, report, progress)
-            report.seconds["backfill"] = round(time.monotonic() - started, 3)
-            started = time.monotonic()
+            report.seconds["backfill"] = round(self._clock() - started, 3)
+            started = self._clock()
             report.live_writers = self._await_writers(gen)
-            report.seconds["writers_switch"] = round(time.monotonic() - started, 3)
-            started = time.monotonic()
+            report.seconds["writers_switch"] = round(self._clock() - started, 3)
+            started = self._clock()
             self._validate(gen, reader, target, report)
-            report.seconds["validate"] = round(time.monotonic() - started, 3)
+            report.seconds["validate"] = round(self._clock() - started, 3)
             # Chunk embeddings only (the query set's own embeddings come after).
             report.embed_calls = target.embedder.embed_calls
             report.cache_hits = target.embedder.cache_hits
@@ -307,7 +323,7 @@ class Rebuild:
 
     def _await_writers(self, gen: Generation) -> list[str]:
         """Wait until every live writer writes ``gen`` too; the writers seen, for the report."""
-        deadline = time.monotonic() + WRITERS_WAIT_MAX_S
+        deadline = self._clock() + WRITERS_WAIT_MAX_S
         logged: list[str] | None = None
         while True:
             writers = self.registry.writers()
@@ -315,7 +331,7 @@ class Rebuild:
             if not lagging:
                 log.info("every live writer writes the new generation", generation=gen.number, writers=sorted(writers))
                 return sorted(writers)
-            if time.monotonic() >= deadline:
+            if self._clock() >= deadline:
                 raise LockstepError(
                     f"after {WRITERS_WAIT_MAX_S:.0f} s these writers still do not write generation {gen.number}: "
                     f"{', '.join(lagging)}; a `lockstep run` switches within seconds of a rebuild starting, a "
@@ -325,7 +341,7 @@ class Rebuild:
             if lagging != logged:
                 log.info("waiting for live writers to write the new generation", generation=gen.number, lagging=lagging)
                 logged = lagging
-            time.sleep(WRITERS_POLL_S)
+            self._sleep(WRITERS_POLL_S)
 
     def _source_name(self) -> str:
         return self.settings.source.name if self.settings.source else "api"
@@ -370,7 +386,7 @@ class Rebuild:
         for _ in range(DEFERRED_PASSES_MAX):
             if not doc_ids:
                 return
-            time.sleep(CONFLICT_PAUSE_S)
+            self._sleep(CONFLICT_PAUSE_S)
             states = list(reader.ledger.get_docs(dict.fromkeys(doc_ids)).values())
             doc_ids = _apply(target, snapshot_events(states, reader, report.unreadable_docs))
         if doc_ids:
@@ -411,20 +427,12 @@ class Rebuild:
                 docs = sorted({f.doc_id for f in result.findings})
                 found.append(len(docs))
                 self._repair(result, reader, target, exact=exact, unreadable=report.unreadable_docs)
-                self._settle(docs, reader, target)
+                self._settle(docs, reader, target, clock=self._clock, sleep=self._sleep)
                 result = auditor.recheck(docs)
                 if not result.report.clean and not any(has_ledger_drift(v) for v in result.views.values()):
                     # Only index-level findings are left: the reconciler's repairs (from the
                     # new generation's own ledger) fix those.
-                    Reconciler(
-                        auditor=auditor,
-                        engine=target.engine,
-                        ledger=target.ledger,
-                        keyword=target.keyword,
-                        vector=target.vector,
-                        chunking=gen.chunking,
-                        limiter=RateLimiter(VALIDATE_REPAIR_OPS_PER_S),
-                    ).run(dry_run=False, max_ops=None)
+                    self._reconcile(auditor, target, gen)
                     result = auditor.recheck(docs)
         report.audit_rounds.append({"mode": result.report.mode, "clean": result.report.clean,
                                     "counts": result.report.as_json()["counts"]})
@@ -435,7 +443,32 @@ class Rebuild:
             )
 
     @staticmethod
-    def _settle(doc_ids: Sequence[str], reader: _Reader, target: GenerationParts) -> None:
+    def _reconcile(auditor: Auditor, target: GenerationParts, gen: Generation) -> None:
+        """Repair index-level findings through the new generation's own ledger. A document a
+        live write holds an intent for meanwhile is on its way, not drift: the reconciler stops
+        there, and the next round's recheck sees the document as the live write left it."""
+        try:
+            Reconciler(
+                auditor=auditor,
+                engine=target.engine,
+                ledger=target.ledger,
+                keyword=target.keyword,
+                vector=target.vector,
+                chunking=gen.chunking,
+                limiter=RateLimiter(VALIDATE_REPAIR_OPS_PER_S),
+            ).run(dry_run=False, max_ops=None)
+        except IntentConflict as exc:
+            log.info("a live write holds a document to repair; the next round checks it again", error=str(exc))
+
+    @staticmethod
+    def _settle(
+        doc_ids: Sequence[str],
+        reader: _Reader,
+        target: GenerationParts,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         """Wait until the live writes of these documents that are in flight now (an intent
         prepared but not committed, in either generation) have landed: such a document is on its
         way, not drift, and a recheck made before it lands would only find it again. Only the
@@ -452,13 +485,13 @@ class Rebuild:
             }
 
         waiting = in_flight()
-        deadline = time.monotonic() + VALIDATE_SETTLE_MAX_S
+        deadline = clock() + VALIDATE_SETTLE_MAX_S
         while True:
-            time.sleep(VALIDATE_SETTLE_S)
+            sleep(VALIDATE_SETTLE_S)
             waiting &= in_flight()
             if not waiting:
                 return
-            if time.monotonic() >= deadline:
+            if clock() >= deadline:
                 log.warning("live writes still in flight after the settle limit; rechecking anyway",
                             docs=len(waiting), limit_s=VALIDATE_SETTLE_MAX_S)
                 return
@@ -536,9 +569,8 @@ class Rebuild:
                 per_query.append({"query": query, "keyword_overlap": kw, "vector_overlap": vec})
         finally:
             old_vector.close()
-        mean = lambda key: round(sum(q[key] for q in per_query) / len(per_query), 3) if per_query else None  # noqa: E731
-        return {"k": k, "queries": len(per_query), "keyword_overlap_mean": mean("keyword_overlap"),
-                "vector_overlap_mean": mean("vector_overlap"), "per_query": per_query}
+        return {"k": k, "queries": len(per_query), "keyword_overlap_mean": _mean(per_query, "keyword_overlap"),
+                "vector_overlap_mean": _mean(per_query, "vector_overlap"), "per_query": per_query}
 
     # --- swap, rollback, abort, gc ----------------------------------------------------------------
 
@@ -568,22 +600,44 @@ class Rebuild:
         return self.swap(rollback_target(self.registry.all()).number)
 
     def abort(self) -> int:
+        """Give up the generation being built: no writer writes it any more, then its stores go."""
         gen = building(self.registry.all())
         if gen is None:
             raise ConfigError("no generation is being built")
-        self.registry.put([replace(gen, state=GenState.ABORTED, retired_at=time.time())])
-        drop_generation_stores(self.settings, gen)
-        self.registry.put([replace(gen, state=GenState.DROPPED, retired_at=time.time())])
+        self._drop(replace(gen, state=GenState.ABORTED, retired_at=time.time()))
         return gen.number
 
     def gc(self, *, now: float, retention_s: float) -> list[int]:
         dropped = []
         for gen in expired(self.registry.all(), now, retention_s):
-            drop_generation_stores(self.settings, gen)
-            self.registry.put([replace(gen, state=GenState.DROPPED)])
+            self._drop(gen if gen.state in LET_GO_STATES else replace(gen, state=GenState.RETIRED))
             dropped.append(gen.number)
             log.info("generation dropped", generation=gen.number)
         return dropped
+
+    def _drop(self, gen: Generation) -> None:
+        """Record ``gen`` as let go (no longer live), wait until no live writer writes it, then
+        drop its stores and record it dropped. Dropping sooner would pull the stores from under a
+        running ``lockstep run`` that still writes it until its next registry poll: its writes
+        there would fail for good and its drain before switching would never end."""
+        self.registry.put([gen])
+        self._await_writers_gone(gen.number)
+        drop_generation_stores(self.settings, gen)
+        self.registry.put([replace(gen, state=GenState.DROPPED)])
+
+    def _await_writers_gone(self, number: int) -> None:
+        deadline = self._clock() + WRITERS_WAIT_MAX_S
+        logged: list[str] = []
+        while writers := still_writing(self.registry.writers(), number):
+            if self._clock() >= deadline:
+                raise LockstepError(
+                    f"after {WRITERS_WAIT_MAX_S:.0f} s these writers still write generation {number}: "
+                    f"{', '.join(writers)}; it is no longer live, and `lockstep gc` drops it once they stopped"
+                )
+            if writers != logged:
+                log.info("waiting for live writers to stop writing the generation", generation=number, writers=writers)
+                logged = writers
+            self._sleep(WRITERS_POLL_S)
 
 
 def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> list[str]:
@@ -608,6 +662,10 @@ def _docs(hits: Sequence[Any]) -> list[str]:
         if hit.doc_id not in out:
             out.append(hit.doc_id)
     return out
+
+
+def _mean(rows: Sequence[dict[str, Any]], key: str) -> float | None:
+    return round(sum(float(r[key]) for r in rows) / len(rows), 3) if rows else None
 
 
 def _overlap(a: list[str], b: list[str]) -> float:

@@ -8,6 +8,7 @@ never through the ledger, exactly as an operator's mistake or a store bug would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -46,7 +47,7 @@ from coordinator.audit import (
     record_digest,
     reservoir,
 )
-from coordinator.chunking import ChunkingSettings, chunk_id, content_hash
+from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.continuous_audit import ContinuousAudit
 from coordinator.model import NO_VERSION, ChunkDelete, ChunkState, DocState, IndexedChunk, StoredChunk
 from coordinator.reconcile import NO_ID, RateLimiter, Reconciler, plan_repair
@@ -54,6 +55,7 @@ from coordinator.sync import run_sync
 from lockstep.bootstrap import Runtime, build_source, runtime
 from lockstep.settings import Settings
 from tests.support.milvus_servers import LiteServer, RealMilvus
+from tests.support.raw_stores import read_keyword, read_vector
 
 DIM = 16
 CHUNKING = {"max_chars": 40}
@@ -702,6 +704,133 @@ def test_foreign_documents_are_findings_that_reconcile_removes_at_the_engines_ve
     assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-3000:]
 
 
+# --- metadata edited behind lockstep's back ------------------------------------------------------
+
+# The metadata the raw clients put in place of a document's own ({"d": doc_id}, from _event): an
+# ACL widened in the keyword index, a tenant changed in the vector index.
+KEYWORD_EDIT = (chunk_id("d1", 0), {"d": "d1", "acl": "public"})
+VECTOR_EDIT = (chunk_id("d2", 1), {"d": "someone-else"})
+
+
+def _edit_search_engine_metadata(url: str, index: str, cid: str, metadata: dict[str, Any]) -> None:
+    """Rewrite one document's metadata with opensearch-py at its own _version (external_gte), so
+    that only the metadata differs from what lockstep wrote."""
+    client = OpenSearch(url, timeout=RAW_TIMEOUT_S)
+    try:
+        held = client.get(index=index, id=cid)
+        body = held["_source"] | {"metadata": metadata}
+        client.index(index=index, id=cid, body=body, version=held["_version"], version_type="external_gte")
+    finally:
+        client.close()
+
+
+def _edit_tantivy_metadata(path: str, cid: str, metadata: dict[str, Any]) -> None:
+    """Replace one live document with the tantivy binding: every stored field kept, the metadata
+    bytes changed."""
+    index = tantivy.Index.open(path)
+    index.register_tokenizer("lockstep_text", tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).build())
+    searcher = index.searcher()
+    query = index.parse_query(f'"{cid}"', ["chunk_id"])
+    [(_, address)] = searcher.search(query, limit=2).hits
+    held = searcher.doc(address).to_dict()
+    edited = tantivy.Document()
+    for field in ("chunk_id", "doc_id", "text", "content_hash"):
+        edited.add_text(field, held[field][0])
+    for field in ("chunk_index", "version", "seq"):
+        edited.add_integer(field, held[field][0])
+    edited.add_boolean("deleted", held["deleted"][0])
+    edited.add_bytes("metadata", json.dumps(metadata).encode())
+    writer = index.writer(heap_size=RAW_TANTIVY_HEAP_BYTES, num_threads=1)
+    writer.delete_documents("chunk_id", cid)
+    writer.add_document(edited)
+    writer.commit()
+    writer.wait_merging_threads()
+
+
+def _edit_vector_metadata(settings: Settings, cid: str, metadata: dict[str, Any]) -> None:
+    """Upsert one row with pymilvus: its own vector, text, hash and version, other metadata."""
+    with runtime(settings) as rt:
+        held = rt.vector.get([cid])[cid]
+        vector = rt.vector.fetch_vectors([cid])[cid]
+    row = {"chunk_id": cid, "vector": vector, "doc_id": held.doc_id, "chunk_index": held.chunk_index,
+           "text": held.text, "content_hash": held.content_hash, "version": held.version,
+           "metadata": metadata}  # fmt: skip
+    client = MilvusClient(uri=settings.vector.uri, timeout=RAW_TIMEOUT_S, dedicated=True)
+    try:
+        client.upsert(settings.vector.collection, [row], timeout=RAW_TIMEOUT_S)
+    finally:
+        client.close()
+
+
+def _edit_metadata(request: pytest.FixtureRequest, name: str, settings: Settings) -> None:
+    places = _places(settings)
+    if name.startswith("tantivy"):
+        _edit_tantivy_metadata(places.keyword, *KEYWORD_EDIT)
+    else:
+        _edit_search_engine_metadata(request.getfixturevalue("opensearch_api_url"), places.keyword, *KEYWORD_EDIT)
+    _edit_vector_metadata(settings, *VECTOR_EDIT)
+
+
+def _source_expectation() -> dict[str, invariants.ExpectedChunk]:
+    """What the chaos checks expect of every chunk, from the events themselves: the source's own
+    text and a digest of its metadata, computed in the check."""
+    out = {}
+    for i in range(DOCS):
+        event = _event(f"d{i}", 1)
+        digest = invariants.metadata_digest(event["metadata"])
+        for n, piece in enumerate(chunk_text(event["text"], ChunkingSettings(**CHUNKING))):
+            out[chunk_id(f"d{i}", n)] = invariants.ExpectedChunk(
+                chunk_id(f"d{i}", n), hashlib.sha256(piece.encode()).hexdigest(), piece, digest
+            )
+    return out
+
+
+def test_metadata_edited_behind_lockstep_is_found_and_repaired_without_embedding(
+    request: pytest.FixtureRequest, stack: tuple[str, Settings], tmp_path: Path
+) -> None:
+    """Metadata rewritten with the raw clients in one index (texts, hashes and versions untouched)
+    is `stale` ("metadata differs") in `lockstep audit`, the continuous audit and the chaos
+    checks; `lockstep reconcile` rewrites each copy from the other index's with zero embed calls,
+    and both indexes then hold the document's own metadata again."""
+    name, settings = stack
+    _loaded(settings)
+    _edit_metadata(request, name, settings)
+    continuous = _continuous_round(settings)
+    assert _counts(continuous) == {"keyword": {"stale": 1}, "vector": {"stale": 1}, "cross_index": 2}
+    with runtime(settings) as rt:
+        chaos = [str(v) for v in audit_violations(_auditor(settings, rt))]
+        for side, index in (("keyword", rt.keyword), ("vector", rt.vector)):
+            chaos += map(str, invariants.check_index(side, _source_expectation(), set(), list(index.scan(with_text=True))))
+    assert sorted(v for v in chaos if v.startswith("I2")) == [
+        f"I2 [keyword] {KEYWORD_EDIT[0]}: metadata differs from the source's",
+        f"I2 [vector] {VECTOR_EDIT[0]}: metadata differs from the source's",
+    ], chaos
+    assert sum(v.startswith("audit:stale") and "metadata differs" in v for v in chaos) == 2, chaos
+    if name.startswith("tantivy"):
+        server_manager_instance.release_server(settings.vector.uri)
+    config = str(_config_file(tmp_path, settings))
+
+    audit = _cli("audit", "-c", config, "--json")
+    assert audit.returncode == 1, audit.stderr[-3000:]
+    report = json.loads(audit.stdout)
+    assert _nonzero(report["counts"]) == {"keyword": {"stale": 1}, "vector": {"stale": 1}, "cross_index": 2}
+    for side, (cid, _) in (("keyword", KEYWORD_EDIT), ("vector", VECTOR_EDIT)):
+        [example] = report["examples"][side]["stale"]
+        assert example["chunk_id"] == cid and example["detail"].startswith("metadata differs"), example
+
+    fixed = _cli("reconcile", "-c", config)
+    assert fixed.returncode == 0, fixed.stdout[-3000:] + fixed.stderr[-3000:]
+    summary = json.loads(fixed.stdout)
+    assert summary["embed_calls"] == 0, summary
+    assert sorted((r["doc_id"], r["sides"]) for r in summary["repairs"]) == [("d1", ["keyword"]), ("d2", ["vector"])]
+    assert _cli("audit", "-c", config).returncode == 0
+    keyword, vector = read_keyword(settings), read_vector(settings)
+    for cid in (KEYWORD_EDIT[0], VECTOR_EDIT[0]):
+        doc_id = cid.split(":")[0]
+        assert keyword[cid].metadata == vector[cid].metadata == {"d": doc_id}, (keyword[cid], vector[cid])
+        assert keyword[cid].version == vector[cid].version == 1, "a same-version repair keeps the version"
+
+
 def test_a_tantivy_document_without_any_id_is_reported_unrepairable_not_deleted(embedded: Settings) -> None:
     """A Tantivy document without a chunk_id is a foreign finding that no write can address:
     reconcile lists it as unrepairable (so the CLI exits 1) and sends no delete that would
@@ -960,3 +1089,28 @@ def test_a_folder_source_lists_its_files_for_the_audit(tmp_path: Path) -> None:
     assert _reconcile(settings)["redrives"] == [{"doc_id": "b.txt", "op": "upsert", "version": 2}]
     assert _audit(settings).clean
     server_manager_instance.release_server(settings.vector.uri)
+
+
+def test_metadata_is_compared_exactly_when_contents_are_read() -> None:
+    """The full audit digests every index's metadata with its texts: metadata other than the
+    ledger's is stale in the index that holds it; `--no-hash-text` reads no texts and compares no
+    metadata in any index (a Milvus scan without texts reads none), so it sees neither."""
+    text = "t"
+    state = DocState("z", 4, False, (ChunkState("z:chunk-0", 0, content_hash(text), 4),),
+                     metadata_hash=invariants.metadata_digest({"tenant": "a"}))  # fmt: skip
+    good = StoredChunk("z:chunk-0", "z", 0, content_hash(text), 4, text, {"tenant": "a"})
+
+    def audit(hash_text: bool) -> list[tuple[str, str]]:
+        auditor = Auditor(
+            ledger=_Docs([state]),  # type: ignore[arg-type]  # the read side of a Ledger
+            keyword=_Scanned([replace(good, metadata={"tenant": "b"})]),  # type: ignore[arg-type]  # scan only
+            vector=_Scanned([good]),  # type: ignore[arg-type]  # scan only
+            source=None,
+            chunking=ChunkingSettings(),
+            reference_name="test",
+            hash_text=hash_text,
+        )
+        return sorted((f.category.value, f.side) for f in auditor.full().findings)
+
+    assert audit(True) == [("cross_index", "indexes"), ("stale", "keyword")]
+    assert audit(False) == []

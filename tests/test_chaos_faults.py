@@ -68,3 +68,29 @@ def test_a_crash_schedule_restarts_lockstep_and_redelivers(tmp_path: Path) -> No
     result = run_schedule(ScheduleSpec(77, ("lockstep_crash", "reorder")), tmp_path)
     assert result.details["restarts"] >= 1 and result.details["crash_points"]
     assert result.violations == []
+
+
+# A schedule in which the keyword index refuses (item by item) a version that also shrinks its
+# document: found by the CI smoke's plan (seed 20251126, schedule 6). Before the fix the keyword
+# side sent the refused document's deletes anyway, so no copy of its committed chunks was left
+# to restore from.
+REFUSED_SHRINK = ScheduleSpec(
+    824029084596, ("delete_before_create", "store_refuses_document", "malformed_vector"), path="shard"
+)
+
+
+def test_a_refused_version_that_shrinks_its_document_is_rolled_back_in_both_indexes(tmp_path: Path) -> None:
+    """A store that refuses a document's new version keeps every chunk of it, those the version
+    would delete included, so both indexes are restored to the committed state."""
+    result = run_schedule(REFUSED_SHRINK, tmp_path)
+    assert result.injected.get("store_refuses_document", 0) > 0, result.injected
+    assert result.violations == [], "\n".join(result.violations[:20])
+
+
+def test_a_crash_between_batches_of_the_batch_path_resumes_from_the_checkpoint(tmp_path: Path) -> None:
+    """On the batch path lockstep dies right after a batch's checkpoint (seed 3 arms that point);
+    the next run_sync resumes from it and every invariant holds."""
+    result = run_schedule(ScheduleSpec(3, ("lockstep_crash", "reorder"), path="batch"), tmp_path)
+    assert result.details["path"] == "batch" and result.details["crash_points"] == ["after_checkpoint"]
+    assert result.details["restarts"] >= 1
+    assert result.violations == [], "\n".join(result.violations[:20])

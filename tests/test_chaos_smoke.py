@@ -1,6 +1,7 @@
 """The CI chaos smoke: 200 seeded schedules over every in-process fault kind, within a bounded
-budget, with zero violations; a planted bug that the same budget catches; and the server smoke,
-`lockstep chaos run --servers managed` over a mix of all 30 fault kinds, in which each server kind
+budget, with zero violations, through both paths (shard worker, run_sync); the planted bugs that
+the same plan catches are tests/test_chaos_planted.py's; and the server smoke,
+`lockstep chaos run --servers managed` over a mix of all 32 fault kinds, in which each server kind
 (network, process, tombstone) must report its own injection."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,15 @@ from typer.testing import CliRunner
 from chaos import cli as chaos_cli
 from chaos.catalogue import INPROC_KINDS, KINDS, SERVER_KINDS, parse_kinds
 from chaos.planted import KEYWORD_DROPS_DELETES
-from chaos.runner import plan_specs, run_schedules
+from chaos.runner import BATCH_PATH, SHARD_PATH, plan_specs, run_schedules
 
 SMOKE_SEED = 20_251_126
 SMOKE_SCHEDULES = 200
 # About five minutes on two busy cores; a schedule takes ~1 s of wall time, four run at once.
 SMOKE_BUDGET_S = 300.0
 SMOKE_WORKERS = 4
-# The server smoke: each of the 30 schedules forces one kind (the 12 server kinds first, then the
-# 18 in-process ones) and draws up to 3 more from all 30, so every kind runs, mixed with others.
+# The server smoke: each of the 32 schedules forces one kind (the 12 server kinds first, then the
+# 20 in-process ones) and draws up to 3 more from all 32, so every kind runs, mixed with others.
 SERVER_SMOKE_FAULTS = "server,inproc"
 SERVER_SMOKE_SCHEDULES = len(KINDS)
 # Each worker runs its own OpenSearch-API server and milvus-lite server; a schedule mostly waits
@@ -39,7 +41,8 @@ SERVER_SMOKE_TIMEOUT_S = 400.0
 
 
 def test_two_hundred_schedules_hold_every_invariant_and_inject_every_kind(tmp_path: Path) -> None:
-    """All 200 schedules finish within budget, none violates an invariant, every kind was injected."""
+    """All 200 schedules finish within budget, none violates an invariant, every kind was injected,
+    and both paths ran: the shard worker's and run_sync's."""
     specs = plan_specs(SMOKE_SEED, SMOKE_SCHEDULES, INPROC_KINDS)
     summary = run_schedules(specs, workers=SMOKE_WORKERS, budget_s=SMOKE_BUDGET_S, base_dir=tmp_path)
     failed = [(r.seed, r.faults, r.violations[:3]) for r in summary.results if not r.ok]
@@ -47,21 +50,13 @@ def test_two_hundred_schedules_hold_every_invariant_and_inject_every_kind(tmp_pa
     assert len(summary.results) == SMOKE_SCHEDULES, f"budget ran out after {len(summary.results)} schedules"
     missing = [k for k in INPROC_KINDS if summary.injected[k] == 0]
     assert missing == [], f"never injected: {missing}"
-
-
-def test_a_planted_bug_is_found_within_the_ci_budget(tmp_path: Path) -> None:
-    """With the keyword index dropping deletes, the CI plan finds a violation before its budget ends."""
-    specs = plan_specs(SMOKE_SEED, SMOKE_SCHEDULES, INPROC_KINDS, KEYWORD_DROPS_DELETES)
-    summary = run_schedules(
-        specs, workers=SMOKE_WORKERS, budget_s=SMOKE_BUDGET_S, base_dir=tmp_path, fail_fast=True
-    )
-    assert summary.violations > 0
-    found = {v.split(" ", 1)[0] for r in summary.results for v in r.violations}
-    assert found & {"I1", "I3", "audit:ghost"}, found
+    paths = Counter(r.details["path"] for r in summary.results)
+    assert paths[SHARD_PATH] > 0 and paths[BATCH_PATH] > 0, paths
 
 
 def test_the_cli_prints_the_table_and_exits_1_with_the_failing_seed() -> None:
-    """`lockstep chaos run` exits 0 when clean and 1 with a replay line when a planted bug bites."""
+    """`lockstep chaos run` exits 0 when clean and 1 with a replay line when a planted bug bites;
+    `--path batch` runs the batch path, and refuses (exit 2) a kind only the shard path meets."""
     app = typer.Typer()
     app.callback()(lambda: None)
     chaos_cli.register(app)
@@ -86,6 +81,10 @@ def test_the_cli_prints_the_table_and_exits_1_with_the_failing_seed() -> None:
     )
     assert broken.exit_code == 1, broken.output
     assert "FAILED seed" in broken.output and "--replay" in broken.output
+    batch = runner.invoke(app, ["chaos", "run", "--seed", "5", "--schedules", "2", "--workers", "2", "--path", "batch"])
+    assert batch.exit_code == 0, batch.output
+    refused = runner.invoke(app, ["chaos", "run", "--path", "batch", "--faults", "poison_document"])
+    assert refused.exit_code == 2 and "only the shard path" in refused.output, refused.output
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_the_server_smoke_holds_every_invariant_and_injects_every_kind(
     server_smoke: tuple[subprocess.CompletedProcess[str], dict[str, Any]],
 ) -> None:
     """All server-smoke schedules run on managed servers within budget, exit 0 with no violation,
-    and every one of the 30 kinds was injected, the 12 server kinds included."""
+    and every one of the 32 kinds was injected, the 12 server kinds included."""
     done, report = server_smoke
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert report["schedules"] == SERVER_SMOKE_SCHEDULES, f"budget ran out: {report['schedules']}"

@@ -1,5 +1,6 @@
 """A Hypothesis state machine over real stores: source mutations and fault injections as rules,
-every invariant checked at each quiescence; the model is SourceModel's plain dict."""
+every invariant checked at each quiescence, reached through the streaming path (shard worker,
+low watermark) or the batch path (``run_sync``); the model is SourceModel's plain dict."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 
+from chaos.drive import CRASH_POINTS, BatchDrive, ShardDrive
 from chaos.faults import EMBED_ARMABLE
 from chaos.rig import Rig, Stores
-from chaos.runner import CRASH_POINTS, EmbeddedStores, ScheduleSpec, _Run, quiescent_checks
+from chaos.runner import EmbeddedStores, ScheduleSpec, quiescent_checks
 from chaos.servertier import ServerTier
 from chaos.stream import DELIVERY_FAULTS, StreamFaults
 from chaos.workload import TABLES, SourceModel
@@ -93,11 +95,19 @@ def machine(open_stores: Opener) -> type[RuleBasedStateMachine]:
 
         @rule()
         def quiesce(self) -> None:
-            """Deliver everything, settle, and check every invariant."""
-            run = _Run(self.rig, self.pending, ScheduleSpec(0, ()), self.rng, None)
+            """Deliver everything through the shard, settle, and check every invariant."""
+            self._quiesce(ShardDrive)
+
+        @rule()
+        def quiesce_in_batches(self) -> None:
+            """Deliver everything through ``run_sync``, and check every invariant."""
+            self._quiesce(BatchDrive)
+
+        def _quiesce(self, path: type[ShardDrive] | type[BatchDrive]) -> None:
+            drive = path(self.rig, self.pending, ScheduleSpec(0, ()), self.rng, None)
             self.pending = []
-            run.to_quiescence()
-            violations = quiescent_checks(self.rig, run)
+            drive.to_quiescence()
+            violations = quiescent_checks(self.rig, drive)
             assert violations == [], "\n".join(map(str, violations[:20]))
 
         def teardown(self) -> None:

@@ -238,6 +238,51 @@ def test_a_rebuild_killed_mid_backfill_resumes_without_re_embedding(tmp_path: Pa
     _check_generation(config, 2, final)
 
 
+@pytest.mark.parametrize("operation", ["abort", "gc"])
+def test_an_abort_or_gc_drops_a_generation_only_once_no_live_writer_writes_it(tmp_path: Path, operation: str) -> None:
+    """A running service writes generation 2 until its next registry poll: the abort (or gc of
+    the standby) records the generation as no longer live at once, but drops its stores only
+    after the service announced a set without it. Dropped sooner, the service's writes there
+    would fail for good and its drain before switching would never end."""
+    from lockstep.generations import WRITER_TTL_S
+
+    config = _config(tmp_path)
+    _write_history(tmp_path, 12)
+    assert _lockstep("sync", "-c", str(config)).returncode == 0
+    settings = load_settings(config)
+    built = Rebuild(settings)
+    try:
+        report = built.run(settings.embedder, ChunkingSettings(70), swap=operation == "gc")
+        if operation == "gc":
+            built.rollback()  # generation 2 becomes the standby that gc drops
+        built.registry.announce("old-service", [1, 2], WRITER_TTL_S)
+    finally:
+        built.close()
+    dropped_number, let_go = report.generation, "aborted" if operation == "abort" else "retired"
+    polls: list[tuple[str, bool]] = []
+
+    def poll(_seconds: float) -> None:
+        """The service's view while the operation waits: it switches at the third poll."""
+        state = {g.number: g.state.value for g in registry.all()}[dropped_number]
+        polls.append((state, (tmp_path / "tantivy-g2").exists() and (tmp_path / "ledger.g2.db").exists()))
+        if len(polls) == 3:
+            registry.announce("old-service", [1], WRITER_TTL_S)
+
+    dropper = Rebuild(settings, sleep=poll)
+    registry = dropper.registry
+    try:
+        outcome = dropper.abort() if operation == "abort" else dropper.gc(now=time.time(), retention_s=0.0)
+        assert outcome == (dropped_number if operation == "abort" else [dropped_number])
+        states = {g.number: g.state.value for g in registry.all()}
+    finally:
+        registry.withdraw("old-service")
+        dropper.close()
+    server_manager_instance.release_server(settings.vector.uri)
+    assert polls == [(let_go, True)] * 3, "no longer live at once, stores kept while written"
+    assert states == {1: "active", 2: "dropped"}
+    assert not (tmp_path / "tantivy-g2").exists() and not (tmp_path / "ledger.g2.db").exists()
+
+
 # --- a live rebuild under `lockstep run`, with readers querying the aliases throughout ----------
 
 
