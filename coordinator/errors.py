@@ -17,7 +17,12 @@ Adapters convert every backend error at their boundary into one of these and rai
     │   └── EmbedServiceError       not retriable, and not the input's fault: the service refuses
     │                               every request (401, 403, 404: credentials, URL, model name)
     ├── SourceError             a change source cannot be read
-    └── FencedError             this process no longer owns the shard it writes for
+    ├── FencedError             this process no longer owns the shard it writes for
+    └── SearchError             a search that cannot be answered as asked
+        ├── InvalidSearch           the request itself is wrong (a bad mode, k, filter, token)
+        ├── SearchUnavailable       the index the request needs cannot be searched now
+        └── ConsistencyTimeout      the changes a consistency token covers are not all
+                                    committed and visible within the wait; lists them
 """
 
 from __future__ import annotations
@@ -113,3 +118,30 @@ class SourceError(LockstepError):
 
 class FencedError(LockstepError):
     """A write carried an ownership epoch that is no longer current: another owner took over."""
+
+
+class SearchError(LockstepError):
+    """A search that cannot be answered as asked."""
+
+
+class InvalidSearch(SearchError):
+    """The search request itself is wrong; asking again the same way fails the same way."""
+
+
+class SearchUnavailable(SearchError):
+    """An index the request needs could not be searched (down, too slow): worth retrying."""
+
+    retriable = True
+
+
+class ConsistencyTimeout(SearchError):
+    """The changes a consistency token covers were not all committed and visible in time.
+
+    ``pending`` lists each change still waited for, as ``(doc_id, version, why)``; no answer is
+    given, so that a partial one is never taken for a complete one."""
+
+    retriable = True
+
+    def __init__(self, message: str, *, pending: tuple[tuple[str, int, str], ...]) -> None:
+        super().__init__(message)
+        self.pending = pending

@@ -123,10 +123,19 @@ class WriteResult:
 
 @dataclass(frozen=True)
 class SearchHit:
+    """One hit of an index's search, as the index holds it (nothing here is trusted yet).
+
+    ``version`` is the store's version of the chunk (ES ``_version``, the Milvus ``version``
+    field, Tantivy's stored one), ``chunk_index`` its position in its document; the read path's
+    fence (``coordinator/fence.py``) checks both, and the text's hash, against the ledger."""
+
     chunk_id: str
     doc_id: str
     score: float
     text: str
+    version: int = NO_VERSION
+    chunk_index: int = -1
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
 class PayloadEncoding(enum.StrEnum):

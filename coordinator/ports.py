@@ -83,6 +83,68 @@ class VectorIndex(ChunkIndex, Protocol):
         """The stored vectors of these chunks (used when the embedding cache lacks them)."""
 
 
+# A metadata filter: equality on top-level metadata keys, each value a JSON scalar.
+MetadataFilter = Mapping[str, str | int | float | bool | None]
+
+
+@runtime_checkable
+class KeywordSearch(Protocol):
+    """The keyword index as the read path uses it: BM25 hits carrying what the fence checks
+    (version, chunk index, text, metadata), read at the engine's own search visibility: nothing
+    is refreshed for a query (a refresh per query is what a loaded Elasticsearch must not get)."""
+
+    name: str
+    # Whether ``search_hits`` filters on metadata itself; otherwise the caller filters after the
+    # fence (metadata is stored, not indexed, in every keyword backend).
+    filters_metadata: bool
+
+    def search_hits(
+        self, query: str, k: int, *, where: MetadataFilter | None = None, timeout_s: float | None = None
+    ) -> list[SearchHit]:
+        """BM25 top-k chunks for ``query``, best first; ``timeout_s`` bounds the whole call."""
+
+    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]:
+        """The version of each of these chunks that a search sees now (absent: not seen), read
+        through the search path, so that it shows what a query would find."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class VectorSearch(Protocol):
+    """The vector index as the read path uses it."""
+
+    name: str
+    dim: int
+    # Whether ``search_hits`` filters on metadata itself (Milvus does, on its JSON field).
+    filters_metadata: bool
+
+    def search_hits(
+        self,
+        vector: Vector,
+        k: int,
+        *,
+        where: MetadataFilter | None = None,
+        strong: bool = False,
+        timeout_s: float | None = None,
+    ) -> list[SearchHit]:
+        """The k chunks nearest to ``vector``, best first. ``strong``: see every write
+        acknowledged before the call (Milvus ``Strong``); otherwise the store's default bounded
+        staleness, which the fence makes safe."""
+
+    def close(self) -> None: ...
+
+
+class CommittedState(Protocol):
+    """The read side of the ledger the search path needs."""
+
+    def get_docs(self, doc_ids: Iterable[str]) -> dict[str, DocState]:
+        """Committed state of the given documents, in one read; unknown documents left out."""
+
+    def get_checkpoint(self, source: str) -> str | None:
+        """The position after the last applied event of ``source``, or None."""
+
+
 @runtime_checkable
 class Embedder(Protocol):
     """Turns chunk texts into vectors. ``model_id`` names the vector space (cache key part)."""

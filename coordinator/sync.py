@@ -9,7 +9,7 @@ only once every event of the batch is committed in both indexes, dead-lettered, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 
 from coordinator import crashpoints
@@ -18,9 +18,14 @@ from coordinator.events import ChangeEvent
 from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord
 
 ProgressFn = Callable[[int], None]
+AppliedFn = Callable[[Sequence[SourceRecord]], None]
 
 
 def _no_progress(_records: int) -> None:
+    return None
+
+
+def _nothing_applied(_records: Sequence[SourceRecord]) -> None:
     return None
 
 
@@ -30,11 +35,14 @@ def run_sync(
     *,
     batch_events: int,
     progress: ProgressFn = _no_progress,
+    applied: AppliedFn = _nothing_applied,
 ) -> ApplyStats:
-    """Recover pending intents, then apply the whole source; returns the run's counters."""
+    """Recover pending intents, then apply the whole source; returns the run's counters.
+    ``applied`` sees every batch once it is applied (the caller's consistency token)."""
     engine.recover()
     for batch in _batches(source.read(), batch_events):
         engine.apply(batch)
+        applied(batch)
         position = _last_position(batch)
         if position is not None:
             source.commit(position)
@@ -43,6 +51,7 @@ def run_sync(
     if isinstance(source, ReconcilableSource):
         for deletes in _batches(source.reconcile_ids(), batch_events):
             engine.apply(deletes)
+            applied(deletes)
             progress(len(deletes))
     return engine.stats
 

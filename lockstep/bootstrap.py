@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.embedders.cached import CachedEmbedder, TieredEmbeddingCache
+from adapters.embedders.cached import CachedEmbedder, ReadThroughCache, TieredEmbeddingCache
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
@@ -21,9 +21,17 @@ from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError
-from coordinator.generations import live
+from coordinator.generations import Generation, check_embedder, live
 from coordinator.multi_apply import MultiEngine
-from coordinator.ports import ChangeSource, Embedder, EmbeddingCache, KeywordIndex
+from coordinator.ports import (
+    ChangeSource,
+    Embedder,
+    EmbeddingCache,
+    KeywordIndex,
+    KeywordSearch,
+    VectorSearch,
+)
+from coordinator.search import SearchService
 from lockstep.settings import (
     EmbedderSettings,
     FolderSourceSettings,
@@ -39,6 +47,8 @@ log = structlog.get_logger(__name__)
 # Vectors each process keeps in memory in front of the durable embedding cache: a few apply
 # batches' worth (the apply path reads each vector twice in a row), ~1.5 KB each at 384 dims.
 EMBEDDING_FRONT_ENTRIES_MAX = 8192
+# Query vectors a search process keeps in memory (a repeated query is embedded once): ~6 MB.
+QUERY_VECTORS_MAX = 4096
 
 if TYPE_CHECKING:
     from adapters.ledger.postgres import PostgresLedger
@@ -292,3 +302,110 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
     finally:
         writer.withdraw()
         rt.close()
+
+
+@dataclass
+class SearchRuntime:
+    """A search service on the active generation, read-only: its ledger for the fence, both
+    readers' aliases, and the generation's embedder for queries (``close`` releases them)."""
+
+    service: SearchService
+    generation: int
+    home: AnyLedger
+    closers: list[Callable[[], None]]
+
+    def close(self) -> None:
+        self.service.close()
+        for close in reversed(self.closers):
+            close()
+
+
+def open_search(
+    settings: Settings, *, vector: VectorSearch | None = None, fenced: bool = True
+) -> SearchRuntime:
+    """Build the read path: nothing is written (no registry record, no alias, no cache entry).
+
+    ``vector``: a reader to use instead of opening the vector alias (``lockstep run`` passes its
+    writer's, since a milvus-lite file admits one process). ``fenced=False`` is test-only."""
+    from adapters.ledger.generations import registry_for
+    from lockstep.generations import generation_embedder_settings, generation_ledger
+
+    home = build_ledger(settings)
+    closers: list[Callable[[], None]] = [home.close]
+    try:
+        gen = active_generation(registry_for(home).all())
+        ledger = home if gen.number == 1 else generation_ledger(settings, gen.number)
+        if ledger is not home:
+            closers.append(ledger.close)
+        inner = build_embedder(generation_embedder_settings(settings, gen))
+        check_embedder(gen, inner.model_id, inner.dim)
+        keyword = open_keyword_reader(settings, gen)
+        closers.append(keyword.close)
+        if vector is None:
+            opened = open_vector_reader(settings, gen)
+            closers.append(opened.close)
+            vector = opened
+        service = SearchService(
+            ledger=ledger,
+            keyword=keyword,
+            vector=vector,
+            embedder=CachedEmbedder(
+                inner, ReadThroughCache(build_embedding_cache(home), memory_entries_max=QUERY_VECTORS_MAX)
+            ),
+            params=settings.search.to_domain(),
+            clock=time.monotonic,
+            sleep=time.sleep,
+            sources=[settings.source.name] if settings.source else [],
+            fenced=fenced,
+        )
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    return SearchRuntime(service, gen.number, home, closers)
+
+
+def active_generation(generations: list[Generation]) -> Generation:
+    current = live(generations)
+    if not current:
+        raise ConfigError(
+            "nothing is indexed yet (no generation in the ledger): run `lockstep sync` or `lockstep run` first"
+        )
+    return current[0]
+
+
+def open_keyword_reader(settings: Settings, gen: Generation) -> KeywordSearch:
+    """The keyword index readers use: its alias (for Tantivy, the directory the pointer file
+    names), or the active generation's own index while no alias exists yet (a deployment only
+    ever written by ``lockstep run``, which leaves aliases to the one-shot commands)."""
+    from lockstep.generations import keyword_alias, keyword_settings
+
+    alias = keyword_alias(settings)
+    if settings.keyword.kind == "tantivy":
+        from adapters.keyword.tantivy_index import TantivyKeywordIndex, alias_target
+
+        if alias_target(alias) is not None:
+            return TantivyKeywordIndex.open_alias(alias, settings.keyword.index)
+        own = keyword_settings(settings, gen)
+        assert own.path is not None, "validated by KeywordSettings"
+        return TantivyKeywordIndex(own.path, own.index)
+    index = build_keyword(settings.keyword.model_copy(update={"index": alias}))
+    if index.alias_target(alias) is None:  # type: ignore[attr-defined]  # both search engines have aliases
+        index.close()
+        index = build_keyword(keyword_settings(settings, gen))
+    assert isinstance(index, KeywordSearch), "every keyword adapter offers the read path"
+    return index
+
+
+def open_vector_reader(settings: Settings, gen: Generation) -> MilvusVectorIndex:
+    """The vector index readers use: its alias, or the active generation's own collection while
+    no alias exists yet."""
+    from lockstep.generations import vector_alias, vector_settings
+
+    alias = vector_alias(settings)
+    reader = MilvusVectorIndex(settings.vector.model_copy(update={"collection": alias}), dim=gen.dim)
+    if reader.alias_target(alias) is None:
+        reader.close()
+        reader = MilvusVectorIndex(vector_settings(settings, gen), dim=gen.dim)
+    reader.load()
+    return reader

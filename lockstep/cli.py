@@ -13,9 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from chaos import cli as chaos_cli
+from coordinator.consistency import WrittenChanges
 from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
 from coordinator.sync import run_sync
-from lockstep import audit_cli, dlq_cli, rebuild_cli, source_cli
+from lockstep import audit_cli, dlq_cli, rebuild_cli, search_cli, source_cli
 from lockstep import demo as demo_module
 from lockstep.bootstrap import build_source, runtime
 from lockstep.cli_errors import DebugOpt, command_errors, set_debug
@@ -33,6 +34,7 @@ app.add_typer(dlq_cli.app, name="dlq")
 app.add_typer(source_cli.app, name="source")
 audit_cli.register(app)
 rebuild_cli.register(app)
+search_cli.register(app)
 chaos_cli.register(app)
 err = Console(stderr=True)
 
@@ -62,7 +64,7 @@ def main(
     debug: DebugOpt = False,
 ) -> None:
     ctx.obj = {"log_level": log_level}
-    if ctx.invoked_subcommand != "run":
+    if ctx.invoked_subcommand not in ("run", "serve"):
         release_early()
     configure_logging(log_level)
     set_debug(debug)
@@ -78,6 +80,7 @@ def sync(
     Exits 1 if anything went to the dead-letter queue, 2 on an error.
     """
     crash = _crash_hook(crash_at)
+    changes = WrittenChanges()
     with command_errors("sync"):
         settings = load_settings(config)
         with opened(err, "opening the indexes", runtime(settings, crash=crash)) as rt:
@@ -85,11 +88,21 @@ def sync(
             try:
                 with record_progress(err, "syncing") as progress:
                     stats = run_sync(
-                        source, rt.engine, batch_events=settings.sync.batch_events, progress=progress
+                        source,
+                        rt.engine,
+                        batch_events=settings.sync.batch_events,
+                        progress=progress,
+                        applied=changes.add,
                     )
             finally:
                 source.close()
-    summary = stats.as_dict()
+            token = changes.token(rt.ledger.get_docs(changes.doc_ids))
+    summary: dict[str, object] = {
+        **stats.as_dict(),
+        "consistency_token": token.encode(),
+        "consistency_token_docs": len(token.docs),
+        "consistency_token_complete": changes.complete,
+    }
     typer.echo(json.dumps(summary, sort_keys=True))
     if summary["dead_letters"]:
         raise typer.Exit(1)
@@ -103,8 +116,11 @@ def run(
         bool, typer.Option(help="Stop once the source is read to its end and everything is committed.")
     ] = False,
     crash_at: Annotated[str | None, typer.Option(hidden=True, help="Test-only crash point.")] = None,
+    unfenced_search: Annotated[
+        bool, typer.Option(hidden=True, help="Test-only: POST /search serves hits without the ledger's fence.")
+    ] = False,
 ) -> None:
-    """The long-running service: shard actors on Ray, two-phase apply, /healthz /readyz /metrics."""
+    """The long-running service: shard actors on Ray, two-phase apply, /healthz /readyz /metrics, POST /search."""
     if crash_at is not None:
         _crash_hook(crash_at)  # validates the name
     with command_errors("run"):
@@ -119,6 +135,7 @@ def run(
             crash_at=crash_at,
             exit_when_idle=exit_when_idle,
             stop_requested=EARLY_STOP,
+            unfenced_search=unfenced_search,
         ).run()
     raise typer.Exit(code)
 

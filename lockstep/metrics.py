@@ -10,6 +10,8 @@ from coordinator.shard import ShardStatus
 
 # Freshness lag buckets, seconds: sub-second for a healthy service, minutes during an outage.
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Search latency buckets, seconds: milliseconds when healthy, a leg's timeout when one is down.
+SEARCH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # ApplyStats counters exported as lockstep_events_total{outcome=...}.
 _EVENT_OUTCOMES = {
@@ -108,3 +110,33 @@ class Metrics:
         before = self._seen.get((shard, key), 0)
         self._seen[(shard, key)] = value
         return max(0, value - before)
+
+
+@dataclass
+class SearchMetrics:
+    """Prometheus metrics of the read path (``POST /search`` of ``lockstep run`` and ``serve``)."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "lockstep_search_requests", "Searches by mode and HTTP status.", ["mode", "status"], registry=r
+        )
+        self.fenced = Counter(
+            "lockstep_search_fenced_hits", "Hits not served because the ledger did not commit them, by reason.",
+            ["reason"], registry=r,
+        )
+        self.served = Counter("lockstep_search_served_hits", "Hits served (after the fence).", registry=r)
+        self.degraded = Counter(
+            "lockstep_search_degraded", "Hybrid searches answered by one leg, by the leg that failed.", ["leg"],
+            registry=r,
+        )
+        self.seconds = Histogram(
+            "lockstep_search_seconds", "Search latency, consistency wait included.", ["mode"],
+            buckets=SEARCH_BUCKETS_S, registry=r,
+        )
+        self.waited = Histogram(
+            "lockstep_search_consistency_wait_seconds", "Time searches with a token waited for its changes.",
+            buckets=SEARCH_BUCKETS_S, registry=r,
+        )

@@ -1,5 +1,6 @@
-"""The service's HTTP port: /healthz, /readyz, /metrics, and ``POST /events`` (the webhook source);
-and ``post_events``, the client side of ``POST /events`` (benchmarks, tests, scripts).
+"""The service's HTTP port: /healthz, /readyz, /metrics, ``POST /events`` (the webhook source) and
+``POST /search`` (its handler and statuses: ``lockstep/search_http.py``); and ``post_events``, the
+client side of ``POST /events`` (benchmarks, tests, scripts).
 
 ``POST /events`` answers the first of these that applies, checked in this order:
 
@@ -20,7 +21,7 @@ and ``post_events``, the client side of ``POST /events`` (benchmarks, tests, scr
 | 422 | valid JSON that is not an event or an array of events, an empty array |
 | 503 | the inbox holds ``backlog_events_max`` uncommitted events, or cannot be written (``Retry-After``) |
 | 422 | some items are not valid events (listed by index in ``rejected``) |
-| 202 | every item is stored durably (new, or a duplicate of one stored before) |
+| 202 | every item is stored durably (new, or a duplicate of one stored before); the body's ``consistency_token`` covers them |
 
 A 422 that lists items (``rejected``) still stored every other item of the request durably, and
 the rejected ones are recorded for the dead-letter queue; resending the request is harmless.
@@ -47,7 +48,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from pydantic import SecretStr
 
 from adapters.sources.webhook import MEDIA_TYPES, AppendResult, BodyError, InboxFull
+from coordinator.consistency import ConsistencyToken
 from coordinator.errors import LockstepError, StoreError
+from lockstep.search_http import SEARCH_BODY_BYTES_MAX, SEARCH_PATH, SearchEndpoint
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +58,8 @@ log = structlog.get_logger(__name__)
 ReadinessFn = Callable[[], tuple[bool, list[str]]]
 
 EVENTS_PATH = "/events"
+# ``POST /search`` takes one JSON object (lockstep/search_wire.py).
+SEARCH_MEDIA_TYPES = frozenset({"application/json"})
 # A socket read (request line, headers, body) slower than this ends the connection: a client
 # trickling bytes must not hold a thread forever.
 REQUEST_TIMEOUT_S = 30.0
@@ -110,6 +115,8 @@ class _Routes:
     readiness: ReadinessFn
     events_enabled: bool
     events: EventsEndpoint | None = None
+    search_enabled: bool = False
+    search: SearchEndpoint | None = None
     slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(POSTS_CONCURRENT_MAX))
 
     def __post_init__(self) -> None:
@@ -125,7 +132,8 @@ class OpsServer:
     """A small threaded HTTP server; ``port=0`` picks a free port (see ``.port``).
 
     With ``events=True`` it serves ``POST /events`` once ``attach_events`` gave it an endpoint
-    (until then such requests are answered 503).
+    (until then such requests are answered 503); with ``search=True``, ``POST /search`` once
+    ``attach_search`` did (lockstep/search_http.py).
     """
 
     def __init__(
@@ -136,8 +144,9 @@ class OpsServer:
         readiness: ReadinessFn,
         *,
         events: bool = False,
+        search: bool = False,
     ) -> None:
-        self._routes = _Routes(registry, readiness, events)
+        self._routes = _Routes(registry, readiness, events, search_enabled=search)
         self._server = ThreadingHTTPServer((host, port), _handler(self._routes))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="ops-http", daemon=True)
@@ -152,6 +161,9 @@ class OpsServer:
 
     def attach_events(self, endpoint: EventsEndpoint) -> None:
         self._routes.events = endpoint
+
+    def attach_search(self, endpoint: SearchEndpoint) -> None:
+        self._routes.search = endpoint
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -176,20 +188,46 @@ def _handler(routes: _Routes) -> type[BaseHTTPRequestHandler]:
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(routes.registry))
             elif path == EVENTS_PATH and routes.events_enabled:
                 self._reply(_not_allowed())
+            elif path == SEARCH_PATH and routes.search_enabled:
+                self._reply(_not_allowed(SEARCH_PATH))
             else:
                 self._reply(Reply(404, {"error": "not found"}))
 
         def do_POST(self) -> None:
-            if urlsplit(self.path).path != EVENTS_PATH or not routes.events_enabled:
+            path = urlsplit(self.path).path
+            if path == SEARCH_PATH and routes.search_enabled:
+                self._reply(self._search())
+                return
+            if path != EVENTS_PATH or not routes.events_enabled:
                 self._reply(Reply(404, {"error": "not found"}, early=True))
                 return
             reply = self._events()
             routes.requests.labels(str(reply.status)).inc()
             self._reply(reply)
 
+        def _search(self) -> Reply:
+            endpoint = routes.search
+            if endpoint is None:
+                return _unavailable("starting: the search service is not open yet")
+            refused = _unsupported(self.headers.get("Content-Type"), SEARCH_MEDIA_TYPES) or _bad_length(
+                self.headers, SEARCH_BODY_BYTES_MAX
+            )
+            if refused is not None:
+                return refused
+            length = int(self.headers["Content-Length"])
+            body = self.rfile.read(length)
+            if len(body) < length:
+                self.close_connection = True
+                return Reply(400, {"error": f"body ended after {len(body)} of {length} bytes"})
+            answer = endpoint.handle(body, self.headers.get("Authorization"))
+            return Reply(answer.status, answer.body, answer.headers)
+
         def _other_method(self) -> None:
-            if urlsplit(self.path).path == EVENTS_PATH and routes.events_enabled:
+            path = urlsplit(self.path).path
+            if path == EVENTS_PATH and routes.events_enabled:
                 self._reply(_not_allowed())
+            elif path == SEARCH_PATH and routes.search_enabled:
+                self._reply(_not_allowed(SEARCH_PATH))
             else:
                 self._reply(Reply(405, {"error": "method not allowed"}, (("Allow", "GET"),), early=True))
 
@@ -286,12 +324,12 @@ def _refusing(endpoint: EventsEndpoint) -> Reply | None:
     return None if reason is None else _unavailable(reason)
 
 
-def _unsupported(content_type: str | None) -> Reply | None:
+def _unsupported(content_type: str | None, media_types: frozenset[str] = MEDIA_TYPES) -> Reply | None:
     if not content_type:
-        return Reply(415, {"error": f"no Content-Type; use one of {sorted(MEDIA_TYPES)}"}, early=True)
+        return Reply(415, {"error": f"no Content-Type; use one of {sorted(media_types)}"}, early=True)
     media = _media_type(content_type)
-    if media not in MEDIA_TYPES:
-        return Reply(415, {"error": f"unsupported media type {media!r}; use one of {sorted(MEDIA_TYPES)}"}, early=True)
+    if media not in media_types:
+        return Reply(415, {"error": f"unsupported media type {media!r}; use one of {sorted(media_types)}"}, early=True)
     charset = _charset(content_type)
     if charset is not None and charset not in ("utf-8", "utf8"):
         return Reply(415, {"error": f"unsupported charset {charset!r}; bodies are UTF-8"}, early=True)
@@ -336,6 +374,10 @@ def _outcome(result: AppendResult) -> Reply:
         ],
         "rejected_count": len(result.rejected),
     }
+    if result.keys:
+        # Read-your-writes: a search given this token waits until these events are committed
+        # and visible in both indexes (docs/search.md).
+        body["consistency_token"] = ConsistencyToken.of(result.keys).encode()
     if not result.rejected:
         return Reply(202, body)
     body["error"] = (
@@ -349,8 +391,8 @@ def _unavailable(reason: str, *, early: bool = True) -> Reply:
     return Reply(503, {"error": reason}, (("Retry-After", str(RETRY_AFTER_S)),), early=early)
 
 
-def _not_allowed() -> Reply:
-    return Reply(405, {"error": f"use POST on {EVENTS_PATH}"}, (("Allow", "POST"),), early=True)
+def _not_allowed(path: str = EVENTS_PATH) -> Reply:
+    return Reply(405, {"error": f"use POST on {path}"}, (("Allow", "POST"),), early=True)
 
 
 def _media_type(content_type: str | None) -> str:

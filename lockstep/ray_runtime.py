@@ -227,8 +227,8 @@ class IndexWriterActor:
         """Answers once the constructor is done: the generations whose client is built."""
         return sorted(self.indexes)
 
-    def call(self, generation: int, method: str, *args: Any) -> Any:
-        return getattr(self._index(generation), method)(*args)
+    def call(self, generation: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._index(generation), method)(*args, **kwargs)
 
     def close(self) -> None:
         for index in self.indexes.values():
@@ -254,15 +254,19 @@ class WriterTarget:
 class ActorIndex:
     """A ChunkIndex (and VectorIndex) whose every call goes to an IndexWriterActor."""
 
-    def __init__(self, handle: Any, name: str, dim: int = 0, generation: int = 1) -> None:
+    def __init__(
+        self, handle: Any, name: str, dim: int = 0, generation: int = 1, *, filters_metadata: bool = False
+    ) -> None:
         self.handle = handle
         self.name = name
         self.dim = dim
         self.generation = generation
+        # As the adapter behind the actor (the read path asks before pushing a filter down).
+        self.filters_metadata = filters_metadata
 
-    def _do(self, method: str, *args: Any) -> Any:
+    def _do(self, method: str, *args: Any, wait_s: float = INDEX_CALL_TIMEOUT_S, **kwargs: Any) -> Any:
         return _call(
-            self.handle.call.remote(self.generation, method, *args), INDEX_CALL_TIMEOUT_S, f"{self.name} index"
+            self.handle.call.remote(self.generation, method, *args, **kwargs), wait_s, f"{self.name} index"
         )
 
     def ensure(self) -> None:
@@ -289,6 +293,19 @@ class ActorIndex:
 
     def search(self, query: str | Vector, k: int) -> list[SearchHit]:
         result: list[SearchHit] = self._do("search", query, k)
+        return result
+
+    def search_hits(
+        self, query: str | Vector, k: int, *, timeout_s: float | None = None, **options: Any
+    ) -> list[SearchHit]:
+        """The read path's search, run by the writer (an embedded store admits one process):
+        queued behind the write in progress, so ``timeout_s`` bounds the wait as well."""
+        wait_s = INDEX_CALL_TIMEOUT_S if timeout_s is None else timeout_s
+        result: list[SearchHit] = self._do("search_hits", query, k, wait_s=wait_s, timeout_s=timeout_s, **options)
+        return result
+
+    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]:
+        result: dict[str, int] = self._do("visible", list(chunk_ids))
         return result
 
     def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
@@ -514,7 +531,7 @@ class ShardCluster:
         continuous audit)."""
         return (
             ActorIndex(self.writers[KEYWORD], KEYWORD, generation=self.active),
-            ActorIndex(self.writers[VECTOR], VECTOR, dim=self.dim, generation=self.active),
+            ActorIndex(self.writers[VECTOR], VECTOR, dim=self.dim, generation=self.active, filters_metadata=True),
         )
 
     def route(self, doc_key: str) -> int:

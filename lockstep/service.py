@@ -29,16 +29,18 @@ from coordinator.continuous_audit import ContinuousAudit, drift_gauges
 from coordinator.errors import LockstepError
 from coordinator.events import ChangeEvent
 from coordinator.generations import Generation, live
-from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord
+from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord, VectorSearch
 from coordinator.routing import shard_of
 from coordinator.shard import Envelope, ShardStatus
 from coordinator.watermark import LowWatermark
-from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
+from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source, open_search
 from lockstep.generations import WriterAnnouncement, generation_ledger, load_generations
 from lockstep.leftovers import RunFile, run_file
-from lockstep.metrics import Metrics
+from lockstep.metrics import Metrics, SearchMetrics
 from lockstep.ops_http import EventsEndpoint, OpsServer
 from lockstep.ray_runtime import STOP_SIGNALS, ShardCluster, kill_service, start_ray, stop_ray, this_driver
+from lockstep.search_http import SearchEndpoint
+from lockstep.searching import FollowingSearch
 from lockstep.settings import Settings, WebhookSourceSettings
 
 log = structlog.get_logger(__name__)
@@ -89,15 +91,20 @@ class Service:
         crash_at: str | None = None,
         exit_when_idle: bool = False,
         stop_requested: threading.Event | None = None,
+        unfenced_search: bool = False,
     ) -> None:
         """``stop_requested``: an event a stop signal may have set before the service existed
-        (the command line's, set while it was still importing)."""
+        (the command line's, set while it was still importing). ``unfenced_search`` is
+        test-only: ``POST /search`` serves hits without the ledger's fence."""
         self.settings = settings
         self.rs = settings.run
         self.log_level = log_level
         self.crash_at = crash_at
         self.exit_when_idle = exit_when_idle
         self.metrics = Metrics()
+        self.search_metrics = SearchMetrics(self.metrics.registry)
+        self.unfenced_search = unfenced_search
+        self.searching: FollowingSearch | None = None
         self.stop_requested = stop_requested or threading.Event()
         self.watermark = LowWatermark()
         self.state = _State(buffers={i: [] for i in range(self.rs.shards)})
@@ -129,6 +136,7 @@ class Service:
                 self.metrics.registry,
                 self.readiness,
                 events=isinstance(self.settings.source, WebhookSourceSettings),
+                search=True,
             ).start()
             stack.callback(self.ops.stop)
             log.info("serving", port=self.ops.port, owner=self.owner)
@@ -165,9 +173,12 @@ class Service:
         self.cluster = cluster = self._new_cluster()
         self.state.started = True
         self._auditing = self._start_audit(cluster)
+        threading.Thread(target=self._open_search, name="search-open", daemon=True).start()
         try:
             self._serve(source)
         finally:
+            if self.searching is not None:
+                self.searching.close()
             self._stop_audit()
             self.cluster.stop()
             self.writer.withdraw()
@@ -185,6 +196,26 @@ class Service:
         assert self.ops is not None, "the HTTP server starts first"
         intake = source.intake(batch_events_max=src.batch_events_max, backlog_events_max=src.backlog_events_max)
         self.ops.attach_events(EventsEndpoint(intake, src.token, src.body_bytes_max, self._events_refusal))
+
+    def _open_search(self) -> None:
+        """Open ``POST /search`` (in the background: loading the query embedder takes seconds).
+        A milvus-lite file admits one process, its writer: the vector leg then searches through
+        it; every other store is read by a client of this process's own."""
+        try:
+            self.searching = FollowingSearch(
+                lambda: open_search(self.settings, vector=self._vector_reader(), fenced=not self.unfenced_search)
+            )
+        except LockstepError as exc:
+            log.error("search unavailable", error=str(exc), error_type=type(exc).__name__)
+            return
+        assert self.ops is not None, "the HTTP server starts first"
+        self.ops.attach_search(SearchEndpoint(self.searching.search, self.search_metrics, self.settings.search.token))
+        log.info("search open", generation=self.searching.generation)
+
+    def _vector_reader(self) -> VectorSearch | None:
+        if not self.settings.vector.is_embedded:
+            return None
+        return self.cluster.readers()[1]
 
     def _events_refusal(self) -> str | None:
         """Why POST /events is answered 503 right now, or None (the inbox takes events even while

@@ -30,8 +30,10 @@ from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.sources import webhook
 from adapters.sources.debezium import KafkaSourceSettings
 from adapters.vector.settings import VectorSettings
+from coordinator import search as search_domain
 from coordinator.chunking import ChunkingSettings
 from coordinator.errors import ConfigError
+from coordinator.fusion import RRF_K_DEFAULT
 from coordinator.limits import CHUNK_CHARS_MAX
 from coordinator.redact import has_userinfo, register_secrets
 
@@ -255,6 +257,44 @@ class RunSettings(_Frozen):
     http_port: int = Field(default=9464, ge=0, le=65535)
 
 
+class SearchSettings(_Frozen):
+    """Searches: ``lockstep search``, ``POST /search`` (``lockstep run`` and ``lockstep serve``)
+    and the Python API (docs/search.md)."""
+
+    # Hits each leg asks its engine for: the same window on both engines.
+    window: int = Field(default=search_domain.WINDOW_DEFAULT, ge=1, le=search_domain.WINDOW_MAX)
+    # The reciprocal rank fusion constant and the weight of each leg.
+    rrf_k: int = Field(default=RRF_K_DEFAULT, ge=1, le=100_000)
+    keyword_weight: float = Field(default=1.0, ge=0, le=1000)
+    vector_weight: float = Field(default=1.0, ge=0, le=1000)
+    # One leg's engine call (the query's embedding included) is given up after this long.
+    leg_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    # How long a search with a consistency token waits for its changes before answering 504.
+    consistency_wait_s: float = Field(
+        default=search_domain.CONSISTENCY_WAIT_S_DEFAULT, gt=0, le=search_domain.CONSISTENCY_WAIT_S_MAX
+    )
+    # When set, ``POST /search`` requires ``Authorization: Bearer <token>``
+    # (``LOCKSTEP_SEARCH__TOKEN``); at least as long as the webhook's.
+    token: SecretStr | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < webhook.TOKEN_CHARS_MIN:
+            raise ValueError(f"the search token must have at least {webhook.TOKEN_CHARS_MIN} characters")
+        return token
+
+    def to_domain(self) -> search_domain.SearchParams:
+        return search_domain.SearchParams(
+            window=self.window,
+            rrf_k=self.rrf_k,
+            keyword_weight=self.keyword_weight,
+            vector_weight=self.vector_weight,
+            leg_timeout_s=self.leg_timeout_s,
+            consistency_wait_s=self.consistency_wait_s,
+        )
+
+
 def _default_keyword() -> KeywordSettings:
     return KeywordSettings(kind="tantivy", path=DEFAULT_TANTIVY_PATH)
 
@@ -282,6 +322,7 @@ class Settings(BaseSettings):
     sync: SyncConfig = SyncConfig()
     run: RunSettings = RunSettings()
     rebuild: RebuildSettings = RebuildSettings()
+    search: SearchSettings = SearchSettings()
 
     def model_post_init(self, context: Any, /) -> None:
         # Every process that holds settings redacts their secrets from what it logs or stores.

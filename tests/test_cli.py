@@ -32,6 +32,7 @@ CLI_TIMEOUT_S = 300
 CONFIG_COMMANDS = [
     ["sync"], ["status"], ["audit"], ["reconcile"], ["rebuild"], ["gc"], ["generations"], ["run"],
     ["source", "resnapshot"], ["dlq", "list"], ["dlq", "show", "1"], ["dlq", "replay", "--all"], ["dlq", "drop", "1"],
+    ["search", "anything"], ["serve"],
 ]
 
 

@@ -100,7 +100,8 @@ ALL_SECRETS_A = {
     "config": {"keyword": {"username": "lockstep"},
                "embedder": {"kind": "openai", "base_url": "http://tei/v1", "model": "m", "dim": 384}},
     "secrets": _secrets(keywordPassword="kw", vectorToken="milvus", ledgerDsn="pg", embedderApiKey="emb",
-                        sourceUrl="src"),
+                        sourceUrl="src", searchToken="search"),
+    "search": {"enabled": True},
 }
 KAFKA_SOURCE = {"kind": "kafka", "name": "cdc", "bootstrap_servers": ["k:9093"], "topics": ["pg.public.articles"],
                 "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "lockstep",
@@ -120,6 +121,7 @@ EVERYTHING_ON = {
     "serviceMonitor": {"enabled": True},
     "networkPolicy": {"enabled": True, "egress": [{"to": [{"podSelector": {}}]}]},
     "rebuild": {"enabled": True, "extraArgs": ["--chunking", "max_chars=500"]},
+    "search": {"enabled": True, "autoscaling": {"enabled": True}},
 }
 # Value sets the chart must refuse: one the schema rejects (lint and install both notice), and
 # some that pass the schema but that lockstep cannot run (the templates `fail`, which lint
@@ -145,6 +147,9 @@ BROKEN_COMBINATIONS: dict[str, tuple[dict[str, Any], str]] = {
         {"config": {"source": {k: v for k, v in KAFKA_SOURCE.items() if k != "sasl_username"}},
          "secrets": _secrets(sourceUrl="", sourceSaslPassword="kafka")},
         "config.source.security_protocol=SASL_SSL needs config.source.sasl_username"),
+    "broken-search-autoscaling": (
+        {"search": {"enabled": True, "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+        "search.autoscaling.minReplicas must not exceed search.autoscaling.maxReplicas"),
     "broken-logical-tables-unprefixed": (
         {"config": {"source": {"kind": "postgres_logical", "tables": ["public.a", "public.b"]}},
          "secrets": _secrets(sourceUrl="", sourceDsn="app-db")},
@@ -473,7 +478,8 @@ def test_every_secret_backed_setting_is_read_from_a_secret(helm: dict[str, Any])
     expected = set(_settings_secret_env())
     assert {"LOCKSTEP_KEYWORD__PASSWORD", "LOCKSTEP_KEYWORD__API_KEY", "LOCKSTEP_VECTOR__TOKEN",
             "LOCKSTEP_VECTOR__PASSWORD", "LOCKSTEP_LEDGER__DSN", "LOCKSTEP_EMBEDDER__API_KEY", "LOCKSTEP_SOURCE__URL",
-            "LOCKSTEP_SOURCE__DSN", "LOCKSTEP_SOURCE__SASL_PASSWORD", "LOCKSTEP_SOURCE__TOKEN"} <= expected
+            "LOCKSTEP_SOURCE__DSN", "LOCKSTEP_SOURCE__SASL_PASSWORD", "LOCKSTEP_SOURCE__TOKEN",
+            "LOCKSTEP_SEARCH__TOKEN"} <= expected
     seen: set[str] = set()
     for case in SECRET_CASES:
         docs = _docs(helm, case)
@@ -527,16 +533,16 @@ def _assert_restricted(where: str, template: dict[str, Any]) -> None:
 
 
 def test_every_pod_template_meets_the_restricted_pod_security_standard(helm: dict[str, Any]) -> None:
-    """The StatefulSet, the audit CronJob, the rebuild Job and the RayCluster's head and workers
-    all run non-root, without privilege escalation or capabilities, with RuntimeDefault seccomp
-    and a read-only root filesystem whose writable paths are emptyDirs."""
+    """The StatefulSet, the search Deployment, the audit CronJob, the rebuild Job and the
+    RayCluster's head and workers all run non-root, without privilege escalation or capabilities,
+    with RuntimeDefault seccomp and a read-only root filesystem whose writable paths are emptyDirs."""
     kinds: set[str] = set()
     for case in _good_cases(helm):
         for doc in _docs(helm, case):
             for where, template in _pod_templates(doc):
                 kinds.add(doc["kind"])
                 _assert_restricted(f"{case}: {where}", template)
-    assert kinds == {"StatefulSet", "CronJob", "Job", "RayCluster"}
+    assert kinds == {"StatefulSet", "Deployment", "CronJob", "Job", "RayCluster"}
 
 
 # --- (6) probes against a running service ----------------------------------------------------
@@ -682,7 +688,7 @@ def _pod_env(container: dict[str, Any]) -> dict[str, str]:
     stand_ins = {"LOCKSTEP_LEDGER__DSN": "postgresql://lockstep:pw@postgres:5432/lockstep",
                  "LOCKSTEP_SOURCE__URL": "postgresql+psycopg://reader:pw@postgres/catalog",
                  "LOCKSTEP_SOURCE__DSN": "postgresql://replicator:pw@postgres:5432/app",
-                 "LOCKSTEP_SOURCE__TOKEN": WEBHOOK_TOKEN}
+                 "LOCKSTEP_SOURCE__TOKEN": WEBHOOK_TOKEN, "LOCKSTEP_SEARCH__TOKEN": "stand-in-search-token-0123456789"}
     env: dict[str, str] = {}
     for var in container["env"]:
         source = var.get("valueFrom", {})
@@ -829,3 +835,65 @@ def test_wheel_installs_into_a_fresh_venv_and_the_entrypoint_runs(tmp_path: Path
                            "--data-dir", str(tmp_path / "demo")], capture_output=True, text=True, cwd=tmp_path,
                           env=env, timeout=300, check=False)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+
+
+# --- the search replicas ---------------------------------------------------------------------
+
+
+def test_search_replicas_run_lockstep_serve_apart_from_the_statefulset(helm: dict[str, Any], tmp_path: Path) -> None:
+    """With search enabled the chart renders a Deployment running `lockstep serve` whose pods no
+    selector of the StatefulSet picks (and whose Service, PDB and HPA pick only them), without
+    the source's credentials; its exact arguments, run here against local stores, answer the
+    probe paths and POST /search."""
+    docs = _docs(helm, "everything")
+    deployment = _one(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    statefulset = _one(docs, "StatefulSet")
+    assert not _selects(statefulset["spec"]["selector"], pod_labels)
+    for service in [d for d in docs if d["kind"] == "Service"]:
+        picks = service["spec"]["selector"].items() <= pod_labels.items()
+        assert picks == (service["metadata"]["name"] == f"{RELEASE}-search"), service["metadata"]["name"]
+    pdbs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert _selects(pdbs[f"{RELEASE}-search"]["spec"]["selector"], pod_labels)
+    assert not _selects(pdbs[RELEASE]["spec"]["selector"], pod_labels)
+    hpa = _one(docs, "HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{RELEASE}-search"}
+    assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
+    assert "replicas" in _one(_docs(helm, "secrets-a"), "Deployment")["spec"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][2:] == ["serve", "-c", "/etc/lockstep/lockstep.yaml"]
+    secret_env = {e["name"] for e in _one(_docs(helm, "secrets-a"), "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["env"] if "valueFrom" in e}
+    assert "LOCKSTEP_SEARCH__TOKEN" in secret_env and not {n for n in secret_env if n.startswith("LOCKSTEP_SOURCE__")}
+    _serve_locally(container, _config(docs), tmp_path)
+
+
+def _serve_locally(container: dict[str, Any], rendered: dict[str, Any], tmp_path: Path) -> None:
+    port = _free_port()
+    config = _local_config(rendered, tmp_path)
+    config["run"] = {k: v for k, v in config["run"].items() if k != "ray_address"} | {"http_port": port}
+    path = tmp_path / "lockstep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (tmp_path / "events.jsonl").write_text(json.dumps({"op": "upsert", "doc_id": "kb-1", "version": 1,
+                                                       "text": "Refunds take 5 days."}) + "\n")
+    synced = _run_locally(["sync", "-c", "/etc/lockstep/lockstep.yaml"], path, tmp_path)
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_")}
+    args = [str(path) if a == "/etc/lockstep/lockstep.yaml" else a for a in container["args"]]
+    proc = subprocess.Popen([sys.executable, "-m", "lockstep", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        probes = {kind: container[kind]["httpGet"]["path"] for kind in ("livenessProbe", "readinessProbe")}
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while _get(base + probes["readinessProbe"]).status_code != 200:
+            assert proc.poll() is None, "lockstep serve exited before turning ready"
+            assert time.monotonic() < deadline, "lockstep serve never turned ready"
+            time.sleep(0.5)
+        assert _get(base + probes["livenessProbe"]).status_code == 200
+        found = httpx.post(f"{base}/search", json={"query": "refunds"}, timeout=30.0)
+        assert found.status_code == 200 and [h["doc_id"] for h in found.json()["hits"]] == ["kb-1"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=READY_TIMEOUT_S)
+    assert proc.returncode == 0, err[-3000:]

@@ -34,6 +34,7 @@ from adapters.sources.webhook import (
 from chaos import check
 from chaos.stream import DELIVERY_FAULTS, StreamFaults, ensure_deleted_docs
 from chaos.workload import CHUNK_CHARS_MAX, SourceModel, random_history
+from coordinator.consistency import ConsistencyToken
 from coordinator.errors import ConfigError
 from coordinator.events import ChangeEvent, Op, event_to_dict
 from coordinator.ports import BadRecord
@@ -272,11 +273,13 @@ def test_a_retried_request_is_acknowledged_without_a_second_row(webhook: Webhook
     inbox (read from another connection, so durably committed) holds each event once."""
     batch = json.dumps([upsert("a", 1), upsert("a", 2), {"op": "delete", "doc_id": "b", "version": 7}]).encode()
     first = webhook.post(batch)
+    token = ConsistencyToken.of([("a", 2), ("b", 7)]).encode()
     assert first.status_code == 202 and first.json() == {"accepted": 3, "duplicates": 0, "rejected": [],
-                                                          "rejected_count": 0}
+                                                          "rejected_count": 0, "consistency_token": token}
     assert webhook.stored() == [("a", 1, None), ("a", 2, None), ("b", 7, None)]
     second = webhook.post(batch)
     assert second.status_code == 202 and second.json()["duplicates"] == 3 and second.json()["accepted"] == 0
+    assert second.json()["consistency_token"] == token, "a retry's token covers its duplicates too"
     assert len(webhook.stored()) == 3
     events = [r for r in webhook.source.read() if isinstance(r, ChangeEvent)]
     assert [(e.op, e.doc_id, e.version, e.position) for e in events] == [

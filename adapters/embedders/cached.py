@@ -191,6 +191,28 @@ class TieredEmbeddingCache:
                 self._front.popitem(last=False)
 
 
+class ReadThroughCache:
+    """A cache for query vectors: reads a durable cache (a query that is also a chunk's text is
+    never embedded again), keeps what it embeds in a bounded memory of its own, and writes
+    nothing durable: a search must not change the ledger, and a read replica may not be allowed
+    to."""
+
+    def __init__(self, durable: EmbeddingCache, *, memory_entries_max: int) -> None:
+        self.durable = durable
+        self.memory = MemoryEmbeddingCache(memory_entries_max)
+
+    def get_many(self, model_id: str, hashes: Iterable[str]) -> dict[str, list[float]]:
+        wanted = list(dict.fromkeys(hashes))
+        found = self.memory.get_many(model_id, wanted)
+        rest = [h for h in wanted if h not in found]
+        if rest:
+            found.update(self.durable.get_many(model_id, rest))
+        return found
+
+    def put_many(self, model_id: str, vectors: Mapping[str, Vector]) -> None:
+        self.memory.put_many(model_id, vectors)
+
+
 def _distinct_texts(items: Sequence[tuple[str, str]]) -> dict[str, str]:
     """hash -> text, first occurrence order; a hash seen with two texts is a caller bug."""
     texts: dict[str, str] = {}

@@ -42,6 +42,7 @@ from coordinator.model import (
     StoredChunk,
     WriteResult,
 )
+from coordinator.ports import MetadataFilter
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,11 @@ SCAN_PAGE_SIZE = 1000
 SCAN_KEEP_ALIVE_S = 120
 # The most hits one search may ask for (index.max_result_window's default).
 SEARCH_K_MAX = 10_000
+# Attempts of a read-path search (first try included): a query is answered within its leg's
+# timeout or not at all, so it is retried once at most, never with the writes' long backoff.
+SEARCH_ATTEMPTS_MAX = 2
+# Fields a read-path search returns: what the fence checks and what a caller is served.
+SEARCH_FIELDS = ("chunk_id", "doc_id", "chunk_index", "text", "metadata")
 
 # Limits the engines enforce. An over-long _id or a bad version fails a whole _bulk request (a
 # request validation error, not an item error), so they are checked before sending; Tantivy
@@ -351,6 +357,8 @@ class SearchEngineIndex(ABC):
     """A KeywordIndex over an OpenSearch-API or Elasticsearch index; subclasses supply the wire."""
 
     store: ClassVar[str]
+    # Metadata is stored in _source only (``enabled: false``): searches cannot filter on it.
+    filters_metadata: ClassVar[bool] = False
     # The sort of a point-in-time scan: one value per document, so that search_after pages
     # through ties (ES: ``_shard_doc``; OpenSearch has no such field but sorts on ``_id``).
     scan_sort: ClassVar[tuple[Any, ...]]
@@ -397,8 +405,11 @@ class SearchEngineIndex(ABC):
     def _wire_count(self) -> int: ...
 
     @abstractmethod
-    def _wire_search(self, body: Mapping[str, Any], *, scroll: str | None = None) -> Mapping[str, Any]:
-        """Search this index (``body`` may not carry a ``pit``)."""
+    def _wire_search(
+        self, body: Mapping[str, Any], *, scroll: str | None = None, timeout_s: float | None = None
+    ) -> Mapping[str, Any]:
+        """Search this index (``body`` may not carry a ``pit``); ``timeout_s`` overrides the
+        request timeout for this call."""
 
     @abstractmethod
     def _wire_pit_search(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -628,17 +639,43 @@ class SearchEngineIndex(ABC):
         return self._retrying("count", self._wire_count)
 
     def search(self, query: str, k: int) -> list[SearchHit]:
-        """BM25 ``match`` on the text, after a refresh so that every applied write is visible."""
+        """BM25 ``match`` on the text, after a refresh so that every applied write is visible
+        (for checks and the demo; the read path uses ``search_hits``, which never refreshes)."""
         if k <= 0 or not query.strip():
             return []
         self._retrying("refresh", self._wire_refresh)
+        return self.search_hits(query, k)
+
+    def search_hits(
+        self, query: str, k: int, *, where: MetadataFilter | None = None, timeout_s: float | None = None
+    ) -> list[SearchHit]:
+        """BM25 ``match`` on the text as the engine's searches see it now (no refresh), with each
+        hit's ``_version``, chunk index and metadata. ``where`` is not used: metadata is stored,
+        not indexed (``filters_metadata`` is False), so the caller filters."""
+        if k <= 0 or not query.strip():
+            return []
         body = {
             "query": {"match": {"text": query}},
             "size": min(k, SEARCH_K_MAX),
-            "_source": ["chunk_id", "doc_id", "text"],
+            "version": True,
+            "_source": list(SEARCH_FIELDS),
         }
-        response = self._retrying("search", lambda: self._wire_search(body))
+        response = self._retrying(
+            "search", lambda: self._wire_search(body, timeout_s=timeout_s), attempts=SEARCH_ATTEMPTS_MAX
+        )
         return [_search_hit(hit) for hit in response["hits"]["hits"]]
+
+    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]:
+        """The ``_version`` a search sees of each of these chunks (an ``ids`` query: the search
+        path, so a chunk written but not yet refreshed is not seen)."""
+        ids = [i for i in dict.fromkeys(chunk_ids) if not request_rejection(i, 0)]
+        seen: dict[str, int] = {}
+        for start in range(0, len(ids), MGET_IDS_MAX):
+            part = ids[start : start + MGET_IDS_MAX]
+            body = {"query": {"ids": {"values": part}}, "size": len(part), "version": True, "_source": False}
+            response = self._retrying("visibility search", partial(self._wire_search, body))
+            seen.update((str(h["_id"]), int(h["_version"])) for h in response["hits"]["hits"] if "_version" in h)
+        return seen
 
     def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
         """Every live chunk once: a point in time + search_after where offered, else a scroll.
@@ -730,13 +767,18 @@ def _pit_page_body(
 
 
 def _search_hit(hit: Mapping[str, Any]) -> SearchHit:
-    # A document another writer put in the index is found too; it must not fail the search.
+    # A document another writer put in the index is found too; it must not fail the search (its
+    # missing fields read as neutral values, which the fence refuses).
     body = BodyReader(hit.get("_source"))
+    version = hit.get("_version")
     return SearchHit(
         chunk_id=str(hit["_id"]),
         doc_id=body.text("doc_id"),
         score=float(hit.get("_score") or 0.0),
         text=body.text("text"),
+        version=version if isinstance(version, int) else NO_VERSION,
+        chunk_index=body.integer("chunk_index"),
+        metadata=body.mapping("metadata"),
     )
 
 

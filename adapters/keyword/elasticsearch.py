@@ -69,9 +69,12 @@ class ElasticsearchKeywordIndex(SearchEngineIndex):
         with _wire():
             return int(self._client.count(index=self.name)["count"])
 
-    def _wire_search(self, body: Mapping[str, Any], *, scroll: str | None = None) -> Mapping[str, Any]:
+    def _wire_search(
+        self, body: Mapping[str, Any], *, scroll: str | None = None, timeout_s: float | None = None
+    ) -> Mapping[str, Any]:
+        client = self._client if timeout_s is None else self._base_client.options(request_timeout=timeout_s)
         with _wire():
-            return _body(self._client.search(index=self.name, body=dict(body), scroll=scroll))
+            return _body(client.search(index=self.name, body=dict(body), scroll=scroll))
 
     def _wire_pit_search(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         with _wire():

@@ -72,12 +72,13 @@ class OpenSearchKeywordIndex(SearchEngineIndex):
         with _wire():
             return int(self._client.count(index=self.name, request_timeout=self.timeout_s)["count"])
 
-    def _wire_search(self, body: Mapping[str, Any], *, scroll: str | None = None) -> Mapping[str, Any]:
+    def _wire_search(
+        self, body: Mapping[str, Any], *, scroll: str | None = None, timeout_s: float | None = None
+    ) -> Mapping[str, Any]:
         extra = {"scroll": scroll} if scroll else {}
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         with _wire():
-            return dict(
-                self._client.search(index=self.name, body=dict(body), request_timeout=self.timeout_s, **extra)
-            )
+            return dict(self._client.search(index=self.name, body=dict(body), request_timeout=timeout, **extra))
 
     def _wire_pit_search(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         with _wire():

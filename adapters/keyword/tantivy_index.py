@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
@@ -55,6 +56,7 @@ from coordinator.model import (
     StoredChunk,
     WriteResult,
 )
+from coordinator.ports import MetadataFilter
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +74,10 @@ SCAN_PAGE_SIZE = 1000
 SEQ_MIN, SEQ_MAX = -(2**63), 2**63 - 1
 # The most hits one search may ask for, as on ES/OpenSearch (index.max_result_window).
 SEARCH_K_MAX = 10_000
+# A reader picks up commits made since its last reload at most this long after them, on its next
+# search (ES refreshes every second by default): reloading opens the new segments (well under a
+# millisecond here), so it need not wait for a file watcher thread per index.
+READER_RELOAD_S = 0.5
 # Our own name for the text analyzer, used for the field and for queries alike.
 TEXT_ANALYZER = "lockstep_text"
 # Tantivy's default tokenizer drops tokens longer than this; ours does the same.
@@ -111,6 +117,9 @@ def _schema() -> tantivy.Schema:
 class TantivyKeywordIndex:
     """A KeywordIndex in the directory ``path``; ``name`` names it to the rest of lockstep."""
 
+    # Metadata is stored as JSON bytes, not indexed: searches cannot filter on it.
+    filters_metadata = False
+
     def __init__(self, path: str, name: str) -> None:
         self.name = name
         self.path = Path(path)
@@ -118,6 +127,8 @@ class TantivyKeywordIndex:
         self._index: tantivy.Index | None = None
         self._writer: tantivy.IndexWriter | None = None
         self._next_seq = 0
+        # When the reader last picked up commits (monotonic seconds); see ``_reader_searcher``.
+        self._reloaded_at = float("-inf")
         self._log = log.bind(store="tantivy", index=name)
 
     @classmethod
@@ -263,6 +274,7 @@ class TantivyKeywordIndex:
             writer.rollback()
             raise TransientStoreError(f"tantivy commit failed: {exc}", store="tantivy") from exc
         index.reload()
+        self._reloaded_at = time.monotonic()
 
     def _writer_for(self, index: tantivy.Index) -> tantivy.IndexWriter:
         if self._writer is None:
@@ -391,15 +403,53 @@ class TantivyKeywordIndex:
         return int(result.count)  # type: ignore[attr-defined]  # in the binding, missing from its stub
 
     def search(self, query: str, k: int) -> list[SearchHit]:
-        """BM25 over the text, any query word matching (like ES ``match``); no query syntax."""
+        """BM25 over the text, any query word matching (like ES ``match``); no query syntax.
+        Sees every commit up to now, this process's or another's (the read path uses
+        ``search_hits``, which reloads only every READER_RELOAD_S)."""
+        self._opened().reload()
+        self._reloaded_at = time.monotonic()
+        return self.search_hits(query, k)
+
+    def search_hits(
+        self, query: str, k: int, *, where: MetadataFilter | None = None, timeout_s: float | None = None
+    ) -> list[SearchHit]:
+        """``search`` as a reader sees the index now: commits of this process at once, another
+        process's within READER_RELOAD_S (Tantivy's counterpart of a refresh interval). Hits carry
+        their version, chunk index and metadata; ``where`` is not used (metadata is stored, not
+        indexed). In process, so ``timeout_s`` has nothing to bound."""
         words = _text_analyzer().analyze(query)
         if k <= 0 or not words:
             return []
-        searcher = self._opened().searcher()
+        searcher = self._reader_searcher()
         terms = [(tantivy.Occur.Should, tantivy.Query.term_query(self._schema, "text", w)) for w in words]
         live = self._live(tantivy.Query.boolean_query(terms))
         hits = searcher.search(live, limit=min(k, SEARCH_K_MAX), count=False).hits
         return [_search_hit(searcher.doc(address).to_dict(), float(score)) for score, address in hits]
+
+    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]:
+        """The version of each of these live chunks that ``search_hits`` sees now."""
+        searcher = self._reader_searcher()
+        seen: dict[str, int] = {}
+        ids = list(dict.fromkeys(chunk_ids))
+        for start in range(0, len(ids), LOOKUP_IDS_MAX):
+            part = ids[start : start + LOOKUP_IDS_MAX]
+            query = self._live(tantivy.Query.term_set_query(self._schema, "chunk_id", part))
+            for address in _all_hits(searcher, query, len(part)):
+                doc = searcher.doc(address).to_dict()
+                chunk_id, version = _first(doc, "chunk_id"), _first(doc, "version")
+                if isinstance(chunk_id, str) and isinstance(version, int):
+                    seen[chunk_id] = max(version, seen.get(chunk_id, version))
+        return seen
+
+    def _reader_searcher(self) -> tantivy.Searcher:
+        """A searcher on the last commit, reloaded when the last reload is READER_RELOAD_S old
+        (a writer reloads after each of its own commits)."""
+        index = self._opened()
+        now = time.monotonic()
+        if now - self._reloaded_at >= READER_RELOAD_S:
+            index.reload()
+            self._reloaded_at = now
+        return index.searcher()
 
 
 # --- the alias file ---------------------------------------------------------------------------
@@ -559,11 +609,16 @@ def _shared(chunk: StoredChunk, documents: int) -> StoredChunk:
 
 
 def _search_hit(doc: dict[str, list[Any]], score: float) -> SearchHit:
-    # A document another writer put in the index is found too; it must not fail the search.
-    body = BodyReader({name: _first(doc, name) for name in doc})
+    # A document another writer put in the index is found too; it must not fail the search (its
+    # missing fields read as neutral values, which the read path's fence refuses).
+    metadata, _ = _decoded_metadata(_first(doc, "metadata"))
+    body = BodyReader({name: _first(doc, name) for name in doc} | {"metadata": metadata})
     return SearchHit(
         chunk_id=body.text("chunk_id"),
         doc_id=body.text("doc_id"),
         score=score,
         text=body.text("text"),
+        version=body.integer("version"),
+        chunk_index=body.integer("chunk_index"),
+        metadata=body.mapping("metadata"),
     )

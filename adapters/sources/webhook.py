@@ -172,11 +172,14 @@ class Rejection:
 
 @dataclass(frozen=True)
 class AppendResult:
-    """What one request did: new events stored, events already stored, bad items recorded."""
+    """What one request did: new events stored, events already stored, bad items recorded.
+    ``keys``: the ``(doc_id, version)`` of every valid item, new or duplicate (what a consistency
+    token of the request covers)."""
 
     accepted: int
     duplicates: int
     rejected: tuple[Rejection, ...] = ()
+    keys: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,9 +210,10 @@ class _Plan:
     accepted: int = 0
     duplicates: int = 0
     rejected: list[Rejection] = field(default_factory=list)
+    keys: list[tuple[str, int]] = field(default_factory=list)
 
     def result(self) -> AppendResult:
-        return AppendResult(self.accepted, self.duplicates, tuple(self.rejected))
+        return AppendResult(self.accepted, self.duplicates, tuple(self.rejected), tuple(self.keys))
 
 
 def plan_append(items: Sequence[Item], stored: Mapping[tuple[str, int], str]) -> _Plan:
@@ -227,8 +231,10 @@ def plan_append(items: Sequence[Item], stored: Mapping[tuple[str, int], str]) ->
             seen[item.key] = item.payload
             plan.rows.append(_NewRow(item.key[0], item.key[1], item.payload, None, None))
             plan.accepted += 1
+            plan.keys.append(item.key)
         elif known == item.payload:
             plan.duplicates += 1
+            plan.keys.append(item.key)
         else:
             doc_id, version = item.key
             _reject(plan, item, f"conflict: {doc_id!r} version {version} was already accepted with a different body")

@@ -64,6 +64,7 @@ from coordinator.errors import (
 )
 from coordinator.events import metadata_rejection
 from coordinator.model import (
+    NO_VERSION,
     ChunkDelete,
     IndexedChunk,
     ItemResult,
@@ -73,6 +74,7 @@ from coordinator.model import (
     Vector,
     WriteResult,
 )
+from coordinator.ports import MetadataFilter
 
 log = structlog.get_logger(__name__)
 
@@ -116,6 +118,11 @@ SCAN_PAGE_ROWS_MAX = 1_000
 RANGE_PAGE_ROWS_MAX = 4_096
 
 STRONG = "Strong"
+# The read path's level without a consistency token: the server's bounded staleness; the fence
+# makes whatever it returns safe to serve.
+BOUNDED = "Bounded"
+# Fields a read-path search returns: what the fence checks and what a caller is served.
+SEARCH_FIELDS = ("chunk_id", "doc_id", "chunk_index", "version", "text", "metadata")
 METRIC = "COSINE"
 # AUTOINDEX is accepted by Milvus 2.3.5 and milvus-lite alike (each picks its own index type).
 INDEX_TYPE = "AUTOINDEX"
@@ -172,6 +179,9 @@ logging.getLogger(PYMILVUS_CALL_LOGGER).addFilter(QuietMissingAlias())
 class MilvusVectorIndex:
     """A VectorIndex over one Milvus collection (explicit schema, COSINE metric)."""
 
+    # Searches filter on the JSON ``metadata`` field themselves (see ``search_hits``).
+    filters_metadata = True
+
     def __init__(self, settings: VectorSettings, dim: int, *, model_id: str | None = None) -> None:
         """``model_id`` names the embedder whose vectors this adapter writes (None: no guard)."""
         if dim <= 0:
@@ -206,6 +216,11 @@ class MilvusVectorIndex:
         self._check_schema(described)
         self._ensure_index(client)
         self._ensure_loaded(client)
+
+    def load(self) -> None:
+        """Load the collection for searches without changing anything else (a reader's ``ensure``:
+        a reopened milvus-lite file or a restarted server may hold it unloaded)."""
+        self._ensure_loaded(self._connect())
 
     def recorded_model(self) -> str | None:
         """The model id recorded with the collection (None if it was created without one)."""
@@ -284,7 +299,23 @@ class MilvusVectorIndex:
         return self._count_where("")
 
     def search(self, vector: Vector, k: int) -> list[SearchHit]:
-        """The k chunks nearest to ``vector`` by cosine similarity, best first."""
+        """The k chunks nearest to ``vector`` by cosine similarity, best first, at Strong
+        consistency (every acknowledged write is seen)."""
+        return self.search_hits(vector, k, strong=True)
+
+    def search_hits(
+        self,
+        vector: Vector,
+        k: int,
+        *,
+        where: MetadataFilter | None = None,
+        strong: bool = False,
+        timeout_s: float | None = None,
+    ) -> list[SearchHit]:
+        """The k chunks nearest to ``vector``, best first, with each hit's version, chunk index
+        and metadata. ``where`` is pushed down as equality on the JSON ``metadata`` field (a
+        ``None`` value is left to the caller). ``strong``: Strong consistency, else Bounded
+        (the server's default staleness, without waiting for its time tick)."""
         if not 1 <= k <= SEARCH_K_MAX:
             raise ValueError(f"k must be within 1..{SEARCH_K_MAX}, got {k}")
         if len(vector) != self.dim:
@@ -296,10 +327,12 @@ class MilvusVectorIndex:
             self.name,
             data=[[float(x) for x in vector]],
             limit=k,
+            filter=_metadata_filter(where or {}),
             anns_field="vector",
             search_params={"metric_type": METRIC},
-            output_fields=["chunk_id", "doc_id", "text"],
-            consistency_level=STRONG,
+            output_fields=list(SEARCH_FIELDS),
+            consistency_level=STRONG if strong else BOUNDED,
+            call_timeout_s=timeout_s,
         )
         return [_hit(h) for h in result[0]]
 
@@ -521,22 +554,25 @@ class MilvusVectorIndex:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _call(self, operation: str, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call one pymilvus method with the request timeout, translating its errors.
+        """Call one pymilvus method with the request timeout (``call_timeout_s=`` overrides it for
+        this call), translating its errors.
 
         A collection found not loaded (after a server restart, or released by an operator) is
         loaded once and the call repeated: a restarted milvus-lite server never reloads on its
         own, and a 2.3.5 server may take tens of seconds to.
         """
+        call_timeout_s = kwargs.pop("call_timeout_s", None)
+        timeout_s = self.timeout_s if call_timeout_s is None else float(call_timeout_s)
         try:
             with _wire(operation):
-                return method(*args, timeout=self.timeout_s, **kwargs)
+                return method(*args, timeout=timeout_s, **kwargs)
         except TransientStoreError as exc:
             if operation in _LOAD_OPERATIONS or not _not_loaded(exc):
                 raise
         self._log.warning("collection not loaded; loading it", operation=operation)
         self._ensure_loaded(self._connect())
         with _wire(operation):
-            return method(*args, timeout=self.timeout_s, **kwargs)
+            return method(*args, timeout=timeout_s, **kwargs)
 
     def _upsert_batch(self, columns: list[dict[str, Any]]) -> None:
         """One upsert request, column by column (see ``_columns``)."""
@@ -695,6 +731,13 @@ def _open_lite(path: Path, connect: Callable[[], MilvusClient]) -> MilvusClient:
         time.sleep(LITE_LOCK_POLL_S)
         holder = _lite_holder(path)
     return connect()
+
+
+def lite_holder(uri: str) -> int | None:
+    """The PID of another process that holds the milvus-lite file ``uri`` (0 if it runs in
+    another PID namespace), or None: a command that only reads can then ask that process instead
+    of waiting for the file."""
+    return _lite_holder(Path(uri))
 
 
 def _lite_holder(path: Path) -> int | None:
@@ -1023,12 +1066,32 @@ def _not_an_object(metadata: Any) -> str:
 
 def _hit(hit: Mapping[str, Any]) -> SearchHit:
     entity = hit["entity"]
+    metadata = entity.get("metadata")
     return SearchHit(
         chunk_id=str(entity["chunk_id"]),
         doc_id=str(entity["doc_id"]),
         score=float(hit["distance"]),
         text=str(entity["text"]),
+        version=int(entity.get("version", NO_VERSION)),
+        chunk_index=int(entity.get("chunk_index", -1)),
+        metadata=dict(metadata) if isinstance(metadata, Mapping) else {},
     )
+
+
+def _metadata_filter(where: MetadataFilter) -> str:
+    """Equality on keys of the JSON ``metadata`` field, as a Milvus boolean expression ("" for
+    none). ``None`` values are left out: what JSON null compares equal to differs between
+    servers, so the caller's own filter decides those."""
+    terms = [f"metadata[{_quote(key)}] == {_literal(value)}" for key, value in where.items() if value is not None]
+    return " and ".join(terms)
+
+
+def _literal(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _quote(value)
+    return repr(value)
 
 
 def _embedder_record(described: Mapping[str, Any], collection: str) -> tuple[str, int] | None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,12 +35,13 @@ from adapters.keyword.elasticsearch import ElasticsearchKeywordIndex
 from adapters.keyword.es_compat_proxy import EsCompatProxy, ProxyRequest, Reply
 from adapters.keyword.opensearch import OpenSearchKeywordIndex
 from adapters.keyword.settings import KeywordSettings
-from adapters.keyword.tantivy_index import TantivyKeywordIndex
+from adapters.keyword.tantivy_index import READER_RELOAD_S, TantivyKeywordIndex
 from adapters.keyword.tantivy_index import alias_target as tantivy_alias_target
 from adapters.keyword.tantivy_index import point_alias as tantivy_point_alias
 from coordinator.errors import PermanentStoreError, TransientStoreError
+from coordinator.fence import metadata_digest
 from coordinator.model import NO_VERSION, ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
-from coordinator.ports import KeywordIndex
+from coordinator.ports import KeywordIndex, KeywordSearch
 
 APPLIED, SUPERSEDED, REJECTED = ItemStatus.APPLIED, ItemStatus.SUPERSEDED, ItemStatus.REJECTED
 
@@ -309,6 +311,50 @@ def test_search_finds_by_keyword_with_bm25_ranking(index: KeywordIndex) -> None:
     assert index.search("", 10) == []
 
 
+def test_read_path_hits_carry_what_the_fence_checks(index: KeywordIndex) -> None:
+    """search_hits returns each hit's own version, chunk index and metadata as written (the
+    metadata hashing to the same canonical digest), and never filters in the engine."""
+    meta = {"lang": "ü", "n": 3, "ratio": 0.25, "tags": ["a", "b"], "deep": {"x": None}}
+    index.upsert([chunk("a:0", 7, "the quick fox", chunk_index=2, metadata=meta), chunk("b:0", 1, "slow dog")])
+    index.search("fox", 1)  # makes the writes visible to searches on every backend
+    assert isinstance(index, KeywordSearch) and not index.filters_metadata
+    [hit] = index.search_hits("fox", 10)
+    assert (hit.chunk_id, hit.doc_id, hit.version, hit.chunk_index) == ("a:0", "a", 7, 2)
+    assert dict(hit.metadata) == meta and metadata_digest(hit.metadata) == metadata_digest(meta)
+    assert index.search_hits("fox", 10, where={"lang": "de"}) == [hit]
+    assert index.search_hits("", 10) == []
+
+
+def test_visible_reports_what_searches_see(index: KeywordIndex) -> None:
+    """visible gives the version a search sees of each live chunk; deleted and unknown IDs are absent."""
+    index.upsert([chunk("v:0", 3), chunk("v:1", 4), chunk("gone:0", 1)])
+    index.delete([ChunkDelete("gone:0", 2)])
+    index.search("alpha", 1)
+    assert isinstance(index, KeywordSearch)
+    assert index.visible(["v:0", "v:1", "gone:0", "never:0"]) == {"v:0": 3, "v:1": 4}
+    index.upsert([chunk("v:0", 9)])
+    index.search("alpha", 1)
+    assert index.visible(["v:0"]) == {"v:0": 9}
+
+
+def test_a_tantivy_reader_sees_another_writers_commits_within_its_reload_interval(tmp_path: Path) -> None:
+    """A reader that never writes picks up another writer's commits on its own, within
+    READER_RELOAD_S, without anyone refreshing it."""
+    path = str(tmp_path / "shared")
+    writer = TantivyKeywordIndex(path, "kw")
+    writer.ensure()
+    writer.upsert([chunk("w:0", 1, "first words")])
+    reader = TantivyKeywordIndex(path, "kw")
+    assert [h.chunk_id for h in reader.search_hits("first", 5)] == ["w:0"]
+    writer.upsert([chunk("w:1", 1, "second words")])
+    assert reader.visible(["w:1"]) == {}, "a reader reloads at most every READER_RELOAD_S"
+    time.sleep(READER_RELOAD_S + 0.1)
+    assert reader.visible(["w:1"]) == {"w:1": 1}
+    assert [h.chunk_id for h in reader.search_hits("second", 5)] == ["w:1"]
+    reader.close()
+    writer.close()
+
+
 def test_a_new_adapter_on_the_same_index_sees_the_data(make_index: MakeIndex) -> None:
     """Closing an adapter and opening another on the same index keeps chunks and tombstones."""
     name = unique_name()
@@ -453,7 +499,7 @@ def test_tantivy_index_survives_a_process_restart(tmp_path: Path) -> None:
     path = tmp_path / "kw"
     script = textwrap.dedent(
         f"""
-        from adapters.keyword.tantivy_index import TantivyKeywordIndex
+        from adapters.keyword.tantivy_index import READER_RELOAD_S, TantivyKeywordIndex
         from coordinator.model import ChunkDelete, IndexedChunk
         ix = TantivyKeywordIndex({str(path)!r}, "kw")
         ix.ensure()

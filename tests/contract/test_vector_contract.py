@@ -38,6 +38,7 @@ from adapters.vector.milvus import (
 )
 from adapters.vector.settings import VectorSettings
 from coordinator.errors import ConfigError, PermanentStoreError, TransientStoreError
+from coordinator.fence import metadata_digest
 from coordinator.model import ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
 from coordinator.ports import VectorIndex
 from tests.support.milvus_servers import LiteServer, RealMilvus, free_port
@@ -327,6 +328,47 @@ def test_search_returns_the_nearest_chunks(index: MilvusVectorIndex) -> None:
     assert (hits[0].chunk_id, hits[0].doc_id, hits[0].text) == ("doc-s3#0", "doc-s3", chunks[3].text)
     assert hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_read_path_hits_carry_what_the_fence_checks(index: MilvusVectorIndex) -> None:
+    """search_hits returns each hit's version, chunk index and metadata exactly as written, at
+    Bounded and at Strong consistency, and the metadata round-trips to the same canonical hash."""
+    basis = [[1.0 if d == i else 0.01 for d in range(DIM)] for i in range(DIM)]
+    chunks = [_chunk(f"doc-r{i}#0", version=10 + i, vector=basis[i]) for i in range(DIM)]
+    index.upsert(chunks)
+    for strong in (True, False):
+        hits = _eventually(lambda s=strong: index.search_hits(basis[2], 2, strong=s), len(chunks))
+        top = hits[0]
+        assert (top.chunk_id, top.version, top.chunk_index) == ("doc-r2#0", 12, 12 % 7)
+        assert top.text == chunks[2].text and dict(top.metadata) == dict(chunks[2].metadata)
+        assert metadata_digest(top.metadata) == metadata_digest(chunks[2].metadata)
+
+
+def test_read_path_filters_on_metadata_in_the_engine(index: MilvusVectorIndex) -> None:
+    """A where filter is pushed down: only chunks whose metadata holds every key/value come back."""
+    basis = [[1.0 if d == i else 0.01 for d in range(DIM)] for i in range(DIM)]
+    chunks = [
+        IndexedChunk(f"doc-f{i}#0", f"doc-f{i}", 0, f"t{i}", f"h{i}", 1, {"lang": "en" if i % 2 else 'de"x', "n": i,
+                     "ok": i < 4}, basis[i])
+        for i in range(DIM)
+    ]
+    index.upsert(chunks)
+    assert index.filters_metadata
+    english = index.search_hits(basis[0], DIM, where={"lang": "en"}, strong=True)
+    assert sorted(h.chunk_id for h in english) == [f"doc-f{i}#0" for i in range(DIM) if i % 2]
+    quoted = index.search_hits(basis[0], DIM, where={"lang": 'de"x', "ok": True}, strong=True)
+    assert sorted(h.chunk_id for h in quoted) == ["doc-f0#0", "doc-f2#0"]
+    assert [h.chunk_id for h in index.search_hits(basis[5], DIM, where={"n": 5}, strong=True)] == ["doc-f5#0"]
+
+
+def _eventually(search: Any, expected: int) -> list[Any]:
+    """A Bounded read may lag a write by the server's staleness: ask again until it sees them all."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    while True:
+        hits: list[Any] = search()
+        if len(hits) >= min(expected, 2) or time.monotonic() > deadline:
+            return hits
+        time.sleep(0.2)
 
 
 def test_unstorable_chunks_are_rejected_alone(index: MilvusVectorIndex) -> None:

@@ -39,6 +39,7 @@ RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
     ],
     "apps/v1": [("statefulsets", "StatefulSet", True), ("deployments", "Deployment", True)],
     "batch/v1": [("jobs", "Job", True), ("cronjobs", "CronJob", True)],
+    "autoscaling/v2": [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
     "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy", True)],
     "monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor", True)],

@@ -120,3 +120,55 @@ def documents(chunks: dict[str, RawChunk]) -> dict[str, tuple[int, str, list[Any
         assert [c.chunk_index for c in parts] == list(range(len(parts))), f"{doc_id!r} has gaps: orphans or losses"
         out[doc_id] = (max(c.version for c in parts), "".join(c.text for c in parts), [c.metadata for c in parts])
     return out
+
+
+# --- raw queries: what each engine answers to a query, asked with its own client -----------------
+
+
+def raw_keyword_search(settings: Settings, query: str, k: int) -> list[str]:
+    """The chunk IDs of the engine's own BM25 query for ``query`` (a refresh first: the raw view)."""
+    if settings.keyword.kind == "tantivy":
+        assert settings.keyword.path is not None
+        return _tantivy_search(settings.keyword.path, query, k)
+    assert settings.keyword.url is not None
+    body = {"query": {"match": {"text": query}}, "size": k, "_source": False}
+    with httpx.Client(base_url=settings.keyword.url, timeout=HTTP_TIMEOUT_S) as client:
+        client.post(f"/{settings.keyword.index}/_refresh").raise_for_status()
+        response = client.post(f"/{settings.keyword.index}/_search", json=body)
+        response.raise_for_status()
+    return [str(h["_id"]) for h in response.json()["hits"]["hits"]]
+
+
+def _tantivy_search(path: str, query: str, k: int) -> list[str]:
+    """Tantivy's own query parser over the text field, with the analyzer the index was built with
+    (lowercased alphanumeric tokens of at most 40 characters); tombstones have no text to match."""
+    index = tantivy.Index.open(path)
+    analyzer = (
+        tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
+        .filter(tantivy.Filter.remove_long(40))
+        .filter(tantivy.Filter.lowercase())
+        .build()
+    )
+    index.register_tokenizer("lockstep_text", analyzer)
+    index.reload()
+    searcher = index.searcher()
+    hits = searcher.search(index.parse_query(query, ["text"]), limit=k).hits
+    return [str(searcher.doc(address).to_dict()["chunk_id"][0]) for _, address in hits]
+
+
+def raw_vector_search(settings: Settings, vector: list[float], k: int) -> list[str]:
+    """The chunk IDs of Milvus's own nearest-neighbour search (COSINE, Strong consistency)."""
+    client = MilvusClient(uri=settings.vector.uri, timeout=HTTP_TIMEOUT_S)
+    try:
+        result = client.search(
+            settings.vector.collection,
+            data=[vector],
+            limit=k,
+            anns_field="vector",
+            search_params={"metric_type": "COSINE"},
+            output_fields=["chunk_id"],
+            consistency_level="Strong",
+        )
+    finally:
+        client.close()
+    return [str(h["entity"]["chunk_id"]) for h in result[0]]

@@ -21,6 +21,13 @@ app.kubernetes.io/name: {{ include "lockstep.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The search pods' own name label, so that no selector of the StatefulSet's (its Services, its PDB, the ServiceMonitor) ever picks them. */}}
+{{- define "lockstep.searchSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "lockstep.name" . }}-search
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: search
+{{- end }}
+
 {{- define "lockstep.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "lockstep.selectorLabels" . }}
@@ -113,6 +120,7 @@ sourceUrl: LOCKSTEP_SOURCE__URL
 sourceDsn: LOCKSTEP_SOURCE__DSN
 sourceSaslPassword: LOCKSTEP_SOURCE__SASL_PASSWORD
 sourceToken: LOCKSTEP_SOURCE__TOKEN
+searchToken: LOCKSTEP_SEARCH__TOKEN
 {{- end }}
 
 {{/*
@@ -126,16 +134,23 @@ sourceSaslPassword: kafka
 sourceToken: webhook
 {{- end }}
 
-{{/* Environment of every lockstep container: credentials from Secrets, then extraEnv. */}}
+{{/* Environment of every lockstep container: credentials from Secrets, then extraEnv. With
+"searchOnly", the source's credentials are left out (a search pod reads no source). */}}
 {{- define "lockstep.env" -}}
+{{- $root := . }}
+{{- $searchOnly := false }}
+{{- if hasKey . "root" }}
+{{- $root = .root }}
+{{- $searchOnly = .searchOnly }}
+{{- end }}
 - name: HOME
   value: /tmp
 - name: HF_HOME
   value: /tmp/huggingface
-{{- $names := include "lockstep.secretEnvNames" . | fromYaml }}
+{{- $names := include "lockstep.secretEnvNames" $root | fromYaml }}
 {{- range $key := keys $names | sortAlpha }}
-{{- $ref := get $.Values.secrets $key }}
-{{- if $ref.name }}
+{{- $ref := get $root.Values.secrets $key }}
+{{- if and $ref.name (not (and $searchOnly (hasPrefix "source" $key))) }}
 - name: {{ get $names $key }}
   valueFrom:
     secretKeyRef:
@@ -143,7 +158,7 @@ sourceToken: webhook
       key: {{ $ref.key | quote }}
 {{- end }}
 {{- end }}
-{{- with .Values.extraEnv }}
+{{- with $root.Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
