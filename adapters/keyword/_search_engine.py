@@ -80,8 +80,10 @@ CHUNK_INDEX_MAX = 2**31 - 1  # the mapping's `integer` type; the engine rejects 
 # Characters that make a name a pattern or a list in the alias APIs, never one alias.
 ALIAS_FORBIDDEN_CHARS = "*,?"
 
-# Fields read back by get/scan; `text` is left out of scans unless asked for.
-STORED_FIELDS = ("chunk_id", "doc_id", "chunk_index", "content_hash", "version", "metadata")
+# Scans read the whole ``_source``: source filtering re-nests dotted keys on some engines (osmem
+# answers a filtered read of ``{"a.b": 1}`` as ``{"a": {"b": 1}}``, or drops the key), so a filtered
+# read would see metadata the index does not hold. ``text`` is dropped after the read unless asked.
+SCAN_SOURCE = True
 
 INDEX_MAPPINGS: dict[str, Any] = {
     # Strict: a document with a field we did not declare is a bug, and must fail loudly.
@@ -343,10 +345,6 @@ def stored_chunk(hit: Mapping[str, Any], *, with_text: bool, store: str) -> Stor
         metadata=body.mapping("metadata"),
         foreign=body.foreign,
     )
-
-
-def source_filter(with_text: bool) -> list[str]:
-    return [*STORED_FIELDS, "text"] if with_text else list(STORED_FIELDS)
 
 
 class SearchEngineIndex(ABC):
@@ -685,7 +683,7 @@ class SearchEngineIndex(ABC):
             self._close_quietly("close point in time", lambda: self._wire_close_pit(pit_id))
 
     def _scan_scroll(self, with_text: bool) -> Iterator[StoredChunk]:
-        body = {"size": SCAN_PAGE_SIZE, "sort": ["_doc"], "_source": source_filter(with_text), "version": True}
+        body = {"size": SCAN_PAGE_SIZE, "sort": ["_doc"], "_source": SCAN_SOURCE, "version": True}
         response = self._retrying("scan page", partial(self._wire_search, body, scroll=_keep_alive()))
         scroll_id = response.get("_scroll_id")
         try:
@@ -722,7 +720,7 @@ def _pit_page_body(
         "size": SCAN_PAGE_SIZE,
         "pit": {"id": pit_id, "keep_alive": _keep_alive()},
         "sort": list(sort),
-        "_source": source_filter(with_text),
+        "_source": SCAN_SOURCE,
         "version": True,
         "track_total_hits": False,
     }

@@ -135,7 +135,8 @@ TRANSIENT_GRPC_CODES = frozenset(
     }
 )
 
-STORED_FIELDS = ("chunk_id", "doc_id", "chunk_index", "content_hash", "version")
+# Metadata is read on every scan: the audit and the invariants compare it on each chunk.
+STORED_FIELDS = ("chunk_id", "doc_id", "chunk_index", "content_hash", "version", "metadata")
 
 # The collection property recording the embedder whose vectors a collection holds:
 # ``{"model_id": ..., "dim": ...}`` as JSON.
@@ -269,7 +270,7 @@ class MilvusVectorIndex:
 
     def get(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
         """Read chunks (with text and metadata) by ID at Strong consistency; absent IDs are left out."""
-        fields = [*STORED_FIELDS, "text", "metadata"]
+        fields = [*STORED_FIELDS, "text"]
         rows = self._query_by_ids(chunk_ids, fields)
         return {str(r["chunk_id"]): _stored(r, with_text=True) for r in rows}
 
@@ -880,7 +881,7 @@ def _median_id(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _scan_fields(with_text: bool) -> list[str]:
-    return [*STORED_FIELDS, "text", "metadata"] if with_text else list(STORED_FIELDS)
+    return [*STORED_FIELDS, "text"] if with_text else list(STORED_FIELDS)
 
 
 def _newest_by_id(items: Iterable[tuple[int, IndexedChunk | ChunkDelete]]) -> dict[str, int]:
@@ -1002,7 +1003,7 @@ def _vector_rejection(vector: Vector | None, dim: int) -> str:
 def _stored(row: Mapping[str, Any], *, with_text: bool) -> StoredChunk:
     """A row as a StoredChunk; the schema types every field, but a row another writer inserted
     may hold JSON metadata that is no object (milvus-lite stores any JSON), which makes it foreign."""
-    metadata = row.get("metadata") if with_text else None
+    metadata = row.get("metadata")
     foreign = "" if metadata is None or isinstance(metadata, Mapping) else _not_an_object(metadata)
     return StoredChunk(
         chunk_id=str(row["chunk_id"]),
@@ -1011,7 +1012,7 @@ def _stored(row: Mapping[str, Any], *, with_text: bool) -> StoredChunk:
         content_hash=str(row["content_hash"]),
         version=int(row["version"]),
         text=str(row["text"]) if with_text else None,
-        metadata=dict(metadata) if isinstance(metadata, Mapping) else ({} if with_text else None),
+        metadata=dict(metadata) if isinstance(metadata, Mapping) else {},
         foreign=foreign,
     )
 
