@@ -539,7 +539,8 @@ def test_validation_repairs_what_the_new_generation_missed_before_it_swaps(tmp_p
         added = ChangeEvent(Op.UPSERT, "doc-new", 4, _text(99, 4), {"team": "x"})
         edited = ChangeEvent(Op.UPSERT, "doc-001", 30, _text(1, 30), {"team": "y"})
         removed = ChangeEvent(Op.DELETE, "doc-002", 30)
-        gen1.engine.apply([added, edited, removed])  # generation 1 only
+        never_seen = ChangeEvent(Op.DELETE, "doc-ghost", 7)  # a delete of a document never upserted
+        gen1.engine.apply([added, edited, removed, never_seen])  # generation 1 only
     server_manager_instance.release_server(settings.vector.uri)
     final["doc-new"] = {"text": added.text}
     final["doc-001"] = {"text": edited.text}
@@ -554,12 +555,16 @@ def test_validation_repairs_what_the_new_generation_missed_before_it_swaps(tmp_p
         from lockstep.generations import generation_ledger
 
         g2 = generation_ledger(settings, 2)
-        states = g2.get_docs(["doc-new", "doc-001", "doc-002"])
+        states = g2.get_docs(["doc-new", "doc-001", "doc-002", "doc-ghost"])
         g2.close()
     finally:
         home.close()
     assert (states["doc-new"].version, states["doc-001"].version) == (4, 30)
     assert states["doc-002"].deleted and states["doc-002"].version == 30
+    # Nothing of doc-ghost is in either generation's indexes, so no audit sees it; its tombstone
+    # is copied anyway, or generation 2 would take a late upsert of it at version 6.
+    assert states["doc-ghost"].deleted and states["doc-ghost"].version == 7
+    assert second["tombstones_caught_up"] == 2  # doc-ghost and doc-002
 
 
 def test_a_document_a_live_write_holds_is_set_aside_and_the_rest_of_its_batch_goes_on(

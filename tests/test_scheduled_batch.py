@@ -183,8 +183,8 @@ def _run_table_waves(
 def _assert_indexes_match(config: Path, model: SourceModel) -> None:
     with runtime(load_settings(config)) as rt:
         violations = [
-            *check.index_against_source("keyword", model, set(), rt.keyword.scan()),
-            *check.index_against_source("vector", model, set(), rt.vector.scan()),
+            *check.index_against_source("keyword", model, set(), rt.keyword.scan(with_text=True)),
+            *check.index_against_source("vector", model, set(), rt.vector.scan(with_text=True)),
             *check.nothing_pending(rt.ledger),
         ]
         dead = rt.ledger.counts()["dead_letters"]
@@ -302,8 +302,8 @@ def test_a_polled_folder_reaches_both_indexes(tmp_path: Path) -> None:
     deleted = {path for path, text in files.items() if text is None}
     with runtime(load_settings(config)) as rt:
         violations = [
-            *check_index("keyword", expected, deleted, list(rt.keyword.scan())),
-            *check_index("vector", expected, deleted, list(rt.vector.scan())),
+            *check_index("keyword", expected, deleted, list(rt.keyword.scan(with_text=True))),
+            *check_index("vector", expected, deleted, list(rt.vector.scan(with_text=True))),
         ]
     assert violations == [], "\n".join(map(str, violations[:20]))
 

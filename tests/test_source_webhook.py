@@ -420,8 +420,8 @@ def _assert_converged(config: Path, model: SourceModel, bad_reasons: list[str]) 
     the bad items."""
     with runtime(load_settings(config)) as rt:
         violations = [
-            *check.index_against_source("keyword", model, set(), rt.keyword.scan()),
-            *check.index_against_source("vector", model, set(), rt.vector.scan()),
+            *check.index_against_source("keyword", model, set(), rt.keyword.scan(with_text=True)),
+            *check.index_against_source("vector", model, set(), rt.vector.scan(with_text=True)),
         ]
         docs = {d.doc_id: d for d in rt.ledger.iter_docs(include_deleted=True)}
         letters = [letter for _, letter in rt.ledger.dead_letters(limit=100)]
