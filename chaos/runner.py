@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import tempfile
 import time
 import traceback
@@ -84,6 +85,9 @@ REFUSING_SIDE_SALT = 0x4EF05E
 # than the rest of the schedule; lockstep's crashes are simulated in-process, so nothing the
 # checks rely on needs the data to reach a disk.
 RAM_ROOT = Path("/dev/shm")
+# ... if it has this much room: a container's default /dev/shm (64 MiB) would fill up with the
+# workers' milvus-lite files, so a small one is passed over for the system's temporary directory.
+RAM_ROOT_FREE_MIN_BYTES = 1024**3
 # The collection each worker reuses across its schedules (``WorkerStores``).
 WORKER_COLLECTION = "chaos_worker"
 
@@ -449,8 +453,10 @@ class StoresSetup:
 
 def scratch_root() -> Path | None:
     """Where a run's worker directories go when its caller names none: RAM_ROOT when it is a
-    writable directory, else None (the system's temporary directory)."""
-    return RAM_ROOT if RAM_ROOT.is_dir() and os.access(RAM_ROOT, os.W_OK | os.X_OK) else None
+    writable directory with RAM_ROOT_FREE_MIN_BYTES free, else None (the system's temporary
+    directory)."""
+    usable = RAM_ROOT.is_dir() and os.access(RAM_ROOT, os.W_OK | os.X_OK)
+    return RAM_ROOT if usable and shutil.disk_usage(RAM_ROOT).free >= RAM_ROOT_FREE_MIN_BYTES else None
 
 
 _worker: dict[str, Any] = {}
