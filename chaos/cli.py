@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -319,11 +320,21 @@ def _print(summary: RunSummary, replay_flags: str) -> None:
         f"({len(totals)} kinds), violations {summary.violations}, wall {summary.wall_s:.0f} s"
         + (" (budget exhausted)" if summary.budget_exhausted else "")
     )
+    out.print(_kinds_table(summary))
     for r in summary.results:
         if not r.ok:
             out.print(f"[red]FAILED seed {r.seed}[/red] (replay: {_replay(r, replay_flags)})")
             for line in r.violations[:10]:
                 out.print(f"  {line}")
+
+
+def _kinds_table(summary: RunSummary) -> Table:
+    """Per fault kind: how many times it was injected and in how many schedules."""
+    schedules = Counter(kind for r in summary.results for kind in r.injected)
+    table = Table("fault kind", "injected", "schedules")
+    for kind, count in sorted(summary.injected.items()):
+        table.add_row(kind, str(count), str(schedules[kind]))
+    return table
 
 
 def _replay(result: ScheduleResult, replay_flags: str) -> str:

@@ -3,8 +3,10 @@
 A schedule is fully determined by its seed and its fault list: ``run_schedule(spec)`` with the
 same spec injects the same faults at the same steps (the simulated clock, not the wall, drives
 every backoff), which is what makes a failing seed replayable. ``run_schedules`` runs many
-across worker processes, each schedule in its own namespace over fresh embedded stores (a
-Tantivy directory, a collection in the worker's milvus-lite file, a SQLite ledger).
+across worker processes, each schedule in its own namespace: by default over embedded stores
+that each worker reuses (``WorkerStores``: a fresh Tantivy directory and SQLite ledger per
+schedule, one milvus-lite collection per worker, emptied after every schedule), in worker
+directories on a RAM filesystem when the machine has one (``scratch_root``).
 
 Fault mix: ``draw_faults`` picks kinds from the seed; ``plan_specs`` also rotates through the
 requested kinds so that each appears in the first ``len(kinds)`` schedules.
@@ -15,9 +17,9 @@ one, one schedule seed in ``BATCH_EVERY`` takes the batch path, when its faults 
 (``path_of``): the path follows from the seed and the faults, so a replay needs no more than them.
 
 Where schedules run is a *setup* (``WorkerSetup``), called once in each worker process with the
-worker's own directory; it returns what runs one schedule there. ``StoresSetup`` opens fresh
-stores per schedule (embedded ones, or a deployment's); ``chaos.servertier.ServerTierSetup``
-starts the worker's own fault proxies (and servers) first.
+worker's own directory; it returns what runs one schedule there. ``StoresSetup`` opens each
+schedule's stores (embedded ones the worker reuses, or a deployment's);
+``chaos.servertier.ServerTierSetup`` starts the worker's own fault proxies (and servers) first.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import tempfile
 import time
 import traceback
@@ -49,6 +52,7 @@ from chaos.stream import DELIVERY_FAULTS, StreamFaults, ensure_deleted_docs
 from chaos.workload import REFUSAL_KEY, SourceModel, random_history
 from coordinator.audit import Auditor
 from coordinator.invariants import Violation
+from coordinator.model import ChunkDelete
 from lockstep.logging import configure_logging
 
 # Source changes per schedule: enough for every fault to find a target, small enough for CI.
@@ -76,6 +80,16 @@ APART = frozenset(
 # Salt of the seeded choice of the store that refuses a document (kept apart from the
 # schedule's own random stream, so that adding the kind moved no other fault).
 REFUSING_SIDE_SALT = 0x4EF05E
+# Where worker directories go by default: a RAM filesystem, when the machine has one. A schedule
+# commits to Tantivy and SQLite dozens of times, and each commit's fsync on a busy disk cost more
+# than the rest of the schedule; lockstep's crashes are simulated in-process, so nothing the
+# checks rely on needs the data to reach a disk.
+RAM_ROOT = Path("/dev/shm")
+# ... if it has this much room: a container's default /dev/shm (64 MiB) would fill up with the
+# workers' milvus-lite files, so a small one is passed over for the system's temporary directory.
+RAM_ROOT_FREE_MIN_BYTES = 1024**3
+# The collection each worker reuses across its schedules (``WorkerStores``).
+WORKER_COLLECTION = "chaos_worker"
 
 
 @dataclass(frozen=True)
@@ -171,9 +185,66 @@ class EmbeddedStores:
         return cls(keyword, vector)
 
     def close(self) -> None:
-        self.keyword.close()
+        self.keyword.drop()
         self.vector.drop()
         self.vector.close()
+
+
+@dataclass
+class ReusedStores:
+    """One schedule's stores out of a worker's ``WorkerStores``: a fresh Tantivy index, and the
+    worker's collection, emptied when the schedule closes its stores."""
+
+    keyword: TantivyKeywordIndex
+    vector: MilvusVectorIndex
+    owner: WorkerStores
+
+    def close(self) -> None:
+        self.keyword.drop()
+        self.owner.empty(self.vector)
+
+
+class WorkerStores:
+    """A worker process's embedded stores, reused across its schedules (a ``StoreOpener``).
+
+    Creating a milvus-lite collection costs half a second (pymilvus waits 0.5 s for its index),
+    more than the rest of a schedule, so a worker creates one collection in its milvus-lite file
+    and every schedule empties it when done: each scanned chunk deleted by primary key, then
+    ``count()`` must be 0. A schedule starts only on a collection found empty; one that is not
+    (its emptying failed) is dropped and created anew. Each schedule still gets its own Tantivy
+    directory (cheap to create; Tantivy keeps deletes as tombstones, which emptying would leave)
+    and its own ledger, both removed when it ends. Nothing a schedule wrote is left for the next
+    one, so a schedule gives the same result first in a worker or after thousands of others."""
+
+    def __init__(self) -> None:
+        self._vector: MilvusVectorIndex | None = None
+
+    def __call__(self, workdir: Path, namespace: str) -> ReusedStores:
+        vector = self._empty_collection(workdir)
+        keyword = TantivyKeywordIndex(str(workdir / f"{namespace}.tantivy"), "kw")
+        keyword.ensure()
+        return ReusedStores(keyword, vector, self)
+
+    def _empty_collection(self, workdir: Path) -> MilvusVectorIndex:
+        if self._vector is not None and self._vector.count() != 0:
+            self._vector.drop()
+            self._vector.close()
+            self._vector = None
+        if self._vector is None:
+            settings = VectorSettings(uri=str(workdir / "milvus.db"), collection=WORKER_COLLECTION)
+            self._vector = MilvusVectorIndex(settings, dim=EMBED_DIM)
+            self._vector.ensure()
+        assert self._vector.count() == 0, "a schedule starts on an empty collection"
+        return self._vector
+
+    @staticmethod
+    def empty(vector: MilvusVectorIndex) -> None:
+        """Delete every chunk of the collection (a version above the stored one, as a delete
+        carries), and check that none is left."""
+        vector.delete([ChunkDelete(c.chunk_id, c.version + 1) for c in vector.scan()])
+        left = vector.count()
+        if left:
+            raise AssertionError(f"{left} chunks left in the worker's collection after emptying it")
 
 
 StoreOpener = Callable[[Path, str], Stores]
@@ -245,15 +316,22 @@ def run_schedule(
 
 
 def _closed(rig: Rig, stores: Stores) -> list[Violation]:
-    """Close the rig, then the stores (even if the rig failed to); a failure is reported, e.g. a
-    store that cannot drop the schedule's index."""
+    """Close the rig, remove its ledger files, then close the stores (even if the rig failed to);
+    a failure is reported, e.g. a store that cannot drop the schedule's index."""
     errors = []
-    for close in (rig.close, stores.close):
+    for close in (rig.close, partial(_remove_ledger, rig.ledger_path), stores.close):
         try:
             close()
         except Exception as exc:
             errors.append(Violation("error", "close", rig.model.namespace, _short_trace(exc)))
     return errors
+
+
+def _remove_ledger(path: Path) -> None:
+    """The schedule's SQLite ledger and its WAL files: a worker directory holds only the
+    schedules running in it, however many ran before."""
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        (path.parent / name).unlink(missing_ok=True)
 
 
 def _refusing_store(rig: Rig, spec: ScheduleSpec) -> None:
@@ -364,12 +442,21 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class StoresSetup:
-    """Schedules over fresh stores from ``open_stores`` (embedded by default), with no server faults."""
+    """Schedules over the stores ``open_stores`` gives (None: embedded ones each worker reuses,
+    ``WorkerStores``), with no server faults."""
 
-    open_stores: StoreOpener = EmbeddedStores.open
+    open_stores: StoreOpener | None = None
 
     def __call__(self, workdir: Path) -> ScheduleRunner:
-        return partial(run_schedule, workdir=workdir, open_stores=self.open_stores)
+        return partial(run_schedule, workdir=workdir, open_stores=self.open_stores or WorkerStores())
+
+
+def scratch_root() -> Path | None:
+    """Where a run's worker directories go when its caller names none: RAM_ROOT when it is a
+    writable directory with RAM_ROOT_FREE_MIN_BYTES free, else None (the system's temporary
+    directory)."""
+    usable = RAM_ROOT.is_dir() and os.access(RAM_ROOT, os.W_OK | os.X_OK)
+    return RAM_ROOT if usable and shutil.disk_usage(RAM_ROOT).free >= RAM_ROOT_FREE_MIN_BYTES else None
 
 
 _worker: dict[str, Any] = {}
@@ -410,10 +497,12 @@ def run_schedules(
 ) -> RunSummary:
     """Run schedules across ``workers`` processes until done, or ``budget_s`` is spent, or (with
     ``fail_fast``) a schedule found a violation. Each worker runs its schedules as ``setup``
-    (default: fresh embedded stores) says, in its own directory under ``base_dir`` (default: a
-    temporary directory removed at the end)."""
+    (default: embedded stores it reuses) says, in its own directory under ``base_dir`` (default: a
+    temporary directory under ``scratch_root()``, removed at the end)."""
     if base_dir is None:
-        with tempfile.TemporaryDirectory(prefix="lockstep-chaos-", ignore_cleanup_errors=True) as scratch:
+        with tempfile.TemporaryDirectory(
+            prefix="lockstep-chaos-", dir=scratch_root(), ignore_cleanup_errors=True
+        ) as scratch:
             return run_schedules(
                 specs,
                 workers=workers,

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.embed_server",
     "tests.support.postgres_servers",
     "tests.support.kafka_servers",
+    "tests.support.chaos_report",
 ]

@@ -1,6 +1,6 @@
 """Every planted bug of chaos/planted.py is reported by the invariant that guards what it breaks,
-within the CI smoke's own plan and budget (tests/test_chaos_smoke.py: its seed, 200 schedules over
-the in-process kinds, 4 worker processes, 300 s), and the failing schedule's seed replays it.
+within the CI smoke's own plan and budget (tests/test_chaos_smoke.py: its seed, schedules over
+the in-process kinds, worker processes and budget), and the failing schedule's seed replays it.
 
 A plan stops at its first violation (``fail_fast``): a violation that does not report the bug
 (another invariant, a crash) fails the test too, so a planted bug cannot pass by breaking
