@@ -40,6 +40,7 @@ from chaos.runner import (
     ScheduleSpec,
     StoresSetup,
     WorkerSetup,
+    headline,
     plan_specs,
     run_schedules,
 )
@@ -314,10 +315,8 @@ def _print(summary: RunSummary, replay_flags: str) -> None:
     for r in sorted(summary.results, key=lambda r: r.seed):
         table.add_row(str(r.seed), _injected(r), str(r.events), str(len(r.violations)), f"{r.wall_s:.1f}")
     out.print(table)
-    totals = summary.injected
     out.print(
-        f"schedules {len(summary.results)}, faults injected {sum(totals.values())} "
-        f"({len(totals)} kinds), violations {summary.violations}, wall {summary.wall_s:.0f} s"
+        headline(len(summary.results), summary.injected, summary.violations, summary.wall_s)
         + (" (budget exhausted)" if summary.budget_exhausted else "")
     )
     out.print(_kinds_table(summary))

@@ -33,7 +33,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -405,6 +405,14 @@ def _short_trace(exc: BaseException) -> str:
 
 
 # --- many schedules ----------------------------------------------------------------------------
+
+
+def headline(schedules: int, injected: Mapping[str, int], violations: int, wall_s: float) -> str:
+    """A run in one line, as ``lockstep chaos run`` and the test session's summary print it."""
+    return (
+        f"schedules {schedules}, faults injected {sum(injected.values())} ({len(injected)} kinds), "
+        f"violations {violations}, wall {wall_s:.0f} s"
+    )
 
 
 @dataclass

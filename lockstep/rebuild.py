@@ -401,7 +401,9 @@ class Rebuild:
         every writer wrote N+1 too. The validating audit cannot see those: a document deleted in
         N and unknown to N+1 holds nothing in either's indexes, yet without its tombstone N+1
         would take a late, older upsert of it. Once every writer writes both generations no new
-        tombstone can miss N+1, so one pass after the switch is enough. Returns how many."""
+        tombstone can miss N+1, so one pass after the switch is enough. It reads every document
+        of N rather than those changed since the registration: commit times come from each
+        writer's own clock, and a writer on another machine may lag this one. Returns how many."""
         copied = 0
         tombstones = (d for d in reader.ledger.iter_docs(include_deleted=True) if d.deleted)
         for batch in _batched(tombstones, SNAPSHOT_READ_DOCS):

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import pytest
 
+from chaos.runner import headline
+
 RUNS = pytest.StashKey[list[str]]()
 
 
@@ -21,10 +23,7 @@ def record_run(
 ) -> None:
     """Keep one run's figures for the session's terminal summary."""
     lines = config.stash.setdefault(RUNS, [])
-    lines.append(
-        f"{name}: schedules {schedules}, faults injected {sum(injected.values())} "
-        f"({len(injected)} kinds), violations {violations}, wall {wall_s:.0f} s"
-    )
+    lines.append(f"{name}: {headline(schedules, injected, violations, wall_s)}")
     lines.extend(f"  {kind:<36} {count:>7}" for kind, count in sorted(injected.items()))
 
 
