@@ -16,7 +16,7 @@ what a sync would leave behind, minus the embedding. Then, measured:
    Milvus, half with their keyword text edited at the same version), checking the audit finds
    exactly those.
 
-Results are appended to docs/benchmarks.md under "Audit".
+Results replace the block between the markers of docs/benchmarks.md's "Audit" section.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.sqlite import SqliteLedger
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
+from bench.results_doc import write_results
 from chaos.servers import OpenSearchApiServer, RealMilvusServer
 from coordinator.chunking import chunk_id, content_hash
 from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk
@@ -63,6 +64,9 @@ SPEED_GOAL = 0.5
 RSS_GOAL_MB = 300
 WORDS = ("refund", "invoice", "shipping", "parcel", "account", "password", "order", "return", "tax", "card")
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+SECTION = "## Audit (`bench/audit.py`)"
+BEGIN = "<!-- bench.audit results: begin (rewritten by `python -m bench.audit`) -->"
+END = "<!-- bench.audit results: end -->"
 
 
 def _text(rng: random.Random, doc: int, index: int) -> str:
@@ -246,13 +250,10 @@ def run(chunks: int, drift: float, seed: int) -> dict[str, Any]:
 def _markdown(r: dict[str, Any]) -> str:
     speed_ok = "met" if r["speed_vs_slower_scan"] >= SPEED_GOAL else "NOT met"
     rss_ok = "met" if r["peak_rss_mb"] <= RSS_GOAL_MB else "NOT met"
-    return f"""
-## Audit
-
-`python -m bench.audit` — {r["chunks"]:,} chunks ({CHUNKS_PER_DOC} per document, ~{CHUNK_CHARS} characters
-each) in the OpenSearch-API server and the Milvus 2.3.5 server, ledger on SQLite; {platform.machine()},
-{os.cpu_count()} CPUs, Python {platform.python_version()}. Setup (bulk writes straight through the adapters and
-the ledger's prepare/mark/commit, not measured): {r["load_s"]} s.
+    return f"""{r["chunks"]:,} chunks ({CHUNKS_PER_DOC} per document, ~{CHUNK_CHARS} characters each) in the
+OpenSearch-API server and the Milvus 2.3.5 server, ledger on SQLite; {platform.machine()}, {os.cpu_count()} CPUs,
+Python {platform.python_version()}, {time.strftime("%Y-%m-%d")}. Setup (bulk writes straight through the adapters
+and the ledger's prepare/mark/commit, not measured): {r["load_s"]} s.
 
 | measurement | value |
 |---|---|
@@ -262,12 +263,7 @@ the ledger's prepare/mark/commit, not measured): {r["load_s"]} s.
 | speed vs a bare scan of the slower store (goal ≥ {SPEED_GOAL}) | {r["speed_vs_slower_scan"]} ({speed_ok}) |
 | peak RSS of the audit process (goal ≤ {RSS_GOAL_MB} MB) | {r["peak_rss_mb"]} MB ({rss_ok}) |
 | full audit with {r["drifted_chunks"]} drifted chunks (0.1 %) | {r["audit_drift_s"]} s, {r["divergent_buckets"]} divergent buckets of 4,096 |
-| drift found | {r["drift_found"]} |
-
-The audit's process time includes start-up (imports, connecting) and, besides the two index scans,
-the ledger pass and the Milvus primary-key range pass behind `duplicate_ids`; with drift, a
-second pass streams every side again and keeps only the divergent buckets' records.
-"""
+| drift found | {r["drift_found"]} |"""
 
 
 def main() -> None:
@@ -275,14 +271,14 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS)
     parser.add_argument("--drift", type=float, default=DEFAULT_DRIFT)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--no-write", action="store_true", help="Do not append to docs/benchmarks.md.")
+    parser.add_argument("--no-write", action="store_true", help="Do not rewrite docs/benchmarks.md.")
     args = parser.parse_args()
     configure_logging("warning")
     result = run(args.chunks, args.drift, args.seed)
     print(json.dumps(result, indent=2))
     if not args.no_write:
-        with RESULTS.open("a", encoding="utf-8") as out:
-            out.write(_markdown(result))
+        command = "python -m bench.audit " + " ".join(sys.argv[1:])
+        write_results(RESULTS, command.strip(), _markdown(result), section=SECTION, begin=BEGIN, end=END)
 
 
 if __name__ == "__main__":
