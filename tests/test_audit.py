@@ -170,6 +170,11 @@ def _reconcile(settings: Settings, **kwargs: Any) -> dict[str, Any]:
         return reconciler.run(dry_run=kwargs.get("dry_run", False), max_ops=kwargs.get("max_ops")).as_json()
 
 
+def _total(report: Report) -> int:
+    """How many findings the report counted (each finding counts once, in one category)."""
+    return sum(sum(v.values()) if isinstance(v, dict) else v for v in report.counts.values())
+
+
 def _counts(report: Report) -> dict[str, Any]:
     """Only the non-zero counts, for exact comparisons that read well in a failure."""
     out: dict[str, Any] = {}
@@ -356,8 +361,13 @@ def test_a_sql_source_is_compared_with_the_ledger_and_redriven(tmp_path: Path) -
         "vector": {"stale": 1, "orphan": 2, "ghost": 3},
         "ledger_drift": 2,
     }, report.as_json()
+    plan = _reconcile(settings, dry_run=True)
+    assert plan["dry_run"] is True and plan["ops"] == 0, "ledger drift is redriven, not repaired"
+    assert sorted((r["doc_id"], r["op"]) for r in plan["redrives"]) == [("a1", "upsert"), ("a2", "delete")]
+    assert plan["remaining_findings"] == _total(report) and not _audit(settings).clean
     summary = _reconcile(settings)
     assert {r["doc_id"] for r in summary["redrives"]} == {"a1", "a2"}
+    assert summary["redrives"] == plan["redrives"], "the dry run lists exactly what the run redrives"
     assert _audit(settings).clean
     with runtime(settings) as rt:
         assert len(rt.keyword.get([chunk_id(f"a{i}", 0) for i in range(5)])) == 4
@@ -435,12 +445,17 @@ def test_max_ops_caps_the_work_and_dry_run_changes_nothing(embedded: Settings) -
     _loaded(embedded)
     with runtime(embedded) as rt:
         rt.vector.delete([ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(6)])
+    findings = _total(_audit(embedded))
     plan = _reconcile(embedded, dry_run=True)
     assert len(plan["repairs"]) == 6 and all(r["sides"] == ["vector"] for r in plan["repairs"])
+    assert plan["ops"] == 6, "one chunk upsert on one side per repair"
+    assert plan["remaining_findings"] == findings > 0 and plan["redrives"] == plan["unrepairable"] == []
     assert not _audit(embedded).clean
     capped = _reconcile(embedded, max_ops=1)
     assert capped["ops"] == 0 and capped["skipped_for_budget"] == 6
-    assert _reconcile(embedded)["remaining_findings"] == 0
+    done = _reconcile(embedded)
+    assert done["remaining_findings"] == 0
+    assert done["ops"] == plan["ops"] and done["repairs"] == plan["repairs"], "the dry run plans what the run does"
 
 
 # --- the CLI, as a real process ----------------------------------------------------------------
@@ -847,6 +862,8 @@ def test_a_tantivy_document_without_any_id_is_reported_unrepairable_not_deleted(
     writer.commit()
     writer.wait_merging_threads()
     assert _counts(_audit(embedded)) == {"keyword": {"foreign": 1}, "cross_index": 1}
+    plan = _reconcile(embedded, dry_run=True)
+    assert plan["unrepairable"] == [{"chunk_id": "", "reason": NO_ID}], plan
     summary = _reconcile(embedded)
     assert summary["unrepairable"] == [{"chunk_id": "", "reason": NO_ID}], summary
     assert summary["repairs"] == [] and summary["remaining_findings"] == 2
