@@ -175,6 +175,10 @@ def test_an_intent_a_killed_rebuild_left_prepared_is_driven_by_the_shard_that_wa
         assert two.worker.step() == [] and two.versions(2, "a") == {}, "a waits while the other writer may live"
         two.clock.now_s += INTENT_ADOPT_AFTER_S / 4
         held_s += INTENT_ADOPT_AFTER_S / 4
+    assert two.worker.adopted_intents == 0
+    assert two.worker.step() == [], "a goes back to the mailbox once more"
+    assert two.worker.adopted_intents == 1, "adopted exactly INTENT_ADOPT_AFTER_S after its first hold"
+    assert two.versions(2, "a") == {"a": 1}, "the dead writer's own intent, committed by the shard"
     assert sorted(two.run_until_idle()) == [0]
     assert two.versions(1, "ab") == two.versions(2, "ab") == {"a": 2, "b": 1}
     assert [g.ledger.pending() for g in two.gens.values()] == [[], []]
