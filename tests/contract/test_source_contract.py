@@ -194,8 +194,8 @@ def test_changes_between_two_reads_come_as_a_log_or_as_their_net_effect(
         return
     by_doc = {w.doc_id: [r for r in records if isinstance(r, ChangeEvent) and r.doc_id == w.doc_id] for w in writes}
     assert len(records) == sum(len(v) for v in by_doc.values()), records
-    [a] = by_doc[writes[0].doc_id]
-    assert_delivers(a, writes[2])
+    [net] = by_doc[writes[0].doc_id]
+    assert_delivers(net, writes[2])
     assert len(by_doc[writes[1].doc_id]) <= 1 and all(r.text is None for r in by_doc[writes[1].doc_id])
 
 
