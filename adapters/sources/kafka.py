@@ -207,8 +207,8 @@ class KafkaDebeziumSource:
     # --- ChangeSource ------------------------------------------------------------------------
 
     def read(self) -> Iterator[SourceRecord]:
-        """Records from the committed offsets to the end of every assigned partition as it was
-        when first seen (for ``lockstep sync`` and ``run --exit-when-idle``)."""
+        """Records from the committed offsets to the end of every assigned partition as the broker
+        reports it when the read starts (for ``lockstep sync`` and ``run --exit-when-idle``)."""
         loop = self._started()
         loop.wait_assigned(self.settings.assignment_wait_s)
         loop.forget_ends()
@@ -366,7 +366,7 @@ class _ConsumerLoop:
         return bool(self._call(self._caught_up()))
 
     def forget_ends(self) -> None:
-        """Each ``read()`` reads up to the partitions' ends as it first sees them."""
+        """Each ``read()`` reads up to the partitions' ends as the broker reports them when it starts."""
         self._call(self._forget_ends())
 
     def check(self) -> None:
@@ -551,7 +551,18 @@ class _ConsumerLoop:
         return self.book.unfinished(tps) > 0 or self.buffer.in_hand(tps)
 
     async def _forget_ends(self) -> None:
+        """Take the ends from the broker now: the highwater the last fetch saw may predate
+        records already acknowledged to their producers, which this read must deliver."""
+        assert self.consumer is not None
         self._targets.clear()
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return
+        try:
+            self._targets.update(await self.consumer.end_offsets(assigned))
+        except KafkaError as exc:
+            # The ends the next fetches report serve instead; what they miss comes at the next read.
+            self._failed("cannot read the partitions' end offsets", exc)
 
     async def _assignment(self) -> set[TopicPartition]:
         assert self.consumer is not None
