@@ -127,6 +127,7 @@ class VectorSearch(Protocol):
         self,
         vector: Vector,
         k: int,
+        /,
         *,
         where: MetadataFilter | None = None,
         strong: bool = False,
@@ -134,7 +135,8 @@ class VectorSearch(Protocol):
     ) -> list[SearchHit]:
         """The k chunks nearest to ``vector``, best first. ``strong``: see every write
         acknowledged before the call (Milvus ``Strong``); otherwise the store's default bounded
-        staleness, which the fence makes safe."""
+        staleness, which the fence makes safe. ``vector`` and ``k`` are positional: the
+        service's proxy to a writer actor (``ActorIndex``) names them as it does for either index."""
 
     def close(self) -> None: ...
 
