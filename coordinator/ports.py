@@ -153,10 +153,16 @@ class CommittedState(Protocol):
 
 @runtime_checkable
 class Embedder(Protocol):
-    """Turns chunk texts into vectors. ``model_id`` names the vector space (cache key part)."""
+    """Turns chunk texts into vectors. ``model_id`` names the vector space (cache key part).
 
-    model_id: str
-    dim: int
+    Both are read-only here: nothing changes an embedder's space, and a wrapper (the chaos
+    suite's ``FaultyEmbedder``) may answer them from the embedder it wraps."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One vector of length ``dim`` per text, in order."""
