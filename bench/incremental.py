@@ -210,7 +210,7 @@ def embedded_settings(work: Path, embedder_kind: str) -> SettingsFactory:
             keyword=KeywordSettings(kind="tantivy", path=str(base / "tantivy")),
             vector=VectorSettings(uri=str(base / "milvus.db")),
             ledger=LedgerSettings(path=str(base / "ledger.db")),
-            embedder=EmbedderSettings(kind=embedder_kind),  # type: ignore[arg-type]
+            embedder=EmbedderSettings.model_validate({"kind": embedder_kind}),
         )
 
     return make

@@ -250,7 +250,7 @@ def speed(service: SearchService, queries: list[Query], rounds: int) -> dict[str
                     raw(query.text)
                 timings[path].append(time.perf_counter() - started)
     pool.shutdown()
-    stats = {path: _latency(values) for path, values in timings.items()}
+    stats: dict[str, Any] = {path: _latency(values) for path, values in timings.items()}
     stats["ratio_p50"] = round(stats["fenced"]["p50_ms"] / stats["raw"]["p50_ms"], 3)
     stats["ratio_p99"] = round(stats["fenced"]["p99_ms"] / stats["raw"]["p99_ms"], 3)
     stats["fenced_out_hits"] = fenced_hits

@@ -131,10 +131,9 @@ class LiveService:
         self.parts = [self._parts(g) for g in self.generations]
         engines = [p.engine for p in self.parts]
         engine: ApplyEngine | MultiEngine = engines[0] if len(engines) == 1 else MultiEngine(engines)
-        # A MultiEngine has the split interface the worker uses (prepare_some, drive, ledger).
         self.worker = ShardWorker(
             0,
-            engine,  # type: ignore[arg-type]
+            engine,
             fence=None,
             mailbox_docs_max=MAILBOX_DOCS_MAX,
             batch_docs_max=BATCH_DOCS_MAX,

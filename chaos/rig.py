@@ -194,8 +194,7 @@ class Rig:
         ledger = SqliteLedger(self.ledger_path, clock=self.clock, crash_hook=self.crash)
         fence = ledger.claim_shard(SHARD, f"{REPLICA}#{number}", LEASE_S)
         self.witness.current = number
-        # FaultyEmbedder exposes model_id and dim as read-only properties; the port declares attributes.
-        cached = CachedEmbedder(self.embedder, SqliteEmbeddingCache(ledger))  # type: ignore[arg-type]
+        cached = CachedEmbedder(self.embedder, SqliteEmbeddingCache(ledger))
         engine = self.plant.engine(
             ledger=WitnessedLedger(self.plant.wrap_ledger(ledger), self.witness, number),
             keyword=self.plant.wrap_keyword(self.keyword),

@@ -84,7 +84,8 @@ class ApplyStats:
 
 
 class ApplyEngine:
-    """Applies batches of change records to both indexes through the ledger."""
+    """Applies batches of change records to both indexes through the ledger (the ``Engine``
+    port for one generation)."""
 
     def __init__(
         self,
@@ -123,12 +124,16 @@ class ApplyEngine:
         """Roll prepared intents forward (both sides, then commit); returns how many.
 
         ``owns`` limits recovery to some documents (a shard recovers only its own)."""
-        intents = [i for i in self.ledger.pending() if owns is None or owns(i.doc_id)]
+        intents = [i for i in self.pending() if owns is None or owns(i.doc_id)]
         if intents:
             log.info("recovering prepared intents", count=len(intents), phase="recover")
             self.drive(intents, fence)
             self.stats.recovered_intents += len(intents)
         return len(intents)
+
+    def pending(self) -> list[Intent]:
+        """Every prepared, not yet committed intent in this engine's ledger."""
+        return self.ledger.pending()
 
     def apply(
         self, records: Sequence[SourceRecord], fence: Fence | None = None, *, skip_conflicts: bool = False

@@ -26,7 +26,7 @@ def _no_sleep(_seconds: float) -> None:
 
 
 class MultiEngine:
-    """The ApplyEngine interface used by ``run_sync``, over several generations."""
+    """The ``Engine`` port over several generations, the active one first."""
 
     def __init__(self, engines: Sequence[ApplyEngine], *, sleep: Callable[[float], None] = _no_sleep) -> None:
         """``sleep`` waits out another writer's intent (the domain reads no clock itself)."""
@@ -46,8 +46,11 @@ class MultiEngine:
     def recover(self, fence: Fence | None = None, owns: Callable[[str], bool] | None = None) -> int:
         return sum(engine.recover(fence, owns) for engine in self.engines)
 
-    def apply(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> None:
-        self.primary.apply(records, fence)
+    def apply(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> list[str]:
+        """Apply the batch in every generation. Leaves no document out: a batch that meets a
+        rebuild's intent in another generation is tried again there until it passes, so the
+        doc_ids returned are the active generation's, which leaves none out either."""
+        skipped = self.primary.apply(records, fence)
         events = [r for r in records if isinstance(r, ChangeEvent)]
         for engine in self.engines[1:]:
             for attempt in range(CONFLICT_RETRIES_MAX):
@@ -59,12 +62,18 @@ class MultiEngine:
                     if attempt == CONFLICT_RETRIES_MAX - 1:
                         raise
                     self._sleep(CONFLICT_PAUSE_S)
+        return skipped
 
     # --- the split interface the shard worker uses ------------------------------------------
 
-    @property
-    def ledger(self) -> _PendingEverywhere:
-        return _PendingEverywhere(self.engines)
+    def pending(self) -> list[Intent]:
+        """Intents still prepared in any generation, one per document (the first generation's
+        that holds one): ``drive`` reads back each generation's own from the doc_ids."""
+        seen: dict[str, Intent] = {}
+        for engine in self.engines:
+            for intent in engine.pending():
+                seen.setdefault(intent.doc_id, intent)
+        return list(seen.values())
 
     def prepare_some(
         self, records: Sequence[SourceRecord], fence: Fence | None = None
@@ -118,7 +127,7 @@ class MultiEngine:
         vectors and model are that generation's, not this one's)."""
         docs = {i.doc_id for i in intents}
         for engine in self.engines:
-            engine.drive([i for i in engine.ledger.pending() if i.doc_id in docs], fence)
+            engine.drive([i for i in engine.pending() if i.doc_id in docs], fence)
 
     def dead_letter_event(self, event: ChangeEvent, reason: str, attempts: int) -> None:
         self.primary.dead_letter_event(event, reason, attempts)
@@ -130,16 +139,3 @@ class MultiEngine:
         for engine in self.engines:
             engine.close()
 
-
-class _PendingEverywhere:
-    """The one ledger read the shard worker makes: intents still prepared, in any generation."""
-
-    def __init__(self, engines: Sequence[ApplyEngine]) -> None:
-        self._engines = engines
-
-    def pending(self) -> list[Intent]:
-        seen: dict[str, Intent] = {}
-        for engine in self._engines:
-            for intent in engine.ledger.pending():
-                seen.setdefault(intent.doc_id, intent)
-        return list(seen.values())

@@ -6,9 +6,9 @@ parametrized over all of its adapters (``tests/contract``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from coordinator.errors import FencedError
 from coordinator.events import ChangeEvent
@@ -23,6 +23,10 @@ from coordinator.model import (
     Vector,
     WriteResult,
 )
+
+if TYPE_CHECKING:
+    # For annotations only: coordinator.apply implements Engine and imports this module.
+    from coordinator.apply import ApplyStats
 
 
 @runtime_checkable
@@ -123,6 +127,7 @@ class VectorSearch(Protocol):
         self,
         vector: Vector,
         k: int,
+        /,
         *,
         where: MetadataFilter | None = None,
         strong: bool = False,
@@ -130,7 +135,8 @@ class VectorSearch(Protocol):
     ) -> list[SearchHit]:
         """The k chunks nearest to ``vector``, best first. ``strong``: see every write
         acknowledged before the call (Milvus ``Strong``); otherwise the store's default bounded
-        staleness, which the fence makes safe."""
+        staleness, which the fence makes safe. ``vector`` and ``k`` are positional: the
+        service's proxy to a writer actor (``ActorIndex``) names them as it does for either index."""
 
     def close(self) -> None: ...
 
@@ -147,10 +153,16 @@ class CommittedState(Protocol):
 
 @runtime_checkable
 class Embedder(Protocol):
-    """Turns chunk texts into vectors. ``model_id`` names the vector space (cache key part)."""
+    """Turns chunk texts into vectors. ``model_id`` names the vector space (cache key part).
 
-    model_id: str
-    dim: int
+    Both are read-only here: nothing changes an embedder's space, and a wrapper (the chaos
+    suite's ``FaultyEmbedder``) may answer them from the embedder it wraps."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One vector of length ``dim`` per text, in order."""
@@ -376,3 +388,46 @@ class ReconcilableSource(Protocol):
 
     def reconcile_ids(self) -> Iterator[ChangeEvent]:
         """Delete events for ledger documents that no longer exist at the source."""
+
+
+class Engine(Protocol):
+    """The two-phase apply as its drivers use it: ``run_sync`` (whole batches), ``ShardWorker``
+    (prepare and drive split, so that a shard can prepare a batch while another is driven) and the
+    service's shard actors. One generation's ``ApplyEngine`` and the ``MultiEngine`` over every
+    live generation both implement it."""
+
+    @property
+    def stats(self) -> ApplyStats:
+        """The counters of this engine's run (the active generation's, over several)."""
+
+    def recover(self, fence: Fence | None = None, owns: Callable[[str], bool] | None = None) -> int:
+        """Drive every pending intent (only documents ``owns`` accepts, if given) to both sides and
+        commit it; returns how many were driven."""
+
+    def apply(self, records: Sequence[SourceRecord], fence: Fence | None = None) -> list[str]:
+        """Prepare and drive one batch; raises a transient error with nothing lost if a store
+        fails. Returns the doc_ids left out for another writer's intent: none unless the engine
+        was asked to leave such documents out (``ApplyEngine.apply``'s ``skip_conflicts``)."""
+
+    def prepare_some(
+        self, records: Sequence[SourceRecord], fence: Fence | None = None
+    ) -> tuple[list[Intent], list[str]]:
+        """Phase 1 of a batch, leaving out the documents another writer holds: the prepared
+        intents, one per document, and the doc_ids left out (the caller keeps them waiting)."""
+
+    def drive(self, intents: Sequence[Intent], fence: Fence | None = None) -> None:
+        """Phase 2: bring what is prepared for these intents' documents to both sides and commit
+        it. A transient store failure is raised with the intents still prepared, to retry."""
+
+    def pending(self) -> list[Intent]:
+        """Every prepared, not yet committed intent, one per document: what a retry or a takeover
+        of a document another writer left prepared hands back to ``drive``."""
+
+    def dead_letter_event(self, event: ChangeEvent, reason: str, attempts: int) -> None:
+        """Give up on one event (a poison document): it goes to the dead-letter queue."""
+
+    def crash(self, point: str) -> None:
+        """The crash hook at a named ``point`` (``coordinator.crashpoints``): nothing in production,
+        a simulated or real crash in a crash test."""
+
+    def close(self) -> None: ...

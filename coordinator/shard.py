@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from coordinator.apply import ApplyEngine
 from coordinator.errors import EmbedError, IntentConflict, LockstepError, StoreError
 from coordinator.events import ChangeEvent
 from coordinator.planner import event_hash
-from coordinator.ports import BadRecord, Fence, Intent, SourceRecord
+from coordinator.ports import BadRecord, Engine, Fence, Intent, SourceRecord
 
 # How soon a batch that met another writer's intent (IntentConflict) is tried again.
 INTENT_CONFLICT_RETRY_S = 0.05
@@ -105,7 +104,7 @@ class ShardWorker:
     def __init__(
         self,
         shard: int,
-        engine: ApplyEngine,
+        engine: Engine,
         *,
         fence: Fence | None,
         mailbox_docs_max: int,
@@ -250,7 +249,7 @@ class ShardWorker:
         """Drive what is prepared for these documents, whoever prepared it."""
         if not doc_ids:
             return
-        pending = [i for i in self.engine.ledger.pending() if i.doc_id in doc_ids]
+        pending = [i for i in self.engine.pending() if i.doc_id in doc_ids]
         try:
             self.engine.drive(pending, self.fence)
         except (StoreError, EmbedError) as exc:
@@ -343,7 +342,7 @@ class ShardWorker:
     def _retry_in_flight(self) -> list[int]:
         held = dict(self._in_flight)
         # Intents may have been committed or aborted by the failed attempt's other side already.
-        pending = {i.doc_id: i for i in self.engine.ledger.pending() if i.doc_id in held}
+        pending = {i.doc_id: i for i in self.engine.pending() if i.doc_id in held}
         try:
             self.engine.drive(list(pending.values()), self.fence)
         except (StoreError, EmbedError) as exc:

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 
 from coordinator import crashpoints
-from coordinator.apply import ApplyEngine, ApplyStats
+from coordinator.apply import ApplyStats
 from coordinator.events import ChangeEvent
-from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord
+from coordinator.ports import ChangeSource, Engine, ReconcilableSource, SourceRecord
 
 ProgressFn = Callable[[int], None]
 AppliedFn = Callable[[Sequence[SourceRecord]], None]
@@ -31,7 +31,7 @@ def _nothing_applied(_records: Sequence[SourceRecord]) -> None:
 
 def run_sync(
     source: ChangeSource,
-    engine: ApplyEngine,
+    engine: Engine,
     *,
     batch_events: int,
     progress: ProgressFn = _no_progress,

@@ -38,7 +38,7 @@ def demo_settings(data_dir: Path, embedder_kind: str) -> Settings:
         keyword=KeywordSettings(kind="tantivy", path=str(data_dir / "tantivy")),
         vector=VectorSettings(uri=str(data_dir / "milvus.db")),
         ledger=LedgerSettings(path=str(data_dir / "ledger.db")),
-        embedder=EmbedderSettings(kind=embedder_kind),  # type: ignore[arg-type]
+        embedder=EmbedderSettings.model_validate({"kind": embedder_kind}),
         sync=SyncConfig(batch_events=DEMO_BATCH_EVENTS),
     )
 

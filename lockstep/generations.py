@@ -314,7 +314,7 @@ def load_generations(
     registry = registry or registry_for(home)
     gens = registry.all()
     if not gens:
-        embedder: Embedder = inner() if callable(inner) and not hasattr(inner, "model_id") else inner  # type: ignore[assignment]
+        embedder: Embedder = inner() if callable(inner) and not hasattr(inner, "model_id") else inner  # type: ignore[assignment]  # hasattr does not narrow the union
         first = new_generation(settings, 1, settings.embedder, embedder, settings.chunking.to_domain(), time.time())
         first = Generation.from_json({**first.to_json(), "state": GenState.ACTIVE.value, "activated_at": first.created_at,
                                       "backfill_done": True})
@@ -339,7 +339,7 @@ def alias_targets(settings: Settings, keyword: KeywordIndex, vector: MilvusVecto
         kw_target = tantivy_target(keyword_alias(settings))
         kw = None if kw_target is None else str(kw_target).rstrip("/")
     else:
-        kw = keyword.alias_target(keyword_alias(settings))  # type: ignore[attr-defined]
+        kw = keyword.alias_target(keyword_alias(settings))  # type: ignore[attr-defined]  # no port declares aliases yet
     return kw, vector.alias_target(vector_alias(settings))
 
 
@@ -353,7 +353,7 @@ def point_aliases(settings: Settings, gen: Generation, keyword: KeywordIndex, ve
 
         tantivy_point(kw_alias, gen.keyword_index)
     else:
-        keyword.point_alias(kw_alias, gen.keyword_index)  # type: ignore[attr-defined]
+        keyword.point_alias(kw_alias, gen.keyword_index)  # type: ignore[attr-defined]  # no port declares aliases yet
     keyword_at = time.time()
     vector.point_alias(vec_alias, gen.vector_collection)
     vector_at = time.time()

@@ -171,7 +171,7 @@ def _call(ref: Any, timeout_s: float, what: str) -> Any:
         raise TransientStoreError(f"{what}: {exc}", store=what) from exc
 
 
-@ray.remote(max_concurrency=1)
+@ray.remote(max_concurrency=1)  # type: ignore[call-overload]  # ray's remote() overloads omit actor options
 class IndexWriterActor:
     """Owns one side's index client; every write to that index goes through here."""
 
@@ -330,7 +330,7 @@ class ShardConfig:
     prepare_ahead: int = 0
 
 
-@ray.remote(max_concurrency=ACTOR_CONCURRENCY)
+@ray.remote(max_concurrency=ACTOR_CONCURRENCY)  # type: ignore[call-overload]  # ray's remote() overloads omit actor options
 class ShardActor:
     """Hosts one ShardWorker and runs its apply loop on a thread."""
 
@@ -394,7 +394,7 @@ class ShardActor:
                 ApplyEngine(
                     ledger=ledger,
                     keyword=ActorIndex(writers[KEYWORD], KEYWORD, generation=gen.number),
-                    vector=ActorIndex(writers[VECTOR], VECTOR, dim=inner.dim, generation=gen.number),  # type: ignore[arg-type]
+                    vector=ActorIndex(writers[VECTOR], VECTOR, dim=inner.dim, generation=gen.number),
                     embedder=CachedEmbedder(inner, build_embedding_cache(self.ledger)),
                     chunking=gen.chunking,
                     source_name=settings.source.name if settings.source else "run",
@@ -502,7 +502,7 @@ class ShardCluster:
         self.active = generations[0].number
         targets = [WriterTarget(g.number, generation_settings(settings, g), g.dim, g.model_id) for g in generations]
         self.writers = {
-            side: IndexWriterActor.options(max_concurrency=writer_concurrency(side, targets)).remote(  # type: ignore[attr-defined]
+            side: IndexWriterActor.options(max_concurrency=writer_concurrency(side, targets)).remote(  # type: ignore[attr-defined]  # mypy does not apply class decorators, so misses the ActorClass
                 side, targets, log_level, driver
             )
             for side in (KEYWORD, VECTOR)
@@ -514,7 +514,7 @@ class ShardCluster:
             for i in range(rs.shards)
         ]
         self.shards = [
-            ShardActor.remote(c, settings, generations, self.writers, crash_at, driver)  # type: ignore[attr-defined]
+            ShardActor.remote(c, settings, generations, self.writers, crash_at, driver)  # type: ignore[attr-defined]  # mypy does not apply class decorators, so misses the ActorClass
             for c in configs
         ]
         self.recovered = sum(
@@ -550,10 +550,14 @@ class ShardCluster:
         return result
 
     def stop(self) -> None:
-        for handle, what in [(s, "shard stop") for s in self.shards]:
-            _quietly(lambda h=handle, w=what: _call(h.stop.remote(), CONTROL_CALL_TIMEOUT_S, w))
+        for handle in self.shards:
+            def stop_shard(h: Any = handle) -> Any:
+                return _call(h.stop.remote(), CONTROL_CALL_TIMEOUT_S, "shard stop")
+            _quietly(stop_shard)
         for writer in self.writers.values():
-            _quietly(lambda w=writer: _call(w.close.remote(), CONTROL_CALL_TIMEOUT_S, "writer close"))
+            def close_writer(w: Any = writer) -> Any:
+                return _call(w.close.remote(), CONTROL_CALL_TIMEOUT_S, "writer close")
+            _quietly(close_writer)
 
 
 def _quietly(fn: Callable[[], T]) -> T | None:

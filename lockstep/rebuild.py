@@ -216,7 +216,9 @@ def snapshot_events(states: Sequence[DocState], reader: _Reader, unreadable: lis
         if len(texts) != len(chunks) or not chunks:
             unreadable.append(state.doc_id)
             continue
-        metadata = dict(chunks[0].metadata or {})  # type: ignore[union-attr]
+        first = chunks[0]
+        assert first is not None, "every chunk of the document was read (checked above)"
+        metadata = dict(first.metadata or {})
         text = reassemble(texts, reader.generation.chunking)
         if document_hash(text, metadata) != state.source_hash:
             unreadable.append(state.doc_id)

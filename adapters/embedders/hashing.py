@@ -69,7 +69,8 @@ class HashingEmbedder:
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One L2-normalized vector of length ``dim`` per text, in order."""
-        return self.embed_array(texts).tolist()  # type: ignore[no-any-return]
+        vectors: list[list[float]] = self.embed_array(texts).tolist()
+        return vectors
 
     def embed_array(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """The same vectors as ``embed``, as an (n, dim) float32 array."""

@@ -257,4 +257,5 @@ def _vector(item: Any, dim: int) -> list[float]:
         raise PermanentEmbedError(f"malformed vector: shape {array.shape}, expected ({dim},)")
     if not np.isfinite(array).all():
         raise PermanentEmbedError("malformed vector: non-finite values")
-    return array.tolist()  # type: ignore[no-any-return]
+    vector: list[float] = array.tolist()
+    return vector

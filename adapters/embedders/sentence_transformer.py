@@ -60,7 +60,8 @@ class SentenceTransformerEmbedder:
         except Exception as exc:
             # Whatever fails inside a local forward pass (bad input, broken weights) fails again.
             raise PermanentEmbedError(f"local model failed on a batch of {len(texts)} texts: {exc}") from exc
-        return _checked_rows(np.asarray(matrix), len(texts), self.dim).tolist()  # type: ignore[no-any-return]
+        vectors: list[list[float]] = _checked_rows(np.asarray(matrix), len(texts), self.dim).tolist()
+        return vectors
 
 
 def bundled_model_path() -> Path:

@@ -55,7 +55,7 @@ class ElasticsearchKeywordIndex(SearchEngineIndex):
     def _wire_bulk(self, lines: Sequence[str]) -> Mapping[str, Any]:
         with _wire():
             # Pre-serialized lines go through the NDJSON serializer unchanged.
-            return _body(self._client.bulk(operations=list(lines)))  # type: ignore[arg-type]
+            return _body(self._client.bulk(operations=list(lines)))  # type: ignore[arg-type]  # elasticsearch-py types operations as mappings; str lines are sent as they are
 
     def _wire_mget(self, ids: Sequence[str]) -> Mapping[str, Any]:
         with _wire():

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -179,7 +180,9 @@ class SqliteLedger:
                 raise
             cur.execute("COMMIT")
 
-    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Rows as sqlite3 returns them (untyped: a column holds whatever was stored in it); each
+        caller converts the columns it reads."""
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
@@ -340,7 +343,7 @@ class SqliteLedger:
 
     def pending(self) -> list[Intent]:
         rows = self._read("SELECT doc_id, version, payload, done FROM intents ORDER BY created_at, doc_id")
-        return [decode_intent(str(d), int(v), str(p), frozenset(json.loads(str(n)))) for d, v, p, n in rows]  # type: ignore[call-overload]
+        return [decode_intent(str(d), int(v), str(p), frozenset(json.loads(str(n)))) for d, v, p, n in rows]
 
     def applied_versions(self, side: str, doc_ids: Iterable[str]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -349,7 +352,7 @@ class SqliteLedger:
             rows = self._read(
                 f"SELECT doc_id, version FROM applied WHERE side = ? AND doc_id IN ({marks})", [side, *part]
             )
-            out.update((str(d), int(v)) for d, v in rows)  # type: ignore[call-overload]
+            out.update((str(d), int(v)) for d, v in rows)
         return out
 
     # --- checkpoints and dead letters ------------------------------------------------------
@@ -390,14 +393,14 @@ class SqliteLedger:
         rows = self._read(
             f"SELECT id, {LETTER_COLS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
         )
-        return [(int(r[0]), letter_of(r[1:])) for r in rows]  # type: ignore[call-overload]  # sqlite rows are untyped
+        return [(int(r[0]), letter_of(r[1:])) for r in rows]
 
     def dead_letter(self, letter_id: int) -> tuple[DeadLetter, float] | None:
         """One dead letter and when it was first recorded (seconds since the epoch)."""
         rows = self._read(f"SELECT {LETTER_COLS}, created_at FROM dead_letters WHERE id = ?", (letter_id,))
         if not rows:
             return None
-        return letter_of(rows[0][:-1]), float(rows[0][-1])  # type: ignore[arg-type]  # sqlite rows are untyped
+        return letter_of(rows[0][:-1]), float(rows[0][-1])
 
     def drop_dead_letters(self, letter_ids: Sequence[int]) -> int:
         dropped = 0
@@ -428,7 +431,7 @@ class SqliteLedger:
             "pending_intents": "SELECT COUNT(*) FROM intents",
             "dead_letters": "SELECT COUNT(*) FROM dead_letters",
         }
-        return {name: int(self._read(sql)[0][0]) for name, sql in queries.items()}  # type: ignore[call-overload]
+        return {name: int(self._read(sql)[0][0]) for name, sql in queries.items()}
 
     def close(self) -> None:
         with self._lock:
@@ -449,7 +452,7 @@ class SqliteEmbeddingCache:
                 f"SELECT content_hash, vector FROM embeddings WHERE model = ? AND content_hash IN ({marks})",
                 [model_id, *part],
             )
-            out.update((str(h), np.frombuffer(bytes(v), dtype=np.float32).tolist()) for h, v in rows)  # type: ignore[call-overload]
+            out.update((str(h), np.frombuffer(bytes(v), dtype=np.float32).tolist()) for h, v in rows)
         return out
 
     def put_many(self, model_id: str, vectors: Mapping[str, Vector]) -> None:
@@ -470,11 +473,11 @@ _DEAD_LETTER_COLUMNS = {
 }
 
 
-def _doc(row: tuple[object, ...]) -> DocState:
+def _doc(row: tuple[Any, ...]) -> DocState:
     doc_id = str(row[0])
     return DocState(
         doc_id=doc_id,
-        version=int(row[1]),  # type: ignore[call-overload]
+        version=int(row[1]),
         deleted=bool(row[2]),
         chunks=decode_chunks(doc_id, str(row[3])),
         metadata_hash=str(row[4]),
