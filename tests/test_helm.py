@@ -810,14 +810,16 @@ def test_wheel_installs_into_a_fresh_venv_and_the_entrypoint_runs(tmp_path: Path
     (wheel,) = wheels.glob("lockstep-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    # Without PYTHONPATH: pointing at a checkout, it shows pip the lockstep.egg-info that
+    # `pip wheel .` left there as an installed lockstep, and pip would skip the install.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", str(wheel)], check=True, timeout=300)
+                    "--no-deps", str(wheel)], check=True, timeout=300, env=env)
     # The dependencies come from this test's environment, appended after the venv's own
     # site-packages; a .pth line adds the directory without running the editable finder in it.
     venv_site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip()
     Path(venv_site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import lockstep; print(lockstep.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path, env=env).stdout
     assert where.startswith(venv_site), where
