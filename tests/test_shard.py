@@ -24,6 +24,7 @@ from adapters.vector.settings import VectorSettings
 from chaos.faults import FaultyEmbedder, FaultyIndex
 from coordinator.apply import ApplyEngine
 from coordinator.chunking import ChunkingSettings
+from coordinator.errors import TransientEmbedError
 from coordinator.events import ChangeEvent, Op
 from coordinator.shard import Backoff, Envelope, ShardWorker
 
@@ -314,3 +315,41 @@ def test_only_full_batches_go_ahead_and_they_are_driven_in_order(tmp_path: Path)
         assert {d: s.version for d, s in rig.ledger.get_docs("abcdefg").items()} == dict.fromkeys("abcdef", 1) | {"g": 2}
     finally:
         next(built, None)  # the rig's teardown
+
+
+class _OffersWhileEmbedding:
+    """The reader's thread offers a newer version of a document while that document's batch is
+    being embedded, and then the embedder fails (once)."""
+
+    def __init__(self, inner: HashingEmbedder, worker: ShardWorker, racing: Envelope) -> None:
+        self.inner = inner
+        self.worker = worker
+        self.racing: Envelope | None = racing
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        if self.racing is not None:
+            racing, self.racing = self.racing, None
+            assert self.worker.offer([racing]) == 1
+            raise TransientEmbedError("embedder unavailable (the test's)")
+        return self.inner.embed(texts)
+
+
+def test_a_newer_version_offered_while_its_batch_fails_is_merged_into_the_retry(rig: Rig) -> None:
+    """"a" v2 arrives while "a" v1's batch is out and failing: the batch goes back to the mailbox
+    merged with v2, so the retry applies v2 and finishes both seqs (neither the newer event nor
+    its seq may be lost, or the watermark would stall and the index keep v1)."""
+    rig.embedder.inner = _OffersWhileEmbedding(HashingEmbedder(dim=32), rig.worker, Envelope(1, _up("a", 2)))
+    assert rig.worker.offer([Envelope(0, _up("a", 1))]) == 1
+    assert rig.worker.step() == [], "the embedder failed: nothing finished"
+    assert sorted(rig.run_until_idle()) == [0, 1]
+    assert rig.ledger.get_docs(["a"])["a"].version == 2
+    stored = rig.vector.inner.get(["a:chunk-0"])
+    assert [(c.version, c.text) for c in stored.values()] == [(2, "a at version 2")]
