@@ -449,6 +449,15 @@ def test_max_ops_caps_the_work_and_dry_run_changes_nothing(embedded: Settings) -
     plan = _reconcile(embedded, dry_run=True)
     assert len(plan["repairs"]) == 6 and all(r["sides"] == ["vector"] for r in plan["repairs"])
     assert plan["ops"] == 6, "one chunk upsert on one side per repair"
+    assert sorted(plan["repairs"], key=lambda r: r["doc_id"])[0] == {
+        "doc_id": "d0",
+        "sides": ["vector"],
+        "upserts": [{"chunk_id": "d0:chunk-0", "version": 1}],
+        "deletes": [],
+        "rewrites": [],
+        "ledger_version": 1,
+        "raises_ledger_version": False,
+    }
     assert plan["remaining_findings"] == findings > 0 and plan["redrives"] == plan["unrepairable"] == []
     assert not _audit(embedded).clean
     capped = _reconcile(embedded, max_ops=1)
