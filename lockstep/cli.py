@@ -18,10 +18,11 @@ from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
 from coordinator.sync import run_sync
 from lockstep import audit_cli, dlq_cli, rebuild_cli, search_cli, source_cli
 from lockstep import demo as demo_module
-from lockstep.bootstrap import build_source, runtime
+from lockstep.bootstrap import build_source
 from lockstep.cli_errors import DebugOpt, command_errors, set_debug
 from lockstep.logging import configure_logging
 from lockstep.progress import opened, record_progress
+from lockstep.runtime import runtime
 from lockstep.settings import load_settings, require_serving_token
 from lockstep.stop_signals import EARLY_STOP, release_early
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import structlog
 
-from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
 from coordinator.chunking import ChunkingSettings
 from coordinator.crashpoints import CrashHook, no_crash
@@ -54,12 +53,18 @@ from coordinator.planner import document_hash
 from coordinator.ports import KeywordIndex
 from coordinator.reconcile import RateLimiter, Reconciler
 from lockstep.audit_cli import LISTABLE_SOURCE_KINDS
-from lockstep.bootstrap import AnyLedger, build_embedder, build_keyword, build_ledger, build_source
+from lockstep.bootstrap import (
+    AnyLedger,
+    build_embedder,
+    build_keyword,
+    build_ledger,
+    build_source,
+    build_vector,
+)
 from lockstep.generations import (
     GenerationParts,
     build_parts,
     drop_generation_stores,
-    generation_ledger,
     keyword_settings,
     load_generations,
     new_generation,
@@ -350,7 +355,7 @@ class Rebuild:
         return self.settings.source.name if self.settings.source else "api"
 
     def _reader(self, gen: Generation) -> _Reader:
-        ledger = self.home if gen.number == 1 else generation_ledger(self.settings, gen.number)
+        ledger = self.home if gen.number == 1 else build_ledger(self.settings, generation=gen.number)
         return _Reader(gen, ledger, build_keyword(keyword_settings(self.settings, gen)))
 
     # --- backfill -----------------------------------------------------------------------------
@@ -582,7 +587,7 @@ class Rebuild:
         queries = [q.strip() for q in Path(path).read_text(encoding="utf-8").splitlines() if q.strip()]
         k = self.settings.rebuild.queries_k
         old_embedder = build_embedder(_embedder_of(self.settings, act))
-        old_vector = MilvusVectorIndex(vector_settings(self.settings, act), dim=act.dim)
+        old_vector = build_vector(vector_settings(self.settings, act), dim=act.dim)
         per_query = []
         try:
             for query in queries:

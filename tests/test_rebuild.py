@@ -23,14 +23,14 @@ from pymilvus import MilvusClient
 
 from adapters.keyword.tantivy_index import alias_target as tantivy_alias_target
 from adapters.ledger.generations import registry_for
-from adapters.vector.milvus import MilvusVectorIndex
 from chaos.servers import free_port
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.errors import ConfigError
 from coordinator.invariants import ExpectedChunk, check_index
-from lockstep.bootstrap import build_embedder, build_ledger, runtime
+from lockstep.bootstrap import build_embedder, build_ledger, build_vector
 from lockstep.generations import build_parts, vector_settings
 from lockstep.rebuild import Rebuild
+from lockstep.runtime import runtime
 from lockstep.settings import EmbedderSettings, load_settings
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
@@ -206,7 +206,7 @@ def test_a_model_change_never_mixes_vectors(tmp_path: Path) -> None:
     finally:
         home.close()
     # The collection itself remembers its model: even a client that skips the ledger is refused.
-    index = MilvusVectorIndex(vector_settings(settings, gens[2]), dim=48, model_id="another-model")
+    index = build_vector(vector_settings(settings, gens[2]), dim=48, model_id="another-model")
     try:
         with pytest.raises(ConfigError, match="another-model"):
             index.ensure()
@@ -552,9 +552,7 @@ def test_validation_repairs_what_the_new_generation_missed_before_it_swaps(tmp_p
     _check_generation(config, 2, final)
     home = build_ledger(settings)
     try:
-        from lockstep.generations import generation_ledger
-
-        g2 = generation_ledger(settings, 2)
+        g2 = build_ledger(settings, generation=2)
         states = g2.get_docs(["doc-new", "doc-001", "doc-002", "doc-ghost"])
         g2.close()
     finally:
