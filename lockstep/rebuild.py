@@ -22,13 +22,13 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
+from coordinator.batching import batched
 from coordinator.chunking import ChunkingSettings
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError, IntentConflict, LockstepError
@@ -192,7 +192,7 @@ class GenerationSnapshot:
         yield from self._docs(iter(self._reader.ledger.get_docs(doc_ids).values()))
 
     def _docs(self, states: Iterator[DocState]) -> Iterator[_Doc]:
-        for batch in _batched(states, SNAPSHOT_READ_DOCS):
+        for batch in batched(states, SNAPSHOT_READ_DOCS):
             for event in snapshot_events(batch, self._reader, self._unreadable):
                 if event.op is Op.UPSERT:
                     yield _Doc(event.doc_id, event.version, event.text or "", dict(event.metadata))
@@ -228,11 +228,6 @@ def snapshot_events(states: Sequence[DocState], reader: _Reader, unreadable: lis
             continue
         events.append(ChangeEvent(Op.UPSERT, state.doc_id, state.version, text, metadata))
     return events
-
-
-def _batched(items: Iterator[DocState], size: int) -> Iterator[list[DocState]]:
-    while batch := list(islice(items, size)):
-        yield batch
 
 
 class Rebuild:
@@ -369,7 +364,7 @@ class Rebuild:
         docs = (d for d in reader.ledger.iter_docs(include_deleted=True) if position is None or d.doc_id > position)
         progress(done, total)
         deferred: list[str] = []
-        for batches, batch in enumerate(_batched(docs, self.settings.rebuild.batch_docs), start=1):
+        for batches, batch in enumerate(batched(docs, self.settings.rebuild.batch_docs), start=1):
             events = snapshot_events(batch, reader, report.unreadable_docs)
             deferred.extend(_apply(target, events))
             done += len(batch)
@@ -411,7 +406,7 @@ class Rebuild:
         writer's own clock, and a writer on another machine may lag this one. Returns how many."""
         copied = 0
         tombstones = (d for d in reader.ledger.iter_docs(include_deleted=True) if d.deleted)
-        for batch in _batched(tombstones, SNAPSHOT_READ_DOCS):
+        for batch in batched(tombstones, SNAPSHOT_READ_DOCS):
             ours = target.ledger.get_docs([d.doc_id for d in batch])
             missed = [d for d in batch if (have := ours.get(d.doc_id)) is None or have.version < d.version]
             if not missed:
