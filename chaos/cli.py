@@ -28,8 +28,8 @@ from rich.table import Table
 
 from chaos.catalogue import CATALOGUE, SERVER_KINDS, parse_kinds
 from chaos.deployment import DeploymentOpener
+from chaos.gen_schedules import GenerationsSetup, plan_generation_specs
 from chaos.gen_stores import GenStores
-from chaos.generations import GenerationsSetup, plan_generation_specs
 from chaos.planted import PLANTED_BUGS, plant
 from chaos.runner import (
     PATHS,

@@ -1,7 +1,7 @@
 """The composition root: the one place that builds real adapters and apply engines from settings.
 
 Everything else receives what these functions build: the runtime (``lockstep.runtime``), each
-generation's parts (``lockstep.generations``), the Ray actors, the rebuild, the chaos suite's
+generation's parts (``lockstep.generation_parts``), the Ray actors, the rebuild, the chaos suite's
 deployment and the benchmarks. A new store kind touches this module and its adapter package.
 """
 

@@ -52,7 +52,7 @@ from lockstep.bootstrap import (
     build_ledger,
     build_vector,
 )
-from lockstep.generations import generation_embedder_settings, generation_settings
+from lockstep.generation_parts import generation_embedder_settings, generation_settings
 from lockstep.leftovers import machine, start_of, this_process
 from lockstep.logging import configure_logging
 from lockstep.settings import Settings

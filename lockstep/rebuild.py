@@ -61,7 +61,7 @@ from lockstep.bootstrap import (
     build_source,
     build_vector,
 )
-from lockstep.generations import (
+from lockstep.generation_parts import (
     GenerationParts,
     build_parts,
     drop_generation_stores,
@@ -676,7 +676,7 @@ def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> list[str]:
 
 
 def _embedder_of(settings: Settings, gen: Generation) -> EmbedderSettings:
-    from lockstep.generations import generation_embedder_settings
+    from lockstep.generation_parts import generation_embedder_settings
 
     return generation_embedder_settings(settings, gen)
 

@@ -2,7 +2,7 @@
 
 ``runtime`` opens the write path (the home ledger, every live generation's parts and the apply
 engine over them); ``open_search`` the read path on the active generation. What they open is
-built by ``lockstep.bootstrap``; which generations there are, by ``lockstep.generations``.
+built by ``lockstep.bootstrap``; which generations there are, by ``lockstep.generation_parts``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import structlog
 
 from adapters.embedders.cached import CachedEmbedder, ReadThroughCache
-from adapters.ledger.generations import registry_for
+from adapters.ledger.registry import registry_for
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
@@ -32,7 +32,7 @@ from lockstep.bootstrap import (
     build_ledger,
     build_vector,
 )
-from lockstep.generations import (
+from lockstep.generation_parts import (
     GenerationParts,
     WriterAnnouncement,
     build_parts,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from adapters.ledger.generations import registry_for
+from adapters.ledger.registry import registry_for
 from adapters.sources.webhook import WebhookSource
 from coordinator import crashpoints
 from coordinator.audit import Auditor
@@ -34,7 +34,7 @@ from coordinator.routing import shard_of
 from coordinator.shard import Envelope, ShardStatus
 from coordinator.watermark import LowWatermark
 from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
-from lockstep.generations import WriterAnnouncement, load_generations
+from lockstep.generation_parts import WriterAnnouncement, load_generations
 from lockstep.leftovers import RunFile, run_file
 from lockstep.metrics import Metrics, SearchMetrics
 from lockstep.ops_http import EventsEndpoint, OpsServer

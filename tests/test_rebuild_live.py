@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
-from adapters.ledger.generations import registry_for
+from adapters.ledger.registry import registry_for
 from chaos.servers import free_port
 from coordinator.generations import GenState
 from lockstep.bootstrap import build_ledger

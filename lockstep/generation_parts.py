@@ -23,7 +23,7 @@ import structlog
 
 from adapters.embedders.cached import CachedEmbedder
 from adapters.keyword.settings import KeywordSettings
-from adapters.ledger.generations import GenerationRegistry, registry_for
+from adapters.ledger.registry import GenerationRegistry, registry_for
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
@@ -58,7 +58,7 @@ WRITER_RENEW_S = 2.0
 
 
 class WriterAnnouncement:
-    """This process's row among the generations' writers (adapters/ledger/generations.py).
+    """This process's row among the generations' writers (adapters/ledger/registry.py).
 
     ``starting()`` comes before the process reads the registry, so a rebuild that registered a
     generation a moment earlier never mistakes it for a writer of the old set only; ``writing()``
