@@ -51,6 +51,8 @@ class Import:
     top_level: bool
     # The import names a module inside ``target``, which Python runs first.
     parent: bool = False
+    # Under ``if TYPE_CHECKING:``: for annotations, never run.
+    typing_only: bool = False
 
 
 def module_name(path: Path) -> str:
@@ -68,21 +70,27 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _import_nodes(body: list[ast.stmt], top_level: bool) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
-    """Every import statement under ``body``, with whether it runs when the module is imported."""
+ImportNode = ast.Import | ast.ImportFrom
+
+
+def _import_nodes(
+    body: list[ast.stmt], top_level: bool, typing_only: bool = False
+) -> Iterator[tuple[ImportNode, bool, bool]]:
+    """Every import statement under ``body``, with whether it runs when the module is imported
+    and whether it is there for annotations only (under ``if TYPE_CHECKING:``)."""
     for node in body:
         if isinstance(node, ast.Import | ast.ImportFrom):
-            yield node, top_level
+            yield node, top_level, typing_only
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            yield from _import_nodes(node.body, False)
-        elif isinstance(node, ast.If):
-            yield from _import_nodes(node.body, top_level and not _is_type_checking(node.test))
-            yield from _import_nodes(node.orelse, top_level)
-        else:  # class bodies, try, with, for, while, match: run where their statement runs
+            yield from _import_nodes(node.body, False, typing_only)
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            yield from _import_nodes(node.body, False, True)
+            yield from _import_nodes(node.orelse, top_level, typing_only)
+        else:  # if, class bodies, try, with, for, while, match: run where their statement runs
             for field in ("body", "orelse", "finalbody"):
-                yield from _import_nodes(getattr(node, field, []), top_level)
+                yield from _import_nodes(getattr(node, field, []), top_level, typing_only)
             for clause in [*getattr(node, "handlers", []), *getattr(node, "cases", [])]:
-                yield from _import_nodes(clause.body, top_level)
+                yield from _import_nodes(clause.body, top_level, typing_only)
 
 
 def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
@@ -108,7 +116,7 @@ def imports_of(importer: str, path: Path, modules: dict[str, Path]) -> Iterator[
     """What ``importer`` imports: first-party modules by name, anything else by top-level name."""
     tree = ast.parse(path.read_text(), filename=str(path))
     is_package = path.name == "__init__.py"
-    for node, top_level in _import_nodes(tree.body, True):
+    for node, top_level, typing_only in _import_nodes(tree.body, True):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         else:
@@ -119,12 +127,12 @@ def imports_of(importer: str, path: Path, modules: dict[str, Path]) -> Iterator[
         for name in names:
             target = _first_party(name, modules)
             if target is None:
-                yield Import(importer, name.split(".")[0], node.lineno, top_level)
+                yield Import(importer, name.split(".")[0], node.lineno, top_level, typing_only=typing_only)
                 continue
             # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
             for parent in _parents(target, modules):
-                yield Import(importer, parent, node.lineno, top_level, parent=True)
-            yield Import(importer, target, node.lineno, top_level)
+                yield Import(importer, parent, node.lineno, top_level, parent=True, typing_only=typing_only)
+            yield Import(importer, target, node.lineno, top_level, typing_only=typing_only)
 
 
 def _parents(module: str, modules: dict[str, Path]) -> list[str]:
@@ -167,10 +175,11 @@ def shortest_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def module_graph(imports: list[Import], *, top_level_only: bool = True) -> dict[str, set[str]]:
     """First-party module -> the first-party modules it imports (a package it imports from
-    counts only where the import runs its ``__init__`` at import time)."""
+    counts only where the import runs its ``__init__`` at import time; an import for
+    annotations only never counts: a Protocol and its implementation may name each other)."""
     graph: dict[str, set[str]] = {}
     for imp in imports:
-        counted = imp.top_level if top_level_only else not imp.parent
+        counted = imp.top_level if top_level_only else not (imp.parent or imp.typing_only)
         if counted and package_of(imp.target) in PACKAGES and imp.target != imp.importer:
             graph.setdefault(imp.importer, set()).add(imp.target)
     return graph
@@ -207,7 +216,8 @@ def test_shortest_cycle_reports_the_loop() -> None:
 
 
 def test_type_checking_and_function_imports_are_not_top_level() -> None:
-    """Imports under ``if TYPE_CHECKING:`` or inside a function do not run at import time."""
+    """Imports under ``if TYPE_CHECKING:`` or inside a function do not run at import time; the
+    first are for annotations only."""
     source = (
         "from typing import TYPE_CHECKING\n"
         "import a\n"
@@ -215,10 +225,14 @@ def test_type_checking_and_function_imports_are_not_top_level() -> None:
         "try:\n    import d\nexcept ImportError:\n    import e\n"
         "def f():\n    import g\n"
         "class K:\n    import h\n"
+        "if a:\n    import i\n"
     )
     nodes = _import_nodes(ast.parse(source).body, True)
-    found = {(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name): top for n, top in nodes}
-    assert found == {"typing": True, "a": True, "b": False, "c": True, "d": True, "e": True, "g": False, "h": True}
+    found = {(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name): (top, typing) for n, top, typing in nodes}
+    assert {name: top for name, (top, _) in found.items()} == {
+        "typing": True, "a": True, "b": False, "c": True, "d": True, "e": True, "g": False, "h": True, "i": True
+    }
+    assert [name for name, (_, typing) in found.items() if typing] == ["b"]
 
 
 def test_no_module_cycle(imports: list[Import]) -> None:
