@@ -40,13 +40,13 @@ import yaml
 from adapters.keyword.opensearch import OpenSearchKeywordIndex
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.sqlite import SqliteLedger
-from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from bench.results_doc import write_results
 from chaos.servers import OpenSearchApiServer, RealMilvusServer
 from coordinator.chunking import chunk_id, content_hash
 from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk
 from coordinator.ports import ChunkIndex, Intent
+from lockstep.bootstrap import build_vector
 from lockstep.logging import configure_logging
 
 DEFAULT_CHUNKS = 200_000
@@ -208,7 +208,7 @@ def run(chunks: int, drift: float, seed: int) -> dict[str, Any]:
             keyword = OpenSearchKeywordIndex(
                 KeywordSettings(kind="opensearch", url=search.url, index="bench-audit")
             )
-            vector = MilvusVectorIndex(
+            vector = build_vector(
                 VectorSettings(uri=milvus.uri, collection="bench_audit", request_timeout_s=120), dim=DIM
             )
             ledger = SqliteLedger(work / "ledger.db")

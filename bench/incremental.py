@@ -40,9 +40,10 @@ from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content
 from coordinator.events import ChangeEvent, Op, event_to_dict
 from coordinator.invariants import ExpectedChunk, Violation, check_index
 from coordinator.sync import run_sync
-from lockstep.bootstrap import build_source, runtime
+from lockstep.bootstrap import build_source
 from lockstep.corpus import Doc, edit_one_paragraph, make_doc, retag, shrink
 from lockstep.logging import configure_logging
+from lockstep.runtime import runtime
 from lockstep.settings import EmbedderSettings, JsonlSourceSettings, LedgerSettings, Settings
 
 DEFAULT_DOCS = 10_000

@@ -201,7 +201,7 @@ def append_paced(inst: Install, docs: list[Doc], rate_per_s: float, log: LagLog,
 
 
 def verify(inst: Install, latest: dict[str, Doc], generation: int) -> list[Violation]:
-    from lockstep.bootstrap import runtime
+    from lockstep.runtime import runtime
 
     settings = load_settings(inst.config)
     with runtime(settings) as rt:

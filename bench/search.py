@@ -49,9 +49,9 @@ from coordinator.events import ChangeEvent, Op
 from coordinator.fusion import rrf
 from coordinator.search import KEYWORD, VECTOR, Mode, SearchRequest, SearchService
 from lockstep.api import Lockstep
-from lockstep.bootstrap import open_search
 from lockstep.corpus import Doc, make_corpus
 from lockstep.logging import configure_logging
+from lockstep.runtime import open_search
 from lockstep.settings import load_settings
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

@@ -56,6 +56,7 @@ from psycopg import sql
 
 from adapters.sources.webhook import WebhookSource
 from bench.incremental import machine
+from bench.kafka_broker import KafkaRecord, TansuBroker, debezium_key, debezium_value, produce
 from bench.results_doc import write_results
 from bench.streaming import (
     APPLIED,
@@ -88,7 +89,6 @@ from lockstep.corpus import Doc
 from lockstep.logging import configure_logging
 from lockstep.ops_http import EVENTS_PATH, post_events
 from lockstep.settings import LedgerSettings, RunSettings, Settings, load_settings
-from tests.support.kafka_servers import KafkaRecord, TansuBroker, debezium_key, debezium_value, produce
 
 DEFAULT_EVENTS = 5_000
 DEFAULT_SEED = 7

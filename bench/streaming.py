@@ -61,7 +61,7 @@ from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword._search_engine import BULK_ITEMS_MAX
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.sqlite import SqliteLedger
-from adapters.vector.milvus import UPSERT_BATCH_ROWS_MAX, MilvusVectorIndex
+from adapters.vector.milvus import UPSERT_BATCH_ROWS_MAX
 from adapters.vector.settings import VectorSettings
 from bench import cpu
 from bench.incremental import expected_chunks, machine
@@ -69,9 +69,10 @@ from bench.results_doc import write_results
 from chaos.servers import OpenSearchApiServer, RealMilvusServer, free_port
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.invariants import Violation, check_index
-from lockstep.bootstrap import build_keyword, runtime
+from lockstep.bootstrap import build_keyword, build_vector
 from lockstep.corpus import Doc, make_doc
 from lockstep.logging import configure_logging
+from lockstep.runtime import runtime
 from lockstep.settings import RunSettings, load_settings
 
 DEFAULT_EVENTS = 15_000
@@ -288,7 +289,7 @@ def write_vector_raw(uri: str, collection: str, requests: Sequence[list[dict[str
 def fresh_stores(url: str, uri: str, name: str) -> Iterator[tuple[str, str]]:
     """A new index and collection with lockstep's own mapping and schema; dropped afterwards."""
     keyword = build_keyword(KeywordSettings(kind="opensearch", url=url, index=f"raw-{name}"))
-    vector = MilvusVectorIndex(VectorSettings(uri=uri, collection=f"raw_{name}"), dim=DIM)
+    vector = build_vector(VectorSettings(uri=uri, collection=f"raw_{name}"), dim=DIM)
     keyword.ensure()
     vector.ensure()
     try:

@@ -1,9 +1,10 @@
 """``lockstep chaos run``: seeded chaos schedules with a table of what was injected and found.
 
-Registered on the main app by ``chaos.cli.register(app)``. Schedules run on embedded stores
-(no ``-c``), on the stores of a config (``-c FILE``; with network kinds, behind the suite's fault
-proxies), or on servers the suite starts itself (``--servers managed``: every kind, process
-faults included). Exit 0 when every schedule held every invariant, 1 on any violation (the
+``lockstep/cli.py`` plugs this group in through ``register`` when a command line first asks
+for ``chaos`` (lockstep imports chaos only then: chaos builds on lockstep). Schedules run on
+embedded stores (no ``-c``), on the stores of a config (``-c FILE``; with network kinds, behind
+the suite's fault proxies), or on servers the suite starts itself (``--servers managed``: every
+kind, process faults included). Exit 0 when every schedule held every invariant, 1 on any violation (the
 failing seeds are printed with the exact replay command), 2 on a usage error (including kinds
 that cannot run where the schedules go) or when a managed server does not start.
 
@@ -28,8 +29,8 @@ from rich.table import Table
 
 from chaos.catalogue import CATALOGUE, SERVER_KINDS, parse_kinds
 from chaos.deployment import DeploymentOpener
+from chaos.gen_schedules import GenerationsSetup, plan_generation_specs
 from chaos.gen_stores import GenStores
-from chaos.generations import GenerationsSetup, plan_generation_specs
 from chaos.planted import PLANTED_BUGS, plant
 from chaos.runner import (
     PATHS,

@@ -21,7 +21,7 @@ from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from chaos.rig import EMBED_DIM
 from chaos.runner import EmbeddedStores
-from lockstep.bootstrap import build_keyword
+from lockstep.bootstrap import build_keyword, build_vector
 from lockstep.settings import Settings
 
 # The worker's own milvus-lite file, in its work directory (the one EmbeddedStores uses).
@@ -52,7 +52,7 @@ class DeploymentOpener:
         if self.settings.keyword.kind == "tantivy" and self.settings.vector.is_embedded:
             return EmbeddedStores.open(workdir, namespace)
         keyword = build_keyword(self._keyword_settings(workdir, namespace))
-        vector = MilvusVectorIndex(self._vector_settings(workdir, namespace), dim=EMBED_DIM)
+        vector = build_vector(self._vector_settings(workdir, namespace), dim=EMBED_DIM)
         keyword.ensure()
         vector.ensure()
         return ConfiguredStores(keyword, vector)

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from adapters.ledger.generations import registry_for
+from adapters.ledger.registry import registry_for
 from chaos.faults import FaultyEmbedder, FaultyIndex
 from chaos.rig import (
     BATCH_DOCS_MAX,
@@ -45,7 +45,7 @@ from coordinator.generations import Generation, live
 from coordinator.multi_apply import MultiEngine
 from coordinator.shard import Backoff, Envelope, ShardWorker
 from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger
-from lockstep.generations import (
+from lockstep.generation_parts import (
     GenerationParts,
     WriterAnnouncement,
     build_parts,

@@ -53,6 +53,7 @@ from chaos.workload import REFUSAL_KEY, SourceModel, random_history
 from coordinator.audit import Auditor
 from coordinator.invariants import Violation
 from coordinator.model import ChunkDelete
+from lockstep.bootstrap import build_vector
 from lockstep.logging import configure_logging
 
 # Source changes per schedule: enough for every fault to find a target, small enough for CI.
@@ -176,7 +177,7 @@ class EmbeddedStores:
     @classmethod
     def open(cls, workdir: Path, namespace: str) -> EmbeddedStores:
         keyword = TantivyKeywordIndex(str(workdir / f"{namespace}.tantivy"), "kw")
-        vector = MilvusVectorIndex(
+        vector = build_vector(
             VectorSettings(uri=str(workdir / "milvus.db"), collection=namespace.replace("-", "_")),
             dim=EMBED_DIM,
         )
@@ -232,7 +233,7 @@ class WorkerStores:
             self._vector = None
         if self._vector is None:
             settings = VectorSettings(uri=str(workdir / "milvus.db"), collection=WORKER_COLLECTION)
-            self._vector = MilvusVectorIndex(settings, dim=EMBED_DIM)
+            self._vector = build_vector(settings, dim=EMBED_DIM)
             self._vector.ensure()
         assert self._vector.count() == 0, "a schedule starts on an empty collection"
         return self._vector

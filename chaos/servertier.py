@@ -60,6 +60,7 @@ from coordinator.audit import Auditor
 from coordinator.errors import StoreError
 from coordinator.invariants import Violation
 from coordinator.reconcile import RateLimiter, Reconciler
+from lockstep.bootstrap import build_vector
 from lockstep.settings import Settings
 
 # Client timeouts on managed servers: short, so black holes and pauses cost seconds, not minutes.
@@ -361,7 +362,7 @@ class ServerTier:
             settings = self.vector_base.model_copy(
                 update={"uri": self.milvus_tcp.url, "collection": collection}
             )
-        vector = MilvusVectorIndex(settings, dim=EMBED_DIM)
+        vector = build_vector(settings, dim=EMBED_DIM)
         vector.ensure()
         return vector
 

@@ -64,6 +64,7 @@ from typing import Any, Protocol, runtime_checkable
 import structlog
 
 from coordinator import invariants
+from coordinator.batching import batched
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash, parse_chunk_id
 from coordinator.invariants import metadata_digest
 from coordinator.model import DocState, StoredChunk
@@ -675,7 +676,7 @@ class Auditor:
         for cid in known_ids:
             extra.setdefault(doc_of(cid), set()).add(cid)
         views: dict[str, DocView] = {}
-        for batch in _batched(sorted(wanted), PROBE_DOCS_PER_BATCH_MAX):
+        for batch in batched(sorted(wanted), PROBE_DOCS_PER_BATCH_MAX):
             views |= self._probe_batch(batch, sources, extra)
         return views
 
@@ -786,7 +787,7 @@ class Auditor:
         }
         ids = sorted({cid for v in views.values() for cid in self._probe_ids(v, extra.get(v.doc_id, set()))})
         for side in INDEXES:
-            for part in _batched(ids, PROBE_IDS_PER_READ_MAX):
+            for part in batched(ids, PROBE_IDS_PER_READ_MAX):
                 for cid, chunk in self.indexes[side].get(part).items():
                     views[doc_of(cid)].side(side)[cid] = Observed.of(chunk)
         return views
@@ -829,9 +830,6 @@ def reservoir(items: Iterable[str], k: int, rng: random.Random) -> list[str]:
     return chosen
 
 
-def _batched(items: Sequence[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
 
 
 def evidence(view: DocView, findings: Sequence[Finding]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
@@ -89,6 +89,7 @@ from coordinator.audit import (
     source_chunks,
     stale_reason,
 )
+from coordinator.batching import batched
 from coordinator.chunking import ChunkingSettings, chunk_text, content_hash
 from coordinator.events import ChangeEvent, Op
 from coordinator.invariants import metadata_digest
@@ -96,8 +97,6 @@ from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk, S
 from coordinator.ports import ChunkIndex, Intent, Ledger
 
 log = structlog.get_logger(__name__)
-
-T = TypeVar("T")
 
 # Chunk writes (upserts + deletes, per index) per second. A reconcile shares both stores with
 # live sync traffic; 500/s repairs 0.1 % of a million chunks in seconds without crowding it out.
@@ -396,7 +395,7 @@ class Reconciler:
         self, views: dict[str, DocView], summary: ReconcileSummary, budget: _Budget
     ) -> dict[str, DocView]:
         events = [redrive_event(v) for v in views.values() if has_ledger_drift(v)]
-        for batch in _batched(events, REPAIR_BATCH_DOCS):
+        for batch in batched(events, REPAIR_BATCH_DOCS):
             ops = sum(_event_ops(e, views[e.doc_id], self.chunking) for e in batch)
             if not budget.take(ops):
                 summary.skipped_for_budget += len(batch)
@@ -442,7 +441,7 @@ class Reconciler:
     ) -> list[DocRepair]:
         planned = self._plan(views, escalate=escalate)
         done: list[DocRepair] = []
-        for batch in _batched(planned, REPAIR_BATCH_DOCS):
+        for batch in batched(planned, REPAIR_BATCH_DOCS):
             for _, missing in batch:
                 summary.unrepairable += _unrepairable_json(missing)
             repairs = [r for r, _ in batch if r is not None]
@@ -517,7 +516,7 @@ class Reconciler:
         wanted = {cid: ref for v in views for cid, ref in ledger_chunks(v.ledger).items()}
         need = sorted(cid for cid in wanted if cid not in texts)
         for side in INDEXES:
-            for part in _batched(need, COPY_IDS_PER_READ_MAX):
+            for part in batched(need, COPY_IDS_PER_READ_MAX):
                 for cid, copy in self.indexes[side].get(part).items():
                     if cid not in texts and _verified(copy, wanted[cid]):
                         texts[cid] = copy
@@ -569,6 +568,3 @@ def _event_json(event: ChangeEvent) -> dict[str, Any]:
     return {"doc_id": event.doc_id, "op": event.op.value, "version": event.version}
 
 
-def _batched(items: Sequence[T], size: int) -> Iterable[list[T]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])

@@ -26,7 +26,7 @@ from typing import Any
 from coordinator.consistency import ConsistencyToken, WrittenChanges
 from coordinator.events import ChangeEvent, event_from_dict
 from coordinator.search import Mode, SearchRequest, SearchResult
-from lockstep.bootstrap import Runtime, open_search, runtime
+from lockstep.runtime import Runtime, open_search, runtime
 from lockstep.searching import FollowingSearch
 from lockstep.settings import Settings, load_settings
 

@@ -24,10 +24,11 @@ from rich.table import Table
 
 from coordinator.audit import INDEX_CATEGORIES, INDEXES, Auditor, AuditResult, ListableSource, evidence
 from coordinator.reconcile import REPAIR_OPS_PER_S, RateLimiter, Reconciler
-from lockstep.bootstrap import Runtime, build_source, runtime
+from lockstep.bootstrap import build_source
 from lockstep.cli_errors import DebugOpt, command_errors, set_debug
 from lockstep.logging import configure_logging
 from lockstep.progress import opened
+from lockstep.runtime import Runtime, runtime
 from lockstep.settings import Settings, load_settings
 
 # Exit 2, on any error, is command_errors' (lockstep.cli_errors.EXIT_ERROR).

@@ -1,37 +1,38 @@
-"""The composition root: the one place that builds real adapters from settings."""
+"""The composition root: the one place that builds real adapters and apply engines from settings.
+
+Everything else receives what these functions build: the runtime (``lockstep.runtime``), each
+generation's parts (``lockstep.generation_parts``), the Ray actors, the rebuild, the chaos suite's
+deployment and the benchmarks. A new store kind touches this module and its adapter package.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
-from adapters.embedders.cached import CachedEmbedder, ReadThroughCache, TieredEmbeddingCache
+from adapters.embedders.cached import TieredEmbeddingCache
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from adapters.sources.debezium import KafkaSourceSettings
 from adapters.vector.milvus import MilvusVectorIndex
+from adapters.vector.settings import VectorSettings
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError
-from coordinator.generations import Generation, check_embedder, live
-from coordinator.multi_apply import MultiEngine
+from coordinator.generations import Generation
 from coordinator.ports import (
     ChangeSource,
+    ChunkIndex,
     Embedder,
     EmbeddingCache,
+    HashedEmbedder,
     KeywordIndex,
-    KeywordSearch,
-    VectorSearch,
+    VectorIndex,
 )
-from coordinator.search import SearchService
 from lockstep.settings import (
     EmbedderSettings,
     FolderSourceSettings,
@@ -42,30 +43,57 @@ from lockstep.settings import (
     WebhookSourceSettings,
 )
 
-log = structlog.get_logger(__name__)
-
 # Vectors each process keeps in memory in front of the durable embedding cache: a few apply
 # batches' worth (the apply path reads each vector twice in a row), ~1.5 KB each at 384 dims.
 EMBEDDING_FRONT_ENTRIES_MAX = 8192
-# Query vectors a search process keeps in memory (a repeated query is embedded once): ~6 MB.
-QUERY_VECTORS_MAX = 4096
 
 if TYPE_CHECKING:
     from adapters.ledger.postgres import PostgresLedger
-    from lockstep.generations import GenerationParts
 
     AnyLedger = SqliteLedger | PostgresLedger
 else:
     AnyLedger = SqliteLedger
 
 
-def build_ledger(settings: Settings, crash: CrashHook = no_crash) -> AnyLedger:
-    """The SQLite ledger (embedded default) or the Postgres one (several replicas)."""
+def build_ledger(settings: Settings, crash: CrashHook = no_crash, *, generation: int = 1) -> AnyLedger:
+    """The SQLite ledger (embedded default) or the Postgres one (several replicas).
+
+    ``generation`` 1 is the home ledger itself; a later one gets its own namespace beside it
+    (SQLite ``<ledger>.g<N>.db``, Postgres schema ``<schema>_g<N>``)."""
+    if generation == 1:
+        return _build_home_ledger(settings, crash)
+    if isinstance(settings.ledger, PostgresLedgerSettings):
+        from adapters.ledger.postgres import PostgresLedger
+
+        ls = settings.ledger
+        return PostgresLedger(
+            ls.dsn.get_secret_value(),
+            crash_hook=crash,
+            schema=generation_schema(ls, generation),
+            home_schema=ls.schema_name,
+            connect_timeout_s=ls.connect_timeout_s,
+            statement_timeout_s=ls.statement_timeout_s,
+        )
+    home = Path(settings.ledger.path)
+    return SqliteLedger(generation_ledger_path(home, generation), crash_hook=crash, home=home)
+
+
+def _build_home_ledger(settings: Settings, crash: CrashHook) -> AnyLedger:
     if isinstance(settings.ledger, PostgresLedgerSettings):
         from adapters.ledger.postgres import PostgresLedger
 
         return PostgresLedger.from_settings(settings.ledger, crash_hook=crash)
     return SqliteLedger(settings.ledger.path, crash_hook=crash)
+
+
+def generation_ledger_path(home: Path, number: int) -> Path:
+    """Where a later generation's SQLite ledger lives, beside the home ledger's file."""
+    return home.with_name(f"{home.stem}.g{number}{home.suffix}")
+
+
+def generation_schema(settings: PostgresLedgerSettings, number: int) -> str:
+    """The Postgres schema that holds a later generation's ledger, beside the home schema."""
+    return f"{settings.schema_name}_g{number}"
 
 
 def build_embedding_cache(ledger: AnyLedger) -> EmbeddingCache:
@@ -94,6 +122,36 @@ def build_keyword(settings: KeywordSettings) -> KeywordIndex:
     from adapters.keyword.elasticsearch import ElasticsearchKeywordIndex
 
     return ElasticsearchKeywordIndex(settings)
+
+
+def build_vector(settings: VectorSettings, *, dim: int, model_id: str | None = None) -> MilvusVectorIndex:
+    """The Milvus (or milvus-lite) collection ``settings`` names; ``model_id`` guards it against
+    vectors of another embedder (None: a reader, no guard)."""
+    return MilvusVectorIndex(settings, dim=dim, model_id=model_id)
+
+
+def build_engine(
+    gen: Generation,
+    *,
+    ledger: AnyLedger,
+    keyword: ChunkIndex,
+    vector: VectorIndex,
+    embedder: HashedEmbedder,
+    source_name: str,
+    crash: CrashHook = no_crash,
+) -> ApplyEngine:
+    """The two-phase apply engine that writes ``gen``: its ledger namespace, its chunking, and
+    the index clients (or proxies) it is given."""
+    return ApplyEngine(
+        ledger=ledger,
+        keyword=keyword,
+        vector=vector,
+        embedder=embedder,
+        chunking=gen.chunking,
+        source_name=source_name,
+        crash=crash,
+        clock=time.monotonic,
+    )
 
 
 def local_model_installed() -> bool:
@@ -213,199 +271,3 @@ def build_webhook_source(settings: Settings, src: WebhookSourceSettings, ledger:
     else:
         inbox = SqliteInbox(src.inbox_path or inbox_beside(settings.ledger.path))
     return WebhookSource(inbox, ledger, name=src.name, retention_s=src.retention_s)
-
-
-@dataclass
-class Runtime:
-    """Every collaborator of one lockstep process, built once and closed together.
-
-    ``ledger``, ``keyword``, ``vector`` and ``embedder`` are the active generation's; ``home``
-    is generation 1's ledger (registry, checkpoints, dead letters, leases, embedding cache);
-    ``engine`` applies to every live generation (one, except while a rebuild is under way or a
-    rollback target is kept)."""
-
-    settings: Settings
-    ledger: AnyLedger
-    keyword: KeywordIndex
-    vector: MilvusVectorIndex
-    embedder: CachedEmbedder
-    engine: ApplyEngine | MultiEngine
-    home: AnyLedger
-    generations: list[GenerationParts]
-
-    def close(self) -> None:
-        for parts in self.generations:
-            parts.close(keep_ledger=parts.ledger is self.home)
-        self.home.close()
-
-
-@contextmanager
-def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_crash) -> Iterator[Runtime]:
-    """Build the ledger, then each live generation's indexes, cached embedder and apply engine."""
-    from adapters.ledger.generations import registry_for
-    from lockstep.generations import (
-        WriterAnnouncement,
-        build_parts,
-        config_matches,
-        heal_aliases,
-        load_generations,
-        writer_owner,
-    )
-    from lockstep.leftovers import clear_dead_runs
-
-    # A run killed with its process group may have left actors holding the embedded stores.
-    clear_dead_runs(settings)
-    home = build_ledger(settings, crash)
-    built: list[GenerationParts] = []
-    writer: WriterAnnouncement | None = None
-    try:
-        # Before the registry is read: a rebuild started meanwhile waits for this process
-        # (it writes a fixed set of generations until it ends).
-        writer = WriterAnnouncement(registry_for(home), writer_owner("runtime"))
-        writer.starting()
-        configured = build_embedder(settings.embedder)
-        _, gens = load_generations(settings, home, configured, writer.registry)
-        name = source_name or (settings.source.name if settings.source else "api")
-        for gen in live(gens):
-            reuse = configured if configured.model_id == gen.model_id and configured.dim == gen.dim else None
-            built.append(build_parts(settings, gen, home, source_name=name, crash=crash, inner=reuse))
-        active_parts = built[0]
-        gen = active_parts.generation
-        if not config_matches(settings, gen, configured.model_id):
-            log.warning(
-                "the config's embedder or chunking differs from the active generation's; the "
-                "generation's own are used (a change is a `lockstep rebuild`)",
-                generation=gen.number,
-                active_model=gen.model_id,
-                config_model=configured.model_id,
-                active_chunking=gen.chunking.fingerprint,
-                config_chunking=settings.chunking.to_domain().fingerprint,
-            )
-        heal_aliases(settings, gen, active_parts.keyword, active_parts.vector)
-        writer.writing([p.generation.number for p in built])
-        writer.renew_in_background()
-    except BaseException:
-        for parts in built:
-            parts.close(keep_ledger=parts.ledger is home)
-        if writer is not None:
-            writer.withdraw()
-        home.close()
-        raise
-    engines = [p.engine for p in built]
-    engine: ApplyEngine | MultiEngine = engines[0] if len(engines) == 1 else MultiEngine(engines, sleep=time.sleep)
-    log.info("runtime ready", keyword=settings.keyword.kind, embedder=gen.model_id, dim=gen.dim,
-             generations=[p.generation.number for p in built])
-    rt = Runtime(settings, active_parts.ledger, active_parts.keyword, active_parts.vector,
-                 active_parts.embedder, engine, home, built)
-    try:
-        yield rt
-    finally:
-        writer.withdraw()
-        rt.close()
-
-
-@dataclass
-class SearchRuntime:
-    """A search service on the active generation, read-only: its ledger for the fence, both
-    readers' aliases, and the generation's embedder for queries (``close`` releases them)."""
-
-    service: SearchService
-    generation: int
-    home: AnyLedger
-    closers: list[Callable[[], None]]
-
-    def close(self) -> None:
-        self.service.close()
-        for close in reversed(self.closers):
-            close()
-
-
-def open_search(
-    settings: Settings, *, vector: VectorSearch | None = None, fenced: bool = True
-) -> SearchRuntime:
-    """Build the read path: nothing is written (no registry record, no alias, no cache entry).
-
-    ``vector``: a reader to use instead of opening the vector alias (``lockstep run`` passes its
-    writer's, since a milvus-lite file admits one process). ``fenced=False`` is test-only."""
-    from adapters.ledger.generations import registry_for
-    from lockstep.generations import generation_embedder_settings, generation_ledger
-
-    home = build_ledger(settings)
-    closers: list[Callable[[], None]] = [home.close]
-    try:
-        gen = active_generation(registry_for(home).all())
-        ledger = home if gen.number == 1 else generation_ledger(settings, gen.number)
-        if ledger is not home:
-            closers.append(ledger.close)
-        inner = build_embedder(generation_embedder_settings(settings, gen))
-        check_embedder(gen, inner.model_id, inner.dim)
-        keyword = open_keyword_reader(settings, gen)
-        closers.append(keyword.close)
-        if vector is None:
-            opened = open_vector_reader(settings, gen)
-            closers.append(opened.close)
-            vector = opened
-        service = SearchService(
-            ledger=ledger,
-            keyword=keyword,
-            vector=vector,
-            embedder=CachedEmbedder(
-                inner, ReadThroughCache(build_embedding_cache(home), memory_entries_max=QUERY_VECTORS_MAX)
-            ),
-            params=settings.search.to_domain(),
-            clock=time.monotonic,
-            sleep=time.sleep,
-            sources=[settings.source.name] if settings.source else [],
-            fenced=fenced,
-        )
-    except BaseException:
-        for close in reversed(closers):
-            close()
-        raise
-    return SearchRuntime(service, gen.number, home, closers)
-
-
-def active_generation(generations: list[Generation]) -> Generation:
-    current = live(generations)
-    if not current:
-        raise ConfigError(
-            "nothing is indexed yet (no generation in the ledger): run `lockstep sync` or `lockstep run` first"
-        )
-    return current[0]
-
-
-def open_keyword_reader(settings: Settings, gen: Generation) -> KeywordSearch:
-    """The keyword index readers use: its alias (for Tantivy, the directory the pointer file
-    names), or the active generation's own index while no alias exists yet (a deployment only
-    ever written by ``lockstep run``, which leaves aliases to the one-shot commands)."""
-    from lockstep.generations import keyword_alias, keyword_settings
-
-    alias = keyword_alias(settings)
-    if settings.keyword.kind == "tantivy":
-        from adapters.keyword.tantivy_index import TantivyKeywordIndex, alias_target
-
-        if alias_target(alias) is not None:
-            return TantivyKeywordIndex.open_alias(alias, settings.keyword.index)
-        own = keyword_settings(settings, gen)
-        assert own.path is not None, "validated by KeywordSettings"
-        return TantivyKeywordIndex(own.path, own.index)
-    index = build_keyword(settings.keyword.model_copy(update={"index": alias}))
-    if index.alias_target(alias) is None:  # type: ignore[attr-defined]  # both search engines have aliases
-        index.close()
-        index = build_keyword(keyword_settings(settings, gen))
-    assert isinstance(index, KeywordSearch), "every keyword adapter offers the read path"
-    return index
-
-
-def open_vector_reader(settings: Settings, gen: Generation) -> MilvusVectorIndex:
-    """The vector index readers use: its alias, or the active generation's own collection while
-    no alias exists yet."""
-    from lockstep.generations import vector_alias, vector_settings
-
-    alias = vector_alias(settings)
-    reader = MilvusVectorIndex(settings.vector.model_copy(update={"collection": alias}), dim=gen.dim)
-    if reader.alias_target(alias) is None:
-        reader.close()
-        reader = MilvusVectorIndex(vector_settings(settings, gen), dim=gen.dim)
-    reader.load()
-    return reader

@@ -6,26 +6,58 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from chaos import cli as chaos_cli
 from coordinator.consistency import WrittenChanges
 from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
 from coordinator.sync import run_sync
 from lockstep import audit_cli, dlq_cli, rebuild_cli, search_cli, source_cli
 from lockstep import demo as demo_module
-from lockstep.bootstrap import build_source, runtime
+from lockstep.bootstrap import build_source
 from lockstep.cli_errors import DebugOpt, command_errors, set_debug
 from lockstep.logging import configure_logging
 from lockstep.progress import opened, record_progress
+from lockstep.runtime import runtime
 from lockstep.settings import load_settings, require_serving_token
 from lockstep.stop_signals import EARLY_STOP, release_early
 
+# The chaos suite's command group, plugged into lockstep's command line.
+CHAOS = "chaos"
+
+
+class _LockstepGroup(TyperGroup):
+    """lockstep's commands, then the chaos suite's ``chaos`` group, plugged in when a command
+    line first asks for it: the suite builds on lockstep, so lockstep imports it only then."""
+
+    # ``ctx`` and the command are click's types, which Typer >= 0.29 keeps in a private module.
+    def list_commands(self, ctx: Any) -> list[str]:
+        listed = super().list_commands(ctx)
+        return listed if CHAOS in listed else [*listed, CHAOS]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name == CHAOS and CHAOS not in self.commands:
+            self.add_command(_chaos_group(), CHAOS)
+        return super().get_command(ctx, cmd_name)
+
+
+def _chaos_group() -> Any:
+    """The ``chaos`` group exactly as ``chaos.cli.register`` adds it to a Typer app."""
+    from chaos import cli as chaos_cli
+
+    plugged = typer.Typer()
+    chaos_cli.register(plugged)
+    group = typer.main.get_command(plugged)
+    assert isinstance(group, TyperGroup), "a Typer app with a sub-app is a group"
+    return group.commands[CHAOS]
+
+
 app = typer.Typer(
+    cls=_LockstepGroup,
     no_args_is_help=True,
     add_completion=False,
     help="Keep a keyword and a vector index in step with their source.",
@@ -35,7 +67,6 @@ app.add_typer(source_cli.app, name="source")
 audit_cli.register(app)
 rebuild_cli.register(app)
 search_cli.register(app)
-chaos_cli.register(app)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[

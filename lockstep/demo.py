@@ -21,9 +21,10 @@ from coordinator.chunking import chunk_id, chunk_text, content_hash
 from coordinator.events import ChangeEvent, Op, event_to_dict
 from coordinator.invariants import ExpectedChunk, Violation, check_index
 from coordinator.sync import run_sync
-from lockstep.bootstrap import Runtime, build_source, runtime
+from lockstep.bootstrap import build_source
 from lockstep.corpus import Doc, edit_one_paragraph, make_corpus, retag, shrink
 from lockstep.progress import opened, record_progress, spinner
+from lockstep.runtime import Runtime, runtime
 from lockstep.settings import EmbedderSettings, JsonlSourceSettings, LedgerSettings, Settings, SyncConfig
 
 QUERY = "how do I reset my password"

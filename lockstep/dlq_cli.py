@@ -18,8 +18,9 @@ from coordinator.events import ChangeEvent, event_from_dict, loads_event_json
 from coordinator.model import DeadLetter
 from coordinator.planner import plan
 from coordinator.ports import DeadLetterQueue
-from lockstep.bootstrap import Runtime, build_ledger, runtime
+from lockstep.bootstrap import build_ledger
 from lockstep.cli_errors import command_errors
+from lockstep.runtime import Runtime, runtime
 from lockstep.settings import load_settings
 
 # Rows shown by `dlq list` unless --limit says otherwise.

@@ -34,7 +34,6 @@ import structlog
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from adapters.embedders.cached import CachedEmbedder
-from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook
 from coordinator.errors import FencedError, LockstepError, TransientStoreError
@@ -45,8 +44,15 @@ from coordinator.multi_apply import MultiEngine
 from coordinator.ports import ChunkIndex
 from coordinator.routing import shard_of
 from coordinator.shard import Backoff, Envelope, ShardStatus, ShardWorker
-from lockstep.bootstrap import build_embedder, build_embedding_cache, build_keyword, build_ledger
-from lockstep.generations import generation_embedder_settings, generation_ledger, generation_settings
+from lockstep.bootstrap import (
+    build_embedder,
+    build_embedding_cache,
+    build_engine,
+    build_keyword,
+    build_ledger,
+    build_vector,
+)
+from lockstep.generation_parts import generation_embedder_settings, generation_settings
 from lockstep.leftovers import machine, start_of, this_process
 from lockstep.logging import configure_logging
 from lockstep.settings import Settings
@@ -212,7 +218,7 @@ class IndexWriterActor:
             index = (
                 build_keyword(target.settings.keyword)
                 if self.side == KEYWORD
-                else MilvusVectorIndex(target.settings.vector, dim=target.dim, model_id=target.model_id)
+                else build_vector(target.settings.vector, dim=target.dim, model_id=target.model_id)
             )
             try:
                 index.ensure()
@@ -385,21 +391,20 @@ class ShardActor:
         queue and embedding cache. One generation: a plain ApplyEngine."""
         engines = []
         for gen in generations:
-            ledger = self.ledger if gen.number == 1 else generation_ledger(settings, gen.number, crash)
+            ledger = self.ledger if gen.number == 1 else build_ledger(settings, crash, generation=gen.number)
             if ledger is not self.ledger:
                 self._gen_ledgers.append(ledger)
             inner = build_embedder(generation_embedder_settings(settings, gen))
             check_embedder(gen, inner.model_id, inner.dim)
             engines.append(
-                ApplyEngine(
+                build_engine(
+                    gen,
                     ledger=ledger,
                     keyword=ActorIndex(writers[KEYWORD], KEYWORD, generation=gen.number),
                     vector=ActorIndex(writers[VECTOR], VECTOR, dim=inner.dim, generation=gen.number),
                     embedder=CachedEmbedder(inner, build_embedding_cache(self.ledger)),
-                    chunking=gen.chunking,
                     source_name=settings.source.name if settings.source else "run",
                     crash=crash,
-                    clock=time.monotonic,
                 )
             )
         return engines[0] if len(engines) == 1 else MultiEngine(engines)

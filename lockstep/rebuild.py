@@ -22,14 +22,13 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
+from coordinator.batching import batched
 from coordinator.chunking import ChunkingSettings
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError, IntentConflict, LockstepError
@@ -54,12 +53,18 @@ from coordinator.planner import document_hash
 from coordinator.ports import KeywordIndex
 from coordinator.reconcile import RateLimiter, Reconciler
 from lockstep.audit_cli import LISTABLE_SOURCE_KINDS
-from lockstep.bootstrap import AnyLedger, build_embedder, build_keyword, build_ledger, build_source
-from lockstep.generations import (
+from lockstep.bootstrap import (
+    AnyLedger,
+    build_embedder,
+    build_keyword,
+    build_ledger,
+    build_source,
+    build_vector,
+)
+from lockstep.generation_parts import (
     GenerationParts,
     build_parts,
     drop_generation_stores,
-    generation_ledger,
     keyword_settings,
     load_generations,
     new_generation,
@@ -187,7 +192,7 @@ class GenerationSnapshot:
         yield from self._docs(iter(self._reader.ledger.get_docs(doc_ids).values()))
 
     def _docs(self, states: Iterator[DocState]) -> Iterator[_Doc]:
-        for batch in _batched(states, SNAPSHOT_READ_DOCS):
+        for batch in batched(states, SNAPSHOT_READ_DOCS):
             for event in snapshot_events(batch, self._reader, self._unreadable):
                 if event.op is Op.UPSERT:
                     yield _Doc(event.doc_id, event.version, event.text or "", dict(event.metadata))
@@ -225,11 +230,6 @@ def snapshot_events(states: Sequence[DocState], reader: _Reader, unreadable: lis
             continue
         events.append(ChangeEvent(Op.UPSERT, state.doc_id, state.version, text, metadata))
     return events
-
-
-def _batched(items: Iterator[DocState], size: int) -> Iterator[list[DocState]]:
-    while batch := list(islice(items, size)):
-        yield batch
 
 
 class Rebuild:
@@ -352,7 +352,7 @@ class Rebuild:
         return self.settings.source.name if self.settings.source else "api"
 
     def _reader(self, gen: Generation) -> _Reader:
-        ledger = self.home if gen.number == 1 else generation_ledger(self.settings, gen.number)
+        ledger = self.home if gen.number == 1 else build_ledger(self.settings, generation=gen.number)
         return _Reader(gen, ledger, build_keyword(keyword_settings(self.settings, gen)))
 
     # --- backfill -----------------------------------------------------------------------------
@@ -366,7 +366,7 @@ class Rebuild:
         docs = (d for d in reader.ledger.iter_docs(include_deleted=True) if position is None or d.doc_id > position)
         progress(done, total)
         deferred: list[str] = []
-        for batches, batch in enumerate(_batched(docs, self.settings.rebuild.batch_docs), start=1):
+        for batches, batch in enumerate(batched(docs, self.settings.rebuild.batch_docs), start=1):
             events = snapshot_events(batch, reader, report.unreadable_docs)
             deferred.extend(_apply(target, events))
             done += len(batch)
@@ -408,7 +408,7 @@ class Rebuild:
         writer's own clock, and a writer on another machine may lag this one. Returns how many."""
         copied = 0
         tombstones = (d for d in reader.ledger.iter_docs(include_deleted=True) if d.deleted)
-        for batch in _batched(tombstones, SNAPSHOT_READ_DOCS):
+        for batch in batched(tombstones, SNAPSHOT_READ_DOCS):
             ours = target.ledger.get_docs([d.doc_id for d in batch])
             missed = [d for d in batch if (have := ours.get(d.doc_id)) is None or have.version < d.version]
             if not missed:
@@ -584,7 +584,7 @@ class Rebuild:
         queries = [q.strip() for q in Path(path).read_text(encoding="utf-8").splitlines() if q.strip()]
         k = self.settings.rebuild.queries_k
         old_embedder = build_embedder(_embedder_of(self.settings, act))
-        old_vector = MilvusVectorIndex(vector_settings(self.settings, act), dim=act.dim)
+        old_vector = build_vector(vector_settings(self.settings, act), dim=act.dim)
         per_query = []
         try:
             for query in queries:
@@ -678,7 +678,7 @@ def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> list[str]:
 
 
 def _embedder_of(settings: Settings, gen: Generation) -> EmbedderSettings:
-    from lockstep.generations import generation_embedder_settings
+    from lockstep.generation_parts import generation_embedder_settings
 
     return generation_embedder_settings(settings, gen)
 

@@ -25,7 +25,7 @@ from rich.table import Table
 from coordinator.chunking import ChunkingSettings
 from coordinator.generations import Generation, active
 from lockstep.cli_errors import command_errors
-from lockstep.generations import generation_embedder_settings
+from lockstep.generation_parts import generation_embedder_settings
 from lockstep.progress import spinner
 from lockstep.rebuild import Rebuild
 from lockstep.settings import EmbedderSettings, Settings, load_settings

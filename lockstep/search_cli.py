@@ -22,8 +22,8 @@ from rich.table import Table
 from coordinator.consistency import ConsistencyToken
 from coordinator.errors import ConsistencyTimeout, InvalidSearch, LockstepError
 from coordinator.search import Mode, SearchRequest
-from lockstep.bootstrap import open_search
 from lockstep.cli_errors import command_errors
+from lockstep.runtime import open_search
 from lockstep.search_http import SEARCH_PATH
 from lockstep.search_wire import request_to_json, result_to_json
 from lockstep.settings import Settings, load_settings

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import structlog
 
-from adapters.ledger.generations import registry_for
+from adapters.ledger.registry import registry_for
 from coordinator.errors import LockstepError
 from coordinator.search import SearchRequest, SearchResult
-from lockstep.bootstrap import SearchRuntime, active_generation
+from lockstep.runtime import SearchRuntime, active_generation
 
 log = structlog.get_logger(__name__)
 

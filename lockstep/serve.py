@@ -15,9 +15,9 @@ import threading
 
 import structlog
 
-from lockstep.bootstrap import open_search
 from lockstep.metrics import SearchMetrics
 from lockstep.ops_http import OpsServer
+from lockstep.runtime import open_search
 from lockstep.search_http import SearchEndpoint
 from lockstep.searching import FollowingSearch
 from lockstep.settings import Settings

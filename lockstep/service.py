@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from adapters.ledger.generations import registry_for
+from adapters.ledger.registry import registry_for
 from adapters.sources.webhook import WebhookSource
 from coordinator import crashpoints
 from coordinator.audit import Auditor
@@ -33,12 +33,13 @@ from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord, Ve
 from coordinator.routing import shard_of
 from coordinator.shard import Envelope, ShardStatus
 from coordinator.watermark import LowWatermark
-from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source, open_search
-from lockstep.generations import WriterAnnouncement, generation_ledger, load_generations
+from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
+from lockstep.generation_parts import WriterAnnouncement, load_generations
 from lockstep.leftovers import RunFile, run_file
 from lockstep.metrics import Metrics, SearchMetrics
 from lockstep.ops_http import EventsEndpoint, OpsServer
 from lockstep.ray_runtime import STOP_SIGNALS, ShardCluster, kill_service, start_ray, stop_ray, this_driver
+from lockstep.runtime import open_search
 from lockstep.search_http import SearchEndpoint
 from lockstep.searching import FollowingSearch
 from lockstep.settings import Settings, WebhookSourceSettings
@@ -163,8 +164,8 @@ class Service:
             self.settings, ledger, lambda: build_embedder(self.settings.embedder), self.writer.registry
         )
         self.generations = live(gens)
-        active_ledger = ledger if self.generations[0].number == 1 else generation_ledger(
-            self.settings, self.generations[0].number
+        active_ledger = ledger if self.generations[0].number == 1 else build_ledger(
+            self.settings, generation=self.generations[0].number
         )
         # Sources that diff a snapshot read the active generation's versions (checkpoints, which
         # every generation shares with home, are the same either way).
@@ -287,7 +288,7 @@ class Service:
         if self.rs.audit_interval_s <= 0:
             return None
         self._audit_stop = threading.Event()
-        audit_ledger = generation_ledger(self.settings, self.generations[0].number)
+        audit_ledger = build_ledger(self.settings, generation=self.generations[0].number)
         keyword, vector = cluster.readers()
         auditor = Auditor(
             ledger=audit_ledger,

@@ -19,9 +19,10 @@ import typer
 from rich.console import Console
 
 from coordinator.sync import run_sync
-from lockstep.bootstrap import build_pg_logical_source, runtime
+from lockstep.bootstrap import build_pg_logical_source
 from lockstep.cli_errors import command_errors
 from lockstep.progress import opened, record_progress
+from lockstep.runtime import runtime
 from lockstep.settings import PgLogicalSourceSettings, load_settings
 
 app = typer.Typer(no_args_is_help=True, help="Maintenance of change sources (Postgres logical replication).")

@@ -52,7 +52,8 @@ from coordinator.continuous_audit import ContinuousAudit
 from coordinator.model import NO_VERSION, ChunkDelete, ChunkState, DocState, IndexedChunk, StoredChunk
 from coordinator.reconcile import NO_ID, RateLimiter, Reconciler, plan_repair
 from coordinator.sync import run_sync
-from lockstep.bootstrap import Runtime, build_source, runtime
+from lockstep.bootstrap import build_source
+from lockstep.runtime import Runtime, runtime
 from lockstep.settings import Settings
 from tests.support.milvus_servers import LiteServer, RealMilvus
 from tests.support.raw_stores import read_keyword, read_vector

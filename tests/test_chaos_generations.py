@@ -22,8 +22,8 @@ from pymilvus import MilvusClient
 
 from adapters.keyword.settings import KeywordSettings
 from chaos import gen_live
+from chaos.gen_schedules import STORIES, run_generation_schedule
 from chaos.gen_stores import GenStores
-from chaos.generations import STORIES, run_generation_schedule
 from chaos.runner import ScheduleSpec
 from coordinator.multi_apply import MultiEngine
 from coordinator.ports import Fence, Intent, SourceRecord

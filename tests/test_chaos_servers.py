@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from adapters.keyword.es_compat_proxy import EsCompatProxy
 from adapters.keyword.opensearch import OpenSearchKeywordIndex
 from adapters.keyword.settings import KeywordSettings
-from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from chaos import cli as chaos_cli
 from chaos.planted import KEYWORD_DROPS_DELETES
@@ -27,6 +26,7 @@ from chaos.rig import EMBED_DIM
 from chaos.servers import MilvusLiteServer
 from chaos.servertier import create_index_with_gc
 from coordinator.model import ChunkDelete, IndexedChunk, ItemStatus
+from lockstep.bootstrap import build_vector
 
 # The user's own index and collection: the chaos run must leave both exactly as they were.
 USER_INDEX = "chaos-user-kb"
@@ -71,7 +71,7 @@ def user_stores(opensearch_api_url: str, lite_server: MilvusLiteServer) -> Any:
     keyword = OpenSearchKeywordIndex(
         KeywordSettings(kind="opensearch", url=opensearch_api_url, index=USER_INDEX)
     )
-    vector = MilvusVectorIndex(VectorSettings(uri=lite_server.uri, collection=USER_COLLECTION), dim=EMBED_DIM)
+    vector = build_vector(VectorSettings(uri=lite_server.uri, collection=USER_COLLECTION), dim=EMBED_DIM)
     keyword.ensure()
     vector.ensure()
     keyword.upsert([USER_CHUNK])

@@ -22,8 +22,8 @@ from coordinator.crashpoints import PROTOCOL_POINTS
 from coordinator.errors import ConfigError
 from coordinator.events import TEXT_BYTES_MAX
 from coordinator.invariants import ExpectedChunk, check_index
-from lockstep.bootstrap import runtime
 from lockstep.cli_errors import EXTRA_OF_MODULE
+from lockstep.runtime import runtime
 from lockstep.settings import load_settings
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from milvus_lite.server_manager import server_manager_instance
 
-from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.leftovers import ProcessId, RunRecord
+from lockstep.bootstrap import build_vector
 from lockstep.leftovers import (
     clear_dead_runs,
     clear_leftovers,
@@ -224,7 +224,7 @@ def test_a_milvus_lite_file_is_opened_once_the_process_holding_it_ends(tmp_path:
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
         threading.Timer(HOLD_S, holder.kill).start()
-        index = MilvusVectorIndex(VectorSettings(uri=uri, collection="held"), dim=4)
+        index = build_vector(VectorSettings(uri=uri, collection="held"), dim=4)
         index.ensure()
         assert holder.poll() is not None, "opened while the other process held the file"
         assert index.count() == 0

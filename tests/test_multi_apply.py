@@ -19,7 +19,6 @@ from adapters.embedders.cached import CachedEmbedder
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.tantivy_index import TantivyKeywordIndex
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
-from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from chaos.faults import FaultyIndex
 from coordinator.apply import ApplyEngine
@@ -28,6 +27,7 @@ from coordinator.events import ChangeEvent, Op
 from coordinator.invariants import ExpectedChunk, check_index
 from coordinator.multi_apply import MultiEngine
 from coordinator.shard import Backoff, Envelope, ShardWorker
+from lockstep.bootstrap import build_vector
 
 # Generation 1 cuts small chunks with 32-d vectors; generation 2 whole documents with 48-d ones.
 CHUNKING = {1: ChunkingSettings(40), 2: ChunkingSettings(1000)}
@@ -91,7 +91,7 @@ def two(tmp_path: Path) -> Iterator[TwoGenerations]:
     for number in (1, 2):
         ledger = SqliteLedger(home) if number == 1 else SqliteLedger(tmp_path / "ledger.g2.db", home=home)
         keyword = TantivyKeywordIndex(str(tmp_path / f"tantivy{number}"), "kw")
-        vector = FaultyIndex(MilvusVectorIndex(VectorSettings(uri=str(tmp_path / f"m{number}.db")), dim=DIM[number]),
+        vector = FaultyIndex(build_vector(VectorSettings(uri=str(tmp_path / f"m{number}.db")), dim=DIM[number]),
                              label="vector")
         keyword.ensure()
         vector.inner.ensure()

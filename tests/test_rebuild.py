@@ -22,15 +22,15 @@ from milvus_lite.server_manager import server_manager_instance
 from pymilvus import MilvusClient
 
 from adapters.keyword.tantivy_index import alias_target as tantivy_alias_target
-from adapters.ledger.generations import registry_for
-from adapters.vector.milvus import MilvusVectorIndex
+from adapters.ledger.registry import registry_for
 from chaos.servers import free_port
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.errors import ConfigError
 from coordinator.invariants import ExpectedChunk, check_index
-from lockstep.bootstrap import build_embedder, build_ledger, runtime
-from lockstep.generations import build_parts, vector_settings
+from lockstep.bootstrap import build_embedder, build_ledger, build_vector
+from lockstep.generation_parts import build_parts, vector_settings
 from lockstep.rebuild import Rebuild
+from lockstep.runtime import runtime
 from lockstep.settings import EmbedderSettings, load_settings
 
 LOCKSTEP = [sys.executable, "-m", "lockstep"]
@@ -206,7 +206,7 @@ def test_a_model_change_never_mixes_vectors(tmp_path: Path) -> None:
     finally:
         home.close()
     # The collection itself remembers its model: even a client that skips the ledger is refused.
-    index = MilvusVectorIndex(vector_settings(settings, gens[2]), dim=48, model_id="another-model")
+    index = build_vector(vector_settings(settings, gens[2]), dim=48, model_id="another-model")
     try:
         with pytest.raises(ConfigError, match="another-model"):
             index.ensure()
@@ -244,7 +244,7 @@ def test_an_abort_or_gc_drops_a_generation_only_once_no_live_writer_writes_it(tm
     the standby) records the generation as no longer live at once, but drops its stores only
     after the service announced a set without it. Dropped sooner, the service's writes there
     would fail for good and its drain before switching would never end."""
-    from lockstep.generations import WRITER_TTL_S
+    from lockstep.generation_parts import WRITER_TTL_S
 
     config = _config(tmp_path)
     _write_history(tmp_path, 12)
@@ -447,7 +447,7 @@ def test_validation_waits_until_every_live_writer_writes_the_new_generation(
     validation: a commit it makes to generation 1 meanwhile reaches generation 2 before the
     swap. Without the wait, validation would have read generation 1 before that commit."""
     from coordinator.events import ChangeEvent, Op
-    from lockstep.generations import WRITER_TTL_S
+    from lockstep.generation_parts import WRITER_TTL_S
 
     config, final, settings = _synced_on_servers(tmp_path, "rb-wait", opensearch_api_url, lite_server.uri)
     rebuild = Rebuild(settings)
@@ -552,9 +552,7 @@ def test_validation_repairs_what_the_new_generation_missed_before_it_swaps(tmp_p
     _check_generation(config, 2, final)
     home = build_ledger(settings)
     try:
-        from lockstep.generations import generation_ledger
-
-        g2 = generation_ledger(settings, 2)
+        g2 = build_ledger(settings, generation=2)
         states = g2.get_docs(["doc-new", "doc-001", "doc-002", "doc-ghost"])
         g2.close()
     finally:

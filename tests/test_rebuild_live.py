@@ -27,11 +27,10 @@ from typing import Any
 import psutil
 import pytest
 
-from adapters.ledger.generations import registry_for
+from adapters.ledger.registry import registry_for
 from chaos.servers import free_port
 from coordinator.generations import GenState
 from lockstep.bootstrap import build_ledger
-from lockstep.generations import generation_ledger
 from lockstep.settings import Settings, load_settings
 from tests.test_rebuild import (
     LOCKSTEP,
@@ -139,7 +138,7 @@ def _lag(config: Path, final: dict[str, dict[str, Any] | None], producer: _Produ
 
 def _generation_lag(settings: Settings, home: Any, number: int, is_live: bool,
                     final: dict[str, dict[str, Any] | None], producer: _Producer) -> list[str]:
-    ledger = home if number == 1 else generation_ledger(settings, number)
+    ledger = home if number == 1 else build_ledger(settings, generation=number)
     try:
         problems = [f"generation {number}: intent {i.doc_id}@v{i.version} prepared, done {sorted(i.done)}"
                     for i in ledger.pending()]

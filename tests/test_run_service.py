@@ -22,12 +22,12 @@ import yaml
 
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.sqlite import SqliteLedger
-from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.crashpoints import PROTOCOL_POINTS
 from coordinator.invariants import ExpectedChunk, check_index, versions_never_go_back
-from lockstep.bootstrap import build_keyword, runtime
+from lockstep.bootstrap import build_keyword, build_vector
+from lockstep.runtime import runtime
 from lockstep.settings import load_settings
 from tests.support.service_process import STOP_TIMEOUT_S, LogTail, kill_all, kill_process_group, still_running
 
@@ -176,7 +176,7 @@ def _poll_versions(keyword: dict[str, Any], vector: dict[str, Any], doc_ids: lis
                    observed: list[tuple[str, int]], stop: threading.Event) -> None:
     """Read chunk-0 of every document from both stores until stopped, recording versions seen."""
     kw = build_keyword(KeywordSettings(**keyword))
-    vec = MilvusVectorIndex(VectorSettings(**vector), dim=384)
+    vec = build_vector(VectorSettings(**vector), dim=384)
     ids = [chunk_id(d, 0) for d in doc_ids]
     try:
         while not stop.is_set():

@@ -41,7 +41,7 @@ from coordinator.chunking import chunk_id, chunk_text, content_hash
 from coordinator.events import ChangeEvent, Op
 from coordinator.invariants import ExpectedChunk, check_index
 from coordinator.planner import document_hash
-from lockstep.bootstrap import runtime
+from lockstep.runtime import runtime
 from lockstep.settings import load_settings
 from tests.support.postgres_servers import PgSchema
 from tests.support.service_process import free_port, ready, start_service, stop_service, wait_for

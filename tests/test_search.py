@@ -28,8 +28,8 @@ from coordinator.events import ChangeEvent, Op
 from coordinator.model import IndexedChunk
 from coordinator.search import Mode
 from lockstep import ConsistencyToken, Lockstep
-from lockstep.bootstrap import runtime
 from lockstep.corpus import Doc, make_corpus
+from lockstep.runtime import runtime
 from lockstep.settings import Settings, load_settings
 from tests.support.milvus_servers import RealMilvus
 from tests.support.raw_stores import raw_keyword_search, raw_vector_search

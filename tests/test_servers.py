@@ -17,6 +17,7 @@ from adapters.vector.settings import VectorSettings
 from chaos.servers import EmbeddedPostgres, MilvusLiteServer, OpenSearchApiServer, RealMilvusServer
 from coordinator.errors import TransientStoreError
 from coordinator.model import IndexedChunk
+from lockstep.bootstrap import build_vector
 from tests.support.milvus_servers import start_or_fail
 from tests.support.threads import BackgroundCall
 
@@ -137,7 +138,7 @@ def _count_when_readable(idx: MilvusVectorIndex) -> int:
 
 def test_real_milvus_kill9_and_restart_keeps_data(real_milvus: RealMilvusServer) -> None:
     """Rows written before a SIGKILL are all there after kill9_and_restart() on the same URI."""
-    idx = MilvusVectorIndex(VectorSettings(uri=real_milvus.uri, collection="servers_kill9"), dim=DIM)
+    idx = build_vector(VectorSettings(uri=real_milvus.uri, collection="servers_kill9"), dim=DIM)
     idx.ensure()
     idx.upsert([_chunk(n) for n in range(20)])
     old_pid = real_milvus.pid
@@ -149,7 +150,7 @@ def test_real_milvus_kill9_and_restart_keeps_data(real_milvus: RealMilvusServer)
 def test_real_milvus_restart_moves_an_internal_port_taken_while_it_was_down(real_milvus: RealMilvusServer) -> None:
     """An internal port taken while the server is down (as the local port of some outgoing
     connection) does not stop the restart: that port moves, the URI and the data stay."""
-    idx = MilvusVectorIndex(VectorSettings(uri=real_milvus.uri, collection="servers_port_taken"), dim=DIM)
+    idx = build_vector(VectorSettings(uri=real_milvus.uri, collection="servers_port_taken"), dim=DIM)
     idx.ensure()
     idx.upsert([_chunk(n) for n in range(5)])
     idx.close()
@@ -163,7 +164,7 @@ def test_real_milvus_restart_moves_an_internal_port_taken_while_it_was_down(real
     assert real_milvus.uri == uri
     assert int(real_milvus.server.config.configs[key]) != port
     _assert_holds_then_drop(
-        MilvusVectorIndex(VectorSettings(uri=real_milvus.uri, collection="servers_port_taken"), dim=DIM), 5
+        build_vector(VectorSettings(uri=real_milvus.uri, collection="servers_port_taken"), dim=DIM), 5
     )
 
 

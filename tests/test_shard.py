@@ -19,7 +19,6 @@ from adapters.embedders.cached import CachedEmbedder
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.keyword.tantivy_index import TantivyKeywordIndex
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
-from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from chaos.faults import FaultyEmbedder, FaultyIndex
 from coordinator.apply import ApplyEngine
@@ -27,6 +26,7 @@ from coordinator.chunking import ChunkingSettings
 from coordinator.errors import TransientEmbedError
 from coordinator.events import ChangeEvent, Op
 from coordinator.shard import Backoff, Envelope, ShardWorker
+from lockstep.bootstrap import build_vector
 
 
 class Clock:
@@ -63,7 +63,7 @@ def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
 def _rig(tmp_path: Path, *, batch_docs_max: int, prepare_ahead: int, mailbox_docs_max: int = 4) -> Iterator[Rig]:
     ledger = SqliteLedger(tmp_path / "ledger.db")
     embedder = FaultyEmbedder(HashingEmbedder(dim=32))
-    vector = FaultyIndex(MilvusVectorIndex(VectorSettings(uri=str(tmp_path / "m.db")), dim=32))
+    vector = FaultyIndex(build_vector(VectorSettings(uri=str(tmp_path / "m.db")), dim=32))
     keyword = TantivyKeywordIndex(str(tmp_path / "tantivy"), "kw")
     keyword.ensure()
     vector.inner.ensure()
@@ -186,7 +186,7 @@ def test_a_document_held_in_the_generation_being_built_is_withdrawn_from_the_act
     engines, closers = [], []
     for n, ledger in ((1, home), (2, gen2)):
         keyword = TantivyKeywordIndex(str(tmp_path / f"tantivy{n}"), "kw")
-        vector = MilvusVectorIndex(VectorSettings(uri=str(tmp_path / f"m{n}.db")), dim=32)
+        vector = build_vector(VectorSettings(uri=str(tmp_path / f"m{n}.db")), dim=32)
         keyword.ensure()
         vector.ensure()
         engine = ApplyEngine(ledger=ledger, keyword=keyword, vector=vector,

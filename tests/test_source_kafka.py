@@ -36,7 +36,8 @@ from coordinator.events import ChangeEvent, Op
 from coordinator.invariants import ExpectedChunk, check_index
 from coordinator.ports import BadRecord, SourceRecord
 from coordinator.sync import run_sync
-from lockstep.bootstrap import build_source, runtime
+from lockstep.bootstrap import build_source
+from lockstep.runtime import runtime
 from lockstep.settings import Settings, load_settings
 from tests.support.kafka_servers import (
     GatedDocs,

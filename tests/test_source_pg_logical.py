@@ -54,7 +54,8 @@ from coordinator.invariants import ExpectedChunk, check_index
 from coordinator.model import DocState
 from coordinator.planner import document_hash
 from coordinator.ports import BadRecord, SourceRecord
-from lockstep.bootstrap import build_pg_logical_source, runtime
+from lockstep.bootstrap import build_pg_logical_source
+from lockstep.runtime import runtime
 from lockstep.settings import PgLogicalSourceSettings, load_settings
 from tests.support.postgres_servers import start_postgres_or_fail
 

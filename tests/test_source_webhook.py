@@ -39,8 +39,8 @@ from coordinator.errors import ConfigError
 from coordinator.events import ChangeEvent, Op, event_to_dict
 from coordinator.ports import BadRecord
 from lockstep import ops_http
-from lockstep.bootstrap import runtime
 from lockstep.ops_http import EventsEndpoint, OpsServer, WebhookClientError, post_events
+from lockstep.runtime import runtime
 from lockstep.settings import WebhookSourceSettings, load_settings
 from tests.support.postgres_servers import PgSchema
 from tests.support.service_process import (

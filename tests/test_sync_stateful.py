@@ -32,7 +32,8 @@ from adapters.vector.settings import VectorSettings
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.events import ChangeEvent, Op, event_to_dict
 from coordinator.sync import run_sync
-from lockstep.bootstrap import Runtime, build_source, runtime
+from lockstep.bootstrap import build_source
+from lockstep.runtime import Runtime, runtime
 from lockstep.settings import (
     ChunkingConfig,
     EmbedderSettings,

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from itertools import islice
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from coordinator.limits import RECORD_BYTES_MAX
 from coordinator.model import spell_record
 from coordinator.ports import BadRecord
-
-T = TypeVar("T")
 
 
 class CheckpointStore(Protocol):
@@ -50,9 +46,3 @@ def bad_record(
         truncated=truncated or cut,
     )
 
-
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Consecutive lists of at most ``size`` items (itertools.batched arrives in Python 3.12)."""
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch

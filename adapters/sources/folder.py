@@ -29,7 +29,8 @@ from pathlib import Path
 
 import structlog
 
-from adapters.sources.base import bad_record, batched
+from adapters.sources.base import bad_record
+from coordinator.batching import batched
 from coordinator.errors import InvalidEvent, SourceError
 from coordinator.events import TEXT_BYTES_MAX, ChangeEvent, Op
 from coordinator.model import DocState

@@ -51,7 +51,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlalchemy.types import NullType
 
-from adapters.sources.base import CheckpointStore, bad_record, batched
+from adapters.sources.base import CheckpointStore, bad_record
+from coordinator.batching import batched
 from coordinator.errors import ConfigError, InvalidEvent, SourceError
 from coordinator.events import ChangeEvent, Op, canonical_json
 from coordinator.ports import BadRecord, KnownDocs, SourceRecord

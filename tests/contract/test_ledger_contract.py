@@ -596,7 +596,7 @@ def test_generation_ledgers_serialize_their_own_writes(tmp_path: Path, clock: Cl
 def test_writers_announce_renew_expire_and_withdraw(ledger: AnyLedger, clock: Clock) -> None:
     """The generations' writers: a starting writer (set unknown), one writing a set, renewal,
     expiry after its TTL without renewal, and withdrawal."""
-    from adapters.ledger.generations import registry_for
+    from adapters.ledger.registry import registry_for
     from coordinator.generations import lagging_writers
 
     registry = registry_for(ledger)

@@ -25,10 +25,14 @@ HELP_COLUMNS = 1000
 
 
 def commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(path, command) for the root and every command and group below it."""
+    """(path, command) for the root and every command and group below it, asked of each group
+    as the command line asks it (a group may plug a command in on first use: ``lockstep chaos``)."""
     yield path, command
-    for name, sub in sorted(getattr(command, "commands", {}).items()):
-        yield from commands(sub, (*path, name))
+    if not hasattr(command, "list_commands"):
+        return
+    ctx = command.context_class(command, info_name=path[-1] if path else "lockstep")
+    for name in sorted(command.list_commands(ctx)):
+        yield from commands(command.get_command(ctx, name), (*path, name))
 
 
 def expected_texts(command: Any) -> list[str]:

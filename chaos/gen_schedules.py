@@ -44,7 +44,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from adapters.vector.milvus import MilvusVectorIndex
 from chaos import check
 from chaos.drive import ARMED_INPROC, CRASH_POINTS, OBSERVE_EVERY_STEPS, SENTINEL_EVERY_STEPS
 from chaos.gen_live import LiveService
@@ -66,8 +65,8 @@ from coordinator.errors import LockstepError, StoreError
 from coordinator.generations import Generation, GenState
 from coordinator.invariants import Violation
 from coordinator.shard import Envelope
-from lockstep.bootstrap import build_keyword
-from lockstep.generations import drop_generation_stores, keyword_settings, vector_settings
+from lockstep.bootstrap import build_keyword, build_vector
+from lockstep.generation_parts import drop_generation_stores, keyword_settings, vector_settings
 from lockstep.rebuild import Rebuild
 from lockstep.settings import EmbedderSettings, Settings
 
@@ -425,7 +424,7 @@ class GenerationsRun:
         if gen.state is not GenState.DROPPED:
             return [Violation("story", self.story, self.model.namespace, f"generation {gen.number} is {gen.state}")]
         keyword = build_keyword(keyword_settings(self.settings, gen))
-        vector = MilvusVectorIndex(vector_settings(self.settings, gen), dim=gen.dim)
+        vector = build_vector(vector_settings(self.settings, gen), dim=gen.dim)
         try:
             left = [side for side, store in (("keyword", keyword), ("vector", vector)) if store.count() > 0]
         except StoreError:

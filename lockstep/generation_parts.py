@@ -23,9 +23,8 @@ import structlog
 
 from adapters.embedders.cached import CachedEmbedder
 from adapters.keyword.settings import KeywordSettings
-from adapters.ledger.generations import GenerationRegistry, registry_for
+from adapters.ledger.registry import GenerationRegistry, registry_for
 from adapters.ledger.settings import PostgresLedgerSettings
-from adapters.ledger.sqlite import SqliteLedger
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
@@ -37,8 +36,12 @@ from lockstep.bootstrap import (
     AnyLedger,
     build_embedder,
     build_embedding_cache,
+    build_engine,
     build_keyword,
     build_ledger,
+    build_vector,
+    generation_ledger_path,
+    generation_schema,
     local_model_installed,
 )
 from lockstep.settings import EmbedderSettings, Settings
@@ -55,7 +58,7 @@ WRITER_RENEW_S = 2.0
 
 
 class WriterAnnouncement:
-    """This process's row among the generations' writers (adapters/ledger/generations.py).
+    """This process's row among the generations' writers (adapters/ledger/registry.py).
 
     ``starting()`` comes before the process reads the registry, so a rebuild that registered a
     generation a moment earlier never mistakes it for a writer of the old set only; ``writing()``
@@ -198,30 +201,6 @@ def generation_settings(settings: Settings, gen: Generation) -> Settings:
     )
 
 
-def generation_ledger(settings: Settings, number: int, crash: CrashHook = no_crash) -> AnyLedger:
-    """Generation 1 uses the home ledger itself; later ones their own namespace beside it."""
-    if number == 1:
-        return build_ledger(settings, crash)
-    if isinstance(settings.ledger, PostgresLedgerSettings):
-        from adapters.ledger.postgres import PostgresLedger
-
-        ls = settings.ledger
-        return PostgresLedger(
-            ls.dsn.get_secret_value(),
-            crash_hook=crash,
-            schema=f"{ls.schema_name}_g{number}",
-            home_schema=ls.schema_name,
-            connect_timeout_s=ls.connect_timeout_s,
-            statement_timeout_s=ls.statement_timeout_s,
-        )
-    home = Path(settings.ledger.path)
-    return SqliteLedger(_sqlite_generation_path(home, number), crash_hook=crash, home=home)
-
-
-def _sqlite_generation_path(home: Path, number: int) -> Path:
-    return home.with_name(f"{home.stem}.g{number}{home.suffix}")
-
-
 def drop_generation_ledger(settings: Settings, number: int) -> None:
     """Remove a dropped generation's ledger namespace (never generation 1's: it is home)."""
     if number == 1:
@@ -232,9 +211,9 @@ def drop_generation_ledger(settings: Settings, number: int) -> None:
 
         ls = settings.ledger
         with psycopg.connect(ls.dsn.get_secret_value(), autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(f"{ls.schema_name}_g{number}")))
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(generation_schema(ls, number))))
         return
-    path = _sqlite_generation_path(Path(settings.ledger.path), number)
+    path = generation_ledger_path(Path(settings.ledger.path), number)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
@@ -281,22 +260,21 @@ def build_parts(
     if inner is None:
         inner = build_embedder(generation_embedder_settings(settings, gen))
     check_embedder(gen, inner.model_id, inner.dim)
-    ledger = home if gen.number == 1 else generation_ledger(settings, gen.number, crash)
+    ledger = home if gen.number == 1 else build_ledger(settings, crash, generation=gen.number)
     keyword = build_keyword(keyword_settings(settings, gen))
-    vector = MilvusVectorIndex(vector_settings(settings, gen), dim=inner.dim, model_id=inner.model_id)
+    vector = build_vector(vector_settings(settings, gen), dim=inner.dim, model_id=inner.model_id)
     if ensure:
         keyword.ensure()
         vector.ensure()
     embedder = CachedEmbedder(inner, build_embedding_cache(home))
-    engine = ApplyEngine(
+    engine = build_engine(
+        gen,
         ledger=ledger,
         keyword=wrap(KEYWORD, keyword),
         vector=wrap(VECTOR, vector),
         embedder=embedder,
-        chunking=gen.chunking,
         source_name=source_name,
         crash=crash,
-        clock=time.monotonic,
     )
     return GenerationParts(gen, ledger, keyword, vector, embedder, engine)
 
@@ -389,7 +367,7 @@ def drop_generation_stores(settings: Settings, gen: Generation) -> None:
     """Drop a generation's keyword index (Tantivy directory) and collection, then its ledger
     namespace (generation 1's tables stay in the home ledger, unused)."""
     keyword = build_keyword(keyword_settings(settings, gen))
-    vector = MilvusVectorIndex(vector_settings(settings, gen), dim=gen.dim)
+    vector = build_vector(vector_settings(settings, gen), dim=gen.dim)
     try:
         keyword.drop()
         vector.drop()
