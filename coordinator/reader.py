@@ -71,8 +71,10 @@ class ReaderFlow:
         self.buffers: dict[int, list[Envelope]] = {i: [] for i in range(shards)}
         # Each shard's free mailbox room as last reported (less what was offered since): a full
         # shard is not sent records it would only refuse, serialized again at every tick.
-        self.room: dict[int, int] = {}
-        self.read_at: dict[int, float] = {}
+        self._room_left: dict[int, int] = {}
+        # When each record not finished yet was read, on ``clock``.
+        self._read_at: dict[int, float] = {}
+        # Set by the caller: the source ended, and the last position it committed.
         self.reader_done = False
         self.committed: str | None = None
         self._drained_at: float | None = None
@@ -90,7 +92,7 @@ class ReaderFlow:
     def read(self, record: SourceRecord, position: str | None) -> int:
         """Take a record just read, ``position`` being the source's position after it; returns its seq."""
         seq = self.watermark.track(position)
-        self.read_at[seq] = self.clock()
+        self._read_at[seq] = self.clock()
         key = record.doc_id if isinstance(record, ChangeEvent) else f"bad:{seq}"
         self.buffers[shard_of(key, self.shards)].append(Envelope(seq, record))
         return seq
@@ -110,14 +112,14 @@ class ReaderFlow:
         """Each shard accepted this many records of its batch, from the front."""
         for shard, taken in accepted.items():
             del self.buffers[shard][:taken]
-            self.room[shard] = self._room(shard) - taken
+            self._room_left[shard] = self._room(shard) - taken
 
     def new_shards(self) -> None:
         """The shards were replaced by new ones, with empty mailboxes: forget the room reported."""
-        self.room.clear()
+        self._room_left.clear()
 
     def _room(self, shard: int) -> int:
-        return self.room.get(shard, self.mailbox_docs_max)
+        return self._room_left.get(shard, self.mailbox_docs_max)
 
     # --- draining ----------------------------------------------------------------------------
 
@@ -136,9 +138,9 @@ class ReaderFlow:
         lags_s: list[float] = []
         for finished, status in reports:
             self.watermark.finish(finished)
-            lags_s += [now - self.read_at.pop(seq) for seq in finished if seq in self.read_at]
-            self.room[status.shard] = self.mailbox_docs_max - status.waiting_docs
-        return Drained(lags_s, now - min(self.read_at.values(), default=now))
+            lags_s += [now - self._read_at.pop(seq) for seq in finished if seq in self._read_at]
+            self._room_left[status.shard] = self.mailbox_docs_max - status.waiting_docs
+        return Drained(lags_s, now - min(self._read_at.values(), default=now))
 
     @property
     def outstanding(self) -> int:
