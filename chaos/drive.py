@@ -1,11 +1,12 @@
 """How a schedule's deliveries reach lockstep: the two paths it ships, each driven as it runs.
 
-- ``ShardDrive``, the streaming path (``lockstep run``): a reader numbers every delivery it reads
-  with the real low watermark (``coordinator.watermark.LowWatermark``), offers them to the
-  ``ShardWorker`` (bounded mailbox: backpressure), steps the worker on the simulated clock,
-  feeds the finished seqs back to the watermark and commits its checkpoint as the source's
-  position. After a crash, or when a new owner takes the shard over, the source resumes at the
-  committed checkpoint: every delivery after it comes again.
+- ``ShardDrive``, the streaming path (``lockstep run``): a reader with the service's own flow
+  control (``coordinator.reader.ReaderFlow``, the real low watermark in it) numbers every delivery
+  it reads, offers them to the ``ShardWorker`` as far as its mailbox reported room (bounded
+  mailbox: backpressure), steps the worker on the simulated clock, feeds the finished seqs and
+  the worker's status back and commits the flow's checkpoint as the source's position. After a
+  crash, or when a new owner takes the shard over, the source resumes at the committed
+  checkpoint: every delivery after it comes again.
 - ``BatchDrive``, the batch path (``lockstep sync``): ``coordinator.sync.run_sync`` over a
   source that reads the deliveries from its committed checkpoint, in batches of
   ``SYNC_BATCH_EVENTS``. Faults fire between batches (``run_sync``'s progress callback); a
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -31,11 +31,11 @@ from chaos.rig import STEP_S, Rig, SimulatedCrash
 from coordinator import crashpoints
 from coordinator.errors import LockstepError, StoreError
 from coordinator.events import ChangeEvent
-from coordinator.shard import Envelope
+from coordinator.reader import ReaderFlow
 from coordinator.sync import run_sync
-from coordinator.watermark import LowWatermark
 
-# Deliveries the reader reads ahead and offers to the shard per simulated step.
+# Deliveries the reader reads ahead and offers to the shard per simulated step (its
+# ``offer_batch_max``).
 OFFER_EVENTS_PER_STEP = 6
 # Liveness bound: a schedule that is not quiet after this many steps (or batches) is a violation.
 STEPS_MAX = 3000
@@ -192,7 +192,7 @@ class Drive:
 
 
 class ShardDrive(Drive):
-    """The streaming path: reader, real low watermark, shard worker, checkpoint."""
+    """The streaming path: the service's reader flow control, shard worker, checkpoint."""
 
     def __init__(
         self, rig: Rig, deliveries: Sequence[Any], spec: Spec, rng: random.Random, server_arm: ServerArm | None
@@ -200,12 +200,21 @@ class ShardDrive(Drive):
         super().__init__(
             rig, deliveries, spec, rng, server_arm, events_per_tick=OFFER_EVENTS_PER_STEP, crash_points=CRASH_POINTS
         )
-        self.watermark: LowWatermark = rig.plant.watermark()
-        self.buffer: deque[Envelope] = deque()
+        self.flow = self._new_flow()
         self.read_at = 0
 
+    def _new_flow(self) -> ReaderFlow:
+        """The flow control of a new lockstep process: one shard, on the simulated clock."""
+        return ReaderFlow(
+            1,
+            offer_batch_max=OFFER_EVENTS_PER_STEP,
+            mailbox_docs_max=self.rig.worker.mailbox_docs_max,
+            watermark=self.rig.plant.watermark(),
+            clock=self.rig.clock,
+        )
+
     def to_quiescence(self) -> None:
-        while self.read_at < self.log.end or self.buffer or self.actions:
+        while self.read_at < self.log.end or self.flow.buffered or self.actions:
             self._feed()
             self._fire_due()
             self._step()
@@ -241,40 +250,42 @@ class ShardDrive(Drive):
         self.rig.wake(zombie)
 
     def _feed(self) -> None:
-        """Read up to a step's worth of deliveries (each tracked by the watermark), offer them,
-        and checkpoint, as the service's reader does on every tick."""
-        while len(self.buffer) < OFFER_EVENTS_PER_STEP and self.read_at < self.log.end:
-            seq = self.watermark.track(str(self.read_at + 1))
-            self.buffer.append(Envelope(seq, self.log.records[self.read_at]))
+        """Read as many deliveries as the flow's buffer takes (each numbered by its watermark),
+        offer what it says, and checkpoint, as the service's reader does on every tick."""
+        for _ in range(min(self.flow.buffer_room(), self.log.end - self.read_at)):
+            self.flow.read(self.log.records[self.read_at], str(self.read_at + 1))
             self.read_at += 1
-        for _ in range(self.rig.offer(list(self.buffer))):
-            self.buffer.popleft()
+        batches = self.flow.batches()
+        if batches:
+            self.flow.offered({shard: self.rig.offer(batch) for shard, batch in batches.items()})
         self._checkpoint()
 
     def _step(self) -> None:
+        """One worker step, its finished seqs and status reported back as a shard's drain is
+        (every step: the worker hands its finished seqs over only once)."""
         finished, crashed = self.rig.step()
         if crashed:
             self._resume()
         else:
-            self.watermark.finish(finished)
+            self.flow.drained([(finished, self.rig.worker.status())])
             self._checkpoint()
         self._count_step()
 
     def _checkpoint(self) -> None:
-        position = self.watermark.checkpoint()
+        position = self.flow.checkpoint()
         if position is not None:
             self.log.commit(position)
+            self.flow.committed = position
 
     def _resume(self) -> None:
-        """A new process: a fresh watermark, nothing buffered, the source read again from its
-        committed checkpoint."""
-        self.watermark = self.rig.plant.watermark()
-        self.buffer.clear()
+        """A new process: a fresh flow control (watermark included), nothing buffered, the source
+        read again from its committed checkpoint."""
+        self.flow = self._new_flow()
         self.read_at = self.log.committed
 
     def _settle(self) -> None:
         quiet_steps = 0
-        while not (self.rig.worker.idle and self.read_at >= self.log.end and not self.buffer):
+        while not (self.rig.worker.idle and self.read_at >= self.log.end and not self.flow.buffered):
             self._feed()
             self._step()
             quiet_steps += 1

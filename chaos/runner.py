@@ -11,10 +11,11 @@ directories on a RAM filesystem when the machine has one (``scratch_root``).
 Fault mix: ``draw_faults`` picks kinds from the seed; ``plan_specs`` also rotates through the
 requested kinds so that each appears in the first ``len(kinds)`` schedules.
 
-Path: a schedule drives the streaming path (``chaos.drive.ShardDrive``: reader, low watermark,
-shard worker) or the batch path (``chaos.drive.BatchDrive``: ``run_sync``). Unless a spec names
-one, one schedule seed in ``BATCH_EVERY`` takes the batch path, when its faults can happen there
-(``path_of``): the path follows from the seed and the faults, so a replay needs no more than them.
+Path: a schedule drives the streaming path (``chaos.drive.ShardDrive``: the service's reader flow
+control with its low watermark, shard worker) or the batch path (``chaos.drive.BatchDrive``:
+``run_sync``). Unless a spec names one, one schedule seed in ``BATCH_EVERY`` takes the batch path,
+when its faults can happen there (``path_of``): the path follows from the seed and the faults, so
+a replay needs no more than them.
 
 Where schedules run is a *setup* (``WorkerSetup``), called once in each worker process with the
 worker's own directory; it returns what runs one schedule there. ``StoresSetup`` opens each

@@ -4,6 +4,7 @@ The reader numbers every record (``seq``), routes it by ``shard_of(doc_id)`` and
 their batches in one Ray call each. Shards report finished seqs; the low watermark turns them
 into the position to commit. A full shard mailbox leaves records in the reader's buffer, which
 stops the reader thread at its bounded queue: backpressure reaches the source, nothing drops.
+Those decisions are ``coordinator.reader.ReaderFlow``'s; this module does the I/O around them.
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ from coordinator import crashpoints
 from coordinator.audit import Auditor
 from coordinator.continuous_audit import ContinuousAudit, drift_gauges
 from coordinator.errors import LockstepError
-from coordinator.events import ChangeEvent
 from coordinator.generations import Generation, live
 from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord, VectorSearch
-from coordinator.routing import shard_of
-from coordinator.shard import Envelope, ShardStatus
-from coordinator.watermark import LowWatermark
+from coordinator.reader import ReaderFlow
+from coordinator.shard import ShardStatus
 from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
 from lockstep.generation_parts import WriterAnnouncement, load_generations
 from lockstep.leftovers import RunFile, run_file
@@ -52,10 +51,6 @@ READ_QUEUE_MAX = 10_000
 LEDGER_GAUGES_INTERVAL_S = 5.0
 # The main loop's tick: how often it offers, drains and checkpoints when there is little to do.
 TICK_S = 0.02
-# Shards are asked what they finished (and how full they are) at most this often: every call
-# costs the driver and each shard actor a Ray round trip, and commits do not wait for it (only
-# the checkpoint and the service's own lag histogram see it up to this much later).
-DRAIN_INTERVAL_S = 0.1
 # How often the registry is read for a generation being built, swapped or dropped; a change
 # restarts the shard actors (after in-flight work commits) so that writes reach the new set.
 GENERATIONS_POLL_S = 2.0
@@ -68,17 +63,10 @@ READER_STOP_S = 10.0
 
 @dataclass
 class _State:
-    buffers: dict[int, list[Envelope]]
-    # Each shard's free mailbox room as last reported (less what was offered since): a full
-    # shard is not sent records it would only refuse, serialized again at every tick.
-    room: dict[int, int] = field(default_factory=dict)
-    read_at: dict[int, float] = field(default_factory=dict)
     statuses: list[ShardStatus] = field(default_factory=list)
     fatal: list[str] = field(default_factory=list)
-    reader_done: bool = False
     started: bool = False
     stopping: bool = False
-    committed: str | None = None
 
 
 class Service:
@@ -107,14 +95,15 @@ class Service:
         self.unfenced_search = unfenced_search
         self.searching: FollowingSearch | None = None
         self.stop_requested = stop_requested or threading.Event()
-        self.watermark = LowWatermark()
-        self.state = _State(buffers={i: [] for i in range(self.rs.shards)})
+        self.flow = ReaderFlow(
+            self.rs.shards, offer_batch_max=self.rs.offer_batch_max, mailbox_docs_max=self.rs.mailbox_docs_max
+        )
+        self.state = _State()
         self.owner = f"{self.rs.replica or os.uname().nodename}#{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ops: OpsServer | None = None
         self.ledger: AnyLedger | None = None
         self._gauges_at = 0.0
         self._generations_at = 0.0
-        self._drained_at = 0.0
         self.generations: list[Generation] = []
         self._auditing: threading.Thread | None = None
         self._audit_stop = threading.Event()
@@ -262,18 +251,18 @@ class Service:
             return
         log.info("generations changed; switching shard actors", before=[g.number for g in self.generations],
                  after=[g.number for g in current])
-        while self.watermark.outstanding and not self.stop_requested.is_set() and not self.state.fatal:
+        while self.flow.outstanding and not self.stop_requested.is_set() and not self.state.fatal:
             self._offer(self.cluster)
             self._drain(self.cluster)
             self._checkpoint(self._source)
             self.writer.renew()  # still writing the old set until the switch
             time.sleep(TICK_S)
-        if self.watermark.outstanding:
+        if self.flow.outstanding:
             return
         self._stop_audit()
         self.cluster.stop()
         self.generations = current
-        self.state.room.clear()
+        self.flow.new_shards()
         self.cluster = self._new_cluster()
         self._auditing = self._start_audit(self.cluster)
 
@@ -356,7 +345,7 @@ class Service:
         while not self.stop_requested.is_set():
             self._tick(self.cluster, source, records)
             self._follow_generations()
-            if self.exit_when_idle and self._idle():
+            if self.exit_when_idle and self.flow.idle():
                 break
             if self.state.fatal:
                 break
@@ -367,9 +356,7 @@ class Service:
     ) -> None:
         self._pull(records)
         self._offer(cluster)
-        now = time.monotonic()
-        if now - self._drained_at >= DRAIN_INTERVAL_S:
-            self._drained_at = now
+        if self.flow.drain_due():
             self._drain(cluster)
         self._checkpoint(source)
 
@@ -463,7 +450,7 @@ class Service:
 
     def _pull(self, records: queue.Queue[SourceRecord | None]) -> None:
         """Move records from the reader into per-shard buffers, unless the buffers are full."""
-        room = self.rs.offer_batch_max * self.rs.shards - sum(map(len, self.state.buffers.values()))
+        room = self.flow.buffer_room()
         if room <= 0:  # the shards are behind: wait a tick instead of spinning on full buffers
             time.sleep(TICK_S)
             return
@@ -474,63 +461,42 @@ class Service:
             except queue.Empty:
                 return
             if record is None:
-                self.state.reader_done = True
+                self.flow.reader_done = True
                 return
-            seq = self.watermark.track(record.position)
-            self.state.read_at[seq] = time.monotonic()
-            key = record.doc_id if isinstance(record, ChangeEvent) else f"bad:{seq}"
-            self.state.buffers[shard_of(key, self.rs.shards)].append(Envelope(seq, record))
+            self.flow.read(record, record.position)
             room -= 1
 
     def _offer(self, cluster: ShardCluster) -> None:
-        """Offer each shard at most what its mailbox has room for (a record of a document that
-        is already waiting needs no room, so this may hold back a few that would fit; they go
-        at the next tick's fresh report)."""
-        room = self.state.room
-        batches = {
-            i: b[: min(self.rs.offer_batch_max, room.get(i, self.rs.mailbox_docs_max))]
-            for i, b in self.state.buffers.items()
-            if b and room.get(i, self.rs.mailbox_docs_max) > 0
-        }
-        if not batches:
-            return
-        for shard, taken in cluster.offer(batches).items():
-            del self.state.buffers[shard][:taken]
-            room[shard] = room.get(shard, self.rs.mailbox_docs_max) - taken
+        """Offer each shard what the flow control says its mailbox has room for."""
+        batches = self.flow.batches()
+        if batches:
+            self.flow.offered(cluster.offer(batches))
 
     def _drain(self, cluster: ShardCluster) -> None:
-        now = time.monotonic()
-        statuses = []
-        for finished, status, fatal in cluster.drain():
-            self.watermark.finish(finished)
-            for seq in finished:
-                read_at = self.state.read_at.pop(seq, None)
-                if read_at is not None:
-                    self.metrics.lag.observe(now - read_at)
+        reports = cluster.drain()
+        drained = self.flow.drained((finished, status) for finished, status, _ in reports)
+        for lag_s in drained.lags_s:
+            self.metrics.lag.observe(lag_s)
+        statuses = [status for _, status, _ in reports]
+        for _, status, fatal in reports:
             self.metrics.absorb_status(status)
-            statuses.append(status)
-            self.state.room[status.shard] = self.rs.mailbox_docs_max - status.waiting_docs
             if fatal and fatal not in self.state.fatal:
                 log.error("shard stopped", shard=status.shard, reason=fatal)
                 self.state.fatal.append(fatal)
         self.state.statuses = statuses
         self.metrics.degraded.set(int(any(s.last_error for s in statuses)))
-        self.metrics.outstanding.set(self.watermark.outstanding)
-        oldest = min(self.state.read_at.values(), default=now)
-        self.metrics.oldest_s.set(now - oldest)
+        self.metrics.outstanding.set(self.flow.outstanding)
+        self.metrics.oldest_s.set(drained.oldest_s)
 
     def _checkpoint(self, source: ChangeSource) -> None:
-        position = self.watermark.checkpoint()
-        if position is None or position == self.state.committed:
+        """Commit the position after the last event below which everything is finished."""
+        position = self.flow.checkpoint()
+        if position is None:
             return
         source.commit(position)
-        self.state.committed = position
+        self.flow.committed = position
         if self.crash_at == crashpoints.AFTER_CHECKPOINT:
             kill_service(os.getpid())
-
-    def _idle(self) -> bool:
-        s = self.state
-        return s.reader_done and not any(s.buffers.values()) and self.watermark.outstanding == 0
 
     def _shutdown(
         self, cluster: ShardCluster, source: ChangeSource, records: queue.Queue[SourceRecord | None]
@@ -538,14 +504,14 @@ class Service:
         """Stop reading, then let in-flight work commit for at most ``grace_s``."""
         self.state.stopping = True
         self.stop_requested.set()
-        log.info("stopping", unfinished=self.watermark.outstanding, grace_s=self.rs.grace_s)
+        log.info("stopping", unfinished=self.flow.outstanding, grace_s=self.rs.grace_s)
         deadline = time.monotonic() + self.rs.grace_s
-        while self.watermark.outstanding and time.monotonic() < deadline and not self.state.fatal:
+        while self.flow.outstanding and time.monotonic() < deadline and not self.state.fatal:
             self._offer(cluster)
             self._drain(cluster)
             self._checkpoint(source)
             time.sleep(TICK_S)
-        log.info("stopped", unfinished=self.watermark.outstanding, checkpoint=self.state.committed)
+        log.info("stopped", unfinished=self.flow.outstanding, checkpoint=self.flow.committed)
 
 
 def _ignore_stop_signals() -> None:
