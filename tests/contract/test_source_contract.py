@@ -119,7 +119,7 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path, ledger: ContractLedge
 def settle(source: ChangeSource, ledger: ContractLedger) -> list[SourceRecord]:
     """One read as ``sync`` does it: apply every event, then commit the last position."""
     records = list(source.read())
-    ledger.apply(records)
+    ledger.apply_all(records)
     last = next((r.position for r in reversed(records) if r.position is not None), None)
     if last is not None:
         source.commit(last)
@@ -212,7 +212,7 @@ def test_a_new_instance_resumes_after_the_committed_position(driver: SourceDrive
         written = [driver.upsert(key, f"text {key}", f"t{key}") for key in (1, 2, 3)]
         records = list(first.read())
         events = [assert_delivers(record, change) for record, change in zip(records, written, strict=True)]
-        ledger.apply(records[:2])
+        ledger.apply_all(records[:2])
         if driver.positioned:
             assert records[1].position is not None
             first.commit(records[1].position)

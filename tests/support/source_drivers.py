@@ -13,9 +13,8 @@ would and commits positions as ``sync`` does.
 from __future__ import annotations
 
 import json
-import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +40,14 @@ from coordinator.model import DocState
 from coordinator.planner import document_hash
 from coordinator.ports import ChangeSource, SourceRecord
 from lockstep.ops_http import EventsEndpoint, OpsServer
-from tests.support.kafka_servers import KafkaRecord, TansuBroker, debezium_key, debezium_value, produce
+from tests.support.kafka_servers import (
+    GatedDocs,
+    KafkaRecord,
+    TansuBroker,
+    debezium_key,
+    debezium_value,
+    produce,
+)
 
 # Bounds every statement the drivers send to Postgres.
 STATEMENT_TIMEOUT_MS = 30_000
@@ -107,21 +113,18 @@ class SourceDriver(Protocol):
     def close(self) -> None: ...
 
 
-class ContractLedger:
-    """KnownDocs + CheckpointStore in dicts, behind the ledger's version gate, with the source
-    hashes a folder diffs against. Thread-safe (the Kafka source reads from its own thread)."""
+class ContractLedger(GatedDocs):
+    """KnownDocs + CheckpointStore in dicts (``GatedDocs``'s), behind the ledger's version gate,
+    with the source hashes a folder diffs against. Thread-safe (the Kafka source reads from its
+    own thread)."""
 
-    def __init__(self) -> None:
-        self.docs: dict[str, DocState] = {}
-        self.checkpoints: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def apply(self, records: Iterable[SourceRecord]) -> None:
+    def apply_all(self, records: Iterable[SourceRecord]) -> None:
+        """Apply every change event (bad records change nothing), keeping each document's hash."""
         for record in records:
             if isinstance(record, ChangeEvent):
-                self._apply(record)
+                self._apply_hashed(record)
 
-    def _apply(self, event: ChangeEvent) -> None:
+    def _apply_hashed(self, event: ChangeEvent) -> None:
         with self._lock:
             current = self.docs.get(event.doc_id)
             if current is not None and event.version <= current.version:
@@ -132,23 +135,6 @@ class ContractLedger:
             assert event.text is not None, "upserts carry text"
             source_hash = document_hash(event.text, event.metadata)
             self.docs[event.doc_id] = DocState(event.doc_id, event.version, False, source_hash=source_hash)
-
-    def get_docs(self, doc_ids: Iterable[str]) -> dict[str, DocState]:
-        with self._lock:
-            return {d: self.docs[d] for d in doc_ids if d in self.docs}
-
-    def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]:
-        with self._lock:
-            states = [self.docs[d] for d in sorted(self.docs)]
-        yield from (s for s in states if include_deleted or not s.deleted)
-
-    def get_checkpoint(self, source: str) -> str | None:
-        with self._lock:
-            return self.checkpoints.get(source)
-
-    def set_checkpoint(self, source: str, position: str) -> None:
-        with self._lock:
-            self.checkpoints[source] = position
 
 
 class _Versions:
