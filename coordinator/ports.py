@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from coordinator.errors import FencedError
 from coordinator.events import ChangeEvent
 from coordinator.model import (
     ChunkDelete,
@@ -205,31 +204,6 @@ class Fence:
     epoch: int
 
 
-def claimed_epoch(shard: int, owner: str, current: tuple[str, int, float] | None, now: float) -> int:
-    """The epoch a claim of ``shard`` by ``owner`` gets, given the lease row (owner, epoch, expires).
-
-    Owners are spelled ``replica#incarnation``. A claim renews (same epoch) when the same owner
-    holds a live lease; takes over with a higher epoch, fencing every earlier holder, when the
-    lease expired or was held by an earlier incarnation of the same replica (a restart need not
-    wait for its own dead lease); and raises FencedError while another replica's lease is live.
-    Two live processes must therefore never share a replica name.
-    """
-    if current is None:
-        return 1
-    holder, epoch, expires_at = current
-    if holder == owner and expires_at > now:
-        return epoch
-    if expires_at > now and replica_of(holder) != replica_of(owner):
-        raise FencedError(
-            f"shard {shard} is owned by {holder} (epoch {epoch}) for {expires_at - now:.1f} s more"
-        )
-    return epoch + 1
-
-
-def replica_of(owner: str) -> str:
-    return owner.split("#", 1)[0]
-
-
 @dataclass(frozen=True)
 class Intent:
     """A prepared document change: what must reach both indexes before ``after`` is committed.
@@ -281,7 +255,7 @@ class Ledger(Protocol):
         document's state and the intent is removed. Returns the number committed."""
 
     def claim_shard(self, shard: int, owner: str, lease_s: float) -> Fence:
-        """Own ``shard`` for ``lease_s`` seconds; the rules are ``claimed_epoch``'s."""
+        """Own ``shard`` for ``lease_s`` seconds; the rules are ``coordinator.leases.claimed_epoch``'s."""
 
     def renew_shard(self, fence: Fence, owner: str, lease_s: float) -> None:
         """Extend a lease; FencedError if ``fence`` is no longer current or has expired."""

@@ -72,8 +72,9 @@ from coordinator.errors import (
     StoreError,
     TransientStoreError,
 )
+from coordinator.leases import claimed_epoch
 from coordinator.model import DeadLetter, DocState, Vector
-from coordinator.ports import Fence, Intent, claimed_epoch
+from coordinator.ports import Fence, Intent
 
 log = structlog.get_logger(__name__)
 

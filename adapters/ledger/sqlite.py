@@ -32,8 +32,9 @@ from coordinator.codec import (
 )
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import FencedError, IntentConflict, TransientStoreError
+from coordinator.leases import claimed_epoch
 from coordinator.model import DeadLetter, DocState, Vector
-from coordinator.ports import Fence, Intent, claimed_epoch
+from coordinator.ports import Fence, Intent
 
 # How long a writer waits for another process's write lock before giving up.
 BUSY_TIMEOUT_S = 30.0
