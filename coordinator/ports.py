@@ -86,6 +86,35 @@ class VectorIndex(ChunkIndex, Protocol):
         """The stored vectors of these chunks (used when the embedding cache lacks them)."""
 
 
+@runtime_checkable
+class AliasedIndex(Protocol):
+    """An index that readers reach through an alias, which a blue-green swap moves at once.
+
+    Every keyword and vector adapter is one: a search engine's alias (one ``_aliases`` request),
+    a Milvus alias (``alter_alias``), a Tantivy alias file (replaced by an atomic rename). An
+    alias is spelled as its store spells one (Tantivy: the alias file's path).
+    """
+
+    @property
+    def physical_name(self) -> str:
+        """How an alias target names this adapter's own index: what ``alias_target`` answers
+        for an alias pointed at it (an index or collection name; Tantivy: its absolute path)."""
+
+    def alias_target(self, alias: str) -> str | None:
+        """The physical name of the one index ``alias`` points at; None when no such alias
+        exists. PermanentStoreError when ``alias`` names an index rather than an alias."""
+
+    def point_alias(self, alias: str, target: str) -> None:
+        """Point ``alias`` at the index whose physical name is ``target`` (and at it alone),
+        atomically: a reader sees the old target or the new one, never neither or both.
+        Idempotent; the switch has happened when this returns."""
+
+
+@runtime_checkable
+class AliasedKeywordIndex(KeywordIndex, AliasedIndex, Protocol):
+    """A keyword index that readers reach through an alias: what every keyword adapter is."""
+
+
 # A metadata filter: equality on top-level metadata keys, each value a JSON scalar.
 MetadataFilter = Mapping[str, str | int | float | bool | None]
 

@@ -602,7 +602,7 @@ class Rebuild:
     # --- swap, rollback, abort, gc ----------------------------------------------------------------
 
     def _swap_to(self, gen: Generation, parts: GenerationParts) -> dict[str, Any]:
-        switch = point_aliases(self.settings, gen, parts.keyword, parts.vector)
+        switch = point_aliases(self.settings, parts)
         gens = self.registry.all()
         self.registry.put(swapped(gens, gen.number, time.time(), switch))
         log.info("swapped", to=gen.number, keyword_at=switch["keyword_switched_at"],
