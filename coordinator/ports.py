@@ -316,6 +316,11 @@ class Ledger(Protocol):
     def counts(self) -> dict[str, int]:
         """Numbers per ledger state: live_docs, tombstones, chunks, pending_intents, dead_letters."""
 
+    def drop_namespace(self) -> None:
+        """Remove a later generation's ledger storage for good (its documents, intents and
+        applied versions; what it shares with home stays) and close this ledger. ConfigError on
+        a home ledger: its storage holds what every generation shares."""
+
     def close(self) -> None: ...
 
 

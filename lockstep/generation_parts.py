@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -23,7 +22,6 @@ import structlog
 from adapters.embedders.cached import CachedEmbedder
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.registry import GenerationRegistry, registry_for
-from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
@@ -39,8 +37,6 @@ from lockstep.bootstrap import (
     build_keyword,
     build_ledger,
     build_vector,
-    generation_ledger_path,
-    generation_schema,
     local_model_installed,
 )
 from lockstep.settings import EmbedderSettings, Settings
@@ -188,17 +184,11 @@ def drop_generation_ledger(settings: Settings, number: int) -> None:
     """Remove a dropped generation's ledger namespace (never generation 1's: it is home)."""
     if number == 1:
         return
-    if isinstance(settings.ledger, PostgresLedgerSettings):
-        import psycopg
-        from psycopg import sql
-
-        ls = settings.ledger
-        with psycopg.connect(ls.dsn.get_secret_value(), autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(generation_schema(ls, number))))
-        return
-    path = generation_ledger_path(Path(settings.ledger.path), number)
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    ledger = build_ledger(settings, generation=number)
+    try:
+        ledger.drop_namespace()
+    finally:
+        ledger.close()
 
 
 IndexWrap = Callable[[str, Any], Any]
