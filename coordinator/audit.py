@@ -69,7 +69,7 @@ from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content
 from coordinator.invariants import metadata_digest
 from coordinator.model import DocState, StoredChunk
 from coordinator.planner import document_hash
-from coordinator.ports import BadRecord, ChunkIndex, Ledger
+from coordinator.ports import BadRecord, ChangedDocs, ChunkIndex, Ledger
 
 log = structlog.get_logger(__name__)
 
@@ -156,13 +156,6 @@ class FetchableSource(Protocol):
     def get_current(self, doc_ids: Sequence[str]) -> Iterator[SourceDoc | BadRecord]:
         """The live ones among ``doc_ids``, as ``iter_current`` would list them."""
         ...
-
-
-@runtime_checkable
-class ChangedDocs(Protocol):
-    """The ledger read behind ``--since``."""
-
-    def iter_docs_changed_since(self, since: float) -> Iterator[DocState]: ...
 
 
 @runtime_checkable

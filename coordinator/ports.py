@@ -370,6 +370,15 @@ class KnownDocs(Protocol):
     def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]: ...
 
 
+@runtime_checkable
+class ChangedDocs(Protocol):
+    """A ledger that lists documents by commit time: behind ``lockstep audit --since`` and the
+    continuous audit's "changed since the last round"."""
+
+    def iter_docs_changed_since(self, since: float) -> Iterator[DocState]:
+        """Every document (tombstones too) committed at or after ``since`` (Unix seconds)."""
+
+
 class ChangeSource(Protocol):
     """A stream or snapshot of document changes.
 
@@ -396,6 +405,15 @@ class ReconcilableSource(Protocol):
 
     def reconcile_ids(self) -> Iterator[ChangeEvent]:
         """Delete events for ledger documents that no longer exist at the source."""
+
+
+@runtime_checkable
+class FollowingSource(Protocol):
+    """A source that keeps reading as changes arrive (a stream, a replication slot, an inbox, an
+    appended file): ``lockstep run`` follows it instead of polling ``read()``."""
+
+    def follow(self, stop: Callable[[], bool]) -> Iterator[SourceRecord]:
+        """Like ``read()``, then keep yielding new records until ``stop()`` is true."""
 
 
 class Engine(Protocol):
