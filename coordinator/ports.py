@@ -1,16 +1,20 @@
 """The ports: what the domain needs from the outside world, as typing.Protocols.
 
 Every adapter in ``adapters/`` implements one of these; each port has one contract test suite
-parametrized over all of its adapters (``tests/contract``).
+parametrized over all of its adapters (``tests/contract``). A capability that only some adapters
+have is a port of its own (``FollowingSource``, ``ListableSource``, ``ChangedDocs``,
+``DuplicateFinder``…), found by type with ``isinstance``, never by probing attributes. The lease
+rules the ledgers apply are not a port: they live in ``coordinator.leases``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from coordinator.events import ChangeEvent
+from coordinator.generations import Generation
 from coordinator.model import (
     ChunkDelete,
     DeadLetter,
@@ -115,6 +119,13 @@ class AliasedKeywordIndex(KeywordIndex, AliasedIndex, Protocol):
     """A keyword index that readers reach through an alias: what every keyword adapter is."""
 
 
+@runtime_checkable
+class DuplicateFinder(Protocol):
+    """A vector index that can list primary keys held by more than one entity (Milvus)."""
+
+    def duplicate_ids(self) -> dict[str, int]: ...
+
+
 # A metadata filter: equality on top-level metadata keys, each value a JSON scalar.
 MetadataFilter = Mapping[str, str | int | float | bool | None]
 
@@ -140,6 +151,12 @@ class KeywordSearch(Protocol):
         through the search path, so that it shows what a query would find."""
 
     def close(self) -> None: ...
+
+
+class SearchVisibility(Protocol):
+    """What a keyword index's searches see of these chunks now: chunk ID -> version."""
+
+    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]: ...
 
 
 @runtime_checkable
@@ -346,6 +363,34 @@ class DeadLetterQueue(Protocol):
         """Count a failed attempt and keep its reason in the history; False if no such letter."""
 
 
+# Writer -> the generation numbers its writes reach (None: starting, not known yet).
+Writers = dict[str, tuple[int, ...] | None]
+
+
+class GenerationRegistry(Protocol):
+    """The generations of one deployment and the processes writing them, stored beside the home
+    ledger's tables (SQLite file or Postgres schema): every change of several records is one
+    transaction."""
+
+    def all(self) -> list[Generation]: ...
+
+    def put(self, generations: Sequence[Generation]) -> None:
+        """Insert or replace these records in one transaction."""
+
+    def put_if_empty(self, generation: Generation) -> bool:
+        """Record the first generation unless the registry already holds one; True if written."""
+
+    def announce(self, owner: str, generations: Sequence[int] | None, ttl_s: float) -> None:
+        """Record that ``owner``'s writes reach these generations (None: not known yet), for
+        ``ttl_s`` seconds unless announced again."""
+
+    def withdraw(self, owner: str) -> None:
+        """``owner`` stopped writing."""
+
+    def writers(self) -> Writers:
+        """Every writer whose announcement has not expired."""
+
+
 @dataclass(frozen=True)
 class BadRecord:
     """A source record that could not be turned into a ChangeEvent: ``payload`` holds it exactly,
@@ -360,6 +405,14 @@ class BadRecord:
 
 
 SourceRecord = ChangeEvent | BadRecord
+
+
+class CheckpointStore(Protocol):
+    """Where a source keeps "the position after the last applied event" (the ledger does this)."""
+
+    def get_checkpoint(self, source: str) -> str | None: ...
+
+    def set_checkpoint(self, source: str, position: str) -> None: ...
 
 
 class KnownDocs(Protocol):
@@ -414,6 +467,41 @@ class FollowingSource(Protocol):
 
     def follow(self, stop: Callable[[], bool]) -> Iterator[SourceRecord]:
         """Like ``read()``, then keep yielding new records until ``stop()`` is true."""
+
+
+class SourceDoc(Protocol):
+    """One live document as the source holds it now."""
+
+    @property
+    def doc_id(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
+
+
+@runtime_checkable
+class ListableSource(Protocol):
+    """A source that can list its current state (SQL table, folder); event streams cannot."""
+
+    def iter_current(self) -> Iterator[SourceDoc | BadRecord]: ...
+
+
+@runtime_checkable
+class FetchableSource(Protocol):
+    """A listable source that also reads chosen documents (a generation snapshot): a probe then
+    reads only the documents it looks at instead of listing the whole source."""
+
+    def iter_current(self) -> Iterator[SourceDoc | BadRecord]: ...
+
+    def get_current(self, doc_ids: Sequence[str]) -> Iterator[SourceDoc | BadRecord]:
+        """The live ones among ``doc_ids``, as ``iter_current`` would list them."""
+        ...
 
 
 class Engine(Protocol):

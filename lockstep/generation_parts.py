@@ -21,14 +21,14 @@ import structlog
 
 from adapters.embedders.cached import CachedEmbedder
 from adapters.keyword.settings import KeywordSettings
-from adapters.ledger.registry import GenerationRegistry, registry_for
+from adapters.ledger.registry import registry_for
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import LockstepError
 from coordinator.generations import Generation, GenState, check_embedder, physical_names
-from coordinator.ports import AliasedIndex, AliasedKeywordIndex, Embedder
+from coordinator.ports import AliasedIndex, AliasedKeywordIndex, Embedder, GenerationRegistry
 from lockstep.bootstrap import (
     AnyLedger,
     build_embedder,
