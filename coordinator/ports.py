@@ -104,11 +104,11 @@ class AliasedIndex(Protocol):
         """How an alias target names this adapter's own index: what ``alias_target`` answers
         for an alias pointed at it (an index or collection name; Tantivy: its absolute path)."""
 
-    def alias_target(self, alias: str) -> str | None:
+    def alias_target(self, alias: str, /) -> str | None:
         """The physical name of the one index ``alias`` points at; None when no such alias
         exists. PermanentStoreError when ``alias`` names an index rather than an alias."""
 
-    def point_alias(self, alias: str, target: str) -> None:
+    def point_alias(self, alias: str, target: str, /) -> None:
         """Point ``alias`` at the index whose physical name is ``target`` (and at it alone),
         atomically: a reader sees the old target or the new one, never neither or both.
         Idempotent; the switch has happened when this returns."""
