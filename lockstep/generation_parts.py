@@ -144,7 +144,8 @@ def generation_embedder_settings(settings: Settings, gen: Generation) -> Embedde
 def new_generation(
     settings: Settings, number: int, embedder: EmbedderSettings, inner: Embedder, chunking: Any, now: float
 ) -> Generation:
-    keyword_index, collection = physical_names(settings.keyword.physical_base, settings.vector.collection, number)
+    base = settings.keyword.physical_base
+    keyword_index, collection = physical_names(base, settings.vector.collection, number)
     return Generation(
         number=number,
         state=GenState.BUILDING,
@@ -282,7 +283,9 @@ def config_matches(settings: Settings, gen: Generation, inner_model_id: str) -> 
 # --- aliases -------------------------------------------------------------------------------------
 
 
-def alias_targets(settings: Settings, keyword: AliasedIndex, vector: AliasedIndex) -> tuple[str | None, str | None]:
+def alias_targets(
+    settings: Settings, keyword: AliasedIndex, vector: AliasedIndex
+) -> tuple[str | None, str | None]:
     """Where the readers' aliases point now (physical names: see ``AliasedIndex``)."""
     return keyword.alias_target(keyword_alias(settings)), vector.alias_target(vector_alias(settings))
 

@@ -224,7 +224,9 @@ def test_iter_docs_changed_since_reads_only_later_commits(ledger: AnyLedger, clo
     assert [(d.doc_id, d.deleted) for d in changed] == [("gone", True), ("new", False)]
 
 
-def test_drop_namespace_removes_a_generations_own_storage_and_keeps_home(ledger: AnyLedger, store: Store) -> None:
+def test_drop_namespace_removes_a_generations_own_storage_and_keeps_home(
+    ledger: AnyLedger, store: Store
+) -> None:
     """drop_namespace removes a later generation's documents, intents and applied versions for
     good, leaves what it shares with home (checkpoints), and refuses the home ledger itself."""
     ledger.set_checkpoint("s", "7")
