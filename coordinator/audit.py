@@ -59,7 +59,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import structlog
 
@@ -69,7 +69,16 @@ from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content
 from coordinator.invariants import metadata_digest
 from coordinator.model import DocState, StoredChunk
 from coordinator.planner import document_hash
-from coordinator.ports import BadRecord, ChunkIndex, Ledger
+from coordinator.ports import (
+    BadRecord,
+    ChangedDocs,
+    ChunkIndex,
+    DuplicateFinder,
+    FetchableSource,
+    Ledger,
+    ListableSource,
+    SourceDoc,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -118,58 +127,6 @@ INDEX_CATEGORIES = (
     Category.DUPLICATE,
     Category.FOREIGN,
 )
-
-
-# --- what the auditor needs beyond the ports -----------------------------------------------------
-
-
-class SourceDoc(Protocol):
-    """One live document as the source holds it now."""
-
-    @property
-    def doc_id(self) -> str: ...
-
-    @property
-    def version(self) -> int: ...
-
-    @property
-    def text(self) -> str: ...
-
-    @property
-    def metadata(self) -> Mapping[str, Any]: ...
-
-
-@runtime_checkable
-class ListableSource(Protocol):
-    """A source that can list its current state (SQL table, folder); event streams cannot."""
-
-    def iter_current(self) -> Iterator[SourceDoc | BadRecord]: ...
-
-
-@runtime_checkable
-class FetchableSource(Protocol):
-    """A listable source that also reads chosen documents (a generation snapshot): a probe then
-    reads only the documents it looks at instead of listing the whole source."""
-
-    def iter_current(self) -> Iterator[SourceDoc | BadRecord]: ...
-
-    def get_current(self, doc_ids: Sequence[str]) -> Iterator[SourceDoc | BadRecord]:
-        """The live ones among ``doc_ids``, as ``iter_current`` would list them."""
-        ...
-
-
-@runtime_checkable
-class ChangedDocs(Protocol):
-    """The ledger read behind ``--since``."""
-
-    def iter_docs_changed_since(self, since: float) -> Iterator[DocState]: ...
-
-
-@runtime_checkable
-class DuplicateFinder(Protocol):
-    """A vector index that can list primary keys held by more than one entity (Milvus)."""
-
-    def duplicate_ids(self) -> dict[str, int]: ...
 
 
 # --- buckets and digests (pure) ------------------------------------------------------------------

@@ -29,12 +29,12 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from coordinator.errors import InvalidSearch
 from coordinator.events import ChangeEvent, canonical_json
 from coordinator.limits import VERSION_MAX
 from coordinator.model import DocState
+from coordinator.ports import SearchVisibility
 
 TOKEN_PREFIX = "lsc1."
 # Documents one token may cover: the largest webhook request (batch_events_max's ceiling) fits.
@@ -121,12 +121,6 @@ def _is_change(item: object) -> bool:
 
 
 # --- what is still pending ---------------------------------------------------------------------
-
-
-class SearchVisibility(Protocol):
-    """What a keyword index's searches see of these chunks now: chunk ID -> version."""
-
-    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]: ...
 
 
 @dataclass(frozen=True)

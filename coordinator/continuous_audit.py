@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from coordinator.audit import INDEX_CATEGORIES, INDEXES, Auditor, Category, Finding, Report, classify
 from coordinator.chunking import ChunkingSettings
-from coordinator.ports import Ledger
+from coordinator.ports import ChangedDocs, Ledger
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,9 @@ class ContinuousAudit:
         return report
 
     def _changed(self, since: float | None) -> set[str]:
-        if since is None:
+        if since is None or not isinstance(self.ledger, ChangedDocs):
             return set()
-        changed = getattr(self.ledger, "iter_docs_changed_since", None)
-        return set() if changed is None else {d.doc_id for d in changed(since)}
+        return {d.doc_id for d in self.ledger.iter_docs_changed_since(since)}
 
     def _sampled(self) -> set[str]:
         return set(self.auditor.sample_ids(self.sample_docs, self.rng))

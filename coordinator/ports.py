@@ -1,17 +1,20 @@
 """The ports: what the domain needs from the outside world, as typing.Protocols.
 
 Every adapter in ``adapters/`` implements one of these; each port has one contract test suite
-parametrized over all of its adapters (``tests/contract``).
+parametrized over all of its adapters (``tests/contract``). A capability that only some adapters
+have is a port of its own (``FollowingSource``, ``ListableSource``, ``ChangedDocs``,
+``DuplicateFinder``…), found by type with ``isinstance``, never by probing attributes. The lease
+rules the ledgers apply are not a port: they live in ``coordinator.leases``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from coordinator.errors import FencedError
 from coordinator.events import ChangeEvent
+from coordinator.generations import Generation
 from coordinator.model import (
     ChunkDelete,
     DeadLetter,
@@ -87,6 +90,42 @@ class VectorIndex(ChunkIndex, Protocol):
         """The stored vectors of these chunks (used when the embedding cache lacks them)."""
 
 
+@runtime_checkable
+class AliasedIndex(Protocol):
+    """An index that readers reach through an alias, which a blue-green swap moves at once.
+
+    Every keyword and vector adapter is one: a search engine's alias (one ``_aliases`` request),
+    a Milvus alias (``alter_alias``), a Tantivy alias file (replaced by an atomic rename). An
+    alias is spelled as its store spells one (Tantivy: the alias file's path).
+    """
+
+    @property
+    def physical_name(self) -> str:
+        """How an alias target names this adapter's own index: what ``alias_target`` answers
+        for an alias pointed at it (an index or collection name; Tantivy: its absolute path)."""
+
+    def alias_target(self, alias: str, /) -> str | None:
+        """The physical name of the one index ``alias`` points at; None when no such alias
+        exists. PermanentStoreError when ``alias`` names an index rather than an alias."""
+
+    def point_alias(self, alias: str, target: str, /) -> None:
+        """Point ``alias`` at the index whose physical name is ``target`` (and at it alone),
+        atomically: a reader sees the old target or the new one, never neither or both.
+        Idempotent; the switch has happened when this returns."""
+
+
+@runtime_checkable
+class AliasedKeywordIndex(KeywordIndex, AliasedIndex, Protocol):
+    """A keyword index that readers reach through an alias: what every keyword adapter is."""
+
+
+@runtime_checkable
+class DuplicateFinder(Protocol):
+    """A vector index that can list primary keys held by more than one entity (Milvus)."""
+
+    def duplicate_ids(self) -> dict[str, int]: ...
+
+
 # A metadata filter: equality on top-level metadata keys, each value a JSON scalar.
 MetadataFilter = Mapping[str, str | int | float | bool | None]
 
@@ -112,6 +151,12 @@ class KeywordSearch(Protocol):
         through the search path, so that it shows what a query would find."""
 
     def close(self) -> None: ...
+
+
+class SearchVisibility(Protocol):
+    """What a keyword index's searches see of these chunks now: chunk ID -> version."""
+
+    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]: ...
 
 
 @runtime_checkable
@@ -205,31 +250,6 @@ class Fence:
     epoch: int
 
 
-def claimed_epoch(shard: int, owner: str, current: tuple[str, int, float] | None, now: float) -> int:
-    """The epoch a claim of ``shard`` by ``owner`` gets, given the lease row (owner, epoch, expires).
-
-    Owners are spelled ``replica#incarnation``. A claim renews (same epoch) when the same owner
-    holds a live lease; takes over with a higher epoch, fencing every earlier holder, when the
-    lease expired or was held by an earlier incarnation of the same replica (a restart need not
-    wait for its own dead lease); and raises FencedError while another replica's lease is live.
-    Two live processes must therefore never share a replica name.
-    """
-    if current is None:
-        return 1
-    holder, epoch, expires_at = current
-    if holder == owner and expires_at > now:
-        return epoch
-    if expires_at > now and replica_of(holder) != replica_of(owner):
-        raise FencedError(
-            f"shard {shard} is owned by {holder} (epoch {epoch}) for {expires_at - now:.1f} s more"
-        )
-    return epoch + 1
-
-
-def replica_of(owner: str) -> str:
-    return owner.split("#", 1)[0]
-
-
 @dataclass(frozen=True)
 class Intent:
     """A prepared document change: what must reach both indexes before ``after`` is committed.
@@ -281,7 +301,7 @@ class Ledger(Protocol):
         document's state and the intent is removed. Returns the number committed."""
 
     def claim_shard(self, shard: int, owner: str, lease_s: float) -> Fence:
-        """Own ``shard`` for ``lease_s`` seconds; the rules are ``claimed_epoch``'s."""
+        """Own ``shard`` for ``lease_s`` seconds; the rules are ``coordinator.leases.claimed_epoch``'s."""
 
     def renew_shard(self, fence: Fence, owner: str, lease_s: float) -> None:
         """Extend a lease; FencedError if ``fence`` is no longer current or has expired."""
@@ -313,6 +333,11 @@ class Ledger(Protocol):
     def counts(self) -> dict[str, int]:
         """Numbers per ledger state: live_docs, tombstones, chunks, pending_intents, dead_letters."""
 
+    def drop_namespace(self) -> None:
+        """Remove a later generation's ledger storage for good (its documents, intents and
+        applied versions; what it shares with home stays) and close this ledger. ConfigError on
+        a home ledger: its storage holds what every generation shares."""
+
     def close(self) -> None: ...
 
 
@@ -338,6 +363,34 @@ class DeadLetterQueue(Protocol):
         """Count a failed attempt and keep its reason in the history; False if no such letter."""
 
 
+# Writer -> the generation numbers its writes reach (None: starting, not known yet).
+Writers = dict[str, tuple[int, ...] | None]
+
+
+class GenerationRegistry(Protocol):
+    """The generations of one deployment and the processes writing them, stored beside the home
+    ledger's tables (SQLite file or Postgres schema): every change of several records is one
+    transaction."""
+
+    def all(self) -> list[Generation]: ...
+
+    def put(self, generations: Sequence[Generation]) -> None:
+        """Insert or replace these records in one transaction."""
+
+    def put_if_empty(self, generation: Generation) -> bool:
+        """Record the first generation unless the registry already holds one; True if written."""
+
+    def announce(self, owner: str, generations: Sequence[int] | None, ttl_s: float) -> None:
+        """Record that ``owner``'s writes reach these generations (None: not known yet), for
+        ``ttl_s`` seconds unless announced again."""
+
+    def withdraw(self, owner: str) -> None:
+        """``owner`` stopped writing."""
+
+    def writers(self) -> Writers:
+        """Every writer whose announcement has not expired."""
+
+
 @dataclass(frozen=True)
 class BadRecord:
     """A source record that could not be turned into a ChangeEvent: ``payload`` holds it exactly,
@@ -354,12 +407,29 @@ class BadRecord:
 SourceRecord = ChangeEvent | BadRecord
 
 
+class CheckpointStore(Protocol):
+    """Where a source keeps "the position after the last applied event" (the ledger does this)."""
+
+    def get_checkpoint(self, source: str) -> str | None: ...
+
+    def set_checkpoint(self, source: str, position: str) -> None: ...
+
+
 class KnownDocs(Protocol):
     """The read side of the ledger that sources diffing a snapshot need."""
 
     def get_docs(self, doc_ids: Iterable[str]) -> dict[str, DocState]: ...
 
     def iter_docs(self, *, include_deleted: bool = False) -> Iterator[DocState]: ...
+
+
+@runtime_checkable
+class ChangedDocs(Protocol):
+    """A ledger that lists documents by commit time: behind ``lockstep audit --since`` and the
+    continuous audit's "changed since the last round"."""
+
+    def iter_docs_changed_since(self, since: float) -> Iterator[DocState]:
+        """Every document (tombstones too) committed at or after ``since`` (Unix seconds)."""
 
 
 class ChangeSource(Protocol):
@@ -388,6 +458,50 @@ class ReconcilableSource(Protocol):
 
     def reconcile_ids(self) -> Iterator[ChangeEvent]:
         """Delete events for ledger documents that no longer exist at the source."""
+
+
+@runtime_checkable
+class FollowingSource(Protocol):
+    """A source that keeps reading as changes arrive (a stream, a replication slot, an inbox, an
+    appended file): ``lockstep run`` follows it instead of polling ``read()``."""
+
+    def follow(self, stop: Callable[[], bool]) -> Iterator[SourceRecord]:
+        """Like ``read()``, then keep yielding new records until ``stop()`` is true."""
+
+
+class SourceDoc(Protocol):
+    """One live document as the source holds it now."""
+
+    @property
+    def doc_id(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
+
+
+@runtime_checkable
+class ListableSource(Protocol):
+    """A source that can list its current state (SQL table, folder); event streams cannot."""
+
+    def iter_current(self) -> Iterator[SourceDoc | BadRecord]: ...
+
+
+@runtime_checkable
+class FetchableSource(Protocol):
+    """A listable source that also reads chosen documents (a generation snapshot): a probe then
+    reads only the documents it looks at instead of listing the whole source."""
+
+    def iter_current(self) -> Iterator[SourceDoc | BadRecord]: ...
+
+    def get_current(self, doc_ids: Sequence[str]) -> Iterator[SourceDoc | BadRecord]:
+        """The live ones among ``doc_ids``, as ``iter_current`` would list them."""
+        ...
 
 
 class Engine(Protocol):

@@ -22,7 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.audit import INDEX_CATEGORIES, INDEXES, Auditor, AuditResult, ListableSource, evidence
+from coordinator.audit import INDEX_CATEGORIES, INDEXES, Auditor, AuditResult, evidence
+from coordinator.ports import ListableSource
 from coordinator.reconcile import REPAIR_OPS_PER_S, RateLimiter, Reconciler
 from lockstep.bootstrap import build_source
 from lockstep.cli_errors import DebugOpt, command_errors, set_debug

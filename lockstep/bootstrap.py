@@ -25,12 +25,12 @@ from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError
 from coordinator.generations import Generation
 from coordinator.ports import (
+    AliasedKeywordIndex,
     ChangeSource,
     ChunkIndex,
     Embedder,
     EmbeddingCache,
     HashedEmbedder,
-    KeywordIndex,
     VectorIndex,
 )
 from lockstep.settings import (
@@ -109,7 +109,7 @@ def build_embedding_cache(ledger: AnyLedger) -> EmbeddingCache:
     return TieredEmbeddingCache(durable, front_entries_max=EMBEDDING_FRONT_ENTRIES_MAX)
 
 
-def build_keyword(settings: KeywordSettings) -> KeywordIndex:
+def build_keyword(settings: KeywordSettings) -> AliasedKeywordIndex:
     if settings.kind == "tantivy":
         from adapters.keyword.tantivy_index import TantivyKeywordIndex
 
@@ -122,6 +122,17 @@ def build_keyword(settings: KeywordSettings) -> KeywordIndex:
     from adapters.keyword.elasticsearch import ElasticsearchKeywordIndex
 
     return ElasticsearchKeywordIndex(settings)
+
+
+def build_keyword_reader(settings: KeywordSettings, alias: str) -> AliasedKeywordIndex:
+    """An adapter that reads what ``alias`` points at. A search engine resolves the alias at
+    each request, so its adapter follows a swap; a Tantivy alias file is read here, once, and
+    the adapter stays on the directory it named until the alias is opened again."""
+    if settings.kind == "tantivy":
+        from adapters.keyword.tantivy_index import TantivyKeywordIndex
+
+        return TantivyKeywordIndex.open_alias(alias, settings.index)
+    return build_keyword(settings.model_copy(update={"index": alias}))
 
 
 def build_vector(settings: VectorSettings, *, dim: int, model_id: str | None = None) -> MilvusVectorIndex:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +41,16 @@ ConfigOpt = Annotated[
 IdsArg = Annotated[list[int], typer.Argument(help="Letter IDs, as `lockstep dlq list` shows them.", show_default=False)]
 
 
+@contextmanager
+def _queue(config: Path) -> Iterator[DeadLetterQueue]:
+    """The dead-letter queue (it lives in the home ledger), closed when the command is done."""
+    ledger = build_ledger(load_settings(config))
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
 @app.command("list")
 @command_errors("dlq list")
 def list_letters(
@@ -48,11 +59,8 @@ def list_letters(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array instead of a table.")] = False,
 ) -> None:
     """Dead letters, oldest first: id, source, position, document, version, attempts, reasons."""
-    ledger = build_ledger(load_settings(config))
-    try:
-        letters = ledger.dead_letters(limit=limit)
-    finally:
-        ledger.close()
+    with _queue(config) as dlq:
+        letters = dlq.dead_letters(limit=limit)
     if as_json:
         typer.echo(json.dumps([_summary(i, d) for i, d in letters], ensure_ascii=False))
         return
@@ -70,11 +78,8 @@ def list_letters(
 @command_errors("dlq show")
 def show(config: ConfigOpt, letter_id: Annotated[int, typer.Argument(help="The letter's ID.")]) -> None:
     """One dead letter in full: the original record, its position, every reason and attempt."""
-    ledger = build_ledger(load_settings(config))
-    try:
-        found = ledger.dead_letter(letter_id)
-    finally:
-        ledger.close()
+    with _queue(config) as dlq:
+        found = dlq.dead_letter(letter_id)
     if found is None:
         typer.echo(f"no dead letter {letter_id} (see `lockstep dlq list`)", err=True)
         raise typer.Exit(1)
@@ -227,12 +232,9 @@ def drop(config: ConfigOpt, letter_ids: IdsArg) -> None:
     """Discard dead letters for good (after deciding they need no replay).
 
     Exits 1 if some of the IDs name no letter."""
-    ledger = build_ledger(load_settings(config))
-    try:
-        missing = [i for i in letter_ids if ledger.dead_letter(i) is None]
-        dropped = ledger.drop_dead_letters(letter_ids)
-    finally:
-        ledger.close()
+    with _queue(config) as dlq:
+        missing = [i for i in letter_ids if dlq.dead_letter(i) is None]
+        dropped = dlq.drop_dead_letters(letter_ids)
     for letter_id in missing:
         typer.echo(f"no dead letter {letter_id} (see `lockstep dlq list`)", err=True)
     typer.echo(json.dumps({"dropped": dropped, "not_found": missing}))

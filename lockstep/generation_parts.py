@@ -10,28 +10,25 @@ embedded by the same model is never embedded again.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from adapters.embedders.cached import CachedEmbedder
 from adapters.keyword.settings import KeywordSettings
-from adapters.ledger.registry import GenerationRegistry, registry_for
-from adapters.ledger.settings import PostgresLedgerSettings
+from adapters.ledger.registry import registry_for
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import LockstepError
 from coordinator.generations import Generation, GenState, check_embedder, physical_names
-from coordinator.ports import Embedder, KeywordIndex
+from coordinator.ports import AliasedIndex, AliasedKeywordIndex, Embedder, GenerationRegistry
 from lockstep.bootstrap import (
     AnyLedger,
     build_embedder,
@@ -40,8 +37,6 @@ from lockstep.bootstrap import (
     build_keyword,
     build_ledger,
     build_vector,
-    generation_ledger_path,
-    generation_schema,
     local_model_installed,
 )
 from lockstep.settings import EmbedderSettings, Settings
@@ -121,25 +116,11 @@ def writer_owner(kind: str) -> str:
 
 
 def keyword_alias(settings: Settings) -> str:
-    kw = settings.keyword
-    if kw.alias:
-        return kw.alias
-    if kw.kind == "tantivy":
-        assert kw.path is not None, "validated by KeywordSettings"
-        return f"{kw.path.rstrip('/')}.live"
-    return f"{kw.index}-live"
+    return settings.keyword.live_alias
 
 
 def vector_alias(settings: Settings) -> str:
     return settings.vector.alias or f"{settings.vector.collection}_live"
-
-
-def _keyword_base(settings: Settings) -> str:
-    kw = settings.keyword
-    if kw.kind == "tantivy":
-        assert kw.path is not None, "validated by KeywordSettings"
-        return kw.path.rstrip("/")
-    return kw.index
 
 
 def embedder_record(es: EmbedderSettings) -> dict[str, Any]:
@@ -163,7 +144,8 @@ def generation_embedder_settings(settings: Settings, gen: Generation) -> Embedde
 def new_generation(
     settings: Settings, number: int, embedder: EmbedderSettings, inner: Embedder, chunking: Any, now: float
 ) -> Generation:
-    keyword_index, collection = physical_names(_keyword_base(settings), settings.vector.collection, number)
+    base = settings.keyword.physical_base
+    keyword_index, collection = physical_names(base, settings.vector.collection, number)
     return Generation(
         number=number,
         state=GenState.BUILDING,
@@ -178,9 +160,7 @@ def new_generation(
 
 
 def keyword_settings(settings: Settings, gen: Generation) -> KeywordSettings:
-    if settings.keyword.kind == "tantivy":
-        return settings.keyword.model_copy(update={"path": gen.keyword_index})
-    return settings.keyword.model_copy(update={"index": gen.keyword_index})
+    return settings.keyword.for_physical(gen.keyword_index)
 
 
 def vector_settings(settings: Settings, gen: Generation) -> VectorSettings:
@@ -205,17 +185,11 @@ def drop_generation_ledger(settings: Settings, number: int) -> None:
     """Remove a dropped generation's ledger namespace (never generation 1's: it is home)."""
     if number == 1:
         return
-    if isinstance(settings.ledger, PostgresLedgerSettings):
-        import psycopg
-        from psycopg import sql
-
-        ls = settings.ledger
-        with psycopg.connect(ls.dsn.get_secret_value(), autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(generation_schema(ls, number))))
-        return
-    path = generation_ledger_path(Path(settings.ledger.path), number)
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    ledger = build_ledger(settings, generation=number)
+    try:
+        ledger.drop_namespace()
+    finally:
+        ledger.close()
 
 
 IndexWrap = Callable[[str, Any], Any]
@@ -229,7 +203,7 @@ def _unwrapped(_side: str, index: Any) -> Any:
 class GenerationParts:
     generation: Generation
     ledger: AnyLedger
-    keyword: KeywordIndex
+    keyword: AliasedKeywordIndex
     vector: MilvusVectorIndex
     embedder: CachedEmbedder
     engine: ApplyEngine
@@ -309,35 +283,27 @@ def config_matches(settings: Settings, gen: Generation, inner_model_id: str) -> 
 # --- aliases -------------------------------------------------------------------------------------
 
 
-def alias_targets(settings: Settings, keyword: KeywordIndex, vector: MilvusVectorIndex) -> tuple[str | None, str | None]:
-    """Where the readers' aliases point now (physical keyword index or directory, collection)."""
-    if settings.keyword.kind == "tantivy":
-        from adapters.keyword.tantivy_index import alias_target as tantivy_target
-
-        kw_target = tantivy_target(keyword_alias(settings))
-        kw = None if kw_target is None else str(kw_target).rstrip("/")
-    else:
-        kw = keyword.alias_target(keyword_alias(settings))  # type: ignore[attr-defined]  # no port declares aliases yet
-    return kw, vector.alias_target(vector_alias(settings))
+def alias_targets(
+    settings: Settings, keyword: AliasedIndex, vector: AliasedIndex
+) -> tuple[str | None, str | None]:
+    """Where the readers' aliases point now (physical names: see ``AliasedIndex``)."""
+    return keyword.alias_target(keyword_alias(settings)), vector.alias_target(vector_alias(settings))
 
 
-def point_aliases(settings: Settings, gen: Generation, keyword: KeywordIndex, vector: MilvusVectorIndex) -> dict[str, Any]:
-    """Point both readers' aliases at ``gen``: one ``_aliases`` request, one ``alter_alias``.
+def point_aliases(settings: Settings, parts: GenerationParts) -> dict[str, Any]:
+    """Point both readers' aliases at the indexes of ``parts``: one ``_aliases`` request (or
+    alias file), one ``alter_alias``.
 
     Returns when each engine switched (Unix seconds), for the swap report."""
     kw_alias, vec_alias = keyword_alias(settings), vector_alias(settings)
-    if settings.keyword.kind == "tantivy":
-        from adapters.keyword.tantivy_index import point_alias as tantivy_point
-
-        tantivy_point(kw_alias, gen.keyword_index)
-    else:
-        keyword.point_alias(kw_alias, gen.keyword_index)  # type: ignore[attr-defined]  # no port declares aliases yet
+    parts.keyword.point_alias(kw_alias, parts.keyword.physical_name)
     keyword_at = time.time()
-    vector.point_alias(vec_alias, gen.vector_collection)
+    parts.vector.point_alias(vec_alias, parts.vector.physical_name)
     vector_at = time.time()
-    log.info("aliases point at generation", generation=gen.number, keyword_alias=kw_alias, vector_alias=vec_alias)
+    number = parts.generation.number
+    log.info("aliases point at generation", generation=number, keyword_alias=kw_alias, vector_alias=vec_alias)
     return {
-        "generation": gen.number,
+        "generation": number,
         "keyword_alias": kw_alias,
         "vector_alias": vec_alias,
         "keyword_switched_at": keyword_at,
@@ -345,27 +311,20 @@ def point_aliases(settings: Settings, gen: Generation, keyword: KeywordIndex, ve
     }
 
 
-def heal_aliases(settings: Settings, gen: Generation, keyword: KeywordIndex, vector: MilvusVectorIndex) -> None:
-    """At start-up: readers' aliases that are missing get pointed at the active generation
-    (a first start, or an index dropped and re-created); a wrong target is only reported."""
-    kw, vec = alias_targets(settings, keyword, vector)
+def heal_aliases(settings: Settings, parts: GenerationParts) -> None:
+    """At start-up: readers' aliases that are missing get pointed at the active generation's
+    ``parts`` (a first start, or an index dropped and re-created); a wrong target is only reported."""
+    kw, vec = alias_targets(settings, parts.keyword, parts.vector)
     if kw is None or vec is None:
-        point_aliases(settings, gen, keyword, vector)
-    elif (kw, vec) != (_physical_keyword(settings, gen), gen.vector_collection):
+        point_aliases(settings, parts)
+    elif (kw, vec) != (parts.keyword.physical_name, parts.vector.physical_name):
         log.warning("aliases do not point at the active generation", keyword=kw, vector=vec,
-                    active=gen.number)
-
-
-def _physical_keyword(settings: Settings, gen: Generation) -> str:
-    """How an alias target names ``gen``'s keyword index (Tantivy pointer files hold absolute paths)."""
-    if settings.keyword.kind == "tantivy":
-        return os.path.abspath(gen.keyword_index.rstrip("/"))
-    return gen.keyword_index
+                    active=parts.generation.number)
 
 
 def drop_generation_stores(settings: Settings, gen: Generation) -> None:
-    """Drop a generation's keyword index (Tantivy directory) and collection, then its ledger
-    namespace (generation 1's tables stay in the home ledger, unused)."""
+    """Drop a generation's keyword index and collection, then its ledger namespace
+    (generation 1's tables stay in the home ledger, unused)."""
     keyword = build_keyword(keyword_settings(settings, gen))
     vector = build_vector(vector_settings(settings, gen), dim=gen.dim)
     try:
@@ -374,6 +333,4 @@ def drop_generation_stores(settings: Settings, gen: Generation) -> None:
     finally:
         keyword.close()
         vector.close()
-    if settings.keyword.kind == "tantivy" and gen.number != 1:
-        shutil.rmtree(gen.keyword_index, ignore_errors=True)
     drop_generation_ledger(settings, gen.number)

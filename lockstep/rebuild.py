@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from coordinator.audit import Auditor, AuditResult, ListableSource, has_ledger_drift
+from coordinator.audit import Auditor, AuditResult, has_ledger_drift
 from coordinator.batching import batched
 from coordinator.chunking import ChunkingSettings
 from coordinator.crashpoints import CrashHook, no_crash
@@ -50,7 +50,7 @@ from coordinator.generations import (
 )
 from coordinator.model import DocState
 from coordinator.planner import document_hash
-from coordinator.ports import KeywordIndex
+from coordinator.ports import KeywordIndex, ListableSource
 from coordinator.reconcile import RateLimiter, Reconciler
 from lockstep.audit_cli import LISTABLE_SOURCE_KINDS
 from lockstep.bootstrap import (
@@ -602,7 +602,7 @@ class Rebuild:
     # --- swap, rollback, abort, gc ----------------------------------------------------------------
 
     def _swap_to(self, gen: Generation, parts: GenerationParts) -> dict[str, Any]:
-        switch = point_aliases(self.settings, gen, parts.keyword, parts.vector)
+        switch = point_aliases(self.settings, parts)
         gens = self.registry.all()
         self.registry.put(swapped(gens, gen.number, time.time(), switch))
         log.info("swapped", to=gen.number, keyword_at=switch["keyword_switched_at"],

@@ -29,6 +29,7 @@ from lockstep.bootstrap import (
     build_embedder,
     build_embedding_cache,
     build_keyword,
+    build_keyword_reader,
     build_ledger,
     build_vector,
 )
@@ -110,7 +111,7 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
                 active_chunking=gen.chunking.fingerprint,
                 config_chunking=settings.chunking.to_domain().fingerprint,
             )
-        heal_aliases(settings, gen, active_parts.keyword, active_parts.vector)
+        heal_aliases(settings, active_parts)
         writer.writing([p.generation.number for p in built])
         writer.renew_in_background()
     except BaseException:
@@ -201,22 +202,14 @@ def active_generation(generations: list[Generation]) -> Generation:
 
 
 def open_keyword_reader(settings: Settings, gen: Generation) -> KeywordSearch:
-    """The keyword index readers use: its alias (for Tantivy, the directory the pointer file
+    """The keyword index readers use: its alias (for Tantivy, the directory the alias file
     names), or the active generation's own index while no alias exists yet (a deployment only
     ever written by ``lockstep run``, which leaves aliases to the one-shot commands)."""
     alias = keyword_alias(settings)
-    if settings.keyword.kind == "tantivy":
-        from adapters.keyword.tantivy_index import TantivyKeywordIndex, alias_target
-
-        if alias_target(alias) is not None:
-            return TantivyKeywordIndex.open_alias(alias, settings.keyword.index)
-        own = keyword_settings(settings, gen)
-        assert own.path is not None, "validated by KeywordSettings"
-        return TantivyKeywordIndex(own.path, own.index)
-    index = build_keyword(settings.keyword.model_copy(update={"index": alias}))
-    if index.alias_target(alias) is None:  # type: ignore[attr-defined]  # both search engines have aliases
+    index = build_keyword(keyword_settings(settings, gen))
+    if index.alias_target(alias) is not None:
         index.close()
-        index = build_keyword(keyword_settings(settings, gen))
+        index = build_keyword_reader(settings.keyword, alias)
     assert isinstance(index, KeywordSearch), "every keyword adapter offers the read path"
     return index
 

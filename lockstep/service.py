@@ -29,7 +29,7 @@ from coordinator.audit import Auditor
 from coordinator.continuous_audit import ContinuousAudit, drift_gauges
 from coordinator.errors import LockstepError
 from coordinator.generations import Generation, live
-from coordinator.ports import ChangeSource, ReconcilableSource, SourceRecord, VectorSearch
+from coordinator.ports import ChangeSource, FollowingSource, ReconcilableSource, SourceRecord, VectorSearch
 from coordinator.reader import ReaderFlow
 from coordinator.shard import ShardStatus
 from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger, build_source
@@ -407,9 +407,8 @@ class Service:
             log.warning("the reader did not stop in time; closing its source under it", waited_s=READER_STOP_S)
 
     def _records(self, source: ChangeSource) -> Iterator[SourceRecord]:
-        follow = getattr(source, "follow", None)
-        if follow is not None and not self.exit_when_idle:
-            yield from follow(self.stop_requested.is_set)
+        if isinstance(source, FollowingSource) and not self.exit_when_idle:
+            yield from source.follow(self.stop_requested.is_set)
             return
         reconciled_at: float | None = None
         while True:

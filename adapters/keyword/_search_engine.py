@@ -484,6 +484,11 @@ class SearchEngineIndex(ABC):
 
     # --- aliases ---------------------------------------------------------------------------
 
+    @property
+    def physical_name(self) -> str:
+        """The index this adapter addresses, as an alias names its target."""
+        return self.name
+
     def alias_target(self, alias: str) -> str | None:
         """The one physical index ``alias`` points at, or None when no such alias exists.
 

@@ -41,6 +41,30 @@ class KeywordSettings(BaseModel):
     verify_certs: bool = True
     request_timeout_s: float = Field(default=REQUEST_TIMEOUT_S, gt=0)
 
+    @property
+    def live_alias(self) -> str:
+        """What readers query: ``alias``, by default ``<index>-live`` (Tantivy: the alias file
+        ``<path>.live`` beside the index directories)."""
+        if self.alias:
+            return self.alias
+        if self.kind == "tantivy":
+            return f"{self._directory()}.live"
+        return f"{self.index}-live"
+
+    @property
+    def physical_base(self) -> str:
+        """What the physical names of generations derive from: the index name (Tantivy: the
+        index directory)."""
+        return self._directory() if self.kind == "tantivy" else self.index
+
+    def for_physical(self, name: str) -> KeywordSettings:
+        """These settings addressing the physical index ``name`` (Tantivy: a directory)."""
+        return self.model_copy(update={"path" if self.kind == "tantivy" else "index": name})
+
+    def _directory(self) -> str:
+        assert self.path is not None, "validated: a tantivy keyword index has a path"
+        return self.path.rstrip("/")
+
     @model_validator(mode="after")
     def _check_kind_fields(self) -> KeywordSettings:
         if self.kind == "tantivy":

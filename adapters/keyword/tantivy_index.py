@@ -145,6 +145,21 @@ class TantivyKeywordIndex:
         index._opened()
         return index
 
+    # --- aliases (the AliasedIndex port): alias files, spelled by their paths -------------
+
+    @property
+    def physical_name(self) -> str:
+        """This index as an alias file names its target: the directory's absolute path."""
+        return os.path.abspath(self.path)
+
+    def alias_target(self, alias: str) -> str | None:
+        """The absolute path of the index directory the alias file ``alias`` points at."""
+        return alias_target(alias)
+
+    def point_alias(self, alias: str, target: str) -> None:
+        """Point the alias file ``alias`` at the index directory ``target``, atomically."""
+        point_alias(alias, target)
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def exists(self) -> bool:

@@ -72,8 +72,9 @@ from coordinator.errors import (
     StoreError,
     TransientStoreError,
 )
+from coordinator.leases import claimed_epoch
 from coordinator.model import DeadLetter, DocState, Vector
-from coordinator.ports import Fence, Intent, claimed_epoch
+from coordinator.ports import Fence, Intent
 
 log = structlog.get_logger(__name__)
 
@@ -500,6 +501,17 @@ class PostgresLedger:
         assert row is not None, "a SELECT without FROM returns one row"
         names = ("live_docs", "tombstones", "chunks", "pending_intents", "dead_letters")
         return {name: int(value) for name, value in zip(names, row, strict=True)}
+
+    def drop_namespace(self) -> None:
+        """Drop this generation ledger's schema, with its tables, and close the ledger."""
+        if self.home_schema is None:
+            raise ConfigError(
+                f"schema {self.schema!r} is a home ledger: only a later generation's can be dropped"
+            )
+        with self._tx() as cur:
+            cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
+        self._log.info("ledger schema dropped")
+        self.close()
 
     def close(self) -> None:
         with self._lock:

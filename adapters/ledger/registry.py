@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from adapters.ledger.sqlite import SqliteLedger
 from coordinator.generations import Generation
+from coordinator.ports import GenerationRegistry, Writers
 
 if TYPE_CHECKING:
     from adapters.ledger.postgres import PostgresLedger
@@ -39,36 +40,12 @@ CREATE TABLE IF NOT EXISTS generation_writers (
 )
 """
 
-# Writer -> the generation numbers its writes reach (None: starting, not known yet).
-Writers = dict[str, tuple[int, ...] | None]
-
-
 def _encode(numbers: Sequence[int] | None) -> str | None:
     return None if numbers is None else json.dumps(sorted(numbers))
 
 
 def _decode(rows: Sequence[Sequence[object]]) -> Writers:
     return {str(r[0]): None if r[1] is None else tuple(json.loads(str(r[1]))) for r in rows}
-
-
-class GenerationRegistry(Protocol):
-    def all(self) -> list[Generation]: ...
-
-    def put(self, generations: Sequence[Generation]) -> None:
-        """Insert or replace these records in one transaction."""
-
-    def put_if_empty(self, generation: Generation) -> bool:
-        """Record the first generation unless the registry already holds one; True if written."""
-
-    def announce(self, owner: str, generations: Sequence[int] | None, ttl_s: float) -> None:
-        """Record that ``owner``'s writes reach these generations (None: not known yet), for
-        ``ttl_s`` seconds unless announced again."""
-
-    def withdraw(self, owner: str) -> None:
-        """``owner`` stopped writing."""
-
-    def writers(self) -> Writers:
-        """Every writer whose announcement has not expired."""
 
 
 class SqliteGenerations:

@@ -31,9 +31,10 @@ from coordinator.codec import (
     with_attempt,
 )
 from coordinator.crashpoints import CrashHook, no_crash
-from coordinator.errors import FencedError, IntentConflict, TransientStoreError
+from coordinator.errors import ConfigError, FencedError, IntentConflict, TransientStoreError
+from coordinator.leases import claimed_epoch
 from coordinator.model import DeadLetter, DocState, Vector
-from coordinator.ports import Fence, Intent, claimed_epoch
+from coordinator.ports import Fence, Intent
 
 # How long a writer waits for another process's write lock before giving up.
 BUSY_TIMEOUT_S = 30.0
@@ -432,6 +433,17 @@ class SqliteLedger:
             "dead_letters": "SELECT COUNT(*) FROM dead_letters",
         }
         return {name: int(self._read(sql)[0][0]) for name, sql in queries.items()}
+
+    def drop_namespace(self) -> None:
+        """Delete this generation ledger's file (and its WAL) and close the ledger."""
+        if not self._attached:
+            raise ConfigError(f"{self.path} is a home ledger: only a later generation's can be dropped")
+        self.close()
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        except OSError as exc:
+            raise TransientStoreError(f"cannot delete {self.path}: {exc}", store="ledger") from exc
 
     def close(self) -> None:
         with self._lock:

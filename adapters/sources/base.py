@@ -1,20 +1,15 @@
-"""What the batch source adapters share: the checkpoint store they need and bad-record helpers."""
+"""What the source adapters share: bad-record helpers.
+
+The checkpoint store they need is a port, ``coordinator.ports.CheckpointStore``; it is also
+importable from here while the Postgres logical replication and webhook sources still name it so.
+"""
 
 from __future__ import annotations
-
-from typing import Protocol
 
 from coordinator.limits import RECORD_BYTES_MAX
 from coordinator.model import spell_record
 from coordinator.ports import BadRecord
-
-
-class CheckpointStore(Protocol):
-    """Where a source keeps "the position after the last applied event" (the ledger does this)."""
-
-    def get_checkpoint(self, source: str) -> str | None: ...
-
-    def set_checkpoint(self, source: str, position: str) -> None: ...
+from coordinator.ports import CheckpointStore as CheckpointStore
 
 
 def printable(value: str) -> str:

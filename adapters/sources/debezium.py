@@ -30,11 +30,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from adapters.sources.base import CheckpointStore, bad_record
+from adapters.sources.base import bad_record
 from coordinator.errors import InvalidEvent
 from coordinator.events import METADATA_BYTES_MAX, TEXT_BYTES_MAX, ChangeEvent, Op, canonical_json
 from coordinator.model import DocState
-from coordinator.ports import BadRecord, KnownDocs
+from coordinator.ports import BadRecord, CheckpointStore, KnownDocs
 
 # The largest value worth parsing: an update of REPLICA IDENTITY FULL carries the text twice
 # (before and after), escaped up to 3x, plus metadata and the schema wrapper. Bigger values

@@ -22,11 +22,11 @@ from typing import BinaryIO
 
 import structlog
 
-from adapters.sources.base import CheckpointStore, bad_record
+from adapters.sources.base import bad_record
 from coordinator.errors import InvalidEvent, SourceError
 from coordinator.events import event_from_dict, loads_event_json
 from coordinator.limits import RECORD_BYTES_MAX
-from coordinator.ports import SourceRecord
+from coordinator.ports import CheckpointStore, SourceRecord
 
 # The longest line that can still be a valid event. Longer lines are dead-lettered with their
 # first LINE_BYTES_MAX bytes; the rest is skipped without being held in memory.

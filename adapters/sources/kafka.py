@@ -43,7 +43,6 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
-from adapters.sources.base import CheckpointStore
 from adapters.sources.debezium import (
     Change,
     DebeziumDecoder,
@@ -53,7 +52,7 @@ from adapters.sources.debezium import (
     TruncateTracker,
 )
 from coordinator.errors import SourceError
-from coordinator.ports import BadRecord, KnownDocs, SourceRecord
+from coordinator.ports import BadRecord, CheckpointStore, KnownDocs, SourceRecord
 
 log = structlog.get_logger(__name__)
 

@@ -51,11 +51,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlalchemy.types import NullType
 
-from adapters.sources.base import CheckpointStore, bad_record
+from adapters.sources.base import bad_record
 from coordinator.batching import batched
 from coordinator.errors import ConfigError, InvalidEvent, SourceError
 from coordinator.events import ChangeEvent, Op, canonical_json
-from coordinator.ports import BadRecord, KnownDocs, SourceRecord
+from coordinator.ports import BadRecord, CheckpointStore, KnownDocs, SourceRecord
 
 # Rows per query: one short transaction per page keeps locks and snapshots brief, and a page
 # (texts included) is all that is held in memory.

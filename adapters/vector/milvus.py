@@ -387,6 +387,11 @@ class MilvusVectorIndex:
 
     # --- aliases -----------------------------------------------------------------------------
 
+    @property
+    def physical_name(self) -> str:
+        """The collection this adapter addresses, as an alias names its target."""
+        return self.name
+
     def alias_target(self, alias: str) -> str | None:
         """The collection ``alias`` points at, or None when no such alias exists.
 

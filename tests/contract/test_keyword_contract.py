@@ -41,7 +41,8 @@ from adapters.keyword.tantivy_index import point_alias as tantivy_point_alias
 from coordinator.errors import PermanentStoreError, TransientStoreError
 from coordinator.fence import metadata_digest
 from coordinator.model import NO_VERSION, ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
-from coordinator.ports import KeywordIndex, KeywordSearch
+from coordinator.ports import AliasedIndex, AliasedKeywordIndex, KeywordIndex, KeywordSearch
+from tests.support.aliased_contract import check_aliased_index
 
 APPLIED, SUPERSEDED, REJECTED = ItemStatus.APPLIED, ItemStatus.SUPERSEDED, ItemStatus.REJECTED
 
@@ -52,7 +53,7 @@ SCAN_CHUNKS = 2_500
 RAW_TIMEOUT_S = 30
 RAW_TANTIVY_HEAP_BYTES = 16 * 1024 * 1024
 
-MakeIndex = Callable[[str], KeywordIndex]
+MakeIndex = Callable[[str], AliasedKeywordIndex]
 
 BACKENDS = [
     "tantivy",
@@ -530,35 +531,35 @@ READER_JOIN_TIMEOUT_S = 60.0
 
 @dataclass
 class Aliases:
-    """One backend's alias operations, by index name.
+    """One backend's alias operations by index name, through the AliasedIndex port.
 
-    On the search engines they are adapter methods; on Tantivy the alias is a file beside the
-    index directories (``root / name``), and targets are directory paths.
+    An alias is spelled as the store spells one: on Tantivy a file beside the index directories
+    (``root / name``), whose targets are directory paths.
     """
 
     make_index: MakeIndex
     root: Path
+    probe: AliasedKeywordIndex
     engine: SearchEngineIndex | None
-    made: list[KeywordIndex] = field(default_factory=list)
+    made: dict[str, AliasedKeywordIndex] = field(default_factory=dict)
 
     def physical(self, name: str) -> KeywordIndex:
         ix = self.make_index(name)
         ix.ensure()
-        self.made.append(ix)
+        self.made[name] = ix
         return ix
 
+    def spelled(self, alias: str) -> str:
+        return str(self.root / alias) if self.engine is None else alias
+
     def point(self, alias: str, name: str) -> None:
-        if self.engine is None:
-            tantivy_point_alias(self.root / alias, self.root / name)
-        else:
-            self.engine.point_alias(alias, name)
+        self.probe.point_alias(self.spelled(alias), self.made[name].physical_name)
 
     def target(self, alias: str) -> str | None:
         """The name of the index the alias points at (Tantivy: the directory's name)."""
-        if self.engine is None:
-            found = tantivy_alias_target(self.root / alias)
-            return None if found is None else Path(found).name
-        return self.engine.alias_target(alias)
+        found = self.probe.alias_target(self.spelled(alias))
+        names = {ix.physical_name: name for name, ix in self.made.items()}
+        return None if found is None else names.get(found, found)
 
     def reader(self, alias: str) -> KeywordIndex:
         """An adapter that reads through the alias."""
@@ -571,12 +572,19 @@ class Aliases:
 def aliases(make_index: MakeIndex, tmp_path: Path) -> Iterator[Aliases]:
     probe = make_index(unique_name())
     engine = probe if isinstance(probe, SearchEngineIndex) else None
-    ops = Aliases(make_index, tmp_path, engine)
+    ops = Aliases(make_index, tmp_path, probe, engine)
     yield ops
-    for ix in ops.made:
+    for ix in ops.made.values():
         ix.drop()
         ix.close()
     probe.close()
+
+
+def test_adapter_implements_the_aliased_index_port(aliases: Aliases) -> None:
+    """Every keyword adapter keeps the AliasedIndex contract (tests/support/aliased_contract.py)."""
+    first, second = (aliases.physical(unique_name()) for _ in range(2))
+    assert isinstance(first, AliasedIndex) and isinstance(second, AliasedIndex)
+    check_aliased_index(first, second, aliases.spelled(unique_name()))
 
 
 def test_exists_follows_ensure_and_drop(make_index: MakeIndex) -> None:

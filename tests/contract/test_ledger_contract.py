@@ -70,6 +70,13 @@ class Store:
             return SqliteLedger(self.location, clock=clock, crash_hook=crash_hook)
         return PostgresLedger(self.location, clock=clock, crash_hook=crash_hook, schema=self.schema)
 
+    def open_generation(self, number: int) -> AnyLedger:
+        """A later generation's ledger beside this home ledger, laid out as lockstep.bootstrap does."""
+        if self.kind == "sqlite":
+            home = Path(self.location)
+            return SqliteLedger(home.with_name(f"{home.stem}.g{number}{home.suffix}"), home=home)
+        return PostgresLedger(self.location, schema=f"{self.schema}_g{number}", home_schema=self.schema)
+
 
 def _cache(ledger: AnyLedger) -> EmbeddingCache:
     if isinstance(ledger, SqliteLedger):
@@ -215,6 +222,30 @@ def test_iter_docs_changed_since_reads_only_later_commits(ledger: AnyLedger, clo
     _commit_all(ledger, [("new", 1), ("gone", 2)])
     changed = list(ledger.iter_docs_changed_since(since))
     assert [(d.doc_id, d.deleted) for d in changed] == [("gone", True), ("new", False)]
+
+
+def test_drop_namespace_removes_a_generations_own_storage_and_keeps_home(
+    ledger: AnyLedger, store: Store
+) -> None:
+    """drop_namespace removes a later generation's documents, intents and applied versions for
+    good, leaves what it shares with home (checkpoints), and refuses the home ledger itself."""
+    ledger.set_checkpoint("s", "7")
+    generation = store.open_generation(2)
+    generation.prepare([_intent("a", 1)])
+    _commit_all(generation, [("a", 1)])
+    generation.prepare([_intent("b", 1)])
+    assert generation.get_checkpoint("s") == "7"
+    generation.drop_namespace()
+    again = store.open_generation(2)
+    try:
+        assert again.get_docs(["a"]) == {} and again.pending() == []
+        assert again.applied_versions("keyword", ["a"]) == {}
+    finally:
+        again.drop_namespace()
+    assert ledger.get_checkpoint("s") == "7"
+    with pytest.raises(ConfigError, match="home ledger"):
+        ledger.drop_namespace()
+    assert ledger.get_checkpoint("s") == "7"
 
 
 def test_checkpoints_and_dead_letters(ledger: AnyLedger) -> None:

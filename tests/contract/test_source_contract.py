@@ -41,7 +41,7 @@ from adapters.sources.sql_table import SqlTableSource
 from adapters.sources.webhook import WebhookSource
 from chaos.servers import EmbeddedPostgres
 from coordinator.events import ChangeEvent
-from coordinator.ports import BadRecord, ChangeSource, SourceRecord
+from coordinator.ports import BadRecord, ChangeSource, FollowingSource, SourceRecord
 from tests.support.postgres_servers import start_postgres_or_fail
 from tests.support.source_drivers import (
     ContractLedger,
@@ -324,3 +324,12 @@ def test_every_source_adapter_has_a_driver() -> None:
     helpers = {"__init__", "base", "debezium", "pgoutput"}  # decoders and shared helpers, no sources
     assert set(modules) - helpers == covered
     assert _source_classes(SOURCE_MODULES) == set(ADAPTERS.values())
+
+
+def test_the_streaming_sources_are_found_by_type_as_following_sources() -> None:
+    """``lockstep run`` follows the sources that are FollowingSources (by type, not by probing
+    attributes) and polls the snapshot sources; each ``follow`` takes ``stop`` positionally."""
+    following = {name for name, cls in ADAPTERS.items() if issubclass(cls, FollowingSource)}
+    assert following == {"jsonl", "kafka", "pg_logical", "webhook"}
+    for name in following:
+        inspect.signature(ADAPTERS[name].follow).bind(object(), lambda: True)

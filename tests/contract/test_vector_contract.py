@@ -40,7 +40,8 @@ from adapters.vector.settings import VectorSettings
 from coordinator.errors import ConfigError, PermanentStoreError, TransientStoreError
 from coordinator.fence import metadata_digest
 from coordinator.model import ChunkDelete, IndexedChunk, ItemStatus, StoredChunk
-from coordinator.ports import VectorIndex
+from coordinator.ports import AliasedIndex, VectorIndex
+from tests.support.aliased_contract import check_aliased_index
 from tests.support.milvus_servers import LiteServer, RealMilvus, free_port
 
 DIM = 8
@@ -521,6 +522,13 @@ def generations(backend: Backend, raw: MilvusClient) -> Iterator[list[MilvusVect
             raw.drop_alias(alias, timeout=REQUEST_TIMEOUT_S)
         idx.drop()
         idx.close()
+
+
+def test_adapter_implements_the_aliased_index_port(generations: list[MilvusVectorIndex]) -> None:
+    """The Milvus adapter keeps the AliasedIndex contract (tests/support/aliased_contract.py)."""
+    first, second = generations
+    assert isinstance(first, AliasedIndex)
+    check_aliased_index(first, second, f"a_{uuid.uuid4().hex}")
 
 
 def test_alias_points_at_one_collection_and_reads_follow_it(generations: list[MilvusVectorIndex]) -> None:
