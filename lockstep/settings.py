@@ -79,7 +79,7 @@ class SqlSourceSettings(_Frozen):
 
 
 class WebhookSourceSettings(_Frozen):
-    """``POST /events`` on ``run.http_host:run.http_port`` (``adapters/sources/webhook.py``)."""
+    """``POST /events`` on ``run.http_host:run.http_port`` (``adapters/sources/webhook/``)."""
 
     kind: Literal["webhook"] = "webhook"
     name: str = "webhook"
@@ -111,7 +111,7 @@ class WebhookSourceSettings(_Frozen):
 
 
 class PgLogicalSourceSettings(_Frozen):
-    """Postgres logical replication (pgoutput) of one or more tables (``adapters/sources/pg_logical.py``)."""
+    """Postgres logical replication (pgoutput) of one or more tables (``adapters/sources/pg_logical/``)."""
 
     kind: Literal["postgres_logical"] = "postgres_logical"
     # A libpq URI or key=value string; it may carry a password (``LOCKSTEP_SOURCE__DSN``).
