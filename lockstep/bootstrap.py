@@ -239,27 +239,7 @@ def build_pg_logical_source(
     (``lockstep source resnapshot``)."""
     from adapters.sources.pg_logical import PgLogicalSource
 
-    return PgLogicalSource(
-        src.dsn.get_secret_value(),
-        src.tables,
-        ledger,
-        ledger,
-        slot=src.slot,
-        publication=src.publication,
-        id_column=src.id_column,
-        text_column=src.text_column,
-        metadata_column=src.metadata_column,
-        metadata_columns=src.metadata_columns,
-        table_prefix_ids=src.table_prefix_ids,
-        name=src.name,
-        resnapshot=resnapshot,
-        poll_interval_s=src.poll_interval_s,
-        peek_changes_max=src.peek_changes_max,
-        txn_buffer_changes_max=src.txn_buffer_changes_max,
-        connect_timeout_s=src.connect_timeout_s,
-        statement_timeout_s=src.statement_timeout_s,
-        outage_max_s=src.outage_max_s,
-    )
+    return PgLogicalSource(src, ledger, ledger, resnapshot=resnapshot)
 
 
 def build_webhook_source(settings: Settings, src: WebhookSourceSettings, ledger: AnyLedger) -> ChangeSource:

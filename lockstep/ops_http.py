@@ -84,7 +84,7 @@ CLIENT_RETRY_WAIT_S_MAX = 10.0
 
 
 class EventIntake(Protocol):
-    """Stores one request body (``adapters/sources/webhook.py``'s WebhookIntake)."""
+    """Stores one request body (``adapters/sources/webhook/intake.py``'s WebhookIntake)."""
 
     def accept(self, body: bytes, media_type: str) -> AppendResult: ...
 

@@ -29,6 +29,7 @@ from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.sources import webhook
 from adapters.sources.debezium import KafkaSourceSettings
+from adapters.sources.pg_logical.settings import PgLogicalSourceSettings as PgLogicalSourceSettings
 from adapters.vector.settings import VectorSettings
 from coordinator import search as search_domain
 from coordinator.chunking import ChunkingSettings
@@ -79,7 +80,7 @@ class SqlSourceSettings(_Frozen):
 
 
 class WebhookSourceSettings(_Frozen):
-    """``POST /events`` on ``run.http_host:run.http_port`` (``adapters/sources/webhook.py``)."""
+    """``POST /events`` on ``run.http_host:run.http_port`` (``adapters/sources/webhook/``)."""
 
     kind: Literal["webhook"] = "webhook"
     name: str = "webhook"
@@ -108,31 +109,6 @@ class WebhookSourceSettings(_Frozen):
         if self.token_value is None:
             raise ConfigError(TOKEN_REQUIRED)
         return self.token_value
-
-
-class PgLogicalSourceSettings(_Frozen):
-    """Postgres logical replication (pgoutput) of one or more tables (``adapters/sources/pg_logical.py``)."""
-
-    kind: Literal["postgres_logical"] = "postgres_logical"
-    # A libpq URI or key=value string; it may carry a password (``LOCKSTEP_SOURCE__DSN``).
-    dsn: SecretStr
-    tables: tuple[str, ...] = Field(min_length=1)
-    name: str = "postgres_logical"
-    # Lower-case identifiers: both go into pgoutput's publication_names option unquoted.
-    slot: str = Field(default="lockstep", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    publication: str = Field(default="lockstep", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    id_column: str = "id"
-    text_column: str = "text"
-    metadata_column: str | None = None
-    metadata_columns: tuple[str, ...] = ()
-    # doc_id = "<table>/<id>" instead of "<id>"; required with several tables.
-    table_prefix_ids: bool = False
-    poll_interval_s: float = Field(default=0.5, gt=0)
-    peek_changes_max: int = Field(default=5000, ge=1, le=1_000_000)
-    txn_buffer_changes_max: int = Field(default=10_000, ge=1, le=10_000_000)
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    statement_timeout_s: float = Field(default=300.0, gt=0)
-    outage_max_s: float = Field(default=600.0, gt=0)
 
 
 SourceSettings = Annotated[

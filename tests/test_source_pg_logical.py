@@ -39,10 +39,12 @@ import pytest
 import yaml
 from milvus_lite.server_manager import server_manager_instance
 from psycopg import sql
+from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from adapters.ledger.sqlite import SqliteLedger
 from adapters.sources.pg_logical import PgLogicalSource
+from adapters.sources.pg_logical.snapshot import SNAPSHOT_POSITION_ROWS
 from adapters.sources.pgoutput import lsn_to_int, lsn_to_text
 from chaos.servers import EmbeddedPostgres
 from chaos.stream import StreamFaults
@@ -246,11 +248,10 @@ class MemoryLedger:
 
 def _source(pg: Pg, ledger: MemoryLedger, tables: list[str] | None = None, **options: Any) -> PgLogicalSource:
     tables = tables or pg.tables
-    return PgLogicalSource(
-        pg.dsn,
-        tables,
-        ledger,
-        ledger,
+    position_rows = options.pop("snapshot_position_rows", SNAPSHOT_POSITION_ROWS)
+    settings = PgLogicalSourceSettings(
+        dsn=SecretStr(pg.dsn),
+        tables=tuple(tables),
         slot=pg.slot,
         publication=pg.publication,
         text_column="body",
@@ -261,6 +262,7 @@ def _source(pg: Pg, ledger: MemoryLedger, tables: list[str] | None = None, **opt
         poll_interval_s=0.05,
         **options,
     )
+    return PgLogicalSource(settings, ledger, ledger, snapshot_position_rows=position_rows)
 
 
 def _ops(records: Iterable[SourceRecord]) -> list[tuple[str, str, str | None]]:
@@ -486,8 +488,11 @@ def test_set_up_refuses_what_cannot_work(pg: Pg) -> None:
             "metadata_columns": ("n",), "name": pg.name, **overrides,
         }  # fmt: skip
         tables = options.pop("tables")
+        # Unvalidated: what is proven is the source's own refusal (the settings refuse a bad
+        # slot name earlier still, tests/test_helm.py's samples).
+        settings = PgLogicalSourceSettings.model_construct(dsn=SecretStr(pg.dsn), tables=tuple(tables), **options)
         with pytest.raises(ConfigError, match=message):
-            PgLogicalSource(pg.dsn, tables, ledger, ledger, **options)
+            PgLogicalSource(settings, ledger, ledger)
     assert pg.slot_state() is None
 
 

@@ -16,33 +16,27 @@ database itself, never by a read in one statement and a write in another:
 - ``claim_shard`` on a shard nobody has claimed inserts with ``ON CONFLICT DO NOTHING``, so of two
   replicas racing for it exactly one gets epoch 1 and the other sees its lease.
 
-Connections: one connection per ledger, guarded by a lock, reopened after it breaks. A replica is
-one process whose ledger calls are short transactions serialised by the apply loop anyway, so a
-pool would add a dependency (psycopg_pool) and idle connections without adding throughput;
-replicas scale by process, each with its own connection.
-
-Errors: a lost connection, a timeout, a deadlock or a serialisation failure raises
-TransientStoreError (retry; the connection is reopened on the next call); constraint, data and
-SQL errors raise PermanentStoreError. A failure while committing leaves the outcome unknown, as
-with any database: a retried ``prepare`` may then find its own intent pending, which the
-re-drive of pending intents on start resolves.
+Connections and errors: one connection per ledger, guarded by a lock and reopened after it
+breaks (``adapters/postgres_connection.py``, shared with the webhook's Postgres inbox). A lost
+connection, a timeout, a deadlock or a serialisation failure raises TransientStoreError (retry;
+the connection is reopened on the next call); constraint, data and SQL errors raise
+PermanentStoreError. A failure while committing leaves the outcome unknown, as with any database:
+a retried ``prepare`` may then find its own intent pending, which the re-drive of pending intents
+on start resolves.
 """
 
 from __future__ import annotations
 
-import math
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 import psycopg
 import structlog
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from adapters.ledger.settings import (
@@ -52,6 +46,7 @@ from adapters.ledger.settings import (
     STATEMENT_TIMEOUT_S,
     PostgresLedgerSettings,
 )
+from adapters.postgres_connection import SharedConnection, describe
 from coordinator.codec import (
     LETTER_COLS,
     LETTER_INSERT_COLS,
@@ -68,9 +63,6 @@ from coordinator.errors import (
     ConfigError,
     FencedError,
     IntentConflict,
-    PermanentStoreError,
-    StoreError,
-    TransientStoreError,
 )
 from coordinator.leases import claimed_epoch
 from coordinator.model import DeadLetter, DocState, Vector
@@ -80,18 +72,10 @@ log = structlog.get_logger(__name__)
 
 STORE = "ledger"
 
-# A replica frozen inside a transaction (SIGSTOP, a stalled VM) holds its row locks, the shard
-# lease row included, for at most this long before the server ends its session.
-IDLE_IN_TRANSACTION_TIMEOUT_S = 60.0
-# libpq rounds connect_timeout to whole seconds and treats anything below 2 as 2.
-CONNECT_TIMEOUT_MIN_S = 2
 # Keys per ``= ANY(%s)`` array: bounds one statement's result set, not a protocol limit.
 KEYS_PER_QUERY_MAX = 10_000
 # Rows fetched per round trip when streaming documents, so iteration never loads the whole table.
 ITER_PAGE_ROWS = 1000
-# SQLSTATE classes that fail the same way on retry although psycopg calls them operational:
-# 28 = invalid authorization (wrong password), 3D = invalid catalog name (no such database).
-PERMANENT_SQLSTATE_CLASSES = ("28", "3D")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -179,15 +163,19 @@ class PostgresLedger:
             _check_schema_name(home_schema)
         self.schema = schema
         self.home_schema = home_schema
-        self._dsn = dsn
-        self._where = _describe(dsn)
+        self._where = describe(dsn, STORE)
         self._clock = clock
         self._crash = crash_hook
-        self._connect_timeout_s = connect_timeout_s
-        self._statement_timeout_s = statement_timeout_s
-        self._lock = threading.Lock()
-        self._conn: psycopg.Connection[TupleRow] | None = None
         self._log = log.bind(ledger=self._where, schema=schema)
+        self._db = SharedConnection(
+            dsn,
+            store=STORE,
+            application_name="lockstep-ledger",
+            search_path=(schema, home_schema) if home_schema else (schema,),
+            connect_timeout_s=connect_timeout_s,
+            statement_timeout_s=statement_timeout_s,
+            log=self._log,
+        )
         self._create_schema()
 
     @classmethod
@@ -213,56 +201,9 @@ class PostgresLedger:
 
     # --- connection and transactions -------------------------------------------------------
 
-    @contextmanager
-    def _tx(self) -> Iterator[Cursor]:
+    def _tx(self) -> AbstractContextManager[Cursor]:
         """One transaction on the shared connection; backend errors leave as StoreErrors."""
-        with self._lock:
-            try:
-                conn = self._connection()
-                with conn.transaction(), conn.cursor() as cur:
-                    yield cur
-            except psycopg.DatabaseError as exc:
-                raise self._store_error(exc) from exc
-
-    def _connection(self) -> psycopg.Connection[TupleRow]:
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
-        self._conn = psycopg.connect(
-            self._dsn,
-            autocommit=True,  # transactions are explicit: conn.transaction() in _tx
-            connect_timeout=max(CONNECT_TIMEOUT_MIN_S, math.ceil(self._connect_timeout_s)),
-            options=self._session_options(),
-            application_name="lockstep-ledger",
-        )
-        self._log.info("ledger connected")
-        return self._conn
-
-    def _session_options(self) -> str:
-        """Server settings for our session, appended to any the DSN sets (the last one wins)."""
-        ours = (
-            f"-c statement_timeout={_ms(self._statement_timeout_s)} "
-            f"-c idle_in_transaction_session_timeout={_ms(IDLE_IN_TRANSACTION_TIMEOUT_S)} "
-            f"-c search_path={self.schema}{',' + self.home_schema if self.home_schema else ''}"
-        )
-        theirs = conninfo_to_dict(self._dsn).get("options")
-        return f"{theirs} {ours}" if theirs else ours
-
-    def _store_error(self, exc: psycopg.DatabaseError) -> StoreError:
-        """Map a backend error; a lost connection is dropped so the next call reconnects."""
-        lost = self._conn is None or self._conn.broken or self._conn.closed
-        if lost:
-            self._drop_connection()
-        message = f"postgres ledger {self._where}: {type(exc).__name__}: {exc}"
-        if lost or _is_transient(exc):
-            self._log.warning("ledger transient error", error=type(exc).__name__, connection_lost=lost)
-            return TransientStoreError(message, store=STORE)
-        self._log.error("ledger permanent error", error=type(exc).__name__, sqlstate=exc.sqlstate)
-        return PermanentStoreError(message, store=STORE)
-
-    def _drop_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        self._conn = None
+        return self._db.transaction()
 
     def _create_schema(self) -> None:
         """Create the schema and tables if missing; replicas starting together take turns."""
@@ -514,8 +455,7 @@ class PostgresLedger:
         self.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._drop_connection()
+        self._db.close()
 
 
 class PostgresEmbeddingCache:
@@ -669,31 +609,9 @@ def _doc(row: tuple[Any, ...]) -> DocState:
     )
 
 
-def _is_transient(exc: psycopg.DatabaseError) -> bool:
-    """Timeouts, deadlocks, serialisation failures, shutdowns: psycopg's OperationalError,
-    except the SQLSTATE classes that fail the same way on retry."""
-    sqlstate = exc.sqlstate or ""
-    return isinstance(exc, psycopg.OperationalError) and not sqlstate.startswith(PERMANENT_SQLSTATE_CLASSES)
-
-
-def _describe(dsn: str) -> str:
-    """Host, port, database and user of a DSN, for logs and repr: never its password."""
-    try:
-        parts = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        # ``from None``: psycopg's message quotes the malformed DSN, password included.
-        raise ConfigError("the postgres ledger DSN cannot be parsed") from None
-    keys = ("host", "port", "dbname", "user")
-    return " ".join(f"{k}={parts[k]}" for k in keys if parts.get(k))
-
-
 def _check_schema_name(schema: str) -> None:
     if not re.fullmatch(SCHEMA_PATTERN, schema):
         raise ConfigError(f"schema {schema!r} must match {SCHEMA_PATTERN}")
-
-
-def _ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
 
 
 def _parts(items: list[str]) -> Iterator[list[str]]:

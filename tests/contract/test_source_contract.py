@@ -15,14 +15,17 @@ records carry none; what was applied is what is not delivered again).
 from __future__ import annotations
 
 import gc
+import importlib
 import inspect
 import json
+import pkgutil
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 import pytest
@@ -305,12 +308,20 @@ def test_the_name_is_stable_across_instances_with_the_same_config(driver: Source
 # --- coverage of the suite ------------------------------------------------------------------------
 
 
-def _source_classes(modules: Sequence[object]) -> set[type]:
-    """Classes defined in ``modules`` that have the ChangeSource methods."""
-    found: set[type] = set()
+def _with_submodules(modules: Sequence[ModuleType]) -> Iterator[ModuleType]:
+    """``modules`` and, for a package, every module inside it (a source split into modules)."""
     for module in modules:
+        yield module
+        for info in pkgutil.walk_packages(getattr(module, "__path__", []), f"{module.__name__}."):
+            yield importlib.import_module(info.name)
+
+
+def _source_classes(modules: Sequence[ModuleType]) -> set[type]:
+    """Classes defined in ``modules`` (or a module of theirs) that have the ChangeSource methods."""
+    found: set[type] = set()
+    for module in _with_submodules(modules):
         for _, cls in inspect.getmembers(module, inspect.isclass):
-            if cls.__module__ == getattr(module, "__name__", None) and all(
+            if cls.__module__ == module.__name__ and all(
                 callable(getattr(cls, m, None)) for m in ("read", "commit", "close")
             ):
                 found.add(cls)
@@ -319,7 +330,8 @@ def _source_classes(modules: Sequence[object]) -> set[type]:
 
 def test_every_source_adapter_has_a_driver() -> None:
     """Every class in adapters/sources/ that reads, commits and closes is driven by this suite."""
-    modules = sorted(p.stem for p in Path(adapters.sources.jsonl.__file__).parent.glob("*.py"))
+    folder = Path(adapters.sources.jsonl.__file__).parent
+    modules = sorted([p.stem for p in folder.glob("*.py")] + [p.parent.name for p in folder.glob("*/__init__.py")])
     covered = {m.__name__.rpartition(".")[2] for m in SOURCE_MODULES}
     helpers = {"__init__", "base", "debezium", "pgoutput"}  # decoders and shared helpers, no sources
     assert set(modules) - helpers == covered

@@ -31,7 +31,7 @@ from adapters.sources.debezium import KafkaSourceSettings, TableMappingSettings
 from adapters.sources.folder import FolderSource
 from adapters.sources.jsonl import JsonlSource
 from adapters.sources.kafka import KafkaDebeziumSource
-from adapters.sources.pg_logical import PgLogicalSource
+from adapters.sources.pg_logical import PgLogicalSource, PgLogicalSourceSettings
 from adapters.sources.sql_table import SqlTableSource
 from adapters.sources.webhook import SqliteInbox, WebhookSource
 from chaos.servers import EmbeddedPostgres
@@ -374,17 +374,17 @@ class PgLogicalDriver:
         self._sql("ALTER TABLE {} REPLICA IDENTITY FULL")
 
     def open(self) -> PgLogicalSource:
-        return PgLogicalSource(
-            self.dsn,
-            [self.table],
-            self._ledger,
-            self._ledger,
+        settings = PgLogicalSourceSettings(
+            dsn=SecretStr(self.dsn),
+            tables=(self.table,),
+            name=f"postgres:{self.slot}",
             slot=self.slot,
             publication=self.publication,
             text_column="body",
             metadata_column="meta",
             poll_interval_s=0.05,
         )
+        return PgLogicalSource(settings, self._ledger, self._ledger)
 
     def upsert(self, key: int, text: str, tag: str) -> Written:
         self._sql(
