@@ -26,12 +26,12 @@ from coordinator.errors import ConfigError
 from coordinator.generations import Generation
 from coordinator.ports import (
     ChangeSource,
-    ChunkIndex,
+    ChunkWriter,
     Embedder,
     EmbeddingCache,
     HashedEmbedder,
     KeywordIndex,
-    VectorIndex,
+    VectorWriter,
 )
 from lockstep.settings import (
     EmbedderSettings,
@@ -134,8 +134,8 @@ def build_engine(
     gen: Generation,
     *,
     ledger: AnyLedger,
-    keyword: ChunkIndex,
-    vector: VectorIndex,
+    keyword: ChunkWriter,
+    vector: VectorWriter,
     embedder: HashedEmbedder,
     source_name: str,
     crash: CrashHook = no_crash,
