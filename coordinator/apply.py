@@ -30,13 +30,13 @@ from coordinator.model import DeadLetter, IndexedChunk
 from coordinator.planner import Plan, PlanKind, event_hash, plan
 from coordinator.ports import (
     BadRecord,
-    ChunkIndex,
+    ChunkWriter,
     Fence,
     HashedEmbedder,
     Intent,
     Ledger,
     SourceRecord,
-    VectorIndex,
+    VectorWriter,
 )
 from coordinator.redact import redact
 from coordinator.restore import committed_copies, event_of, plan_restore, touched_ids
@@ -91,8 +91,8 @@ class ApplyEngine:
         self,
         *,
         ledger: Ledger,
-        keyword: ChunkIndex,
-        vector: VectorIndex,
+        keyword: ChunkWriter,
+        vector: VectorWriter,
         embedder: HashedEmbedder,
         chunking: ChunkingSettings,
         source_name: str,
@@ -102,7 +102,7 @@ class ApplyEngine:
         self.ledger = ledger
         # A monotonic clock for per-index apply latency; the domain never reads time itself.
         self.clock = clock
-        self.sides: dict[str, ChunkIndex] = {KEYWORD: keyword, VECTOR: vector}
+        self.sides: dict[str, ChunkWriter] = {KEYWORD: keyword, VECTOR: vector}
         self.vector = vector
         self.embedder = embedder
         self.chunking = chunking

@@ -72,11 +72,12 @@ from coordinator.planner import document_hash
 from coordinator.ports import (
     BadRecord,
     ChangedDocs,
-    ChunkIndex,
+    ChunkReader,
     DuplicateFinder,
     FetchableSource,
     Ledger,
     ListableSource,
+    ScannableIndex,
     SourceDoc,
 )
 
@@ -558,8 +559,8 @@ class Auditor:
         self,
         *,
         ledger: Ledger,
-        keyword: ChunkIndex,
-        vector: ChunkIndex,
+        keyword: ChunkReader,
+        vector: ChunkReader,
         source: ListableSource | None,
         chunking: ChunkingSettings,
         reference_name: str,
@@ -567,7 +568,9 @@ class Auditor:
         hash_text: bool = True,
     ) -> None:
         self.ledger = ledger
-        self.indexes: dict[str, ChunkIndex] = {KEYWORD: keyword, VECTOR: vector}
+        # Probes read by chunk ID; the modes that stream a whole index (``full``, ``document``)
+        # need it scannable (``_scan``): the service's proxies to its writer actors only probe.
+        self.indexes: dict[str, ChunkReader] = {KEYWORD: keyword, VECTOR: vector}
         self.source = source
         self.chunking = chunking
         self.reference_name = reference_name
@@ -666,9 +669,15 @@ class Auditor:
             target.add(doc.doc_id, doc.doc_id, None, document_hash(doc.text, doc.metadata))
 
     def _digest_index(self, side: str, target: Digests) -> None:
-        for chunk in self.indexes[side].scan(with_text=self.hash_text):
+        for chunk in self._scan(side):
             o = self._observe(chunk)
             target.add(doc_of(o.chunk_id), o.chunk_id, o.version, o.digested)
+
+    def _scan(self, side: str) -> Iterator[StoredChunk]:
+        index = self.indexes[side]
+        if not isinstance(index, ScannableIndex):
+            raise TypeError(f"the {side} index is read by chunk ID only: a mode that streams it needs its scan()")
+        return index.scan(with_text=self.hash_text)
 
     def _observe(self, chunk: StoredChunk) -> Observed:
         """A scanned chunk; without ``hash_text`` its metadata is left out too, so that every
@@ -725,7 +734,7 @@ class Auditor:
         return views
 
     def _held(self, side: str, wanted: Callable[[str], bool]) -> list[Observed]:
-        chunks = self.indexes[side].scan(with_text=self.hash_text)
+        chunks = self._scan(side)
         return [self._observe(c) for c in chunks if wanted(doc_of(c.chunk_id))]
 
     def _source_docs(self, wanted: set[str]) -> dict[str, SourceDoc]:

@@ -126,6 +126,41 @@ class DuplicateFinder(Protocol):
     def duplicate_ids(self) -> dict[str, int]: ...
 
 
+@runtime_checkable
+class ScannableIndex(Protocol):
+    """An index the auditor can stream whole: every ChunkIndex, not a writer actor's proxy."""
+
+    def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]: ...
+class ChunkReader(Protocol):
+    """An index read by chunk ID only: what a probe (``Auditor.probe``) needs. Every ChunkIndex
+    is one; so is the service's proxy to a writer actor, which cannot stream a whole index."""
+
+    def get(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
+        """Read chunks by ID, bypassing any refresh delay; absent IDs are left out."""
+
+
+@runtime_checkable
+class ChunkWriter(ChunkReader, Protocol):
+    """What the two-phase apply (``ApplyEngine``) needs from either index: versioned writes and
+    real-time reads by chunk ID, with ChunkIndex's semantics. Every ChunkIndex is one; so is
+    the shard actors' proxy to an index writer actor."""
+
+    def upsert(self, chunks: Sequence[IndexedChunk]) -> WriteResult:
+        """Write chunks (one item per chunk ID per call), each at its own version."""
+
+    def delete(self, deletes: Sequence[ChunkDelete]) -> WriteResult:
+        """Delete chunks by ID, each at a version above any it was written with."""
+
+
+@runtime_checkable
+class VectorWriter(ChunkWriter, Protocol):
+    """What the two-phase apply needs from the vector index: a ChunkWriter that also gives back
+    the vectors it holds (a metadata-only rewrite reuses them). Every VectorIndex is one."""
+
+    def fetch_vectors(self, chunk_ids: Sequence[str]) -> dict[str, list[float]]:
+        """The stored vectors of these chunks (used when the embedding cache lacks them)."""
+
+
 # A metadata filter: equality on top-level metadata keys, each value a JSON scalar.
 MetadataFilter = Mapping[str, str | int | float | bool | None]
 
@@ -180,8 +215,8 @@ class VectorSearch(Protocol):
     ) -> list[SearchHit]:
         """The k chunks nearest to ``vector``, best first. ``strong``: see every write
         acknowledged before the call (Milvus ``Strong``); otherwise the store's default bounded
-        staleness, which the fence makes safe. ``vector`` and ``k`` are positional: the
-        service's proxy to a writer actor (``ActorIndex``) names them as it does for either index."""
+        staleness, which the fence makes safe. ``vector`` and ``k`` are positional-only, so
+        that an implementation (the service's ``VectorSearchProxy``) may name them as it likes."""
 
     def close(self) -> None: ...
 

@@ -27,11 +27,11 @@ from coordinator.generations import Generation
 from coordinator.ports import (
     AliasedKeywordIndex,
     ChangeSource,
-    ChunkIndex,
+    ChunkWriter,
     Embedder,
     EmbeddingCache,
     HashedEmbedder,
-    VectorIndex,
+    VectorWriter,
 )
 from lockstep.settings import (
     EmbedderSettings,
@@ -145,8 +145,8 @@ def build_engine(
     gen: Generation,
     *,
     ledger: AnyLedger,
-    keyword: ChunkIndex,
-    vector: VectorIndex,
+    keyword: ChunkWriter,
+    vector: VectorWriter,
     embedder: HashedEmbedder,
     source_name: str,
     crash: CrashHook = no_crash,

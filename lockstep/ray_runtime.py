@@ -3,7 +3,9 @@
 Topology of ``lockstep run``:
 - one ``IndexWriterActor`` per side (keyword, vector) owns that index's client; embedded stores
   (a Tantivy directory, a milvus-lite file) allow a single writer process, and for servers one
-  writer per side batches best;
+  writer per side batches best. The shards write through ``KeywordWriterProxy`` and
+  ``VectorWriterProxy`` (the ChunkWriter and VectorWriter ports), and the service's search of a
+  milvus-lite file through ``VectorSearchProxy`` (VectorSearch): one Ray call per port call;
 - N ``ShardActor``s, each hosting a plain ``coordinator.shard.ShardWorker`` with its own ledger
   connection and embedder, claim their shard's lease (epoch) in the ledger, re-drive the shard's
   prepared intents, then run the apply loop on a background thread;
@@ -25,15 +27,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import ray
 import ray._private.ray_constants
 import ray._private.utils
 import structlog
+from ray import ObjectRef
+from ray.actor import ActorProxy
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from adapters.embedders.cached import CachedEmbedder
+from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook
 from coordinator.errors import FencedError, LockstepError, TransientStoreError
@@ -41,7 +46,7 @@ from coordinator.generations import Generation, check_embedder
 from coordinator.leftovers import ProcessId, is_running
 from coordinator.model import ChunkDelete, IndexedChunk, SearchHit, StoredChunk, Vector, WriteResult
 from coordinator.multi_apply import MultiEngine
-from coordinator.ports import ChunkIndex
+from coordinator.ports import ChunkIndex, MetadataFilter
 from coordinator.routing import shard_of
 from coordinator.shard import Backoff, Envelope, ShardStatus, ShardWorker
 from lockstep.bootstrap import (
@@ -162,6 +167,12 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
+def _answer(ref: ObjectRef[T], timeout_s: float, what: str) -> T:
+    """``_call`` of one typed actor call: the answer has the called method's return type."""
+    answer: T = _call(ref, timeout_s, what)
+    return answer
+
+
 def _call(ref: Any, timeout_s: float, what: str) -> Any:
     """ray.get with a timeout; Ray failures become lockstep errors (the cause's own when it is one)."""
     try:
@@ -179,7 +190,9 @@ def _call(ref: Any, timeout_s: float, what: str) -> Any:
 
 @ray.remote(max_concurrency=1)  # type: ignore[call-overload]  # ray's remote() overloads omit actor options
 class IndexWriterActor:
-    """Owns one side's index client; every write to that index goes through here."""
+    """Owns one side's index client; every write to that index goes through here. Its methods
+    are the ChunkWriter port (and the vector side's VectorWriter and VectorSearch), each with
+    the generation it addresses first; the typed proxies below are its only callers."""
 
     def __init__(self, side: str, generations: list[WriterTarget], log_level: str, driver: Driver | None) -> None:
         """One client per live generation (its physical index names), all in this one process:
@@ -229,16 +242,53 @@ class IndexWriterActor:
             self.indexes[number] = index
         return index
 
+    def _vector(self, number: int) -> MilvusVectorIndex:
+        index = self._index(number)
+        assert isinstance(index, MilvusVectorIndex), f"the {self.side} writer holds no vector index"
+        return index
+
+    @ray.method
     def ready(self) -> list[int]:
         """Answers once the constructor is done: the generations whose client is built."""
         return sorted(self.indexes)
 
-    def call(self, generation: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._index(generation), method)(*args, **kwargs)
+    @ray.method
+    def upsert(self, generation: int, chunks: list[IndexedChunk]) -> WriteResult:
+        return self._index(generation).upsert(chunks)
 
+    @ray.method
+    def delete(self, generation: int, deletes: list[ChunkDelete]) -> WriteResult:
+        return self._index(generation).delete(deletes)
+
+    @ray.method
+    def get(self, generation: int, chunk_ids: list[str]) -> dict[str, StoredChunk]:
+        return self._index(generation).get(chunk_ids)
+
+    @ray.method
+    def fetch_vectors(self, generation: int, chunk_ids: list[str]) -> dict[str, list[float]]:
+        return self._vector(generation).fetch_vectors(chunk_ids)
+
+    @ray.method
+    def search_hits(
+        self,
+        generation: int,
+        vector: list[float],
+        k: int,
+        where: MetadataFilter | None,
+        strong: bool,
+        timeout_s: float | None,
+    ) -> list[SearchHit]:
+        return self._vector(generation).search_hits(vector, k, where=where, strong=strong, timeout_s=timeout_s)
+
+    @ray.method
     def close(self) -> None:
         for index in self.indexes.values():
             index.close()
+
+
+# A handle to an IndexWriterActor: mypy checks each call's arguments and answer against the
+# actor's (``ray.method``-typed) methods.
+Writer: TypeAlias = "ActorProxy[IndexWriterActor]"
 
 
 def writer_concurrency(side: str, targets: Sequence[WriterTarget]) -> int:
@@ -257,71 +307,76 @@ class WriterTarget:
     model_id: str
 
 
-class ActorIndex:
-    """A ChunkIndex (and VectorIndex) whose every call goes to an IndexWriterActor."""
+class _WriterProxy:
+    """The ChunkWriter port of one generation's index: each call is one round trip to the side's
+    IndexWriterActor, carrying the whole batch the engine hands it."""
 
-    def __init__(
-        self, handle: Any, name: str, dim: int = 0, generation: int = 1, *, filters_metadata: bool = False
-    ) -> None:
+    name: str
+
+    def __init__(self, handle: Writer, generation: int) -> None:
         self.handle = handle
-        self.name = name
-        self.dim = dim
         self.generation = generation
-        # As the adapter behind the actor (the read path asks before pushing a filter down).
-        self.filters_metadata = filters_metadata
 
-    def _do(self, method: str, *args: Any, wait_s: float = INDEX_CALL_TIMEOUT_S, **kwargs: Any) -> Any:
-        return _call(
-            self.handle.call.remote(self.generation, method, *args, **kwargs), wait_s, f"{self.name} index"
-        )
-
-    def ensure(self) -> None:
-        self._do("ensure")
+    def _wait(self, ref: ObjectRef[T]) -> T:
+        return _answer(ref, INDEX_CALL_TIMEOUT_S, f"{self.name} index")
 
     def upsert(self, chunks: Sequence[IndexedChunk]) -> WriteResult:
-        result: WriteResult = self._do("upsert", list(chunks))
-        return result
+        return self._wait(self.handle.upsert.remote(self.generation, list(chunks)))
 
     def delete(self, deletes: Sequence[ChunkDelete]) -> WriteResult:
-        result: WriteResult = self._do("delete", list(deletes))
-        return result
+        return self._wait(self.handle.delete.remote(self.generation, list(deletes)))
 
     def get(self, chunk_ids: Sequence[str]) -> dict[str, StoredChunk]:
-        result: dict[str, StoredChunk] = self._do("get", list(chunk_ids))
-        return result
+        return self._wait(self.handle.get.remote(self.generation, list(chunk_ids)))
+
+
+class KeywordWriterProxy(_WriterProxy):
+    """The keyword index of one generation as the apply path writes it (ChunkWriter)."""
+
+    name = KEYWORD
+
+
+class VectorWriterProxy(_WriterProxy):
+    """The vector index of one generation as the apply path writes it (VectorWriter)."""
+
+    name = VECTOR
 
     def fetch_vectors(self, chunk_ids: Sequence[str]) -> dict[str, list[float]]:
-        result: dict[str, list[float]] = self._do("fetch_vectors", list(chunk_ids))
-        return result
+        return self._wait(self.handle.fetch_vectors.remote(self.generation, list(chunk_ids)))
 
-    def count(self) -> int:
-        return int(self._do("count"))
 
-    def search(self, query: str | Vector, k: int) -> list[SearchHit]:
-        result: list[SearchHit] = self._do("search", query, k)
-        return result
+class VectorSearchProxy:
+    """The vector index of one generation as the read path searches it (VectorSearch), through
+    its writer: a milvus-lite file admits one process."""
+
+    name = VECTOR
+    # As the Milvus adapter behind the actor: the read path asks before pushing a filter down.
+    filters_metadata = True
+
+    def __init__(self, handle: Writer, generation: int, dim: int) -> None:
+        self.handle = handle
+        self.generation = generation
+        self.dim = dim
 
     def search_hits(
-        self, query: str | Vector, k: int, *, timeout_s: float | None = None, **options: Any
+        self,
+        vector: Vector,
+        k: int,
+        /,
+        *,
+        where: MetadataFilter | None = None,
+        strong: bool = False,
+        timeout_s: float | None = None,
     ) -> list[SearchHit]:
-        """The read path's search, run by the writer (an embedded store admits one process):
-        queued behind the write in progress, so ``timeout_s`` bounds the wait as well."""
-        wait_s = INDEX_CALL_TIMEOUT_S if timeout_s is None else timeout_s
-        result: list[SearchHit] = self._do("search_hits", query, k, wait_s=wait_s, timeout_s=timeout_s, **options)
-        return result
-
-    def visible(self, chunk_ids: Sequence[str]) -> dict[str, int]:
-        result: dict[str, int] = self._do("visible", list(chunk_ids))
-        return result
-
-    def scan(self, *, with_text: bool = False) -> Iterator[StoredChunk]:
-        raise NotImplementedError("scans read the store directly (audit), never through the writer")
-
-    def drop(self) -> None:
-        self._do("drop")
+        """Queued behind the write in progress in the writer, so ``timeout_s`` bounds the wait
+        as well (without one, INDEX_CALL_TIMEOUT_S does)."""
+        ref = self.handle.search_hits.remote(
+            self.generation, list(vector), k, None if where is None else dict(where), strong, timeout_s
+        )
+        return _answer(ref, INDEX_CALL_TIMEOUT_S if timeout_s is None else timeout_s, f"{self.name} index")
 
     def close(self) -> None:
-        return None
+        """Nothing to release: the writer actor owns the client."""
 
 
 @dataclass(frozen=True)
@@ -345,7 +400,7 @@ class ShardActor:
         config: ShardConfig,
         settings: Settings,
         generations: list[Generation],
-        writers: dict[str, Any],
+        writers: dict[str, Writer],
         crash_at: tuple[str, int] | None,
         driver: Driver | None,
     ) -> None:
@@ -383,7 +438,7 @@ class ShardActor:
         self,
         settings: Settings,
         generations: list[Generation],
-        writers: dict[str, Any],
+        writers: dict[str, Writer],
         crash: CrashHook,
     ) -> ApplyEngine | MultiEngine:
         """One two-phase engine per live generation (the active one first): each with its own
@@ -400,8 +455,8 @@ class ShardActor:
                 build_engine(
                     gen,
                     ledger=ledger,
-                    keyword=ActorIndex(writers[KEYWORD], KEYWORD, generation=gen.number),
-                    vector=ActorIndex(writers[VECTOR], VECTOR, dim=inner.dim, generation=gen.number),
+                    keyword=KeywordWriterProxy(writers[KEYWORD], gen.number),
+                    vector=VectorWriterProxy(writers[VECTOR], gen.number),
                     embedder=CachedEmbedder(inner, build_embedding_cache(self.ledger)),
                     source_name=settings.source.name if settings.source else "run",
                     crash=crash,
@@ -506,7 +561,7 @@ class ShardCluster:
         self.dim = generations[0].dim
         self.active = generations[0].number
         targets = [WriterTarget(g.number, generation_settings(settings, g), g.dim, g.model_id) for g in generations]
-        self.writers = {
+        self.writers: dict[str, Writer] = {
             side: IndexWriterActor.options(max_concurrency=writer_concurrency(side, targets)).remote(  # type: ignore[attr-defined]  # mypy does not apply class decorators, so misses the ActorClass
                 side, targets, log_level, driver
             )
@@ -531,13 +586,14 @@ class ShardCluster:
         # generations takes that much longer; a rebuild waits for it (docs/rebuild.md).
         _call([w.ready.remote() for w in self.writers.values()], SHARD_START_TIMEOUT_S, "index writer start")
 
-    def readers(self) -> tuple[ActorIndex, ActorIndex]:
-        """Read access to the active generation's indexes through the writer actors (for the
-        continuous audit)."""
-        return (
-            ActorIndex(self.writers[KEYWORD], KEYWORD, generation=self.active),
-            ActorIndex(self.writers[VECTOR], VECTOR, dim=self.dim, generation=self.active, filters_metadata=True),
-        )
+    def readers(self) -> tuple[KeywordWriterProxy, VectorWriterProxy]:
+        """Reads by chunk ID of the active generation's indexes through the writer actors (for
+        the continuous audit, which probes; nothing streams a whole index through a writer)."""
+        return KeywordWriterProxy(self.writers[KEYWORD], self.active), VectorWriterProxy(self.writers[VECTOR], self.active)
+
+    def vector_search(self) -> VectorSearchProxy:
+        """The active generation's vector index, searched through its writer actor."""
+        return VectorSearchProxy(self.writers[VECTOR], self.active, self.dim)
 
     def route(self, doc_key: str) -> int:
         return shard_of(doc_key, self.shards_n)

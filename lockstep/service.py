@@ -205,7 +205,7 @@ class Service:
     def _vector_reader(self) -> VectorSearch | None:
         if not self.settings.vector.is_embedded:
             return None
-        return self.cluster.readers()[1]
+        return self.cluster.vector_search()
 
     def _events_refusal(self) -> str | None:
         """Why POST /events is answered 503 right now, or None (the inbox takes events even while
