@@ -170,129 +170,140 @@ class OpsServer:
         self._server.server_close()
 
 
+class _OpsHandler(BaseHTTPRequestHandler):
+    """One request on the ops port; ``routes`` is set per server by ``_handler``."""
+
+    routes: _Routes
+    # Keep-alive, so a client posting many requests does not pay a connection per request.
+    protocol_version = "HTTP/1.1"
+    timeout = REQUEST_TIMEOUT_S
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/healthz":
+            self._send(200, "application/json", b'{"alive": true}')
+        elif path == "/readyz":
+            ready, reasons = self.routes.readiness()
+            body = json.dumps({"ready": ready, "reasons": reasons}).encode()
+            self._send(200 if ready else 503, "application/json", body)
+        elif path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.routes.registry))
+        elif path == EVENTS_PATH and self.routes.events_enabled:
+            self._reply(_not_allowed())
+        elif path == SEARCH_PATH and self.routes.search_enabled:
+            self._reply(_not_allowed(SEARCH_PATH))
+        else:
+            self._reply(Reply(404, {"error": "not found"}))
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path == SEARCH_PATH and self.routes.search_enabled:
+            self._reply(self._search())
+            return
+        if path != EVENTS_PATH or not self.routes.events_enabled:
+            self._reply(Reply(404, {"error": "not found"}, early=True))
+            return
+        reply = self._events()
+        self.routes.requests.labels(str(reply.status)).inc()
+        self._reply(reply)
+
+    def _search(self) -> Reply:
+        endpoint = self.routes.search
+        if endpoint is None:
+            return _unavailable("starting: the search service is not open yet")
+        refused = _unsupported(self.headers.get("Content-Type"), SEARCH_MEDIA_TYPES) or _bad_length(
+            self.headers, SEARCH_BODY_BYTES_MAX
+        )
+        if refused is not None:
+            return refused
+        body = self._body()
+        if isinstance(body, Reply):
+            return body
+        answer = endpoint.handle(body, self.headers.get("Authorization"))
+        return Reply(answer.status, answer.body, answer.headers)
+
+    def _other_method(self) -> None:
+        path = urlsplit(self.path).path
+        if path == EVENTS_PATH and self.routes.events_enabled:
+            self._reply(_not_allowed())
+        elif path == SEARCH_PATH and self.routes.search_enabled:
+            self._reply(_not_allowed(SEARCH_PATH))
+        else:
+            self._reply(Reply(405, {"error": "method not allowed"}, (("Allow", "GET"),), early=True))
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _other_method
+
+    def _events(self) -> Reply:
+        endpoint = self.routes.events
+        if endpoint is None:
+            return _unavailable("starting: the webhook source is not open yet")
+        refused = _before_body(self.headers, endpoint)
+        if refused is not None:
+            return refused
+        if not self.routes.slots.acquire(timeout=POST_SLOT_WAIT_S):
+            return _unavailable(f"more than {POSTS_CONCURRENT_MAX} requests at once")
+        try:
+            return self._read_and_store(endpoint)
+        finally:
+            self.routes.slots.release()
+
+    def _read_and_store(self, endpoint: EventsEndpoint) -> Reply:
+        body = self._body()
+        if isinstance(body, Reply):
+            return body
+        return _store(endpoint.intake, body, _media_type(self.headers.get("Content-Type")), self.routes)
+
+    def _body(self) -> bytes | Reply:
+        """The whole body its checked Content-Length announced, or a 400 when the client stopped short."""
+        length = int(self.headers["Content-Length"])
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            return Reply(400, {"error": f"body ended after {len(body)} of {length} bytes"})
+        return body
+
+    def _reply(self, reply: Reply) -> None:
+        if reply.status >= 400:
+            log.info("http request refused", path=urlsplit(self.path).path, method=self.command,
+                     status=reply.status, reason=reply.body.get("error"))
+        headers = reply.headers
+        if reply.early:
+            self._discard_body()
+            self.close_connection = True
+            headers += (("Connection", "close"),)
+        self._send(reply.status, "application/json", json.dumps(reply.body).encode(), headers)
+
+    def _discard_body(self) -> None:
+        """Read and drop a small unread body, so the client is not cut off mid-send."""
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > DRAIN_BYTES_MAX:
+            return
+        remaining = int(length)
+        while remaining > 0:
+            piece = self.rfile.read(min(remaining, DRAIN_CHUNK_BYTES))
+            if not piece:
+                return
+            remaining -= len(piece)
+
+    def _send(
+        self, status: int, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+
 def _handler(routes: _Routes) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        # Keep-alive, so a client posting many requests does not pay a connection per request.
-        protocol_version = "HTTP/1.1"
-        timeout = REQUEST_TIMEOUT_S
-
-        def do_GET(self) -> None:
-            path = urlsplit(self.path).path
-            if path == "/healthz":
-                self._send(200, "application/json", b'{"alive": true}')
-            elif path == "/readyz":
-                ready, reasons = routes.readiness()
-                body = json.dumps({"ready": ready, "reasons": reasons}).encode()
-                self._send(200 if ready else 503, "application/json", body)
-            elif path == "/metrics":
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(routes.registry))
-            elif path == EVENTS_PATH and routes.events_enabled:
-                self._reply(_not_allowed())
-            elif path == SEARCH_PATH and routes.search_enabled:
-                self._reply(_not_allowed(SEARCH_PATH))
-            else:
-                self._reply(Reply(404, {"error": "not found"}))
-
-        def do_POST(self) -> None:
-            path = urlsplit(self.path).path
-            if path == SEARCH_PATH and routes.search_enabled:
-                self._reply(self._search())
-                return
-            if path != EVENTS_PATH or not routes.events_enabled:
-                self._reply(Reply(404, {"error": "not found"}, early=True))
-                return
-            reply = self._events()
-            routes.requests.labels(str(reply.status)).inc()
-            self._reply(reply)
-
-        def _search(self) -> Reply:
-            endpoint = routes.search
-            if endpoint is None:
-                return _unavailable("starting: the search service is not open yet")
-            refused = _unsupported(self.headers.get("Content-Type"), SEARCH_MEDIA_TYPES) or _bad_length(
-                self.headers, SEARCH_BODY_BYTES_MAX
-            )
-            if refused is not None:
-                return refused
-            length = int(self.headers["Content-Length"])
-            body = self.rfile.read(length)
-            if len(body) < length:
-                self.close_connection = True
-                return Reply(400, {"error": f"body ended after {len(body)} of {length} bytes"})
-            answer = endpoint.handle(body, self.headers.get("Authorization"))
-            return Reply(answer.status, answer.body, answer.headers)
-
-        def _other_method(self) -> None:
-            path = urlsplit(self.path).path
-            if path == EVENTS_PATH and routes.events_enabled:
-                self._reply(_not_allowed())
-            elif path == SEARCH_PATH and routes.search_enabled:
-                self._reply(_not_allowed(SEARCH_PATH))
-            else:
-                self._reply(Reply(405, {"error": "method not allowed"}, (("Allow", "GET"),), early=True))
-
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _other_method
-
-        def _events(self) -> Reply:
-            endpoint = routes.events
-            if endpoint is None:
-                return _unavailable("starting: the webhook source is not open yet")
-            refused = _before_body(self.headers, endpoint)
-            if refused is not None:
-                return refused
-            if not routes.slots.acquire(timeout=POST_SLOT_WAIT_S):
-                return _unavailable(f"more than {POSTS_CONCURRENT_MAX} requests at once")
-            try:
-                return self._read_and_store(endpoint)
-            finally:
-                routes.slots.release()
-
-        def _read_and_store(self, endpoint: EventsEndpoint) -> Reply:
-            length = int(self.headers["Content-Length"])
-            body = self.rfile.read(length)
-            if len(body) < length:
-                self.close_connection = True
-                return Reply(400, {"error": f"body ended after {len(body)} of {length} bytes"})
-            return _store(endpoint.intake, body, _media_type(self.headers.get("Content-Type")), routes)
-
-        def _reply(self, reply: Reply) -> None:
-            if reply.status >= 400:
-                log.info("http request refused", path=urlsplit(self.path).path, method=self.command,
-                         status=reply.status, reason=reply.body.get("error"))
-            headers = reply.headers
-            if reply.early:
-                self._discard_body()
-                self.close_connection = True
-                headers += (("Connection", "close"),)
-            self._send(reply.status, "application/json", json.dumps(reply.body).encode(), headers)
-
-        def _discard_body(self) -> None:
-            """Read and drop a small unread body, so the client is not cut off mid-send."""
-            length = self.headers.get("Content-Length", "")
-            if not length.isdigit() or int(length) > DRAIN_BYTES_MAX:
-                return
-            remaining = int(length)
-            while remaining > 0:
-                piece = self.rfile.read(min(remaining, DRAIN_CHUNK_BYTES))
-                if not piece:
-                    return
-                remaining -= len(piece)
-
-        def _send(
-            self, status: int, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = ()
-        ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return None
-
-    return Handler
+    """A handler class bound to one server's routes (http.server builds one instance per request)."""
+    return type("Handler", (_OpsHandler,), {"routes": routes})
 
 
 # --- POST /events, step by step -----------------------------------------------------------------
