@@ -93,72 +93,89 @@ class Target:
     start_errors: tuple[type[Exception], ...] = ()
 
 
+# The options of ``chaos run``, one alias each, so the command's signature reads as a list.
+_ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="lockstep YAML: the stores to run against.", dir_okay=False),
+]
+_SeedOpt = Annotated[int, typer.Option(help="Seed of the whole run (schedule seeds derive from it).")]
+_SchedulesOpt = Annotated[int, typer.Option(min=1, help="Number of schedules.")]
+_FaultsSpecOpt = Annotated[
+    str,
+    typer.Option(
+        "--faults", help="Kinds and tiers, comma-separated: all, inproc, server, or kind names."
+    ),
+]
+_ServersOpt = Annotated[
+    str,
+    typer.Option(
+        help="config: the stores of -c FILE (embedded ones without it); managed: servers the "
+        "suite starts itself (needed by process faults)."
+    ),
+]
+_ManagedMilvusOpt = Annotated[
+    str,
+    typer.Option(
+        help="With --servers managed: the Milvus server to start, lite or 2.3.5 (with "
+        "--generations also file: a milvus-lite file per worker)."
+    ),
+]
+_GenerationsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--generations",
+        help="Schedules that rebuild, swap, roll back, abort and gc generations beside the live "
+        "service while the faults go on (in-process kinds; an OpenSearch/Elasticsearch keyword index).",
+    ),
+]
+_BudgetSOpt = Annotated[
+    float, typer.Option("--budget-s", help="Stop starting schedules after this many seconds.")
+]
+_WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="Worker processes (default: two per core, at most 4; at most 3 with server kinds)."
+    ),
+]
+_ReplayOpt = Annotated[
+    int | None, typer.Option(help="Run exactly one schedule: this schedule seed, with exactly --faults.")
+]
+_FailFastOpt = Annotated[
+    bool, typer.Option(help="Stop starting schedules after the first violation.")
+]
+_ReportOpt = Annotated[
+    Path | None,
+    typer.Option(help="Also write every schedule's result (faults injected, violations) as JSON here."),
+]
+_PlantBugOpt = Annotated[
+    str | None, typer.Option(hidden=True, help=f"Test-only: {', '.join(PLANTED_BUGS)}.")
+]
+_PathOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="shard: every schedule through the streaming path (lockstep run's shard worker); "
+        "batch: through lockstep sync's batch path. Default: one seed in four takes the batch "
+        "path when its faults can happen there."
+    ),
+]
+
+
 @app.command()
 def run(
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="lockstep YAML: the stores to run against.", dir_okay=False),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the whole run (schedule seeds derive from it).")] = 1,
-    schedules: Annotated[int, typer.Option(min=1, help="Number of schedules.")] = 200,
-    faults_spec: Annotated[
-        str,
-        typer.Option(
-            "--faults", help="Kinds and tiers, comma-separated: all, inproc, server, or kind names."
-        ),
-    ] = "inproc",
-    servers: Annotated[
-        str,
-        typer.Option(
-            help="config: the stores of -c FILE (embedded ones without it); managed: servers the "
-            "suite starts itself (needed by process faults)."
-        ),
-    ] = SERVERS_CONFIG,
-    managed_milvus: Annotated[
-        str,
-        typer.Option(
-            help="With --servers managed: the Milvus server to start, lite or 2.3.5 (with "
-            "--generations also file: a milvus-lite file per worker)."
-        ),
-    ] = MILVUS_LITE,
-    generations: Annotated[
-        bool,
-        typer.Option(
-            "--generations",
-            help="Schedules that rebuild, swap, roll back, abort and gc generations beside the live "
-            "service while the faults go on (in-process kinds; an OpenSearch/Elasticsearch keyword index).",
-        ),
-    ] = False,
-    budget_s: Annotated[
-        float, typer.Option("--budget-s", help="Stop starting schedules after this many seconds.")
-    ] = 300.0,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Worker processes (default: two per core, at most 4; at most 3 with server kinds)."
-        ),
-    ] = None,
-    replay: Annotated[
-        int | None, typer.Option(help="Run exactly one schedule: this schedule seed, with exactly --faults.")
-    ] = None,
-    fail_fast: Annotated[
-        bool, typer.Option(help="Stop starting schedules after the first violation.")
-    ] = False,
-    report: Annotated[
-        Path | None,
-        typer.Option(help="Also write every schedule's result (faults injected, violations) as JSON here."),
-    ] = None,
-    plant_bug: Annotated[
-        str | None, typer.Option(hidden=True, help=f"Test-only: {', '.join(PLANTED_BUGS)}.")
-    ] = None,
-    path: Annotated[
-        str | None,
-        typer.Option(
-            help="shard: every schedule through the streaming path (lockstep run's shard worker); "
-            "batch: through lockstep sync's batch path. Default: one seed in four takes the batch "
-            "path when its faults can happen there."
-        ),
-    ] = None,
+    config: _ConfigOpt = None,
+    seed: _SeedOpt = 1,
+    schedules: _SchedulesOpt = 200,
+    faults_spec: _FaultsSpecOpt = "inproc",
+    servers: _ServersOpt = SERVERS_CONFIG,
+    managed_milvus: _ManagedMilvusOpt = MILVUS_LITE,
+    generations: _GenerationsOpt = False,
+    budget_s: _BudgetSOpt = 300.0,
+    workers: _WorkersOpt = None,
+    replay: _ReplayOpt = None,
+    fail_fast: _FailFastOpt = False,
+    report: _ReportOpt = None,
+    plant_bug: _PlantBugOpt = None,
+    path: _PathOpt = None,
 ) -> None:
     """Run N seeded schedules; print one row per schedule and the seeds of any failure; exit 1 on a violation.
 
