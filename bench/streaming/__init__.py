@@ -1093,6 +1093,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_ok = all(not r.violations for r in results.runs)
     return 0 if runs_ok and not results.freshness.violations else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
