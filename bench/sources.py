@@ -115,7 +115,7 @@ PG_SEED_DOC_ID = "seed/000000"
 # The priming `lockstep sync` and the slot's first snapshot take seconds; bound them anyway.
 SYNC_TIMEOUT_S = 300.0
 # Pause between runs so that the last run's Ray workers and stores have exited before the next
-# run starts (as bench/streaming.py pauses between phases).
+# run starts (as bench/streaming/ pauses between phases).
 SETTLE_S = 5.0
 VIOLATIONS_SHOWN_MAX = 10
 DOCS_SECTION = "## Change-stream sources (`bench/sources.py`)"
@@ -841,7 +841,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--offer-batch-max", type=int, default=defaults.offer_batch_max)
     parser.add_argument("--mailbox-docs-max", type=int, default=defaults.mailbox_docs_max)
     parser.add_argument("--audit-interval-s", type=float, default=0.0,
-                        help="continuous audit in the service (0: off, as bench/streaming.py runs it)")  # fmt: skip
+                        help="continuous audit in the service (0: off, as bench/streaming/ runs it)")  # fmt: skip
     parser.add_argument("--docs-file", type=Path, default=Path("docs/benchmarks.md"),
                         help="the results go between this file's bench.sources markers")  # fmt: skip
     parser.add_argument("--no-docs-file", action="store_true", help="print only")
