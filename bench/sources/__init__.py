@@ -125,7 +125,7 @@ LOCKSTEP = [sys.executable, "-m", "lockstep", "--log-level", "warning"]
 # Events read by the service and not yet finished (the reader's lead over the shards).
 UNFINISHED = "lockstep_unfinished_events"
 # The checkout whose code the services run (the benchmark's own package is in it).
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GIT_TIMEOUT_S = 10.0
 
 
@@ -872,6 +872,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_docs(args.docs_file, command.strip(), markdown)
     return 0 if all(not run.violations for run in results.runs) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
