@@ -54,7 +54,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bench.streaming.cli import main
     from bench.streaming.freshness import FreshnessRun, LagLog
     from bench.streaming.keyword_latency import StoreLatency
     from bench.streaming.metrics import APPLIED, write_s_mean
@@ -79,7 +78,6 @@ if TYPE_CHECKING:
     from bench.streaming.workload import CHUNKS_PER_DOC, DIM, PARA_CHARS, make_docs, write_events
 
 _EXPORTS = {
-    "main": "bench.streaming.cli",
     "FreshnessRun": "bench.streaming.freshness",
     "LagLog": "bench.streaming.freshness",
     "StoreLatency": "bench.streaming.keyword_latency",
@@ -128,7 +126,6 @@ __all__ = [
     "_lag_windows",
     "_store_latency",
     "crossing",
-    "main",
     "make_docs",
     "running",
     "steady_rate",
