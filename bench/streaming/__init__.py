@@ -44,8 +44,10 @@ The modules, one concern each:
 - ``report.py``: the Markdown report and its block in docs/benchmarks.md;
 - ``progress.py``: progress lines and the pause between phases.
 
-The names below are loaded from those modules on first use (as ``lockstep/__init__.py`` does):
-the modules import one another, and an ``__init__`` that imported them would close a cycle.
+The names below stay importable from ``bench.streaming`` itself: the workload, the service and
+the steady-window rate that ``bench.sources`` shares, and the report test's renderers. They are
+loaded from their modules on first use (as ``lockstep/__init__.py`` does): the modules import
+one another, and an ``__init__`` that imported them would close a cycle.
 """
 
 from __future__ import annotations
