@@ -1,4 +1,4 @@
-"""bench/streaming.py's freshness report: lags grouped by when their events were appended."""
+"""bench/streaming/report.py's freshness report: lags grouped by when their events were appended."""
 
 from __future__ import annotations
 
