@@ -207,6 +207,11 @@ def _metric(base: str, name: str) -> float:
     return 0.0
 
 
+def _not_ready_for(base: str, reason: str) -> bool:
+    readyz = httpx.get(f"{base}/readyz", timeout=5.0)
+    return readyz.status_code == 503 and reason in readyz.text
+
+
 def _wait(predicate: Callable[[], bool], what: str, service: LogTail) -> None:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
@@ -308,8 +313,7 @@ def test_losing_the_node_of_the_shard_actors_loses_nothing(
         # Edits, deletes and new documents, written while the shards' node is gone.
         model.append(_history(range(0, 300, 7), range(3, 5), rng, "doc") + _history(range(40), range(1, 3), rng, "late"))
         _wait(lambda: _metric(base, "lockstep_shards_lost_total") == SHARDS, "both shards noticed lost", service)
-        readyz = httpx.get(f"{base}/readyz", timeout=5.0)
-        assert readyz.status_code == 503 and "re-creating" in readyz.text, readyz.text
+        _wait(lambda: _not_ready_for(base, "re-creating"), "/readyz to say the shards are being re-created", service)
 
         nodes.append(_start_node("worker-2", cluster_dir / "w2", worker_args))
         _wait(lambda: _metric(base, "lockstep_shards_recreated_total") == SHARDS, "both shards re-created", service)
