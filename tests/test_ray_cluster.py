@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -92,9 +93,18 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+# The cluster's own token: `ray start --head` turns token authentication on whenever a token
+# exists in ~/.ray, and every node and driver must then present the same one.
+RAY_TOKEN = secrets.token_hex(32)
+
+
 def _env() -> dict[str, str]:
-    """Every Ray process imports lockstep from this tree (workers inherit their raylet's env)."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **RAY_ENV}
+    """Every Ray process imports lockstep from this tree (workers inherit their raylet's env) and
+    authenticates with this test's token, whatever ~/.ray holds."""
+    return {
+        **os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **RAY_ENV,
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN,
+    }  # fmt: skip
 
 
 def _start_node(name: str, temp_dir: Path, args: list[str]) -> RayNode:
