@@ -18,6 +18,10 @@ drives it on its simulated clock.
 - ``checkpoint`` is the position to commit: the position after the last event below which every
   event is finished (``coordinator/watermark.py``), and only when it moved since the last one
   committed (``committed``). Committing further would lose unfinished events in a crash.
+- ``reoffer`` hands a lost shard's work to the shard that replaces it: what the lost one had
+  accepted and not reported finished goes back to the front of its buffer, in seq order, and
+  the new shard's mailbox counts as empty. What the lost one finished without reporting it is
+  offered again too; the ledger's version gate makes that second apply a no-op.
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ class ReaderFlow:
         # Each shard's free mailbox room as last reported (less what was offered since): a full
         # shard is not sent records it would only refuse, serialized again at every tick.
         self._room_left: dict[int, int] = {}
+        # What each shard accepted and has not reported finished, by seq: bounded by its
+        # mailbox, and offered again if the shard is lost (``reoffer``).
+        self._taken: dict[int, dict[int, Envelope]] = {i: {} for i in range(shards)}
         # When each record not finished yet was read, on ``clock``.
         self._read_at: dict[int, float] = {}
         # Set by the caller: the source ended, and the last position it committed.
@@ -111,12 +118,23 @@ class ReaderFlow:
     def offered(self, accepted: Mapping[int, int]) -> None:
         """Each shard accepted this many records of its batch, from the front."""
         for shard, taken in accepted.items():
+            self._taken[shard].update((env.seq, env) for env in self.buffers[shard][:taken])
             del self.buffers[shard][:taken]
             self._room_left[shard] = self._room(shard) - taken
 
     def new_shards(self) -> None:
         """The shards were replaced by new ones, with empty mailboxes: forget the room reported."""
         self._room_left.clear()
+
+    def reoffer(self, shard: int) -> int:
+        """The shard was lost with its mailbox: what it accepted and did not report finished goes
+        back to the front of its buffer, for the shard that replaces it; returns how many."""
+        taken = self._taken[shard]
+        self.buffers[shard][:0] = [taken[seq] for seq in sorted(taken)]
+        self._room_left.pop(shard, None)
+        count = len(taken)
+        taken.clear()
+        return count
 
     def _room(self, shard: int) -> int:
         return self._room_left.get(shard, self.mailbox_docs_max)
@@ -138,6 +156,9 @@ class ReaderFlow:
         lags_s: list[float] = []
         for finished, status in reports:
             self.watermark.finish(finished)
+            taken = self._taken[status.shard]
+            for seq in finished:
+                taken.pop(seq, None)
             lags_s += [now - self._read_at.pop(seq) for seq in finished if seq in self._read_at]
             self._room_left[status.shard] = self.mailbox_docs_max - status.waiting_docs
         return Drained(lags_s, now - min(self._read_at.values(), default=now))

@@ -74,6 +74,12 @@ class Metrics:
             "lockstep_drift_chunks", "Chunks found drifted by the last continuous audit round.",
             ["category", "index"], registry=r,
         )
+        self.shards_lost = Counter(
+            "lockstep_shards_lost", "Shard actors lost with their process or Ray node.", registry=r
+        )
+        self.shards_recreated = Counter(
+            "lockstep_shards_recreated", "Lost shard actors re-created and ready again.", registry=r
+        )
         self.audits = Counter("lockstep_audit_rounds", "Continuous audit rounds completed.", registry=r)
         self.audit_docs = Gauge("lockstep_audit_documents", "Documents checked by the last audit round.", registry=r)
         self._seen: dict[tuple[int, str], int] = {}
@@ -100,6 +106,12 @@ class Metrics:
         self.cache_hits.inc(self._delta(shard, "cache_hits", stats["cache_hits"]))
         for side, n in (retries or {}).items():
             self.side_retries.labels(side).inc(self._delta(shard, f"retry:{side}", n))
+
+    def forget_shard(self, shard: int) -> None:
+        """The shard's actor was replaced: its successor's cumulative figures start from zero."""
+        for seen in (self._seen, self._seen_f):
+            for key in [k for k in seen if k[0] == shard]:
+                del seen[key]
 
     def _delta_f(self, shard: int, key: str, value: float) -> float:
         before = self._seen_f.get((shard, key), 0.0)

@@ -12,6 +12,14 @@ Topology of ``lockstep run``:
 - the reader (the driver process, ``lockstep/service.py``) routes batches of envelopes to the
   shards: one Ray call per batch, never one per event.
 
+Placement on a cluster (``run.ray_address``): the writers run on the driver's node when it can
+host them (an embedded store's files are there; with a ``ray://`` client, the head), the shards
+on nodes that offer ``run.shard_resources``. A shard actor Ray gives up on (it died with its
+node) is *lost*: the cluster re-creates it under a new lease epoch, which fences the lost one,
+and its constructor re-drives the shard's prepared intents; the service offers the new actor
+what the lost one had accepted and not finished (``ReaderFlow.reoffer``). No node offering the
+resources within ``run.shard_replace_timeout_s`` stops the service.
+
 Lifetimes: every actor on the driver's machine ends itself as soon as the driver is gone
 (``DRIVER_WATCH_S``), so that a driver killed with its process group (actors live in groups of
 their own) does not leave actors holding an embedded store's lock for the next start to trip
@@ -26,7 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeAlias, TypeVar
 
 import ray
@@ -36,6 +44,7 @@ import structlog
 from ray import ObjectRef
 from ray.actor import ActorProxy
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from adapters.embedders.cached import CachedEmbedder
 from adapters.vector.milvus import MilvusVectorIndex
@@ -71,6 +80,9 @@ INDEX_CALL_TIMEOUT_S = 120.0
 CONTROL_CALL_TIMEOUT_S = 60.0
 # Starting a shard includes claiming its lease and re-driving its prepared intents.
 SHARD_START_TIMEOUT_S = 600.0
+# How long after a re-created shard actor died too (its new node was lost as well, or its
+# constructor failed) the next one is started: each attempt costs a worker process.
+SHARD_RECREATE_RETRY_S = 2.0
 # A shard's apply loop sleeps this long when it has nothing to do.
 IDLE_SLEEP_S = 0.01
 # How soon a lease renewal the ledger could not take (busy, unreachable) is tried again.
@@ -173,6 +185,17 @@ def _answer(ref: ObjectRef[T], timeout_s: float, what: str) -> T:
     return answer
 
 
+class ActorLost(TransientStoreError):
+    """Ray gave up on the actor called: it died with its process or its node (Ray restarts none
+    of lockstep's actors), or its node cannot be reached. Retrying the same actor cannot help;
+    a shard's is re-created (``ShardCluster.heal``)."""
+
+
+class ShardNotReplaced(LockstepError):
+    """A lost shard actor could not be re-created within ``run.shard_replace_timeout_s``: no
+    node offered ``run.shard_resources``, or every new actor died."""
+
+
 def _call(ref: Any, timeout_s: float, what: str) -> Any:
     """ray.get with a timeout; Ray failures become lockstep errors (the cause's own when it is one)."""
     try:
@@ -182,7 +205,9 @@ def _call(ref: Any, timeout_s: float, what: str) -> Any:
         if isinstance(cause, LockstepError):
             raise cause from exc
         raise TransientStoreError(f"{what} failed in its actor: {cause!r}", store=what) from exc
-    except (GetTimeoutError, RayActorError) as exc:
+    except RayActorError as exc:
+        raise ActorLost(f"{what}: its actor is lost ({exc.__class__.__name__})", store=what) from exc
+    except GetTimeoutError as exc:
         raise TransientStoreError(f"{what} did not answer: {exc.__class__.__name__}", store=what) from exc
     except RayError as exc:
         raise TransientStoreError(f"{what}: {exc}", store=what) from exc
@@ -379,6 +404,44 @@ class VectorSearchProxy:
         """Nothing to release: the writer actor owns the client."""
 
 
+def _done(ref: ObjectRef[Any]) -> bool:
+    """Whether the call has answered (or failed), without waiting."""
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
+
+
+def _kill(handle: Any) -> None:
+    """End an actor for good (one lost, or one given up on); it may be gone already."""
+    with contextlib.suppress(RayError, ValueError):
+        ray.kill(handle, no_restart=True)
+
+
+def driver_node() -> str:
+    """The Ray node this driver runs on (with a ``ray://`` client, the head)."""
+    node: str = ray.get_runtime_context().get_node_id()
+    return node
+
+
+def writer_placement(node: str) -> NodeAffinitySchedulingStrategy:
+    """The writers run on ``node`` (the driver's) while it can host them, elsewhere if not."""
+    return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+
+
+def shard_placement(resources: dict[str, float]) -> dict[str, Any]:
+    """Ray options placing a shard actor on a node that offers ``resources``, holding them and no
+    CPU (once any resource is named, Ray would hold a CPU for the actor's whole life); with none,
+    Ray's defaults (no CPU held, one free needed to place it)."""
+    return {"num_cpus": 0, "resources": dict(resources)} if resources else {}
+
+
+@dataclass(frozen=True)
+class ShardPlace:
+    """A shard actor once started: the prepared intents it re-drove, and the node it runs on."""
+
+    recovered: int
+    node: str
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     shard: int
@@ -464,8 +527,8 @@ class ShardActor:
             )
         return engines[0] if len(engines) == 1 else MultiEngine(engines)
 
-    def ready(self) -> int:
-        return self.recovered
+    def ready(self) -> ShardPlace:
+        return ShardPlace(self.recovered, ray.get_runtime_context().get_node_id())
 
     def offer(self, envelopes: list[Envelope]) -> int:
         return self.worker.offer(envelopes)
@@ -541,8 +604,22 @@ def kill_service(driver_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclass
+class _Replacement:
+    """A lost shard's successor while it is being placed and started."""
+
+    config: ShardConfig
+    # On the driver's monotonic clock: past this, the service stops (ShardNotReplaced).
+    deadline: float
+    handle: Any = None
+    ready: ObjectRef[ShardPlace] | None = None
+    # No new actor is started before this (after one died too): SHARD_RECREATE_RETRY_S.
+    retry_at: float = 0.0
+
+
 class ShardCluster:
-    """The actors of one ``lockstep run``: two index writers and N shards."""
+    """The actors of one ``lockstep run``: two index writers and N shards, of which those lost
+    with their node are re-created (``heal``)."""
 
     def __init__(
         self,
@@ -560,31 +637,45 @@ class ShardCluster:
         self.shards_n = rs.shards
         self.dim = generations[0].dim
         self.active = generations[0].number
+        self.replace_timeout_s = rs.shard_replace_timeout_s
+        self.owner = owner
         targets = [WriterTarget(g.number, generation_settings(settings, g), g.dim, g.model_id) for g in generations]
+        # The node the writers are placed on, when it can host them.
+        self.home_node = driver_node()
+        near_driver = writer_placement(self.home_node)
         self.writers: dict[str, Writer] = {
-            side: IndexWriterActor.options(max_concurrency=writer_concurrency(side, targets)).remote(  # type: ignore[attr-defined]  # mypy does not apply class decorators, so misses the ActorClass
-                side, targets, log_level, driver
-            )
+            side: IndexWriterActor.options(  # type: ignore[attr-defined]  # mypy does not apply class decorators, so misses the ActorClass
+                max_concurrency=writer_concurrency(side, targets), scheduling_strategy=near_driver
+            ).remote(side, targets, log_level, driver)
             for side in (KEYWORD, VECTOR)
         }
-        configs = [
+        self._placement = shard_placement(rs.shard_resources)
+        self._shard_args = (settings, generations, self.writers, crash_at, driver)
+        self.configs = [
             ShardConfig(
                 i, rs.shards, owner, rs.lease_s, rs.mailbox_docs_max, rs.batch_docs_max, log_level, rs.prepare_ahead
             )
             for i in range(rs.shards)
         ]
-        self.shards = [
-            ShardActor.remote(c, settings, generations, self.writers, crash_at, driver)  # type: ignore[attr-defined]  # mypy does not apply class decorators, so misses the ActorClass
-            for c in configs
-        ]
-        self.recovered = sum(
-            _call([s.ready.remote() for s in self.shards], SHARD_START_TIMEOUT_S, "shard start")
+        self.shards = [self._spawn(c) for c in self.configs]
+        places: list[ShardPlace] = _call(
+            [s.ready.remote() for s in self.shards], SHARD_START_TIMEOUT_S, "shard start"
         )
+        self.recovered = sum(p.recovered for p in places)
+        self.nodes = [p.node for p in places]
+        # Shards whose actor was lost, until their successor is ready; the service is told of
+        # each loss once (``take_lost``). Successors started so far name their owners.
+        self.replacing: dict[int, _Replacement] = {}
+        self._lost: list[int] = []
+        self._successors = 0
         # Ray builds actors in the background: wait for the writers' constructors too (they
         # connect to the stores and ensure the indexes, seconds for a new Milvus collection), so
         # that the service is ready only when a write can go out at once. A switch of
         # generations takes that much longer; a rebuild waits for it (docs/rebuild.md).
         _call([w.ready.remote() for w in self.writers.values()], SHARD_START_TIMEOUT_S, "index writer start")
+
+    def _spawn(self, config: ShardConfig) -> Any:
+        return ShardActor.options(**self._placement).remote(config, *self._shard_args)  # type: ignore[attr-defined]  # mypy does not apply class decorators, so misses the ActorClass
 
     def readers(self) -> tuple[KeywordWriterProxy, VectorWriterProxy]:
         """Reads by chunk ID of the active generation's indexes through the writer actors (for
@@ -599,19 +690,92 @@ class ShardCluster:
         return shard_of(doc_key, self.shards_n)
 
     def offer(self, batches: dict[int, list[Envelope]]) -> dict[int, int]:
-        """Offer each shard its batch in one call per shard; returns how many each accepted."""
-        refs = {i: self.shards[i].offer.remote(b) for i, b in batches.items() if b}
-        accepted = _call(list(refs.values()), CONTROL_CALL_TIMEOUT_S, "shard offer")
-        return dict(zip(refs.keys(), accepted, strict=True))
+        """Offer each shard its batch in one call per shard; returns how many each accepted (a
+        shard being re-created is offered nothing, a shard lost meanwhile accepted nothing)."""
+        refs = {i: self.shards[i].offer.remote(b) for i, b in batches.items() if b and i not in self.replacing}
+        return self._answers(refs, "shard offer")
 
     def drain(self) -> list[tuple[list[int], ShardStatus, str]]:
-        result: list[tuple[list[int], ShardStatus, str]] = _call(
-            [s.drain.remote() for s in self.shards], CONTROL_CALL_TIMEOUT_S, "shard drain"
-        )
-        return result
+        """What each live shard finished since its last drain, its status and fatal error."""
+        refs = {i: s.drain.remote() for i, s in enumerate(self.shards) if i not in self.replacing}
+        return list(self._answers(refs, "shard drain").values())
+
+    def _answers(self, refs: dict[int, ObjectRef[T]], what: str) -> dict[int, T]:
+        """Each shard's answer to calls that run at once, within CONTROL_CALL_TIMEOUT_S in all;
+        a shard whose actor is lost gives none and is re-created."""
+        deadline = time.monotonic() + CONTROL_CALL_TIMEOUT_S
+        answers: dict[int, T] = {}
+        for shard, ref in refs.items():
+            try:
+                answers[shard] = _answer(ref, max(0.0, deadline - time.monotonic()), what)
+            except ActorLost as exc:
+                self._lose(shard, exc)
+        return answers
+
+    def _lose(self, shard: int, exc: ActorLost) -> None:
+        """Start the lost shard's successor at once, under a new incarnation of this replica's
+        owner name: its claim takes the lease over with a higher epoch, fencing the lost actor
+        should it still write somewhere."""
+        log.warning("shard actor lost; re-creating it", shard=shard, node=self.nodes[shard], error=str(exc))
+        _kill(self.shards[shard])
+        self._successors += 1
+        config = replace(self.configs[shard], owner=f"{self.owner}+{self._successors}")
+        self.configs[shard] = config
+        self.replacing[shard] = _Replacement(config, deadline=time.monotonic() + self.replace_timeout_s)
+        self._start(self.replacing[shard])
+        self._lost.append(shard)
+
+    def _start(self, successor: _Replacement) -> None:
+        successor.handle = self._spawn(successor.config)
+        successor.ready = successor.handle.ready.remote()
+
+    def take_lost(self) -> list[int]:
+        """The shards lost since the last call: their unfinished work goes to their successors."""
+        lost, self._lost = self._lost, []
+        return lost
+
+    def heal(self) -> list[int]:
+        """Look in on each lost shard's successor without waiting; returns the shards whose
+        successor is now ready (it re-drove the shard's prepared intents) and takes offers.
+        Raises ShardNotReplaced once one waited past ``run.shard_replace_timeout_s``."""
+        now = time.monotonic()
+        back = [shard for shard, successor in list(self.replacing.items()) if self._look_in(shard, successor, now)]
+        late = sorted(shard for shard, successor in self.replacing.items() if now > successor.deadline)
+        if late:
+            raise ShardNotReplaced(
+                f"shards {late} lost their actors and none was re-created within {self.replace_timeout_s} s "
+                f"(does a node offer {self._placement.get('resources', {})}?)"
+            )
+        return back
+
+    def _look_in(self, shard: int, successor: _Replacement, now: float) -> bool:
+        """Whether the successor is ready now; one that died is started again after a pause."""
+        if successor.ready is None:
+            if now >= successor.retry_at:
+                self._start(successor)
+            return False
+        if not _done(successor.ready):
+            return False
+        try:
+            place = _answer(successor.ready, CONTROL_CALL_TIMEOUT_S, "shard re-creation")
+        except LockstepError as exc:
+            log.warning("re-created shard actor failed; starting another", shard=shard, error=str(exc),
+                        retry_in_s=SHARD_RECREATE_RETRY_S)
+            _kill(successor.handle)
+            successor.ready, successor.retry_at = None, now + SHARD_RECREATE_RETRY_S
+            return False
+        self.shards[shard], self.nodes[shard] = successor.handle, place.node
+        del self.replacing[shard]
+        log.info("shard re-created", shard=shard, node=place.node, recovered_intents=place.recovered)
+        return True
 
     def stop(self) -> None:
-        for handle in self.shards:
+        for successor in self.replacing.values():
+            _kill(successor.handle)
+        for i, handle in enumerate(self.shards):
+            if i in self.replacing:
+                continue
+
             def stop_shard(h: Any = handle) -> Any:
                 return _call(h.stop.remote(), CONTROL_CALL_TIMEOUT_S, "shard stop")
             _quietly(stop_shard)

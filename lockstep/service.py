@@ -37,7 +37,15 @@ from lockstep.generation_parts import WriterAnnouncement, load_generations
 from lockstep.leftovers import RunFile, run_file
 from lockstep.metrics import Metrics, SearchMetrics
 from lockstep.ops_http import EventsEndpoint, OpsServer
-from lockstep.ray_runtime import STOP_SIGNALS, ShardCluster, kill_service, start_ray, stop_ray, this_driver
+from lockstep.ray_runtime import (
+    STOP_SIGNALS,
+    ShardCluster,
+    ShardNotReplaced,
+    kill_service,
+    start_ray,
+    stop_ray,
+    this_driver,
+)
 from lockstep.runtime import open_search
 from lockstep.search_http import SearchEndpoint
 from lockstep.searching import FollowingSearch
@@ -65,6 +73,8 @@ READER_STOP_S = 10.0
 class _State:
     statuses: list[ShardStatus] = field(default_factory=list)
     fatal: list[str] = field(default_factory=list)
+    # Shards whose actor was lost and whose successor is not ready yet.
+    replacing: list[int] = field(default_factory=list)
     started: bool = False
     stopping: bool = False
 
@@ -230,7 +240,8 @@ class Service:
         # Every record offered from now on goes to actors that write this set.
         self.writer.writing([g.number for g in self.generations])
         log.info("shards ready", shards=self.rs.shards, recovered_intents=cluster.recovered,
-                 generations=[g.number for g in self.generations])
+                 generations=[g.number for g in self.generations], nodes=cluster.nodes,
+                 driver_node=cluster.home_node)
         return cluster
 
     def _follow_generations(self) -> None:
@@ -329,6 +340,7 @@ class Service:
         s = self.state
         reasons = [f"shard fatal: {f}" for f in s.fatal]
         reasons += [f"shard {st.shard} degraded: {st.last_error}" for st in s.statuses if st.last_error]
+        reasons += [f"shard {shard} lost: re-creating its actor" for shard in s.replacing]
         if not s.started:
             reasons.append("starting: re-driving prepared intents")
         if s.stopping:
@@ -486,6 +498,23 @@ class Service:
         self.metrics.degraded.set(int(any(s.last_error for s in statuses)))
         self.metrics.outstanding.set(self.flow.outstanding)
         self.metrics.oldest_s.set(drained.oldest_s)
+        self._heal(cluster)
+
+    def _heal(self, cluster: ShardCluster) -> None:
+        """Give each shard lost since the last drain (with its Ray node) its unfinished work back,
+        for the successor the cluster started, and see which successors are ready. None ready
+        within ``shard_replace_timeout_s`` stops the service."""
+        for shard in cluster.take_lost():
+            again = self.flow.reoffer(shard)
+            self.metrics.forget_shard(shard)
+            self.metrics.shards_lost.inc()
+            log.warning("shard lost; its unfinished work goes to its successor", shard=shard, reoffered=again)
+        try:
+            self.metrics.shards_recreated.inc(len(cluster.heal()))
+        except ShardNotReplaced as exc:
+            log.error("shard not re-created; stopping", error=str(exc))
+            self.state.fatal.append(str(exc))
+        self.state.replacing = sorted(cluster.replacing)
 
     def _checkpoint(self, source: ChangeSource) -> None:
         """Commit the position after the last event below which everything is finished."""

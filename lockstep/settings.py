@@ -47,6 +47,10 @@ TOKEN_REQUIRED = (
 )
 
 
+# Resources Ray manages itself; an actor asks for them with options of their own.
+RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -206,6 +210,15 @@ class RunSettings(_Frozen):
     # shards over at once, fencing its previous incarnation.
     replica: str | None = Field(default=None, pattern=r"^[^#]+$")
     shards: int = Field(default=2, ge=1, le=256)
+    # Custom Ray resources each shard actor requires, e.g. ``{"lockstep_shard": 1}``: shard
+    # actors go only to nodes started with them (``ray start --resources``) and hold them, not a
+    # CPU, while they live. Empty: Ray places shard actors where it likes. The two index writers
+    # stay on the driver's node (with a ``ray://`` client, the head) when it can host them.
+    shard_resources: dict[str, float] = Field(default_factory=dict)
+    # A shard actor lost with its node is re-created at once on a node that offers
+    # ``shard_resources`` (a new lease epoch fences the lost one); if no node takes it within
+    # this long, the service stops (exit 1; /readyz says why) rather than wait unseen.
+    shard_replace_timeout_s: float = Field(default=300.0, gt=0)
     # A shard owner must renew its lease within this time or another replica may take over.
     lease_s: float = Field(default=30.0, gt=1.0)
     # Distinct documents waiting per shard before the reader is pushed back.
@@ -231,6 +244,18 @@ class RunSettings(_Frozen):
     audit_sample_docs: int = Field(default=200, ge=0, le=100_000)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9464, ge=0, le=65535)
+
+    @field_validator("shard_resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        """Only custom resources, each a positive amount: Ray takes CPUs, GPUs and memory as
+        options of their own, and refuses them in this map."""
+        builtin = sorted(set(resources) & RAY_BUILTIN_RESOURCES)
+        if builtin:
+            raise ValueError(f"shard_resources takes custom resources only, not {', '.join(builtin)}")
+        if any(amount <= 0 for amount in resources.values()):
+            raise ValueError("every amount in shard_resources must be positive")
+        return resources
 
 
 class SearchSettings(_Frozen):

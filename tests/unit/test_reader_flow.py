@@ -132,6 +132,26 @@ def test_new_shards_are_offered_as_if_their_mailboxes_were_empty() -> None:
     assert len(flow.batches()[0]) == 5
 
 
+def test_a_lost_shards_unfinished_work_goes_back_to_the_front_of_its_buffer() -> None:
+    """When a shard is lost, what it accepted and did not report finished is offered again, in seq
+    order and ahead of what it was never sent, to a mailbox counted as empty; what it reported
+    finished is not, and the checkpoint waits for the rest."""
+    flow = _flow()
+    for n in range(8):
+        flow.read(_event(n), str(n + 1))
+    flow.offered({0: 5})
+    flow.drained([([1, 3], _status(0, waiting_docs=10))])
+    assert flow.batches() == {}, "the lost shard had reported a full mailbox"
+
+    assert flow.reoffer(0) == 3
+    assert [e.seq for e in flow.buffers[0]] == [0, 2, 4, 5, 6, 7]
+    assert [e.seq for e in flow.batches()[0]] == [0, 2, 4, 5, 6]
+    assert flow.reoffer(0) == 0, "nothing was accepted since"
+    flow.offered({0: 6})
+    flow.drained([([0, 2, 4, 5, 6, 7], _status(0))])
+    assert flow.outstanding == 0 and flow.checkpoint() == "8"
+
+
 def test_the_checkpoint_passes_only_finished_events_and_is_committed_once() -> None:
     """The position to commit is the one after the last event below which every event is
     finished, and it is not asked for again once committed."""
