@@ -59,7 +59,13 @@ for path, _ in commands(get_command(app)):
 def _python(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=True
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PROBE_TIMEOUT_S,
+        check=True,
     )
 
 
@@ -71,7 +77,11 @@ def loaded_by(code: str) -> set[str]:
 def loaded_by_help() -> set[str]:
     """The top-level packages ``python -m lockstep --help`` imports, read from ``-X importtime``."""
     done = _python("-X", "importtime", "-m", "lockstep", "--help")
-    lines = [line.rpartition("|")[2].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    lines = [
+        line.rpartition("|")[2].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    ]
     return {name.split(".")[0] for name in lines}
 
 
