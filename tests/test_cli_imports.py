@@ -58,15 +58,11 @@ for path, _ in commands(get_command(app)):
 
 def _python(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=PROBE_TIMEOUT_S,
-        check=True,
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
     )
+    assert done.returncode == 0, f"python {' '.join(args)[:200]} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done
 
 
 def loaded_by(code: str) -> set[str]:
