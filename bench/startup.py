@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lockstep.settings import Settings
@@ -55,8 +55,9 @@ STARTUP_GOAL_S = 1.5
 REPEAT_DEFAULT = 5
 # Documents the setup sync applies, so that the measured syncs open stores that hold something.
 SETUP_DOCS = 20
-# One measured process; a no-op sync that loads the local model on a loaded machine takes ~20 s.
-RUN_TIMEOUT_S = 300
+# One process. A no-op sync that loads the local model on a loaded machine takes ~20 s; the first
+# one also compiles torch's bytecode into the empty cache (minutes on 2 busy cores).
+RUN_TIMEOUT_S = 900
 # Where the measured processes keep their bytecode, under the temp dir (see run_python).
 PYCACHE = "pycache"
 
@@ -133,11 +134,20 @@ def write_embedded_default(work: Path, embedder: str) -> Path:
     return config
 
 
+def last_json(run: Run) -> dict[str, Any]:
+    """The last line of the process's stdout that is a JSON object (a store's server process may
+    write to the same stdout)."""
+    for line in reversed(run.stdout.splitlines()):
+        if line.startswith("{"):
+            found: dict[str, Any] = json.loads(line)
+            return found
+    raise ValueError(f"no JSON object in the output: {run.stdout[-500:]!r}")
+
+
 def sync_events(run: Run) -> int:
     """Events a ``lockstep sync`` read, from its JSON summary."""
-    summary: dict[str, object] = json.loads(run.stdout.splitlines()[-1])
-    events = summary["events"]
-    assert isinstance(events, int), summary
+    events = last_json(run)["events"]
+    assert isinstance(events, int), events
     return events
 
 
@@ -240,13 +250,13 @@ def measure(config: Path, work: Path, repeat: int) -> list[Measured]:
     for run in runs[SYNC]:
         assert sync_events(run) == 0, "a measured sync found events: it was not a no-op"
     for run in runs[PHASES]:
-        assert json.loads(run.stdout.splitlines()[-1])["events"] == 0, "the phases run found events"
+        assert last_json(run)["events"] == 0, "the phases run found events"
     return [Measured(label, r) for label, r in runs.items()]
 
 
 def median_laps(runs: list[Run]) -> list[tuple[str, float]]:
     """Each phase's median over the runs, in the order they ran."""
-    per_run = [json.loads(r.stdout.splitlines()[-1])["laps"] for r in runs]
+    per_run = [last_json(r)["laps"] for r in runs]
     names = [name for name, _ in per_run[0]]
     return [(name, statistics.median(laps[i][1] for laps in per_run)) for i, name in enumerate(names)]
 
