@@ -181,12 +181,12 @@ def phases(config: Path) -> dict[str, object]:
     from lockstep.runtime import runtime
     from lockstep.settings import load_settings
 
-    laps.lap("import what sync runs (settings, runtime, bootstrap)")
+    laps.lap("import what sync runs (settings; the runtime, with pymilvus, pandas and gRPC)")
     import adapters.keyword.tantivy_index
     import adapters.sources.jsonl
     import adapters.vector.milvus  # noqa: F401 (timed: pymilvus, with pandas and gRPC)
 
-    laps.lap("import the embedded stores' adapters")
+    laps.lap("import the embedded stores' adapters not loaded yet")
     settings = load_settings(config)
     laps.lap("settings")
     _open_stores_alone(settings, laps)
