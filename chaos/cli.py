@@ -10,7 +10,8 @@ that cannot run where the schedules go) or when a managed server does not start.
 
 Server schedules need the ``servers`` extra (``chaos.servertier`` drives real server processes),
 so that module is imported only for them: ``lockstep chaos`` and in-process schedules work on
-the base install.
+the base install. The runner, the stores and the settings are imported by the command that runs
+schedules, so that ``lockstep --help`` (which lists this group) stays quick.
 """
 
 from __future__ import annotations
@@ -21,33 +22,20 @@ import shlex
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from chaos.catalogue import CATALOGUE, SERVER_KINDS, parse_kinds
-from chaos.deployment import DeploymentOpener
-from chaos.gen_schedules import GenerationsSetup, plan_generation_specs
-from chaos.gen_stores import GenStores
 from chaos.planted import PLANTED_BUGS, plant
-from chaos.runner import (
-    PATHS,
-    SHARD_ONLY_KINDS,
-    SHARD_PATH,
-    RunSummary,
-    ScheduleResult,
-    ScheduleSpec,
-    StoresSetup,
-    WorkerSetup,
-    headline,
-    plan_specs,
-    run_schedules,
-)
 from coordinator.errors import LockstepError
 from lockstep.cli_errors import command_errors
-from lockstep.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from chaos.runner import RunSummary, ScheduleResult, WorkerSetup
+    from lockstep.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="Chaos schedules: faults in, invariants checked.")
 out = Console()
@@ -183,6 +171,9 @@ def run(
     (network kinds, through the suite's proxies), or --servers managed (every kind); both need
     the servers extra.
     """
+    from chaos.gen_schedules import plan_generation_specs
+    from chaos.runner import ScheduleSpec, plan_specs, run_schedules
+
     try:
         kinds = parse_kinds(faults_spec)
     except ValueError as exc:
@@ -220,6 +211,8 @@ def _check_path(path: str | None, kinds: tuple[str, ...], plant_bug: str | None,
     """The kinds the path's schedules draw from; a usage error (exit 2) for an unknown planted
     bug, or a path that is unknown or that a kind named by name or the bug cannot take (a tier,
     such as the default ``inproc``, leaves out the kinds that only the shard path meets)."""
+    from chaos.runner import PATHS, SHARD_ONLY_KINDS, SHARD_PATH
+
     if plant_bug is not None and plant_bug not in PLANTED_BUGS:
         raise typer.BadParameter(f"one of {', '.join(PLANTED_BUGS)}", param_hint="--plant-bug")
     if path is None or path == SHARD_PATH:
@@ -237,6 +230,9 @@ def _check_path(path: str | None, kinds: tuple[str, ...], plant_bug: str | None,
 
 def _target(config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...]) -> Target:
     """Where the schedules run; a usage error (exit 2) when the kinds cannot run there."""
+    from chaos.deployment import DeploymentOpener
+    from chaos.runner import StoresSetup
+
     if servers not in (SERVERS_CONFIG, SERVERS_MANAGED):
         raise typer.BadParameter(f"one of {SERVERS_CONFIG}, {SERVERS_MANAGED}", param_hint="--servers")
     if managed_milvus not in (MILVUS_LITE, MILVUS_2_3_5):
@@ -272,6 +268,9 @@ def _generations_target(
     config: Path | None, servers: str, managed_milvus: str, kinds: tuple[str, ...], plant_bug: str | None
 ) -> Target:
     """Where generations schedules run: servers the workers start, or a config's stores."""
+    from chaos.gen_schedules import GenerationsSetup
+    from chaos.gen_stores import GenStores
+
     refused = [k for k in kinds if k in SERVER_KINDS]
     if refused or plant_bug:
         what = ", ".join(refused) if refused else f"--plant-bug {plant_bug}"
@@ -322,6 +321,8 @@ def _managed(config: Path | None, managed_milvus: str) -> Target:
 
 
 def _settings(config: Path) -> Settings:
+    from lockstep.settings import load_settings
+
     try:
         return load_settings(config)
     except LockstepError as exc:
@@ -329,6 +330,8 @@ def _settings(config: Path) -> Settings:
 
 
 def _print(summary: RunSummary, replay_flags: str) -> None:
+    from chaos.runner import headline
+
     table = Table("schedule seed", "faults injected", "events", "violations", "s")
     for r in sorted(summary.results, key=lambda r: r.seed):
         table.add_row(str(r.seed), _injected(r), str(r.events), str(len(r.violations)), f"{r.wall_s:.1f}")

@@ -4,7 +4,8 @@ Registered on the main app by ``register(app)``. Exit status, usable as a CI gat
 side agrees, 1 when drift was found (or, for ``reconcile``, remains), 2 on any error. Any
 exception maps to 2 (``command_errors``), not only lockstep's own, because an auditor that crashed
 must never be read as "drift found" (Typer's default for an uncaught exception is 1). The JSON
-schema of ``--json`` is documented in docs/audit.md.
+schema of ``--json`` is documented in docs/audit.md. The settings and the stores are imported by
+the commands that open them, so that ``lockstep --help`` stays quick.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,12 +26,11 @@ from rich.table import Table
 from coordinator.audit import INDEX_CATEGORIES, INDEXES, Auditor, AuditResult, evidence
 from coordinator.ports import ListableSource
 from coordinator.reconcile import REPAIR_OPS_PER_S, RateLimiter, Reconciler
-from lockstep.bootstrap import build_source
 from lockstep.cli_errors import DebugOpt, command_errors, set_debug
-from lockstep.logging import configure_logging
-from lockstep.progress import opened
-from lockstep.runtime import Runtime, runtime
-from lockstep.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from lockstep.runtime import Runtime
+    from lockstep.settings import Settings
 
 # Exit 2, on any error, is command_errors' (lockstep.cli_errors.EXIT_ERROR).
 EXIT_CLEAN, EXIT_DRIFT = 0, 1
@@ -68,6 +68,8 @@ def audit(
     modes = [m for m in (full, sample is not None, since is not None, doc is not None) if m]
     if len(modes) > 1:
         raise typer.BadParameter("choose one of --full, --sample, --since, --doc")
+    from lockstep.settings import load_settings
+
     with command_errors("audit"), _auditor(load_settings(config), hash_text) as auditor:
         started = time.monotonic()
         if doc is not None:
@@ -93,6 +95,8 @@ def reconcile(
     Exit 0 when nothing is left to repair, 1 when findings remain (or in a dry run, when there
     is anything to repair), 2 on error.
     """
+    from lockstep.settings import load_settings
+
     with command_errors("reconcile"):
         settings = load_settings(config)
         summary = _reconcile(settings, dry_run, max_ops, ops_per_s)
@@ -106,6 +110,9 @@ def reconcile(
 
 
 def _reconcile(settings: Settings, dry_run: bool, max_ops: int | None, ops_per_s: float) -> dict[str, Any]:
+    from lockstep.progress import opened
+    from lockstep.runtime import runtime
+
     with opened(err, "opening the indexes", runtime(settings)) as rt, _source(settings, rt) as source:
         auditor = _make_auditor(settings, rt, source, hash_text=True)
         reconciler = Reconciler(
@@ -152,6 +159,9 @@ def _parse_since(value: str) -> float:
 
 @contextmanager
 def _auditor(settings: Settings, hash_text: bool) -> Iterator[Auditor]:
+    from lockstep.progress import opened
+    from lockstep.runtime import runtime
+
     with opened(err, "opening the indexes", runtime(settings)) as rt, _source(settings, rt) as source:
         yield _make_auditor(settings, rt, source, hash_text=hash_text)
 
@@ -164,6 +174,8 @@ def _source(settings: Settings, rt: Runtime) -> Iterator[ListableSource | None]:
         # broker or a replication slot for nothing.
         yield None
         return
+    from lockstep.bootstrap import build_source
+
     source = build_source(settings, rt.ledger)
     try:
         yield source if isinstance(source, ListableSource) else None
@@ -284,6 +296,8 @@ def _main(
     log_level: Annotated[str, typer.Option(help="Log level for the JSON logs on stderr.")] = "warning",
     debug: DebugOpt = False,
 ) -> None:
+    from lockstep.logging import configure_logging
+
     configure_logging(log_level)
     set_debug(debug)
 

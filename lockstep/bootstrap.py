@@ -18,7 +18,6 @@ from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from adapters.sources.debezium import KafkaSourceSettings
-from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
@@ -49,6 +48,7 @@ EMBEDDING_FRONT_ENTRIES_MAX = 8192
 
 if TYPE_CHECKING:
     from adapters.ledger.postgres import PostgresLedger
+    from adapters.vector.milvus import MilvusVectorIndex
 
     AnyLedger = SqliteLedger | PostgresLedger
 else:
@@ -137,7 +137,10 @@ def build_keyword_reader(settings: KeywordSettings, alias: str) -> AliasedKeywor
 
 def build_vector(settings: VectorSettings, *, dim: int, model_id: str | None = None) -> MilvusVectorIndex:
     """The Milvus (or milvus-lite) collection ``settings`` names; ``model_id`` guards it against
-    vectors of another embedder (None: a reader, no guard)."""
+    vectors of another embedder (None: a reader, no guard). pymilvus (with pandas and gRPC) is
+    imported here, by the first command that opens a collection."""
+    from adapters.vector.milvus import MilvusVectorIndex
+
     return MilvusVectorIndex(settings, dim=dim, model_id=model_id)
 
 

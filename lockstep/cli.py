@@ -1,4 +1,10 @@
-"""The ``lockstep`` command line."""
+"""The ``lockstep`` command line.
+
+Only what defines the commands is imported here: ``lockstep --help`` and every command's
+``--help`` must not wait for store clients, Ray or the settings. Each command imports what it
+runs inside its own body (``tests/test_cli_imports.py`` guards this; ``python -m bench.startup``
+measures it).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from coordinator.consistency import WrittenChanges
 from coordinator.crashpoints import PROTOCOL_POINTS, CrashHook, no_crash
-from coordinator.sync import run_sync
 from lockstep import audit_cli, dlq_cli, rebuild_cli, search_cli, source_cli
-from lockstep import demo as demo_module
-from lockstep.bootstrap import build_source
 from lockstep.cli_errors import DebugOpt, command_errors, set_debug
-from lockstep.logging import configure_logging
-from lockstep.progress import opened, record_progress
-from lockstep.runtime import runtime
-from lockstep.settings import load_settings, require_serving_token
 from lockstep.stop_signals import EARLY_STOP, release_early
 
 # The chaos suite's command group, plugged into lockstep's command line.
@@ -94,6 +92,8 @@ def main(
     log_level: Annotated[str, typer.Option(help="Log level for the JSON logs on stderr.")] = "warning",
     debug: DebugOpt = False,
 ) -> None:
+    from lockstep.logging import configure_logging
+
     ctx.obj = {"log_level": log_level}
     if ctx.invoked_subcommand not in ("run", "serve"):
         release_early()
@@ -110,6 +110,13 @@ def sync(
 
     Exits 1 if anything went to the dead-letter queue, 2 on an error.
     """
+    from coordinator.consistency import WrittenChanges
+    from coordinator.sync import run_sync
+    from lockstep.bootstrap import build_source
+    from lockstep.progress import opened, record_progress
+    from lockstep.runtime import runtime
+    from lockstep.settings import load_settings
+
     crash = _crash_hook(crash_at)
     changes = WrittenChanges()
     with command_errors("sync"):
@@ -152,6 +159,8 @@ def run(
     ] = False,
 ) -> None:
     """The long-running service: shard actors on Ray, two-phase apply, /healthz /readyz /metrics, POST /search."""
+    from lockstep.settings import load_settings, require_serving_token
+
     if crash_at is not None:
         _crash_hook(crash_at)  # validates the name
     with command_errors("run"):
@@ -174,6 +183,10 @@ def run(
 @app.command()
 def status(config: ConfigOpt) -> None:
     """Counts per index and per ledger state."""
+    from lockstep.progress import opened
+    from lockstep.runtime import runtime
+    from lockstep.settings import load_settings
+
     with command_errors("status"):
         settings = load_settings(config)
         with opened(err, "opening the indexes", runtime(settings)) as rt:
@@ -195,6 +208,8 @@ def demo(
     embedder: Annotated[str, typer.Option(help="auto | hashing | sentence-transformers")] = "auto",
 ) -> None:
     """The main job on the embedded default: Tantivy + milvus-lite + SQLite ledger."""
+    from lockstep import demo as demo_module
+
     with command_errors("demo"):
         ok = demo_module.run(data_dir, docs=docs, embedder_kind=embedder, console=Console())
     raise typer.Exit(0 if ok else 1)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,10 +19,10 @@ from coordinator.events import ChangeEvent, event_from_dict, loads_event_json
 from coordinator.model import DeadLetter
 from coordinator.planner import plan
 from coordinator.ports import DeadLetterQueue
-from lockstep.bootstrap import build_ledger
 from lockstep.cli_errors import command_errors
-from lockstep.runtime import Runtime, runtime
-from lockstep.settings import load_settings
+
+if TYPE_CHECKING:
+    from lockstep.runtime import Runtime
 
 # Rows shown by `dlq list` unless --limit says otherwise.
 LIST_ROWS_DEFAULT = 50
@@ -44,6 +44,9 @@ IdsArg = Annotated[list[int], typer.Argument(help="Letter IDs, as `lockstep dlq 
 @contextmanager
 def _queue(config: Path) -> Iterator[DeadLetterQueue]:
     """The dead-letter queue (it lives in the home ledger), closed when the command is done."""
+    from lockstep.bootstrap import build_ledger
+    from lockstep.settings import load_settings
+
     ledger = build_ledger(load_settings(config))
     try:
         yield ledger
@@ -127,6 +130,9 @@ def replay(
     """
     if not letter_ids and not all_letters:
         raise typer.BadParameter("name letter IDs, or pass --all")
+    from lockstep.runtime import runtime
+    from lockstep.settings import load_settings
+
     settings = load_settings(config)
     outcome = _Replay()
     with runtime(settings) as rt:

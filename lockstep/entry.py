@@ -7,7 +7,7 @@ from lockstep.stop_signals import catch_early
 
 catch_early()
 
-from lockstep.cli import app  # noqa: E402 (after catching stop signals: these imports take a second)
+from lockstep.cli import app  # noqa: E402 (after catching stop signals: one arriving meanwhile is remembered)
 
 
 def main() -> None:

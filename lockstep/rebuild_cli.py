@@ -1,4 +1,8 @@
-"""``lockstep rebuild``, ``lockstep gc`` and ``lockstep generations``."""
+"""``lockstep rebuild``, ``lockstep gc`` and ``lockstep generations``.
+
+The rebuild, the settings and the stores are imported by the commands that use them, so that
+``lockstep --help`` stays quick.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
 import typer
@@ -25,10 +29,11 @@ from rich.table import Table
 from coordinator.chunking import ChunkingSettings
 from coordinator.generations import Generation, active
 from lockstep.cli_errors import command_errors
-from lockstep.generation_parts import generation_embedder_settings
 from lockstep.progress import spinner
-from lockstep.rebuild import Rebuild
-from lockstep.settings import EmbedderSettings, Settings, load_settings
+
+if TYPE_CHECKING:
+    from lockstep.rebuild import Rebuild
+    from lockstep.settings import EmbedderSettings, Settings
 
 log = structlog.get_logger(__name__)
 out = Console()
@@ -126,6 +131,9 @@ def generations(
 def _targets(
     settings: Settings, gens: list[Generation], embedder: str | None, chunking: str | None
 ) -> tuple[EmbedderSettings, ChunkingSettings]:
+    from lockstep.generation_parts import generation_embedder_settings
+    from lockstep.settings import EmbedderSettings
+
     if embedder is None and chunking is None:
         return settings.embedder, settings.chunking.to_domain()
     current = active(gens)
@@ -155,6 +163,9 @@ def _kv(text: str, option: str) -> dict[str, Any]:
 
 @contextmanager
 def _rebuild(config: Path) -> Iterator[tuple[Settings, Rebuild]]:
+    from lockstep.rebuild import Rebuild
+    from lockstep.settings import load_settings
+
     settings = load_settings(config)
     with spinner(err, "opening the generations"):
         rb = Rebuild(settings)

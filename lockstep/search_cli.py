@@ -6,15 +6,17 @@ on stderr), 2 on any error, a consistency token whose changes did not arrive in 
 When the configuration's milvus-lite file is held by another process (a running ``lockstep
 run``), the query goes to that service's ``POST /search`` instead; if nothing answers there, the
 command says so in one line.
+
+The settings, the stores and the HTTP client are imported by the commands that use them, so
+that ``lockstep --help`` stays quick.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -23,11 +25,12 @@ from coordinator.consistency import ConsistencyToken
 from coordinator.errors import ConsistencyTimeout, InvalidSearch, LockstepError
 from coordinator.search import Mode, SearchRequest
 from lockstep.cli_errors import command_errors
-from lockstep.runtime import open_search
-from lockstep.search_http import SEARCH_PATH
-from lockstep.search_wire import request_to_json, result_to_json
-from lockstep.settings import Settings, load_settings
 from lockstep.stop_signals import EARLY_STOP
+
+if TYPE_CHECKING:
+    import httpx
+
+    from lockstep.settings import Settings
 
 out = Console()
 err = Console(stderr=True)
@@ -68,6 +71,8 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON answer of POST /search.")] = False,
 ) -> None:
     """Consistent hybrid search: BM25 and vectors fused by rank, every hit checked against the ledger."""
+    from lockstep.settings import load_settings
+
     with command_errors("search"):
         settings = load_settings(config)
         request = SearchRequest(
@@ -85,6 +90,8 @@ def search(
 
 def serve(config: ConfigOpt) -> None:
     """A read-only search server (POST /search, /healthz, /readyz, /metrics): no source, no writes."""
+    from lockstep.settings import load_settings
+
     with command_errors("serve"):
         settings = load_settings(config)
         from lockstep.serve import SearchServer
@@ -113,6 +120,9 @@ def _scalar(raw: str) -> Any:
 
 
 def _answer(settings: Settings, request: SearchRequest) -> dict[str, Any]:
+    from lockstep.runtime import open_search
+    from lockstep.search_wire import result_to_json
+
     holder = _lite_file_holder(settings)
     if holder is not None:
         return _forward(settings, request, holder)
@@ -134,6 +144,11 @@ def _lite_file_holder(settings: Settings) -> int | None:
 
 def _forward(settings: Settings, request: SearchRequest, holder: int) -> dict[str, Any]:
     """Ask the running service that holds the milvus-lite file (on run.http_host:run.http_port)."""
+    import httpx
+
+    from lockstep.search_http import SEARCH_PATH
+    from lockstep.search_wire import request_to_json
+
     host = "127.0.0.1" if settings.run.http_host in ("0.0.0.0", "::", "") else settings.run.http_host
     url = f"http://{host}:{settings.run.http_port}{SEARCH_PATH}"
     headers = {}

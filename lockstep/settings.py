@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
@@ -37,6 +37,9 @@ from coordinator.errors import ConfigError
 from coordinator.fusion import RRF_K_DEFAULT
 from coordinator.limits import CHUNK_CHARS_MAX
 from coordinator.redact import has_userinfo, register_secrets
+
+if TYPE_CHECKING:
+    from pydantic_settings import PydanticBaseSettingsSource
 
 DEFAULT_DATA_DIR = "./lockstep-data"
 DEFAULT_TANTIVY_PATH = f"{DEFAULT_DATA_DIR}/tantivy"

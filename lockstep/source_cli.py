@@ -18,12 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from coordinator.sync import run_sync
-from lockstep.bootstrap import build_pg_logical_source
 from lockstep.cli_errors import command_errors
-from lockstep.progress import opened, record_progress
-from lockstep.runtime import runtime
-from lockstep.settings import PgLogicalSourceSettings, load_settings
 
 app = typer.Typer(no_args_is_help=True, help="Maintenance of change sources (Postgres logical replication).")
 err = Console(stderr=True)
@@ -39,6 +34,12 @@ def resnapshot(config: ConfigOpt) -> None:
 
     Prints a JSON summary; exits 1 if anything went to the dead-letter queue, 2 on an error.
     """
+    from coordinator.sync import run_sync
+    from lockstep.bootstrap import build_pg_logical_source
+    from lockstep.progress import opened, record_progress
+    from lockstep.runtime import runtime
+    from lockstep.settings import PgLogicalSourceSettings, load_settings
+
     with command_errors("source resnapshot"):
         settings = load_settings(config)
         src = settings.source

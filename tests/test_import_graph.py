@@ -203,7 +203,8 @@ def test_the_graph_sees_known_imports(imports: list[Import]) -> None:
     """The reader finds imports of every shape: plain, from a submodule, nested in a function, typing-only."""
     found = {(i.importer, i.target, i.top_level) for i in imports}
     assert ("coordinator.apply", "coordinator.errors", True) in found
-    assert ("lockstep.cli", "lockstep.settings", True) in found
+    assert ("lockstep.cli", "lockstep.audit_cli", True) in found
+    assert ("lockstep.cli", "lockstep.settings", False) in found
     assert any(i.importer == "lockstep.cli" and i.target == "lockstep.service" and not i.top_level for i in imports)
     assert ("lockstep", "lockstep.api", False) in found
     assert ("lockstep", "lockstep.api", True) not in found
