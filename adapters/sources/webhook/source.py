@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterator
 
 import structlog
 
-from adapters.sources.base import CheckpointStore, bad_record
+from adapters.sources.base import bad_record
 from adapters.sources.webhook.inbox import Inbox, InboxRow, bad_row_record
 from adapters.sources.webhook.intake import BACKLOG_EVENTS_MAX, BATCH_EVENTS_MAX, WebhookIntake
 from coordinator.errors import InvalidEvent, SourceError, StoreError
 from coordinator.events import event_from_dict
-from coordinator.ports import SourceRecord
+from coordinator.ports import CheckpointStore, SourceRecord
 
 # Inbox rows read per query by the source: a page is all that is held in memory.
 READ_PAGE_ROWS = 1_000
