@@ -113,8 +113,7 @@ def build_keyword(settings: KeywordSettings) -> AliasedKeywordIndex:
     if settings.kind == "tantivy":
         from adapters.keyword.tantivy_index import TantivyKeywordIndex
 
-        assert settings.path is not None, "validated by KeywordSettings"
-        return TantivyKeywordIndex(settings.path, settings.index)
+        return TantivyKeywordIndex.from_settings(settings)
     if settings.kind == "opensearch":
         from adapters.keyword.opensearch import OpenSearchKeywordIndex
 
