@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from adapters.embedders.cached import TieredEmbeddingCache
 from adapters.embedders.hashing import HashingEmbedder
+from adapters.embedders.settings import EmbedderSettings
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
@@ -34,7 +35,6 @@ from coordinator.ports import (
     VectorWriter,
 )
 from lockstep.settings import (
-    EmbedderSettings,
     FolderSourceSettings,
     JsonlSourceSettings,
     PgLogicalSourceSettings,
@@ -177,19 +177,10 @@ def build_embedder(settings: EmbedderSettings) -> Embedder:
     if kind == "sentence-transformers":
         from adapters.embedders.sentence_transformer import SentenceTransformerEmbedder
 
-        return SentenceTransformerEmbedder(model_path=settings.model_path, batch_size=settings.batch_size)
-    if not (settings.base_url and settings.model):
-        raise ConfigError("the openai embedder needs base_url and model")
+        return SentenceTransformerEmbedder.from_settings(settings)
     from adapters.embedders.openai_http import OpenAIEmbedder
 
-    return OpenAIEmbedder(
-        base_url=settings.base_url,
-        model=settings.model,
-        dim=settings.dim,
-        api_key=settings.api_key,
-        timeout_s=settings.timeout_s,
-        batch_size=settings.batch_size,
-    )
+    return OpenAIEmbedder.from_settings(settings)
 
 
 def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from adapters.embedders.settings import EmbedderSettings as EmbedderSettings
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.sources import webhook
@@ -36,7 +37,7 @@ from coordinator.chunking import ChunkingSettings
 from coordinator.errors import ConfigError
 from coordinator.fusion import RRF_K_DEFAULT
 from coordinator.limits import CHUNK_CHARS_MAX
-from coordinator.redact import has_userinfo, register_secrets
+from coordinator.redact import register_secrets
 
 DEFAULT_DATA_DIR = "./lockstep-data"
 DEFAULT_TANTIVY_PATH = f"{DEFAULT_DATA_DIR}/tantivy"
@@ -138,27 +139,6 @@ AnyLedgerSettings = Annotated[
     Annotated[LedgerSettings, Tag("sqlite")] | Annotated[PostgresLedgerSettings, Tag("postgres")],
     Discriminator(_ledger_kind),
 ]
-
-
-class EmbedderSettings(_Frozen):
-    """``auto`` uses the local model when its extra is installed, else the hashing embedder."""
-
-    kind: Literal["auto", "hashing", "sentence-transformers", "openai"] = "auto"
-    dim: int = Field(default=384, gt=0)
-    model_path: str | None = None
-    # Without credentials: the key goes in ``api_key`` (a secret, never stored or printed).
-    base_url: str | None = None
-    model: str | None = None
-    api_key: SecretStr | None = None
-    timeout_s: float = Field(default=30.0, gt=0)
-    batch_size: int = Field(default=64, gt=0)
-
-    @field_validator("base_url")
-    @classmethod
-    def _no_credentials(cls, url: str | None) -> str | None:
-        if url is not None and has_userinfo(url):
-            raise ValueError("put the key in api_key, not in base_url (URLs with credentials are refused)")
-        return url
 
 
 class ChunkingConfig(_Frozen):
