@@ -19,6 +19,9 @@ from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from adapters.sources.debezium import KafkaSourceSettings
+from adapters.sources.pg_logical.settings import PgLogicalSourceSettings
+from adapters.sources.settings import FolderSourceSettings, JsonlSourceSettings, SqlSourceSettings
+from adapters.sources.webhook.settings import WebhookSourceSettings
 from adapters.vector.milvus import MilvusVectorIndex
 from adapters.vector.settings import VectorSettings
 from coordinator.apply import ApplyEngine
@@ -34,14 +37,7 @@ from coordinator.ports import (
     HashedEmbedder,
     VectorWriter,
 )
-from lockstep.settings import (
-    FolderSourceSettings,
-    JsonlSourceSettings,
-    PgLogicalSourceSettings,
-    Settings,
-    SqlSourceSettings,
-    WebhookSourceSettings,
-)
+from lockstep.settings import Settings
 
 # Vectors each process keeps in memory in front of the durable embedding cache: a few apply
 # batches' worth (the apply path reads each vector twice in a row), ~1.5 KB each at 384 dims.
@@ -190,11 +186,11 @@ def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
     if isinstance(src, JsonlSourceSettings):
         from adapters.sources.jsonl import JsonlSource
 
-        return JsonlSource(src.path, ledger, name=src.name)
+        return JsonlSource.from_settings(src, ledger)
     if isinstance(src, FolderSourceSettings):
         from adapters.sources.folder import FolderSource
 
-        return FolderSource(src.path, ledger, name=src.name, patterns=src.patterns)
+        return FolderSource.from_settings(src, ledger)
     if isinstance(src, WebhookSourceSettings):
         return build_webhook_source(settings, src, ledger)
     if isinstance(src, PgLogicalSourceSettings):
@@ -202,24 +198,11 @@ def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
     if isinstance(src, KafkaSourceSettings):
         from adapters.sources.kafka import KafkaDebeziumSource
 
-        return KafkaDebeziumSource(src, ledger, ledger, name=src.name)
+        return KafkaDebeziumSource(src, ledger, ledger)
     assert isinstance(src, SqlSourceSettings)
     from adapters.sources.sql_table import SqlTableSource
 
-    return SqlTableSource(
-        src.url.get_secret_value(),
-        src.table,
-        ledger,
-        ledger,
-        id_column=src.id_column,
-        text_column=src.text_column,
-        metadata_json_column=src.metadata_column,
-        metadata_columns=src.metadata_columns,
-        updated_at_column=src.updated_at_column,
-        deleted_at_column=src.deleted_at_column,
-        version_column=src.version_column,
-        name=src.name,
-    )
+    return SqlTableSource.from_settings(src, ledger, ledger)
 
 
 def build_pg_logical_source(
@@ -243,12 +226,7 @@ def build_webhook_source(settings: Settings, src: WebhookSourceSettings, ledger:
             raise ConfigError(
                 "source.inbox_path is for the SQLite ledger; the Postgres ledger keeps the inbox in its schema"
             )
-        inbox = PostgresInbox(
-            settings.ledger.dsn.get_secret_value(),
-            schema=settings.ledger.schema_name,
-            connect_timeout_s=settings.ledger.connect_timeout_s,
-            statement_timeout_s=settings.ledger.statement_timeout_s,
-        )
+        inbox = PostgresInbox.from_settings(settings.ledger)
     else:
         inbox = SqliteInbox(src.inbox_path or inbox_beside(settings.ledger.path))
-    return WebhookSource(inbox, ledger, name=src.name, retention_s=src.retention_s)
+    return WebhookSource.from_settings(src, inbox, ledger)

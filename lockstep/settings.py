@@ -31,6 +31,11 @@ from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.sources import webhook
 from adapters.sources.debezium import KafkaSourceSettings
 from adapters.sources.pg_logical.settings import PgLogicalSourceSettings as PgLogicalSourceSettings
+from adapters.sources.settings import FolderSourceSettings as FolderSourceSettings
+from adapters.sources.settings import JsonlSourceSettings as JsonlSourceSettings
+from adapters.sources.settings import SqlSourceSettings as SqlSourceSettings
+from adapters.sources.webhook.settings import TOKEN_REQUIRED
+from adapters.sources.webhook.settings import WebhookSourceSettings as WebhookSourceSettings
 from adapters.vector.settings import VectorSettings
 from coordinator import search as search_domain
 from coordinator.chunking import ChunkingSettings
@@ -42,74 +47,10 @@ from coordinator.redact import register_secrets
 DEFAULT_DATA_DIR = "./lockstep-data"
 DEFAULT_TANTIVY_PATH = f"{DEFAULT_DATA_DIR}/tantivy"
 DEFAULT_MILVUS_URI = f"{DEFAULT_DATA_DIR}/milvus.db"
-TOKEN_REQUIRED = (
-    "source.token is required to serve POST /events: set LOCKSTEP_SOURCE__TOKEN "
-    f"(at least {webhook.TOKEN_CHARS_MIN} characters)"
-)
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class JsonlSourceSettings(_Frozen):
-    kind: Literal["jsonl"] = "jsonl"
-    path: str
-    name: str = "jsonl"
-
-
-class FolderSourceSettings(_Frozen):
-    kind: Literal["folder"] = "folder"
-    path: str
-    name: str = "folder"
-    patterns: tuple[str, ...] = ("*.md", "*.txt")
-
-
-class SqlSourceSettings(_Frozen):
-    kind: Literal["sql"] = "sql"
-    # A SQLAlchemy URL; it may carry a password, so it is a secret.
-    url: SecretStr
-    table: str
-    name: str = "sql"
-    id_column: str = "id"
-    text_column: str = "text"
-    metadata_column: str | None = None
-    metadata_columns: tuple[str, ...] = ()
-    updated_at_column: str = "updated_at"
-    deleted_at_column: str | None = None
-    version_column: str | None = None
-
-
-class WebhookSourceSettings(_Frozen):
-    """``POST /events`` on ``run.http_host:run.http_port`` (``adapters/sources/webhook/``)."""
-
-    kind: Literal["webhook"] = "webhook"
-    name: str = "webhook"
-    # Clients send ``Authorization: Bearer <token>``; set it from a secret
-    # (``LOCKSTEP_SOURCE__TOKEN``). Checked for length here without echoing it. Only
-    # ``lockstep run`` serves ``POST /events``, so only it needs one (``token`` below).
-    token_value: SecretStr | None = Field(default=None, alias="token")
-    body_bytes_max: int = Field(default=webhook.BODY_BYTES_MAX, ge=1024, le=256 * 1024 * 1024)
-    batch_events_max: int = Field(default=webhook.BATCH_EVENTS_MAX, ge=1, le=100_000)
-    backlog_events_max: int = Field(default=webhook.BACKLOG_EVENTS_MAX, ge=1)
-    retention_s: float = Field(default=webhook.RETENTION_S, ge=0)
-    # SQLite ledger only: the inbox file (default: beside the ledger, ``<ledger>.webhook-inbox.db``).
-    # With the Postgres ledger the inbox is a table in the ledger's schema.
-    inbox_path: str | None = None
-
-    @field_validator("token_value")
-    @classmethod
-    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None and len(token.get_secret_value()) < webhook.TOKEN_CHARS_MIN:
-            raise ValueError(f"the webhook token must have at least {webhook.TOKEN_CHARS_MIN} characters")
-        return token
-
-    @property
-    def token(self) -> SecretStr:
-        """The bearer token ``POST /events`` checks; ConfigError when the config has none."""
-        if self.token_value is None:
-            raise ConfigError(TOKEN_REQUIRED)
-        return self.token_value
 
 
 SourceSettings = Annotated[
