@@ -61,15 +61,9 @@ def build_ledger(settings: Settings, crash: CrashHook = no_crash, *, generation:
     if isinstance(settings.ledger, PostgresLedgerSettings):
         from adapters.ledger.postgres import PostgresLedger
 
-        ls = settings.ledger
-        return PostgresLedger(
-            ls.dsn.get_secret_value(),
-            crash_hook=crash,
-            schema=generation_schema(ls, generation),
-            home_schema=ls.schema_name,
-            connect_timeout_s=ls.connect_timeout_s,
-            statement_timeout_s=ls.statement_timeout_s,
-        )
+        pg = settings.ledger
+        own = pg.model_copy(update={"schema_name": generation_schema(pg, generation)})
+        return PostgresLedger.from_settings(own, crash_hook=crash, home_schema=pg.schema_name)
     home = Path(settings.ledger.path)
     return SqliteLedger(generation_ledger_path(home, generation), crash_hook=crash, home=home)
 
