@@ -49,7 +49,7 @@ class DeploymentOpener:
     settings: Settings
 
     def __call__(self, workdir: Path, namespace: str) -> Any:
-        if self.settings.keyword.kind == "tantivy" and self.settings.vector.is_embedded:
+        if self.settings.keyword.is_embedded and self.settings.vector.is_embedded:
             return EmbeddedStores.open(workdir, namespace)
         keyword = build_keyword(self._keyword_settings(workdir, namespace))
         vector = build_vector(self._vector_settings(workdir, namespace), dim=EMBED_DIM)

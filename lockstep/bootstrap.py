@@ -14,10 +14,14 @@ from typing import TYPE_CHECKING
 
 from adapters.embedders.cached import TieredEmbeddingCache
 from adapters.embedders.hashing import HashingEmbedder
+from adapters.embedders.settings import EmbedderSettings
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.ledger.sqlite import SqliteEmbeddingCache, SqliteLedger
 from adapters.sources.debezium import KafkaSourceSettings
+from adapters.sources.pg_logical.settings import PgLogicalSourceSettings
+from adapters.sources.settings import FolderSourceSettings, JsonlSourceSettings, SqlSourceSettings
+from adapters.sources.webhook.settings import WebhookSourceSettings
 from adapters.vector.settings import VectorSettings
 from coordinator.apply import ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
@@ -32,15 +36,7 @@ from coordinator.ports import (
     HashedEmbedder,
     VectorWriter,
 )
-from lockstep.settings import (
-    EmbedderSettings,
-    FolderSourceSettings,
-    JsonlSourceSettings,
-    PgLogicalSourceSettings,
-    Settings,
-    SqlSourceSettings,
-    WebhookSourceSettings,
-)
+from lockstep.settings import Settings
 
 # Vectors each process keeps in memory in front of the durable embedding cache: a few apply
 # batches' worth (the apply path reads each vector twice in a row), ~1.5 KB each at 384 dims.
@@ -65,15 +61,9 @@ def build_ledger(settings: Settings, crash: CrashHook = no_crash, *, generation:
     if isinstance(settings.ledger, PostgresLedgerSettings):
         from adapters.ledger.postgres import PostgresLedger
 
-        ls = settings.ledger
-        return PostgresLedger(
-            ls.dsn.get_secret_value(),
-            crash_hook=crash,
-            schema=generation_schema(ls, generation),
-            home_schema=ls.schema_name,
-            connect_timeout_s=ls.connect_timeout_s,
-            statement_timeout_s=ls.statement_timeout_s,
-        )
+        pg = settings.ledger
+        own = pg.model_copy(update={"schema_name": generation_schema(pg, generation)})
+        return PostgresLedger.from_settings(own, crash_hook=crash, home_schema=pg.schema_name)
     home = Path(settings.ledger.path)
     return SqliteLedger(generation_ledger_path(home, generation), crash_hook=crash, home=home)
 
@@ -113,8 +103,7 @@ def build_keyword(settings: KeywordSettings) -> AliasedKeywordIndex:
     if settings.kind == "tantivy":
         from adapters.keyword.tantivy_index import TantivyKeywordIndex
 
-        assert settings.path is not None, "validated by KeywordSettings"
-        return TantivyKeywordIndex(settings.path, settings.index)
+        return TantivyKeywordIndex.from_settings(settings)
     if settings.kind == "opensearch":
         from adapters.keyword.opensearch import OpenSearchKeywordIndex
 
@@ -181,19 +170,10 @@ def build_embedder(settings: EmbedderSettings) -> Embedder:
     if kind == "sentence-transformers":
         from adapters.embedders.sentence_transformer import SentenceTransformerEmbedder
 
-        return SentenceTransformerEmbedder(model_path=settings.model_path, batch_size=settings.batch_size)
-    if not (settings.base_url and settings.model):
-        raise ConfigError("the openai embedder needs base_url and model")
+        return SentenceTransformerEmbedder.from_settings(settings)
     from adapters.embedders.openai_http import OpenAIEmbedder
 
-    return OpenAIEmbedder(
-        base_url=settings.base_url,
-        model=settings.model,
-        dim=settings.dim,
-        api_key=settings.api_key,
-        timeout_s=settings.timeout_s,
-        batch_size=settings.batch_size,
-    )
+    return OpenAIEmbedder.from_settings(settings)
 
 
 def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
@@ -203,11 +183,11 @@ def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
     if isinstance(src, JsonlSourceSettings):
         from adapters.sources.jsonl import JsonlSource
 
-        return JsonlSource(src.path, ledger, name=src.name)
+        return JsonlSource.from_settings(src, ledger)
     if isinstance(src, FolderSourceSettings):
         from adapters.sources.folder import FolderSource
 
-        return FolderSource(src.path, ledger, name=src.name, patterns=src.patterns)
+        return FolderSource.from_settings(src, ledger)
     if isinstance(src, WebhookSourceSettings):
         return build_webhook_source(settings, src, ledger)
     if isinstance(src, PgLogicalSourceSettings):
@@ -215,24 +195,11 @@ def build_source(settings: Settings, ledger: AnyLedger) -> ChangeSource:
     if isinstance(src, KafkaSourceSettings):
         from adapters.sources.kafka import KafkaDebeziumSource
 
-        return KafkaDebeziumSource(src, ledger, ledger, name=src.name)
+        return KafkaDebeziumSource(src, ledger, ledger)
     assert isinstance(src, SqlSourceSettings)
     from adapters.sources.sql_table import SqlTableSource
 
-    return SqlTableSource(
-        src.url.get_secret_value(),
-        src.table,
-        ledger,
-        ledger,
-        id_column=src.id_column,
-        text_column=src.text_column,
-        metadata_json_column=src.metadata_column,
-        metadata_columns=src.metadata_columns,
-        updated_at_column=src.updated_at_column,
-        deleted_at_column=src.deleted_at_column,
-        version_column=src.version_column,
-        name=src.name,
-    )
+    return SqlTableSource.from_settings(src, ledger, ledger)
 
 
 def build_pg_logical_source(
@@ -256,12 +223,7 @@ def build_webhook_source(settings: Settings, src: WebhookSourceSettings, ledger:
             raise ConfigError(
                 "source.inbox_path is for the SQLite ledger; the Postgres ledger keeps the inbox in its schema"
             )
-        inbox = PostgresInbox(
-            settings.ledger.dsn.get_secret_value(),
-            schema=settings.ledger.schema_name,
-            connect_timeout_s=settings.ledger.connect_timeout_s,
-            statement_timeout_s=settings.ledger.statement_timeout_s,
-        )
+        inbox = PostgresInbox.from_settings(settings.ledger)
     else:
         inbox = SqliteInbox(src.inbox_path or inbox_beside(settings.ledger.path))
-    return WebhookSource(inbox, ledger, name=src.name, retention_s=src.retention_s)
+    return WebhookSource.from_settings(src, inbox, ledger)

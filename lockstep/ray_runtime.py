@@ -318,7 +318,7 @@ Writer: TypeAlias = "ActorProxy[IndexWriterActor]"
 
 def writer_concurrency(side: str, targets: Sequence[WriterTarget]) -> int:
     """How many calls one side's writer runs at once (KEYWORD_WRITER_CONCURRENCY)."""
-    server_backed = all(t.settings.keyword.kind != "tantivy" for t in targets)
+    server_backed = not any(t.settings.keyword.is_embedded for t in targets)
     return KEYWORD_WRITER_CONCURRENCY if side == KEYWORD and server_backed else 1
 
 

@@ -25,18 +25,24 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.embedders.settings import EmbedderSettings as EmbedderSettings
 from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.settings import PostgresLedgerSettings
 from adapters.sources import webhook
 from adapters.sources.debezium import KafkaSourceSettings
 from adapters.sources.pg_logical.settings import PgLogicalSourceSettings as PgLogicalSourceSettings
+from adapters.sources.settings import FolderSourceSettings as FolderSourceSettings
+from adapters.sources.settings import JsonlSourceSettings as JsonlSourceSettings
+from adapters.sources.settings import SqlSourceSettings as SqlSourceSettings
+from adapters.sources.webhook.settings import TOKEN_REQUIRED
+from adapters.sources.webhook.settings import WebhookSourceSettings as WebhookSourceSettings
 from adapters.vector.settings import VectorSettings
 from coordinator import search as search_domain
 from coordinator.chunking import ChunkingSettings
 from coordinator.errors import ConfigError
 from coordinator.fusion import RRF_K_DEFAULT
 from coordinator.limits import CHUNK_CHARS_MAX
-from coordinator.redact import has_userinfo, register_secrets
+from coordinator.redact import register_secrets
 
 if TYPE_CHECKING:
     from pydantic_settings import PydanticBaseSettingsSource
@@ -44,10 +50,6 @@ if TYPE_CHECKING:
 DEFAULT_DATA_DIR = "./lockstep-data"
 DEFAULT_TANTIVY_PATH = f"{DEFAULT_DATA_DIR}/tantivy"
 DEFAULT_MILVUS_URI = f"{DEFAULT_DATA_DIR}/milvus.db"
-TOKEN_REQUIRED = (
-    "source.token is required to serve POST /events: set LOCKSTEP_SOURCE__TOKEN "
-    f"(at least {webhook.TOKEN_CHARS_MIN} characters)"
-)
 
 
 # Resources Ray manages itself; an actor asks for them with options of their own.
@@ -56,66 +58,6 @@ RAY_BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class JsonlSourceSettings(_Frozen):
-    kind: Literal["jsonl"] = "jsonl"
-    path: str
-    name: str = "jsonl"
-
-
-class FolderSourceSettings(_Frozen):
-    kind: Literal["folder"] = "folder"
-    path: str
-    name: str = "folder"
-    patterns: tuple[str, ...] = ("*.md", "*.txt")
-
-
-class SqlSourceSettings(_Frozen):
-    kind: Literal["sql"] = "sql"
-    # A SQLAlchemy URL; it may carry a password, so it is a secret.
-    url: SecretStr
-    table: str
-    name: str = "sql"
-    id_column: str = "id"
-    text_column: str = "text"
-    metadata_column: str | None = None
-    metadata_columns: tuple[str, ...] = ()
-    updated_at_column: str = "updated_at"
-    deleted_at_column: str | None = None
-    version_column: str | None = None
-
-
-class WebhookSourceSettings(_Frozen):
-    """``POST /events`` on ``run.http_host:run.http_port`` (``adapters/sources/webhook/``)."""
-
-    kind: Literal["webhook"] = "webhook"
-    name: str = "webhook"
-    # Clients send ``Authorization: Bearer <token>``; set it from a secret
-    # (``LOCKSTEP_SOURCE__TOKEN``). Checked for length here without echoing it. Only
-    # ``lockstep run`` serves ``POST /events``, so only it needs one (``token`` below).
-    token_value: SecretStr | None = Field(default=None, alias="token")
-    body_bytes_max: int = Field(default=webhook.BODY_BYTES_MAX, ge=1024, le=256 * 1024 * 1024)
-    batch_events_max: int = Field(default=webhook.BATCH_EVENTS_MAX, ge=1, le=100_000)
-    backlog_events_max: int = Field(default=webhook.BACKLOG_EVENTS_MAX, ge=1)
-    retention_s: float = Field(default=webhook.RETENTION_S, ge=0)
-    # SQLite ledger only: the inbox file (default: beside the ledger, ``<ledger>.webhook-inbox.db``).
-    # With the Postgres ledger the inbox is a table in the ledger's schema.
-    inbox_path: str | None = None
-
-    @field_validator("token_value")
-    @classmethod
-    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None and len(token.get_secret_value()) < webhook.TOKEN_CHARS_MIN:
-            raise ValueError(f"the webhook token must have at least {webhook.TOKEN_CHARS_MIN} characters")
-        return token
-
-    @property
-    def token(self) -> SecretStr:
-        """The bearer token ``POST /events`` checks; ConfigError when the config has none."""
-        if self.token_value is None:
-            raise ConfigError(TOKEN_REQUIRED)
-        return self.token_value
 
 
 SourceSettings = Annotated[
@@ -145,27 +87,6 @@ AnyLedgerSettings = Annotated[
     Annotated[LedgerSettings, Tag("sqlite")] | Annotated[PostgresLedgerSettings, Tag("postgres")],
     Discriminator(_ledger_kind),
 ]
-
-
-class EmbedderSettings(_Frozen):
-    """``auto`` uses the local model when its extra is installed, else the hashing embedder."""
-
-    kind: Literal["auto", "hashing", "sentence-transformers", "openai"] = "auto"
-    dim: int = Field(default=384, gt=0)
-    model_path: str | None = None
-    # Without credentials: the key goes in ``api_key`` (a secret, never stored or printed).
-    base_url: str | None = None
-    model: str | None = None
-    api_key: SecretStr | None = None
-    timeout_s: float = Field(default=30.0, gt=0)
-    batch_size: int = Field(default=64, gt=0)
-
-    @field_validator("base_url")
-    @classmethod
-    def _no_credentials(cls, url: str | None) -> str | None:
-        if url is not None and has_userinfo(url):
-            raise ValueError("put the key in api_key, not in base_url (URLs with credentials are refused)")
-        return url
 
 
 class ChunkingConfig(_Frozen):

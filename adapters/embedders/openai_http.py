@@ -25,7 +25,8 @@ import numpy as np
 import structlog
 from pydantic import SecretStr
 
-from coordinator.errors import EmbedServiceError, PermanentEmbedError, TransientEmbedError
+from adapters.embedders.settings import EmbedderSettings
+from coordinator.errors import ConfigError, EmbedServiceError, PermanentEmbedError, TransientEmbedError
 from coordinator.redact import REDACTED, redact
 
 log = structlog.get_logger(__name__)
@@ -113,6 +114,20 @@ class OpenAIEmbedder:
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=CONNECTIONS_MAX, max_keepalive_connections=CONNECTIONS_MAX),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: EmbedderSettings) -> OpenAIEmbedder:
+        """The embedder ``settings`` configures; ConfigError when they name no base_url or model."""
+        if not (settings.base_url and settings.model):
+            raise ConfigError("the openai embedder needs base_url and model")
+        return cls(
+            settings.base_url,
+            settings.model,
+            settings.dim,
+            api_key=settings.api_key,
+            timeout_s=settings.timeout_s,
+            batch_size=settings.batch_size,
         )
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from adapters.embedders.settings import EmbedderSettings
 from coordinator.errors import ConfigError, PermanentEmbedError
 
 log = structlog.get_logger(__name__)
@@ -46,6 +47,12 @@ class SentenceTransformerEmbedder:
         self.dim = _checked_dim(self._model)
         log.info("embedder_loaded", model_id=model_id, path=str(self.model_path), dim=self.dim,
                  batch_size=batch_size, max_seq_length_tokens=max_seq_length_tokens)
+
+    @classmethod
+    def from_settings(cls, settings: EmbedderSettings) -> SentenceTransformerEmbedder:
+        """The model at ``settings.model_path`` (default: the bundled one), run in batches of
+        ``settings.batch_size``."""
+        return cls(model_path=settings.model_path, batch_size=settings.batch_size)
 
     def __repr__(self) -> str:
         return f"SentenceTransformerEmbedder(model_path={str(self.model_path)!r}, batch_size={self.batch_size})"

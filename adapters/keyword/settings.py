@@ -42,6 +42,13 @@ class KeywordSettings(BaseModel):
     request_timeout_s: float = Field(default=REQUEST_TIMEOUT_S, gt=0)
 
     @property
+    def is_embedded(self) -> bool:
+        """True when the index is a Tantivy directory written inside this process: it has one
+        writer, which takes one call at a time; a server (OpenSearch, Elasticsearch) takes
+        concurrent requests from any number of processes."""
+        return self.kind == "tantivy"
+
+    @property
     def live_alias(self) -> str:
         """What readers query: ``alias``, by default ``<index>-live`` (Tantivy: the alias file
         ``<path>.live`` beside the index directories)."""

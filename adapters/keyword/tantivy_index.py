@@ -46,6 +46,7 @@ from adapters.keyword._search_engine import (
     metadata_json,
     request_rejection,
 )
+from adapters.keyword.settings import KeywordSettings
 from coordinator.errors import PermanentStoreError, TransientStoreError
 from coordinator.model import (
     ChunkDelete,
@@ -130,6 +131,12 @@ class TantivyKeywordIndex:
         # When the reader last picked up commits (monotonic seconds); see ``_reader_searcher``.
         self._reloaded_at = float("-inf")
         self._log = log.bind(store="tantivy", index=name)
+
+    @classmethod
+    def from_settings(cls, settings: KeywordSettings) -> Self:
+        """The index in the directory ``settings.path``, named ``settings.index``."""
+        assert settings.path is not None, "validated by KeywordSettings: a tantivy index has a path"
+        return cls(settings.path, settings.index)
 
     @classmethod
     def open_alias(cls, alias_path: str | os.PathLike[str], name: str) -> Self:

@@ -185,7 +185,9 @@ class PostgresLedger:
         *,
         clock: Callable[[], float] = time.time,
         crash_hook: CrashHook = no_crash,
+        home_schema: str | None = None,
     ) -> PostgresLedger:
+        """The ledger in ``settings.schema_name``; ``home_schema`` as for the constructor."""
         return cls(
             settings.dsn.get_secret_value(),
             clock=clock,
@@ -193,6 +195,7 @@ class PostgresLedger:
             schema=settings.schema_name,
             connect_timeout_s=settings.connect_timeout_s,
             statement_timeout_s=settings.statement_timeout_s,
+            home_schema=home_schema,
         )
 
     def __repr__(self) -> str:

@@ -1,7 +1,6 @@
 """What the source adapters share: bad-record helpers.
 
-The checkpoint store they need is a port, ``coordinator.ports.CheckpointStore``; it is also
-importable from here while the Postgres logical replication and webhook sources still name it so.
+The checkpoint store they need is a port: ``coordinator.ports.CheckpointStore``.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 from coordinator.limits import RECORD_BYTES_MAX
 from coordinator.model import spell_record
 from coordinator.ports import BadRecord
-from coordinator.ports import CheckpointStore as CheckpointStore
 
 
 def printable(value: str) -> str:

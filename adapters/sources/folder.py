@@ -30,6 +30,7 @@ from pathlib import Path
 import structlog
 
 from adapters.sources.base import bad_record
+from adapters.sources.settings import FolderSourceSettings
 from coordinator.batching import batched
 from coordinator.errors import InvalidEvent, SourceError
 from coordinator.events import TEXT_BYTES_MAX, ChangeEvent, Op
@@ -86,6 +87,11 @@ class FolderSource:
         self._patterns = tuple(patterns)
         self._file_bytes_max = file_bytes_max
         self._lookup_batch_max = lookup_batch_max
+
+    @classmethod
+    def from_settings(cls, settings: FolderSourceSettings, known: KnownDocs) -> FolderSource:
+        """The files under ``settings.path`` that match ``settings.patterns``."""
+        return cls(settings.path, known, name=settings.name, patterns=settings.patterns)
 
     def read(self) -> Iterator[SourceRecord]:
         """One event per new, changed or deleted file; unchanged files yield nothing."""

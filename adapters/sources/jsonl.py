@@ -23,6 +23,7 @@ from typing import BinaryIO
 import structlog
 
 from adapters.sources.base import bad_record
+from adapters.sources.settings import JsonlSourceSettings
 from coordinator.errors import InvalidEvent, SourceError
 from coordinator.events import event_from_dict, loads_event_json
 from coordinator.limits import RECORD_BYTES_MAX
@@ -68,6 +69,11 @@ class JsonlSource:
         self.name = name or f"jsonl:{self.path.name}"
         self._checkpoints = checkpoints
         self._line_bytes_max = line_bytes_max
+
+    @classmethod
+    def from_settings(cls, settings: JsonlSourceSettings, checkpoints: CheckpointStore) -> JsonlSource:
+        """The file ``settings.path``, named ``settings.name``."""
+        return cls(settings.path, checkpoints, name=settings.name)
 
     def read(self) -> Iterator[SourceRecord]:
         """Records from the last committed offset to the current end of the file."""

@@ -52,6 +52,7 @@ from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from sqlalchemy.types import NullType
 
 from adapters.sources.base import bad_record
+from adapters.sources.settings import SqlSourceSettings
 from coordinator.batching import batched
 from coordinator.errors import ConfigError, InvalidEvent, SourceError
 from coordinator.events import ChangeEvent, Op, canonical_json
@@ -129,6 +130,24 @@ class SqlTableSource:
         labels = {_ID: id_column, _TEXT: text_column, _MARK: updated_at_column, _DELETED: deleted_at_column}
         labels |= {_VERSION: version_column, _JSON: metadata_json_column}
         self._columns = self._labelled(labels | {f"m_{c}": c for c in self._metadata_columns})
+
+    @classmethod
+    def from_settings(cls, settings: SqlSourceSettings, checkpoints: CheckpointStore, known: KnownDocs) -> SqlTableSource:
+        """The table ``settings.table`` at ``settings.url``, its columns as ``settings`` name them."""
+        return cls(
+            settings.url.get_secret_value(),
+            settings.table,
+            checkpoints,
+            known,
+            id_column=settings.id_column,
+            text_column=settings.text_column,
+            metadata_json_column=settings.metadata_column,
+            metadata_columns=settings.metadata_columns,
+            updated_at_column=settings.updated_at_column,
+            deleted_at_column=settings.deleted_at_column,
+            version_column=settings.version_column,
+            name=settings.name,
+        )
 
     # --- the ChangeSource port ---------------------------------------------------------------
 

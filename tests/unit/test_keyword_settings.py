@@ -26,3 +26,10 @@ def test_a_configured_alias_wins() -> None:
     """An explicit ``alias`` is what readers query, whatever the kind."""
     assert KeywordSettings(kind="tantivy", path="data/kw", alias="data/readers").live_alias == "data/readers"
     assert KeywordSettings(kind="elasticsearch", url="http://es:9200", alias="live").live_alias == "live"
+
+
+def test_only_tantivy_is_embedded() -> None:
+    """A Tantivy directory is written inside the process; a search engine is a server."""
+    assert KeywordSettings(kind="tantivy", path="data/kw").is_embedded
+    assert not KeywordSettings(kind="opensearch", url="http://localhost:9200").is_embedded
+    assert not KeywordSettings(kind="elasticsearch", url="http://es:9200").is_embedded

@@ -28,7 +28,6 @@ import psycopg
 import structlog
 from psycopg.rows import TupleRow
 
-from adapters.sources.base import CheckpointStore
 from adapters.sources.pg_logical import slot as slots
 from adapters.sources.pg_logical.inflight import InFlight
 from adapters.sources.pg_logical.positions import SNAPSHOT_REQUIRED, position_lsn
@@ -44,7 +43,7 @@ from adapters.sources.pg_logical.transactions import TransactionAssembler
 from adapters.sources.pg_logical.wal import advance, decoded, flushed_lsn, peek
 from adapters.sources.pgoutput import lsn_to_text
 from coordinator.errors import ConfigError, SourceError
-from coordinator.ports import KnownDocs, SourceRecord
+from coordinator.ports import CheckpointStore, KnownDocs, SourceRecord
 
 # commit() advances the slot at most this often from the caller's thread; the reader moves it
 # after every peek anyway. Advancing decodes WAL, so doing it on every checkpoint would be waste.

@@ -5,7 +5,8 @@ and the source that reads it.
 - ``inbox.py``: what an inbox is (durability, idempotency, bad rows, seq order) and how a
   request's items become rows; ``inbox_sqlite.py`` and ``inbox_postgres.py`` store them;
 - ``intake.py``: one request into the inbox, answered only once it is committed;
-- ``source.py``: the inbox as a ChangeSource, with its checkpoint and retention.
+- ``source.py``: the inbox as a ChangeSource, with its checkpoint and retention;
+- ``settings.py``: what the source is configured with (its token and limits).
 
 The names below are loaded from those modules on first use (as ``lockstep/__init__.py`` does):
 the modules import one another, so this package imports none of them while it is imported.
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
         TOKEN_CHARS_MIN,
         WebhookIntake,
     )
+    from adapters.sources.webhook.settings import WebhookSourceSettings
     from adapters.sources.webhook.source import RETENTION_S, WebhookSource
 
 _EXPORTS = {
@@ -49,6 +51,7 @@ _EXPORTS = {
     "WebhookIntake": "adapters.sources.webhook.intake",
     "RETENTION_S": "adapters.sources.webhook.source",
     "WebhookSource": "adapters.sources.webhook.source",
+    "WebhookSourceSettings": "adapters.sources.webhook.settings",
 }
 
 __all__ = [
@@ -69,6 +72,7 @@ __all__ = [
     "SqliteInbox",
     "WebhookIntake",
     "WebhookSource",
+    "WebhookSourceSettings",
     "inbox_beside",
     "parse_body",
 ]

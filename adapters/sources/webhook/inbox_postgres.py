@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.ledger.settings import CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_S
+from adapters.ledger.settings import CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_S, PostgresLedgerSettings
 from adapters.postgres_connection import SharedConnection
 from adapters.sources.webhook.body import Item
 from adapters.sources.webhook.inbox import (
@@ -78,6 +78,16 @@ class PostgresInbox:
         )
         self._append_lock_key = f"lockstep.{INBOX_TABLE}.{schema}"
         self._create()
+
+    @classmethod
+    def from_settings(cls, settings: PostgresLedgerSettings) -> PostgresInbox:
+        """The inbox table in the Postgres ledger's schema, reached as the ledger is."""
+        return cls(
+            settings.dsn.get_secret_value(),
+            schema=settings.schema_name,
+            connect_timeout_s=settings.connect_timeout_s,
+            statement_timeout_s=settings.statement_timeout_s,
+        )
 
     def __repr__(self) -> str:
         # Never the DSN itself: it may carry a password.

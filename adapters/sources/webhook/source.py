@@ -15,15 +15,20 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import structlog
 
-from adapters.sources.base import CheckpointStore, bad_record
+from adapters.sources.base import bad_record
 from adapters.sources.webhook.inbox import Inbox, InboxRow, bad_row_record
 from adapters.sources.webhook.intake import BACKLOG_EVENTS_MAX, BATCH_EVENTS_MAX, WebhookIntake
 from coordinator.errors import InvalidEvent, SourceError, StoreError
 from coordinator.events import event_from_dict
-from coordinator.ports import SourceRecord
+from coordinator.ports import CheckpointStore, SourceRecord
+
+if TYPE_CHECKING:
+    # For annotations only: the settings read RETENTION_S from this module.
+    from adapters.sources.webhook.settings import WebhookSourceSettings
 
 # Inbox rows read per query by the source: a page is all that is held in memory.
 READ_PAGE_ROWS = 1_000
@@ -67,6 +72,11 @@ class WebhookSource:
         self._page_rows = page_rows
         self._wake = threading.Event()
         self._pruned_at = float("-inf")
+
+    @classmethod
+    def from_settings(cls, settings: WebhookSourceSettings, inbox: Inbox, checkpoints: CheckpointStore) -> WebhookSource:
+        """The source that reads ``inbox``, named and pruned as ``settings`` say."""
+        return cls(inbox, checkpoints, name=settings.name, retention_s=settings.retention_s)
 
     def intake(self, *, batch_events_max: int = BATCH_EVENTS_MAX, backlog_events_max: int = BACKLOG_EVENTS_MAX) -> WebhookIntake:
         """The intake that stores requests in this source's inbox and wakes it up."""
