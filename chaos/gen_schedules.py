@@ -65,8 +65,8 @@ from coordinator.errors import LockstepError, StoreError
 from coordinator.generations import Generation, GenState
 from coordinator.invariants import Violation
 from coordinator.shard import Envelope
-from lockstep.bootstrap import build_keyword, build_vector
-from lockstep.generation_parts import drop_generation_stores, keyword_settings, vector_settings
+from lockstep.bootstrap import build_keyword, build_vector, keyword_settings, vector_settings
+from lockstep.generation_parts import drop_generation_stores
 from lockstep.rebuild import Rebuild
 from lockstep.settings import EmbedderSettings, Settings
 

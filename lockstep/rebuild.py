@@ -55,21 +55,22 @@ from coordinator.reconcile import RateLimiter, Reconciler
 from lockstep.audit_cli import LISTABLE_SOURCE_KINDS
 from lockstep.bootstrap import (
     AnyLedger,
+    GenerationParts,
     build_embedder,
+    build_generation,
     build_keyword,
     build_ledger,
     build_source,
     build_vector,
+    generation_embedder_settings,
+    keyword_settings,
+    vector_settings,
 )
 from lockstep.generation_parts import (
-    GenerationParts,
-    build_parts,
     drop_generation_stores,
-    keyword_settings,
     load_generations,
     new_generation,
     point_aliases,
-    vector_settings,
 )
 from lockstep.settings import EmbedderSettings, Settings
 
@@ -299,7 +300,7 @@ class Rebuild:
         act = active(self.registry.all())
         report = RebuildReport(generation=gen.number, previous=act.number, resumed_from=gen.backfill_position)
         reader = self._reader(act)
-        target = build_parts(self.settings, gen, self.home, source_name=self._source_name(), crash=self._crash)
+        target = build_generation(self.settings, gen, self.home, source_name=self._source_name(), crash=self._crash)
         try:
             # Intents a killed rebuild left prepared are driven first (the service may be driving
             # some of them too; both writes carry the same versions).
@@ -583,7 +584,7 @@ class Rebuild:
             return {}
         queries = [q.strip() for q in Path(path).read_text(encoding="utf-8").splitlines() if q.strip()]
         k = self.settings.rebuild.queries_k
-        old_embedder = build_embedder(_embedder_of(self.settings, act))
+        old_embedder = build_embedder(generation_embedder_settings(self.settings, act))
         old_vector = build_vector(vector_settings(self.settings, act), dim=act.dim)
         per_query = []
         try:
@@ -616,7 +617,7 @@ class Rebuild:
             raise ConfigError(f"no generation {number}")
         if gen.state is GenState.BUILDING and not gen.backfill_done:
             raise ConfigError(f"generation {number} is still being backfilled")
-        parts = build_parts(self.settings, gen, self.home, source_name=self._source_name())
+        parts = build_generation(self.settings, gen, self.home, source_name=self._source_name())
         try:
             return self._swap_to(gen, parts)
         finally:
@@ -675,12 +676,6 @@ def _apply(target: GenerationParts, events: Sequence[ChangeEvent]) -> list[str]:
     if not events:
         return []
     return target.engine.apply(events, skip_conflicts=True)
-
-
-def _embedder_of(settings: Settings, gen: Generation) -> EmbedderSettings:
-    from lockstep.generation_parts import generation_embedder_settings
-
-    return generation_embedder_settings(settings, gen)
 
 
 def _docs(hits: Sequence[Any]) -> list[str]:

@@ -24,8 +24,8 @@ from rich.table import Table
 
 from coordinator.chunking import ChunkingSettings
 from coordinator.generations import Generation, active
+from lockstep.bootstrap import generation_embedder_settings
 from lockstep.cli_errors import command_errors
-from lockstep.generation_parts import generation_embedder_settings
 from lockstep.progress import spinner
 from lockstep.rebuild import Rebuild
 from lockstep.settings import EmbedderSettings, Settings, load_settings
