@@ -20,9 +20,10 @@ from typing import Any
 import structlog
 
 from adapters.ledger.registry import registry_for
+from coordinator.chunking import ChunkingSettings
 from coordinator.errors import LockstepError
-from coordinator.generations import Generation, GenState, physical_names
-from coordinator.ports import AliasedIndex, Embedder, GenerationRegistry
+from coordinator.generations import Generation, GenerationSpec, GenState, physical_names
+from coordinator.ports import AliasedIndex, Embedder, GenerationRegistry, OpenedGeneration
 from lockstep.bootstrap import (
     AnyLedger,
     GenerationParts,
@@ -115,22 +116,21 @@ def vector_alias(settings: Settings) -> str:
     return settings.vector.alias or f"{settings.vector.collection}_live"
 
 
+def generation_spec(embedder: EmbedderSettings, inner: Embedder, chunking: ChunkingSettings) -> GenerationSpec:
+    """What a generation built with these embedder settings (``inner`` is their embedder) and
+    this chunking records."""
+    return GenerationSpec(embedder_record(embedder), inner.model_id, inner.dim, chunking)
+
+
+def generation_names(settings: Settings, number: int) -> tuple[str, str]:
+    return physical_names(settings.keyword.physical_base, settings.vector.collection, number)
+
+
 def new_generation(
-    settings: Settings, number: int, embedder: EmbedderSettings, inner: Embedder, chunking: Any, now: float
+    settings: Settings, number: int, embedder: EmbedderSettings, inner: Embedder, chunking: ChunkingSettings,
+    now: float,
 ) -> Generation:
-    base = settings.keyword.physical_base
-    keyword_index, collection = physical_names(base, settings.vector.collection, number)
-    return Generation(
-        number=number,
-        state=GenState.BUILDING,
-        keyword_index=keyword_index,
-        vector_collection=collection,
-        embedder=embedder_record(embedder),
-        model_id=inner.model_id,
-        dim=inner.dim,
-        chunking=chunking,
-        created_at=now,
-    )
+    return generation_spec(embedder, inner, chunking).generation(number, generation_names(settings, number), now)
 
 
 def drop_generation_ledger(settings: Settings, number: int) -> None:
@@ -181,7 +181,7 @@ def alias_targets(
     return keyword.alias_target(keyword_alias(settings)), vector.alias_target(vector_alias(settings))
 
 
-def point_aliases(settings: Settings, parts: GenerationParts) -> dict[str, Any]:
+def point_aliases(settings: Settings, parts: OpenedGeneration) -> dict[str, Any]:
     """Point both readers' aliases at the indexes of ``parts``: one ``_aliases`` request (or
     alias file), one ``alter_alias``.
 

@@ -639,13 +639,11 @@ def test_validation_waits_for_a_rechecked_documents_live_write_to_land(tmp_path:
     a recheck waits for its commit (here 1.5 pauses later, so one fixed pause would not do)
     instead of rechecking it mid-flight; a newer edit of the same document, started meanwhile,
     does not hold the settle up (documents edited continuously would never settle)."""
-    from types import SimpleNamespace
-
     from adapters.ledger.sqlite import SqliteLedger
     from coordinator.apply import SIDES
     from coordinator.events import ChangeEvent, Op
     from coordinator.planner import plan
-    from lockstep.rebuild import VALIDATE_SETTLE_S
+    from coordinator.rebuild.validate import VALIDATE_SETTLE_S, settle
 
     home, new = SqliteLedger(tmp_path / "home.db"), SqliteLedger(tmp_path / "g2.db")
     try:
@@ -667,7 +665,7 @@ def test_validation_waits_for_a_rechecked_documents_live_write_to_land(tmp_path:
         writer = threading.Thread(target=land)
         writer.start()
         started = time.monotonic()
-        Rebuild._settle(["d1", "d2"], SimpleNamespace(ledger=home), SimpleNamespace(ledger=new))  # type: ignore[arg-type]
+        settle(["d1", "d2"], [home, new], clock=time.monotonic, sleep=time.sleep)
         assert landed.is_set(), "the settle returned while the live write was still in flight"
         writer.join()
         assert time.monotonic() - started < 30, "the newer edit held the settle up"
