@@ -647,7 +647,9 @@ class GenerationStores(Protocol):
     """The stores of the deployment's generations, as a rebuild opens, points and drops them.
 
     Each ``…ing`` method opens a generation's stores for the ``with`` block and closes what it
-    opened after it (never the home ledger, which its owner closes)."""
+    opened after it (never the home ledger, which its owner closes). The app layer implements it
+    over the configured adapters (``lockstep.rebuild.ConfiguredStores``); ``tests/test_rebuild.py``
+    drives it on real stores."""
 
     def physical_names(self, number: int) -> tuple[str, str]:
         """The keyword index and the vector collection of generation ``number``."""
