@@ -203,8 +203,14 @@ def phases(config: Path) -> dict[str, object]:
 def _open_stores_alone(settings: Settings, laps: Laps) -> None:
     """The embedder, then each store opened, ensured and closed on its own."""
     from adapters.ledger.registry import registry_for
-    from lockstep.bootstrap import build_embedder, build_keyword, build_ledger, build_vector
-    from lockstep.generation_parts import keyword_settings, vector_settings
+    from lockstep.bootstrap import (
+        build_embedder,
+        build_keyword,
+        build_ledger,
+        build_vector,
+        keyword_settings,
+        vector_settings,
+    )
     from lockstep.runtime import active_generation
 
     embedder = build_embedder(settings.embedder)

@@ -4,7 +4,7 @@ What ``lockstep run`` does (lockstep/service.py, lockstep/ray_runtime.py), witho
 schedule's simulated clock, so that a schedule is reproducible from its seed:
 
 - at start it announces itself *starting* among the generations' writers, reads the registry and
-  builds one two-phase engine per live generation (``build_parts``; a ``MultiEngine`` over them
+  builds one two-phase engine per live generation (``build_generation``; a ``MultiEngine`` over them
   when there are several, the active one first) under one ``ShardWorker``, re-drives what is
   prepared, and announces the set it writes;
 - every SERVICE_POLL_S it reads the registry; when the set of live generations changed it stops
@@ -44,14 +44,15 @@ from coordinator.errors import LockstepError
 from coordinator.generations import Generation, live
 from coordinator.multi_apply import MultiEngine
 from coordinator.shard import Backoff, Envelope, ShardWorker
-from lockstep.bootstrap import AnyLedger, build_embedder, build_ledger
-from lockstep.generation_parts import (
+from lockstep.bootstrap import (
+    AnyLedger,
     GenerationParts,
-    WriterAnnouncement,
-    build_parts,
+    build_embedder,
+    build_generation,
+    build_ledger,
     generation_embedder_settings,
-    load_generations,
 )
+from lockstep.generation_parts import WriterAnnouncement, load_generations
 from lockstep.settings import Settings
 
 # How often the service reads the registry: lockstep run's GENERATIONS_POLL_S (simulated seconds).
@@ -150,7 +151,7 @@ class LiveService:
             return injector
 
         embedder = self.embedder.of(gen.number)
-        return build_parts(
+        return build_generation(
             self.settings, gen, self.home, source_name=SOURCE_NAME, crash=self.crash, inner=embedder, wrap=wrap
         )
 

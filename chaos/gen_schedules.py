@@ -1,12 +1,12 @@
 """Generations under chaos: rebuilds, switches, swaps, rollbacks, aborts and gc amid live faults.
 
-A generations schedule runs the real ``Rebuild`` (lockstep/rebuild.py) next to a live service
-(chaos/gen_live.py: ``lockstep run``'s shard over every live generation, following the
-registry), both in the worker process and on one simulated clock: every wait of the rebuild
-(``sleep``) and every backfill batch (``progress``) steps the live service, which goes on taking
-the schedule's events, switches its engines when the registry's live set changes, crashes at
-armed crash points and restarts. Everything is single-threaded and seeded, so a failing seed
-replays exactly.
+A generations schedule runs the real ``Rebuild`` (coordinator/rebuild/, wired by
+lockstep/rebuild.py) next to a live service (chaos/gen_live.py: ``lockstep run``'s shard over every
+live generation, following the registry), both in the worker process and on one simulated clock:
+every wait of the rebuild (``sleep``) and every backfill batch (``progress``) steps the live
+service, which goes on taking the schedule's events, switches its engines when the registry's live
+set changes, crashes at armed crash points and restarts. Everything is single-threaded and seeded,
+so a failing seed replays exactly.
 
 The seed picks the *story* (``STORIES``; the first five schedules of a run tell one each) and
 the rebuild's target (a new model, a new chunking, or both):
@@ -65,8 +65,8 @@ from coordinator.errors import LockstepError, StoreError
 from coordinator.generations import Generation, GenState
 from coordinator.invariants import Violation
 from coordinator.shard import Envelope
-from lockstep.bootstrap import build_keyword, build_vector
-from lockstep.generation_parts import drop_generation_stores, keyword_settings, vector_settings
+from lockstep.bootstrap import build_keyword, build_vector, keyword_settings, vector_settings
+from lockstep.generation_parts import drop_generation_stores
 from lockstep.rebuild import Rebuild
 from lockstep.settings import EmbedderSettings, Settings
 

@@ -109,6 +109,35 @@ class Generation:
         )
 
 
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What a generation is built with: its embedder (the settings it records, without secrets;
+    the model and dimension they give) and its chunking."""
+
+    embedder: Mapping[str, Any]
+    model_id: str
+    dim: int
+    chunking: ChunkingSettings
+
+    def built(self, gen: Generation) -> bool:
+        """Whether ``gen`` was built with this model, dimension and chunking."""
+        return (gen.model_id, gen.dim, gen.chunking) == (self.model_id, self.dim, self.chunking)
+
+    def generation(self, number: int, names: tuple[str, str], created_at: float) -> Generation:
+        """Generation ``number``, being built with this spec, in the stores ``names`` names."""
+        return Generation(
+            number=number,
+            state=GenState.BUILDING,
+            keyword_index=names[0],
+            vector_collection=names[1],
+            embedder=dict(self.embedder),
+            model_id=self.model_id,
+            dim=self.dim,
+            chunking=self.chunking,
+            created_at=created_at,
+        )
+
+
 def physical_names(keyword_base: str, vector_base: str, number: int) -> tuple[str, str]:
     """The keyword index (or Tantivy directory) and collection of generation ``number``.
 

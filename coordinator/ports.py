@@ -10,9 +10,11 @@ rules the ledgers apply are not a port: they live in ``coordinator.leases``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from coordinator.crashpoints import CrashHook
 from coordinator.events import ChangeEvent
 from coordinator.generations import Generation
 from coordinator.model import (
@@ -29,7 +31,7 @@ from coordinator.model import (
 
 if TYPE_CHECKING:
     # For annotations only: coordinator.apply implements Engine and imports this module.
-    from coordinator.apply import ApplyStats
+    from coordinator.apply import ApplyEngine, ApplyStats
 
 
 @runtime_checkable
@@ -117,6 +119,11 @@ class AliasedIndex(Protocol):
 @runtime_checkable
 class AliasedKeywordIndex(KeywordIndex, AliasedIndex, Protocol):
     """A keyword index that readers reach through an alias: what every keyword adapter is."""
+
+
+@runtime_checkable
+class AliasedVectorIndex(VectorIndex, AliasedIndex, Protocol):
+    """A vector index that readers reach through an alias: what the Milvus adapter is."""
 
 
 @runtime_checkable
@@ -580,3 +587,89 @@ class Engine(Protocol):
         a simulated or real crash in a crash test."""
 
     def close(self) -> None: ...
+
+
+# --- a rebuild's view of the generations ---------------------------------------------------------
+
+
+class CountingEmbedder(Protocol):
+    """A generation's cached embedder as a rebuild sees it: it embeds the query set, and counts
+    the texts it sent to the model (``embed_calls``) and those the cache served (``cache_hits``)."""
+
+    embed_calls: int
+    cache_hits: int
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+
+class GenerationReader(Protocol):
+    """A generation as a rebuild's backfill reads it: its ledger and its keyword index (never its
+    vector collection, which a running service may hold open)."""
+
+    @property
+    def generation(self) -> Generation: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
+    def keyword(self) -> KeywordIndex: ...
+
+
+class OpenedGeneration(Protocol):
+    """Everything that writes one generation, opened: its ledger namespace, its own indexes, its
+    cached embedder and the two-phase engine over them."""
+
+    @property
+    def generation(self) -> Generation: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
+
+    @property
+    def keyword(self) -> AliasedKeywordIndex: ...
+
+    @property
+    def vector(self) -> AliasedVectorIndex: ...
+
+    @property
+    def embedder(self) -> CountingEmbedder: ...
+
+    @property
+    def engine(self) -> ApplyEngine: ...
+
+
+# A generation's vector search by query text: (query, k) -> the k nearest chunks.
+QuerySearch = Callable[[str, int], list[SearchHit]]
+
+
+class GenerationStores(Protocol):
+    """The stores of the deployment's generations, as a rebuild opens, points and drops them.
+
+    Each ``…ing`` method opens a generation's stores for the ``with`` block and closes what it
+    opened after it (never the home ledger, which its owner closes). The app layer implements it
+    over the configured adapters (``lockstep.rebuild.ConfiguredStores``); ``tests/test_rebuild.py``
+    drives it on real stores."""
+
+    def physical_names(self, number: int) -> tuple[str, str]:
+        """The keyword index and the vector collection of generation ``number``."""
+
+    def reading(self, generation: Generation) -> AbstractContextManager[GenerationReader]:
+        """``generation`` to read its committed documents and their texts."""
+
+    def writing(self, generation: Generation, crash: CrashHook) -> AbstractContextManager[OpenedGeneration]:
+        """``generation`` to write (its stores created if missing); ``crash`` reaches its engine
+        and ledger."""
+
+    def searching(self, generation: Generation) -> AbstractContextManager[QuerySearch]:
+        """``generation``'s vector search, with its own embedder (nothing is written)."""
+
+    def listing_source(self, reader: GenerationReader) -> AbstractContextManager[tuple[str, ListableSource] | None]:
+        """The configured source and its name, when it can list its current state (its known
+        documents are ``reader``'s); None for an event stream."""
+
+    def point_aliases(self, parts: OpenedGeneration) -> dict[str, Any]:
+        """Point both readers' aliases at ``parts``' indexes; returns when each switched."""
+
+    def drop(self, generation: Generation) -> None:
+        """Remove ``generation``'s indexes and ledger namespace for good."""

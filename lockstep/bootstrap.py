@@ -1,18 +1,21 @@
 """The composition root: the one place that builds real adapters and apply engines from settings.
 
-Everything else receives what these functions build: the runtime (``lockstep.runtime``), each
-generation's parts (``lockstep.generation_parts``), the Ray actors, the rebuild, the chaos suite's
-deployment and the benchmarks. A new store kind touches this module and its adapter package.
+Everything else receives what these functions build: the runtime (``lockstep.runtime``), the Ray
+actors, the rebuild, the chaos suite's deployment and the benchmarks. A generation's parts (its
+ledger namespace, indexes, cached embedder and apply engine) are assembled by
+``build_generation`` alone. A new store kind touches this module and its adapter package.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, overload
 
-from adapters.embedders.cached import TieredEmbeddingCache
+from adapters.embedders.cached import CachedEmbedder, TieredEmbeddingCache
 from adapters.embedders.hashing import HashingEmbedder
 from adapters.embedders.settings import EmbedderSettings
 from adapters.keyword.settings import KeywordSettings
@@ -23,10 +26,10 @@ from adapters.sources.pg_logical.settings import PgLogicalSourceSettings
 from adapters.sources.settings import FolderSourceSettings, JsonlSourceSettings, SqlSourceSettings
 from adapters.sources.webhook.settings import WebhookSourceSettings
 from adapters.vector.settings import VectorSettings
-from coordinator.apply import ApplyEngine
+from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook, no_crash
 from coordinator.errors import ConfigError
-from coordinator.generations import Generation
+from coordinator.generations import Generation, check_embedder
 from coordinator.ports import (
     AliasedKeywordIndex,
     ChangeSource,
@@ -41,6 +44,8 @@ from lockstep.settings import Settings
 # Vectors each process keeps in memory in front of the durable embedding cache: a few apply
 # batches' worth (the apply path reads each vector twice in a row), ~1.5 KB each at 384 dims.
 EMBEDDING_FRONT_ENTRIES_MAX = 8192
+# Embedder settings that are secrets: never recorded in the registry, always taken from config.
+_SECRET_EMBEDDER_FIELDS = ("api_key",)
 
 if TYPE_CHECKING:
     from adapters.ledger.postgres import PostgresLedger
@@ -227,3 +232,178 @@ def build_webhook_source(settings: Settings, src: WebhookSourceSettings, ledger:
     else:
         inbox = SqliteInbox(src.inbox_path or inbox_beside(settings.ledger.path))
     return WebhookSource.from_settings(src, inbox, ledger)
+
+
+# --- one generation's settings and parts ---------------------------------------------------------
+
+
+def keyword_settings(settings: Settings, gen: Generation) -> KeywordSettings:
+    return settings.keyword.for_physical(gen.keyword_index)
+
+
+def vector_settings(settings: Settings, gen: Generation) -> VectorSettings:
+    return settings.vector.model_copy(update={"collection": gen.vector_collection})
+
+
+def embedder_record(es: EmbedderSettings) -> dict[str, Any]:
+    """The embedder settings a generation records: the resolved kind, no secrets."""
+    kind = es.kind
+    if kind == "auto":
+        kind = "sentence-transformers" if local_model_installed() else "hashing"
+    data = es.model_dump(mode="json", exclude=set(_SECRET_EMBEDDER_FIELDS))
+    data["kind"] = kind
+    return data
+
+
+def generation_embedder_settings(settings: Settings, gen: Generation) -> EmbedderSettings:
+    """What builds ``gen``'s embedder: its record, plus the config's secrets for the same kind."""
+    data = dict(gen.embedder)
+    if data.get("kind") == embedder_record(settings.embedder)["kind"]:
+        data.update({f: getattr(settings.embedder, f) for f in _SECRET_EMBEDDER_FIELDS})
+    return EmbedderSettings(**data)
+
+
+def generation_settings(settings: Settings, gen: Generation) -> Settings:
+    """``settings`` as seen by one generation's writers (Ray actors build from this)."""
+    return settings.model_copy(
+        update={
+            "keyword": keyword_settings(settings, gen),
+            "vector": vector_settings(settings, gen),
+            "embedder": generation_embedder_settings(settings, gen),
+            "chunking": settings.chunking.model_copy(
+                update={"max_chars": gen.chunking.max_chars, "overlap_chars": gen.chunking.overlap_chars}
+            ),
+        }
+    )
+
+
+IndexWrap = Callable[[str, Any], Any]
+
+
+def _unwrapped(_side: str, index: Any) -> Any:
+    return index
+
+
+@dataclass
+class GenerationWriter:
+    """What writes one generation: its ledger namespace, its cached embedder and its two-phase
+    engine (which writes through whatever index clients or proxies it was given)."""
+
+    generation: Generation
+    ledger: AnyLedger
+    embedder: CachedEmbedder
+    engine: ApplyEngine
+
+    def close(self, *, keep_ledger: bool = False) -> None:
+        self.engine.close()
+        if not keep_ledger:
+            self.ledger.close()
+
+
+@dataclass
+class GenerationParts(GenerationWriter):
+    """A generation's writer together with its own index stores."""
+
+    keyword: AliasedKeywordIndex
+    vector: MilvusVectorIndex
+
+    def close(self, *, keep_ledger: bool = False) -> None:
+        self.engine.close()
+        self.keyword.close()
+        self.vector.close()
+        if not keep_ledger:
+            self.ledger.close()
+
+
+@dataclass(frozen=True)
+class IndexWriters:
+    """The index clients a generation's engine writes through when this process does not hold
+    the stores itself (the Ray shard actors' proxies to the index writer actors)."""
+
+    keyword: ChunkWriter
+    vector: VectorWriter
+
+
+@overload
+def build_generation(
+    settings: Settings,
+    gen: Generation,
+    home: AnyLedger,
+    *,
+    source_name: str,
+    crash: CrashHook = ...,
+    inner: Embedder | None = ...,
+    ensure: bool = ...,
+    wrap: IndexWrap = ...,
+    writers: None = ...,
+) -> GenerationParts: ...
+
+
+@overload
+def build_generation(
+    settings: Settings,
+    gen: Generation,
+    home: AnyLedger,
+    *,
+    source_name: str,
+    crash: CrashHook = ...,
+    inner: Embedder | None = ...,
+    writers: IndexWriters,
+) -> GenerationWriter: ...
+
+
+def build_generation(
+    settings: Settings,
+    gen: Generation,
+    home: AnyLedger,
+    *,
+    source_name: str,
+    crash: CrashHook = no_crash,
+    inner: Embedder | None = None,
+    ensure: bool = True,
+    wrap: IndexWrap = _unwrapped,
+    writers: IndexWriters | None = None,
+) -> GenerationWriter:
+    """Everything that writes ``gen``; refuses an embedder other than the generation's own.
+
+    ``home`` is generation 1's ledger: generation 1 writes it, and every generation keeps its
+    embedding cache there. Without ``writers`` the generation's own stores are opened (and
+    created if ``ensure``) and returned with it; ``wrap(side, index)`` is what the engine then
+    writes through (the chaos suite's fault injectors). With ``writers`` no store is opened
+    here: the engine writes through them."""
+    if inner is None:
+        inner = build_embedder(generation_embedder_settings(settings, gen))
+    check_embedder(gen, inner.model_id, inner.dim)
+    ledger = home if gen.number == 1 else build_ledger(settings, crash, generation=gen.number)
+    if writers is not None:
+        return _generation_writer(gen, ledger, home, writers, inner, source_name, crash)
+    keyword = build_keyword(keyword_settings(settings, gen))
+    vector = build_vector(vector_settings(settings, gen), dim=inner.dim, model_id=inner.model_id)
+    if ensure:
+        keyword.ensure()
+        vector.ensure()
+    wrapped = IndexWriters(wrap(KEYWORD, keyword), wrap(VECTOR, vector))
+    writer = _generation_writer(gen, ledger, home, wrapped, inner, source_name, crash)
+    return GenerationParts(gen, ledger, writer.embedder, writer.engine, keyword, vector)
+
+
+def _generation_writer(
+    gen: Generation,
+    ledger: AnyLedger,
+    home: AnyLedger,
+    writers: IndexWriters,
+    inner: Embedder,
+    source_name: str,
+    crash: CrashHook,
+) -> GenerationWriter:
+    embedder = CachedEmbedder(inner, build_embedding_cache(home))
+    engine = build_engine(
+        gen,
+        ledger=ledger,
+        keyword=writers.keyword,
+        vector=writers.vector,
+        embedder=embedder,
+        source_name=source_name,
+        crash=crash,
+    )
+    return GenerationWriter(gen, ledger, embedder, engine)

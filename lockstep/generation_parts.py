@@ -1,4 +1,5 @@
-"""Each generation's parts (ledger, both indexes, embedder, apply engine) and readers' aliases.
+"""The generations' registry, their writers' announcements, dropping a generation's stores, and
+readers' aliases. A generation's parts are built by ``lockstep.bootstrap.build_generation``.
 
 The registry lives in the *home* ledger (generation 1's). A later generation has its own ledger
 namespace (SQLite ``<ledger>.g<N>.db``, Postgres schema ``<schema>_g<N>``) for its documents,
@@ -14,37 +15,29 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from adapters.embedders.cached import CachedEmbedder
-from adapters.keyword.settings import KeywordSettings
 from adapters.ledger.registry import registry_for
-from adapters.vector.milvus import MilvusVectorIndex
-from adapters.vector.settings import VectorSettings
-from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
-from coordinator.crashpoints import CrashHook, no_crash
+from coordinator.chunking import ChunkingSettings
 from coordinator.errors import LockstepError
-from coordinator.generations import Generation, GenState, check_embedder, physical_names
-from coordinator.ports import AliasedIndex, AliasedKeywordIndex, Embedder, GenerationRegistry
+from coordinator.generations import Generation, GenerationSpec, GenState, physical_names
+from coordinator.ports import AliasedIndex, Embedder, GenerationRegistry, OpenedGeneration
 from lockstep.bootstrap import (
     AnyLedger,
-    build_embedder,
-    build_embedding_cache,
-    build_engine,
+    GenerationParts,
     build_keyword,
     build_ledger,
     build_vector,
-    local_model_installed,
+    embedder_record,
+    keyword_settings,
+    vector_settings,
 )
 from lockstep.settings import EmbedderSettings, Settings
 
 log = structlog.get_logger(__name__)
 
-# Embedder settings that are secrets: never recorded in the registry, always taken from config.
-_SECRET_EMBEDDER_FIELDS = ("api_key",)
 # A writer's announcement of the generations it writes holds this long unless renewed; a
 # process killed without withdrawing holds a rebuild's validation up at most this long.
 WRITER_TTL_S = 30.0
@@ -123,62 +116,21 @@ def vector_alias(settings: Settings) -> str:
     return settings.vector.alias or f"{settings.vector.collection}_live"
 
 
-def embedder_record(es: EmbedderSettings) -> dict[str, Any]:
-    """The embedder settings a generation records: the resolved kind, no secrets."""
-    kind = es.kind
-    if kind == "auto":
-        kind = "sentence-transformers" if local_model_installed() else "hashing"
-    data = es.model_dump(mode="json", exclude=set(_SECRET_EMBEDDER_FIELDS))
-    data["kind"] = kind
-    return data
+def generation_spec(embedder: EmbedderSettings, inner: Embedder, chunking: ChunkingSettings) -> GenerationSpec:
+    """What a generation built with these embedder settings (``inner`` is their embedder) and
+    this chunking records."""
+    return GenerationSpec(embedder_record(embedder), inner.model_id, inner.dim, chunking)
 
 
-def generation_embedder_settings(settings: Settings, gen: Generation) -> EmbedderSettings:
-    """What builds ``gen``'s embedder: its record, plus the config's secrets for the same kind."""
-    data = dict(gen.embedder)
-    if data.get("kind") == embedder_record(settings.embedder)["kind"]:
-        data.update({f: getattr(settings.embedder, f) for f in _SECRET_EMBEDDER_FIELDS})
-    return EmbedderSettings(**data)
+def generation_names(settings: Settings, number: int) -> tuple[str, str]:
+    return physical_names(settings.keyword.physical_base, settings.vector.collection, number)
 
 
 def new_generation(
-    settings: Settings, number: int, embedder: EmbedderSettings, inner: Embedder, chunking: Any, now: float
+    settings: Settings, number: int, embedder: EmbedderSettings, inner: Embedder, chunking: ChunkingSettings,
+    now: float,
 ) -> Generation:
-    base = settings.keyword.physical_base
-    keyword_index, collection = physical_names(base, settings.vector.collection, number)
-    return Generation(
-        number=number,
-        state=GenState.BUILDING,
-        keyword_index=keyword_index,
-        vector_collection=collection,
-        embedder=embedder_record(embedder),
-        model_id=inner.model_id,
-        dim=inner.dim,
-        chunking=chunking,
-        created_at=now,
-    )
-
-
-def keyword_settings(settings: Settings, gen: Generation) -> KeywordSettings:
-    return settings.keyword.for_physical(gen.keyword_index)
-
-
-def vector_settings(settings: Settings, gen: Generation) -> VectorSettings:
-    return settings.vector.model_copy(update={"collection": gen.vector_collection})
-
-
-def generation_settings(settings: Settings, gen: Generation) -> Settings:
-    """``settings`` as seen by one generation's writers (Ray actors build from this)."""
-    return settings.model_copy(
-        update={
-            "keyword": keyword_settings(settings, gen),
-            "vector": vector_settings(settings, gen),
-            "embedder": generation_embedder_settings(settings, gen),
-            "chunking": settings.chunking.model_copy(
-                update={"max_chars": gen.chunking.max_chars, "overlap_chars": gen.chunking.overlap_chars}
-            ),
-        }
-    )
+    return generation_spec(embedder, inner, chunking).generation(number, generation_names(settings, number), now)
 
 
 def drop_generation_ledger(settings: Settings, number: int) -> None:
@@ -190,67 +142,6 @@ def drop_generation_ledger(settings: Settings, number: int) -> None:
         ledger.drop_namespace()
     finally:
         ledger.close()
-
-
-IndexWrap = Callable[[str, Any], Any]
-
-
-def _unwrapped(_side: str, index: Any) -> Any:
-    return index
-
-
-@dataclass
-class GenerationParts:
-    generation: Generation
-    ledger: AnyLedger
-    keyword: AliasedKeywordIndex
-    vector: MilvusVectorIndex
-    embedder: CachedEmbedder
-    engine: ApplyEngine
-
-    def close(self, *, keep_ledger: bool = False) -> None:
-        self.engine.close()
-        self.keyword.close()
-        self.vector.close()
-        if not keep_ledger:
-            self.ledger.close()
-
-
-def build_parts(
-    settings: Settings,
-    gen: Generation,
-    home: AnyLedger,
-    *,
-    source_name: str,
-    crash: CrashHook = no_crash,
-    inner: Embedder | None = None,
-    ensure: bool = True,
-    wrap: IndexWrap = _unwrapped,
-) -> GenerationParts:
-    """Everything that writes ``gen``; refuses an embedder other than the generation's own.
-
-    ``wrap(side, index)`` is what the engine writes through (the chaos suite's fault injectors);
-    the parts keep the stores themselves."""
-    if inner is None:
-        inner = build_embedder(generation_embedder_settings(settings, gen))
-    check_embedder(gen, inner.model_id, inner.dim)
-    ledger = home if gen.number == 1 else build_ledger(settings, crash, generation=gen.number)
-    keyword = build_keyword(keyword_settings(settings, gen))
-    vector = build_vector(vector_settings(settings, gen), dim=inner.dim, model_id=inner.model_id)
-    if ensure:
-        keyword.ensure()
-        vector.ensure()
-    embedder = CachedEmbedder(inner, build_embedding_cache(home))
-    engine = build_engine(
-        gen,
-        ledger=ledger,
-        keyword=wrap(KEYWORD, keyword),
-        vector=wrap(VECTOR, vector),
-        embedder=embedder,
-        source_name=source_name,
-        crash=crash,
-    )
-    return GenerationParts(gen, ledger, keyword, vector, embedder, engine)
 
 
 def load_generations(
@@ -290,7 +181,7 @@ def alias_targets(
     return keyword.alias_target(keyword_alias(settings)), vector.alias_target(vector_alias(settings))
 
 
-def point_aliases(settings: Settings, parts: GenerationParts) -> dict[str, Any]:
+def point_aliases(settings: Settings, parts: OpenedGeneration) -> dict[str, Any]:
     """Point both readers' aliases at the indexes of ``parts``: one ``_aliases`` request (or
     alias file), one ``alter_alias``.
 

@@ -46,12 +46,11 @@ from ray.actor import ActorProxy
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from adapters.embedders.cached import CachedEmbedder
 from adapters.vector.milvus import MilvusVectorIndex
 from coordinator.apply import KEYWORD, VECTOR, ApplyEngine
 from coordinator.crashpoints import CrashHook
 from coordinator.errors import FencedError, LockstepError, TransientStoreError
-from coordinator.generations import Generation, check_embedder
+from coordinator.generations import Generation
 from coordinator.leftovers import ProcessId, is_running
 from coordinator.model import ChunkDelete, IndexedChunk, SearchHit, StoredChunk, Vector, WriteResult
 from coordinator.multi_apply import MultiEngine
@@ -59,14 +58,13 @@ from coordinator.ports import ChunkIndex, MetadataFilter
 from coordinator.routing import shard_of
 from coordinator.shard import Backoff, Envelope, ShardStatus, ShardWorker
 from lockstep.bootstrap import (
-    build_embedder,
-    build_embedding_cache,
-    build_engine,
+    IndexWriters,
+    build_generation,
     build_keyword,
     build_ledger,
     build_vector,
+    generation_settings,
 )
-from lockstep.generation_parts import generation_embedder_settings, generation_settings
 from lockstep.leftovers import machine, start_of, this_process
 from lockstep.logging import configure_logging
 from lockstep.settings import Settings
@@ -507,24 +505,16 @@ class ShardActor:
         """One two-phase engine per live generation (the active one first): each with its own
         ledger namespace and index writers, all sharing the home ledger's leases, dead-letter
         queue and embedding cache. One generation: a plain ApplyEngine."""
+        source_name = settings.source.name if settings.source else "run"
         engines = []
         for gen in generations:
-            ledger = self.ledger if gen.number == 1 else build_ledger(settings, crash, generation=gen.number)
-            if ledger is not self.ledger:
-                self._gen_ledgers.append(ledger)
-            inner = build_embedder(generation_embedder_settings(settings, gen))
-            check_embedder(gen, inner.model_id, inner.dim)
-            engines.append(
-                build_engine(
-                    gen,
-                    ledger=ledger,
-                    keyword=KeywordWriterProxy(writers[KEYWORD], gen.number),
-                    vector=VectorWriterProxy(writers[VECTOR], gen.number),
-                    embedder=CachedEmbedder(inner, build_embedding_cache(self.ledger)),
-                    source_name=settings.source.name if settings.source else "run",
-                    crash=crash,
-                )
+            proxies = IndexWriters(
+                KeywordWriterProxy(writers[KEYWORD], gen.number), VectorWriterProxy(writers[VECTOR], gen.number)
             )
+            built = build_generation(settings, gen, self.ledger, source_name=source_name, crash=crash, writers=proxies)
+            if built.ledger is not self.ledger:
+                self._gen_ledgers.append(built.ledger)
+            engines.append(built.engine)
         return engines[0] if len(engines) == 1 else MultiEngine(engines)
 
     def ready(self) -> ShardPlace:

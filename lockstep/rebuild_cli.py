@@ -131,7 +131,7 @@ def generations(
 def _targets(
     settings: Settings, gens: list[Generation], embedder: str | None, chunking: str | None
 ) -> tuple[EmbedderSettings, ChunkingSettings]:
-    from lockstep.generation_parts import generation_embedder_settings
+    from lockstep.bootstrap import generation_embedder_settings
     from lockstep.settings import EmbedderSettings
 
     if embedder is None and chunking is None:

@@ -2,7 +2,8 @@
 
 ``runtime`` opens the write path (the home ledger, every live generation's parts and the apply
 engine over them); ``open_search`` the read path on the active generation. What they open is
-built by ``lockstep.bootstrap``; which generations there are, by ``lockstep.generation_parts``.
+built by ``lockstep.bootstrap`` (each generation's parts by ``build_generation``); which
+generations there are, by ``lockstep.generation_parts``.
 """
 
 from __future__ import annotations
@@ -26,25 +27,25 @@ from coordinator.ports import KeywordIndex, KeywordSearch, VectorSearch
 from coordinator.search import SearchService
 from lockstep.bootstrap import (
     AnyLedger,
+    GenerationParts,
     build_embedder,
     build_embedding_cache,
+    build_generation,
     build_keyword,
     build_keyword_reader,
     build_ledger,
     build_vector,
+    generation_embedder_settings,
+    keyword_settings,
+    vector_settings,
 )
 from lockstep.generation_parts import (
-    GenerationParts,
     WriterAnnouncement,
-    build_parts,
     config_matches,
-    generation_embedder_settings,
     heal_aliases,
     keyword_alias,
-    keyword_settings,
     load_generations,
     vector_alias,
-    vector_settings,
     writer_owner,
 )
 from lockstep.leftovers import clear_dead_runs
@@ -98,7 +99,7 @@ def runtime(settings: Settings, *, source_name: str = "", crash: CrashHook = no_
         name = source_name or (settings.source.name if settings.source else "api")
         for gen in live(gens):
             reuse = configured if configured.model_id == gen.model_id and configured.dim == gen.dim else None
-            built.append(build_parts(settings, gen, home, source_name=name, crash=crash, inner=reuse))
+            built.append(build_generation(settings, gen, home, source_name=name, crash=crash, inner=reuse))
         active_parts = built[0]
         gen = active_parts.generation
         if not config_matches(settings, gen, configured.model_id):

@@ -27,8 +27,7 @@ from chaos.servers import free_port
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.errors import ConfigError
 from coordinator.invariants import ExpectedChunk, check_index
-from lockstep.bootstrap import build_embedder, build_ledger, build_vector
-from lockstep.generation_parts import build_parts, vector_settings
+from lockstep.bootstrap import build_embedder, build_generation, build_ledger, build_vector, vector_settings
 from lockstep.rebuild import Rebuild
 from lockstep.runtime import runtime
 from lockstep.settings import EmbedderSettings, load_settings
@@ -202,7 +201,7 @@ def test_a_model_change_never_mixes_vectors(tmp_path: Path) -> None:
     home = build_ledger(settings)
     try:
         with pytest.raises(ConfigError, match="refusing to write vectors"):
-            build_parts(settings, gens[2], home, source_name="x", inner=old_model)
+            build_generation(settings, gens[2], home, source_name="x", inner=old_model)
     finally:
         home.close()
     # The collection itself remembers its model: even a client that skips the ledger is refused.
@@ -475,7 +474,7 @@ def test_validation_waits_until_every_live_writer_writes_the_new_generation(
         assert backfilled.wait(timeout=120), outcome
         time.sleep(held_s / 2)
         gen1 = next(g for g in registry.all() if g.number == 1)
-        old_side = build_parts(settings, gen1, rebuild.home, source_name="events")
+        old_side = build_generation(settings, gen1, rebuild.home, source_name="events")
         edit = ChangeEvent(Op.UPSERT, "doc-004", 40, _text(4, 40), {"team": "late"})
         old_side.engine.apply([edit])  # the old service commits to generation 1 only
         old_side.close(keep_ledger=True)
@@ -584,7 +583,7 @@ def test_a_document_a_live_write_holds_is_set_aside_and_the_rest_of_its_batch_go
     try:
         new_chunking = ChunkingSettings(70)
         gen = rebuild.begin(settings.embedder, new_chunking)
-        live_side = build_parts(settings, gen, rebuild.home, source_name="events")
+        live_side = build_generation(settings, gen, rebuild.home, source_name="events")
         in_flight: list[Any] = []
         seen: dict[str, Any] = {}
 
@@ -640,13 +639,11 @@ def test_validation_waits_for_a_rechecked_documents_live_write_to_land(tmp_path:
     a recheck waits for its commit (here 1.5 pauses later, so one fixed pause would not do)
     instead of rechecking it mid-flight; a newer edit of the same document, started meanwhile,
     does not hold the settle up (documents edited continuously would never settle)."""
-    from types import SimpleNamespace
-
     from adapters.ledger.sqlite import SqliteLedger
     from coordinator.apply import SIDES
     from coordinator.events import ChangeEvent, Op
     from coordinator.planner import plan
-    from lockstep.rebuild import VALIDATE_SETTLE_S
+    from coordinator.rebuild.validate import VALIDATE_SETTLE_S, settle
 
     home, new = SqliteLedger(tmp_path / "home.db"), SqliteLedger(tmp_path / "g2.db")
     try:
@@ -668,7 +665,7 @@ def test_validation_waits_for_a_rechecked_documents_live_write_to_land(tmp_path:
         writer = threading.Thread(target=land)
         writer.start()
         started = time.monotonic()
-        Rebuild._settle(["d1", "d2"], SimpleNamespace(ledger=home), SimpleNamespace(ledger=new))  # type: ignore[arg-type]
+        settle(["d1", "d2"], [home, new], clock=time.monotonic, sleep=time.sleep)
         assert landed.is_set(), "the settle returned while the live write was still in flight"
         writer.join()
         assert time.monotonic() - started < 30, "the newer edit held the settle up"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lockstep.rebuild import VALIDATE_ROUNDS_MAX, VALIDATE_STALLED_ROUNDS_MAX, keep_validating
+from coordinator.rebuild.validate import VALIDATE_ROUNDS_MAX, VALIDATE_STALLED_ROUNDS_MAX, keep_validating
 
 
 def test_rounds_go_on_while_each_finds_fewer_documents() -> None:
