@@ -87,7 +87,7 @@ def configure_logging(level: str = "info") -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Redacting())
     for name, quiet_level in _QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(max(quiet_level, numeric))
+        _quiet_below(logging.getLogger(name), max(quiet_level, numeric))
     for name, prefixes in _DEBUG_ONLY.items():
         _only_at_debug(logging.getLogger(name), numeric, prefixes)
     # Model downloads and weight loading draw tqdm bars on stderr (transformers reads this when
@@ -105,6 +105,28 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+class _AtLeast(logging.Filter):
+    """Drops the records below ``level``. A filter rather than a level: pymilvus configures its
+    loggers with ``dictConfig`` when it is first imported, which may be after this runs (the CLI
+    imports it lazily), and that resets the levels of the loggers under ``pymilvus`` but keeps
+    their filters."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def _quiet_below(logger: logging.Logger, level: int) -> None:
+    """Install (or replace: configure_logging may run again) the logger's _AtLeast filter."""
+    logger.setLevel(level)
+    for old in [f for f in logger.filters if isinstance(f, _AtLeast)]:
+        logger.removeFilter(old)
+    logger.addFilter(_AtLeast(level))
 
 
 def _only_at_debug(logger: logging.Logger, threshold: int, prefixes: tuple[str, ...]) -> None:
