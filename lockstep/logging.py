@@ -122,15 +122,17 @@ class _AtLeast(logging.Filter):
 
 
 def _quiet_below(logger: logging.Logger, level: int) -> None:
-    """Install (or replace: configure_logging may run again) the logger's _AtLeast filter."""
     logger.setLevel(level)
-    for old in [f for f in logger.filters if isinstance(f, _AtLeast)]:
+    _replace_filter(logger, _AtLeast(level))
+
+
+def _replace_filter(logger: logging.Logger, new: logging.Filter) -> None:
+    """Install ``new``, replacing the logger's filter of the same type (configure_logging may run
+    again)."""
+    for old in [f for f in logger.filters if type(f) is type(new)]:
         logger.removeFilter(old)
-    logger.addFilter(_AtLeast(level))
+    logger.addFilter(new)
 
 
 def _only_at_debug(logger: logging.Logger, threshold: int, prefixes: tuple[str, ...]) -> None:
-    """Install (or replace: configure_logging may run again) the logger's _DebugOnly filter."""
-    for old in [f for f in logger.filters if isinstance(f, _DebugOnly)]:
-        logger.removeFilter(old)
-    logger.addFilter(_DebugOnly(threshold, prefixes))
+    _replace_filter(logger, _DebugOnly(threshold, prefixes))
