@@ -92,6 +92,11 @@ RAM_ROOT = Path("/dev/shm")
 RAM_ROOT_FREE_MIN_BYTES = 1024**3
 # The collection each worker reuses across its schedules (``WorkerStores``).
 WORKER_COLLECTION = "chaos_worker"
+# Schedules a worker's collection serves before it is dropped and created anew. milvus-lite keeps
+# the deletes that empty it in its memtable, and every query filters them: past a few hundred
+# schedules a query costs more than the schedule's own work (0.2 s a schedule became 0.45 s by
+# the 1,000th). Creating a collection costs about 0.5 s, once per this many schedules.
+WORKER_COLLECTION_USES_MAX = 200
 
 
 @dataclass(frozen=True)
@@ -216,22 +221,26 @@ class WorkerStores:
     (its emptying failed) is dropped and created anew. Each schedule still gets its own Tantivy
     directory (cheap to create; Tantivy keeps deletes as tombstones, which emptying would leave)
     and its own ledger, both removed when it ends. Nothing a schedule wrote is left for the next
-    one, so a schedule gives the same result first in a worker or after thousands of others."""
+    one, so a schedule gives the same result first in a worker or after thousands of others. The
+collection itself is created anew every ``WORKER_COLLECTION_USES_MAX`` schedules."""
 
     def __init__(self) -> None:
         self._vector: MilvusVectorIndex | None = None
+        self._uses = 0
 
     def __call__(self, workdir: Path, namespace: str) -> ReusedStores:
         vector = self._empty_collection(workdir)
+        self._uses += 1
         keyword = TantivyKeywordIndex(str(workdir / f"{namespace}.tantivy"), "kw")
         keyword.ensure()
         return ReusedStores(keyword, vector, self)
 
     def _empty_collection(self, workdir: Path) -> MilvusVectorIndex:
-        if self._vector is not None and self._vector.count() != 0:
+        if self._vector is not None and (self._uses >= WORKER_COLLECTION_USES_MAX or self._vector.count() != 0):
             self._vector.drop()
             self._vector.close()
             self._vector = None
+            self._uses = 0
         if self._vector is None:
             settings = VectorSettings(uri=str(workdir / "milvus.db"), collection=WORKER_COLLECTION)
             self._vector = build_vector(settings, dim=EMBED_DIM)

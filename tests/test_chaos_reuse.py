@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from chaos.catalogue import INPROC_KINDS
 from chaos.rig import EMBED_DIM
 from chaos.runner import EmbeddedStores, ScheduleResult, WorkerStores, plan_specs, run_schedule
@@ -68,3 +70,20 @@ def test_a_collection_left_full_is_replaced_by_an_empty_one(tmp_path: Path) -> N
     second = stores(tmp_path, "second")
     assert second.vector.count() == 0 and second.vector.get([chunk.chunk_id]) == {}
     second.close()
+
+
+def test_the_worker_collection_is_created_anew_after_its_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """milvus-lite keeps the deletes that empty a collection, so a long-lived one grows slow: a
+    worker serves WORKER_COLLECTION_USES_MAX schedules from one collection, then creates it anew."""
+    import chaos.runner
+
+    monkeypatch.setattr(chaos.runner, "WORKER_COLLECTION_USES_MAX", 2)
+    stores = WorkerStores()
+    opened = []
+    for n in range(5):
+        reused = stores(tmp_path, f"s{n}")
+        opened.append(reused.vector)
+        assert reused.vector.count() == 0
+        reused.close()
+    assert opened[0] is opened[1] and opened[2] is opened[3]
+    assert opened[1] is not opened[2] and opened[3] is not opened[4]
