@@ -324,7 +324,12 @@ class ShardWorker:
                 if newer is not None:
                     slot.seqs += newer.seqs
                     slot.conflicts += newer.conflicts
-                    slot.event = newer.event if _newer(newer.event, slot.event) else slot.event
+                    if _newer(newer.event, slot.event):
+                        slot.event = newer.event
+                    elif _conflicting(newer.event, slot.event):
+                        # Arrived while the batch was out: refused like any other reused version.
+                        assert isinstance(newer.event, ChangeEvent), "only change events conflict"
+                        slot.conflicts.append(newer.event)
 
     def _drive(self, batch: dict[str, _Waiting], intents: list[Intent]) -> list[int]:
         prepared = {i.doc_id: i for i in intents}

@@ -468,6 +468,64 @@ def test_max_ops_caps_the_work_and_dry_run_changes_nothing(embedded: Settings) -
     assert done["ops"] == plan["ops"] and done["repairs"] == plan["repairs"], "the dry run plans what the run does"
 
 
+
+def test_repairs_take_the_budget_batch_by_batch_and_their_counts_add_up(
+    embedded: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seven documents lack chunk 0 in the vector index; repairs go in batches of two (one op
+    each). With a budget of 3 the first batch fits, the next two do not, the last (one repair)
+    does: every count is the sum over the batches that ran, and what did not fit is still found."""
+    import coordinator.reconcile
+
+    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 2)
+    _loaded(embedded)
+    with runtime(embedded) as rt:
+        rt.vector.delete([ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(7)])
+    capped = _reconcile(embedded, max_ops=3)
+    assert (capped["ops"], len(capped["repairs"]), capped["skipped_for_budget"]) == (3, 3, 4)
+    assert _counts(_audit(embedded)) == {"vector": {"missing": 4}, "cross_index": 4}
+    rest = _reconcile(embedded)
+    assert (rest["ops"], len(rest["repairs"]), rest["skipped_for_budget"]) == (4, 4, 0)
+    assert {r["doc_id"] for r in capped["repairs"] + rest["repairs"]} == {f"d{i}" for i in range(7)}
+    assert _audit(embedded).clean
+
+
+def test_redrives_take_the_budget_batch_by_batch_and_their_counts_add_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seven rows added at the source without a sync are ledger drift, redriven in batches of two
+    documents (three chunks each, so six ops a document). A budget of 18 takes the first batch,
+    skips the next two and takes the last: three redrives, four skipped, 18 ops."""
+    import sqlalchemy as sa
+
+    import coordinator.reconcile
+
+    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 2)
+    url = f"sqlite:///{tmp_path / 'kb.sqlite'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as db:
+        db.exec_driver_sql("CREATE TABLE a (id TEXT PRIMARY KEY, text TEXT, updated_at TIMESTAMP)")
+    settings = _settings(
+        tmp_path, {"kind": "tantivy", "path": str(tmp_path / "t")}, str(tmp_path / "m.db"),
+        {"kind": "sql", "url": url, "table": "a"},
+    )  # fmt: skip
+    try:
+        _sync(settings)
+        with engine.begin() as db:
+            for i in range(7):
+                db.exec_driver_sql(
+                    "INSERT INTO a VALUES (?, ?, ?)", (f"a{i}", _text(f"a{i}", 1), f"2026-01-01 00:00:0{i}")
+                )
+        capped = _reconcile(settings, max_ops=18)
+        assert (capped["ops"], len(capped["redrives"]), capped["skipped_for_budget"]) == (18, 3, 4), capped
+        assert _counts(_audit(settings))["ledger_drift"] == 4
+        rest = _reconcile(settings)
+        assert (rest["ops"], len(rest["redrives"]), rest["skipped_for_budget"]) == (24, 4, 0)
+        assert _audit(settings).clean
+    finally:
+        server_manager_instance.release_server(settings.vector.uri)
+
+
 # --- the CLI, as a real process ----------------------------------------------------------------
 
 

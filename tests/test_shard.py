@@ -6,10 +6,11 @@ chaos injectors wrapping them.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,152 @@ def test_a_newer_version_offered_while_its_batch_fails_is_merged_into_the_retry(
     assert rig.ledger.get_docs(["a"])["a"].version == 2
     stored = rig.vector.inner.get(["a:chunk-0"])
     assert [(c.version, c.text) for c in stored.values()] == [(2, "a at version 2")]
+
+
+# --- edges the mutation run found untested ---------------------------------------------------
+
+
+def test_backoff_doubles_from_its_base_and_stops_at_its_cap() -> None:
+    """delay = base * 2**attempt, at most max_s; the exponent itself stops at 30, so a shard that
+    has failed for days neither overflows nor waits past the cap."""
+    backoff = Backoff(base_s=0.2, max_s=10.0)
+    assert [backoff.delay_s(a) for a in range(7)] == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0]
+    assert backoff.delay_s(10_000) == 10.0
+    tiny = Backoff(base_s=1e-12, max_s=1e12)
+    assert tiny.delay_s(30) == tiny.delay_s(31) == tiny.delay_s(500) == 1e-12 * 2**30
+
+
+class _FenceSpy:
+    """The shard's engine, recording the fence every prepare and drive is given."""
+
+    def __init__(self, engine: ApplyEngine) -> None:
+        self.engine = engine
+        self.calls: list[tuple[str, object]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+    def prepare_some(self, records: list[object], fence: object = None) -> object:
+        self.calls.append(("prepare", fence))
+        return self.engine.prepare_some(records, fence)  # type: ignore[arg-type]
+
+    def drive(self, intents: list[object], fence: object = None) -> None:
+        self.calls.append(("drive", fence))
+        self.engine.drive(intents, fence)  # type: ignore[arg-type]
+
+
+def test_every_prepare_and_drive_carries_the_shards_fence(rig: Rig) -> None:
+    """The fence is what keeps an owner that lost its shard from writing: the shard must hand it
+    to every write it makes, the first drive, a retry of an in-flight batch, a batch prepared
+    ahead and the adoption of another writer's intent alike."""
+    from coordinator.planner import plan
+    from coordinator.shard import INTENT_ADOPT_AFTER_S
+
+    fence = rig.ledger.claim_shard(0, "me#1", 3600.0)
+    spy = _FenceSpy(rig.worker.engine)  # type: ignore[arg-type]
+    worker = ShardWorker(0, spy, fence=fence, mailbox_docs_max=10, batch_docs_max=1,  # type: ignore[arg-type]
+                         backoff=Backoff(), clock=rig.clock, prepare_ahead=1)
+    try:
+        rig.ledger.prepare([plan(_up("held", 1), None, ChunkingSettings(100)).to_intent()])  # another writer's
+        rig.vector.arm("down", 1)
+        worker.offer([Envelope(i, _up(d, 1)) for i, d in enumerate(["a", "b", "c"])])
+        worker.offer([Envelope(3, _up("held", 2))])
+        finished: list[int] = []
+        for _ in range(40):
+            finished += worker.step()
+            rig.clock.now_s += INTENT_ADOPT_AFTER_S / 4
+            if worker.idle:
+                break
+        assert sorted(finished) == [0, 1, 2, 3]
+        assert worker.adopted_intents == 1
+        assert {d: s.version for d, s in rig.ledger.get_docs(["a", "b", "c", "held"]).items()} == {
+            "a": 1, "b": 1, "c": 1, "held": 2
+        }
+        kinds = [k for k, _ in spy.calls]
+        assert kinds.count("prepare") >= 4 and kinds.count("drive") >= 6, kinds
+        assert {f for _, f in spy.calls} == {fence}, spy.calls
+    finally:
+        worker.close()
+
+
+def test_a_shard_whose_owner_was_replaced_commits_nothing_more(rig: Rig) -> None:
+    """The vector index fails, so "a" stays in flight; meanwhile a restarted process claims the
+    shard (a new epoch). The old worker's retry is refused with FencedError and commits nothing."""
+    from coordinator.errors import FencedError
+
+    fence = rig.ledger.claim_shard(0, "me#1", 3600.0)
+    worker = ShardWorker(0, rig.worker.engine, fence=fence, mailbox_docs_max=10, batch_docs_max=10,
+                         backoff=Backoff(), clock=rig.clock)
+    rig.vector.arm("down", 1)
+    worker.offer([Envelope(0, _up("a", 1))])
+    assert worker.step() == [] and worker.status().in_flight_docs == 1
+    newer = rig.ledger.claim_shard(0, "me#2", 3600.0)
+    assert newer.epoch == fence.epoch + 1
+    rig.clock.now_s += 60.0
+    with pytest.raises(FencedError):
+        worker.step()
+    assert rig.ledger.get_docs(["a"]) == {}
+    worker.close()
+
+
+def test_an_older_version_offered_while_its_batch_fails_does_not_replace_the_newer(rig: Rig) -> None:
+    """"a" v2 is out and failing when a late redelivery of "a" v1 arrives: the batch goes back
+    holding v2 (both seqs), so the index never goes back to v1."""
+    rig.embedder.inner = _OffersWhileEmbedding(HashingEmbedder(dim=32), rig.worker, Envelope(1, _up("a", 1)))
+    assert rig.worker.offer([Envelope(0, _up("a", 2))]) == 1
+    assert rig.worker.step() == []
+    assert sorted(rig.run_until_idle()) == [0, 1]
+    assert rig.ledger.get_docs(["a"])["a"].version == 2
+    assert [c.text for c in rig.vector.inner.get(["a:chunk-0"]).values()] == ["a at version 2"]
+
+
+def test_conflicting_copies_of_a_version_are_all_dead_lettered_even_across_a_failed_batch(rig: Rig) -> None:
+    """Three events of "a" v1 with three texts: the first stands, the other two go to the DLQ as
+    conflicts, also when the third arrives while the batch holding the first two is failing."""
+    def at(n: int, text: str) -> ChangeEvent:  # each from its own source offset, as a source delivers them
+        return replace(_up("a", 1, text), position=f"offset-{n}")
+
+    rig.embedder.inner = _OffersWhileEmbedding(HashingEmbedder(dim=32), rig.worker, Envelope(2, at(2, "third text")))
+    assert rig.worker.offer([Envelope(0, at(0, "first text")), Envelope(1, at(1, "second text"))]) == 2
+    assert rig.worker.step() == []
+    assert sorted(rig.run_until_idle()) == [0, 1, 2]
+    assert [c.text for c in rig.vector.inner.get(["a:chunk-0"]).values()] == ["first text"]
+    letters = [letter for _, letter in rig.ledger.dead_letters(limit=10)]
+    assert sorted(json.loads(letter.payload)["text"] for letter in letters) == ["second text", "third text"]
+    assert all(letter.reason.startswith("conflict: version 1 of 'a'") for letter in letters)
+
+
+def test_a_poison_document_is_given_up_after_exactly_three_failures_of_its_own(rig: Rig) -> None:
+    """By default a document is dead-lettered at its third failure alone (once another document
+    proved the embedder works), with the embedder's own words in the reason."""
+    rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("bad", 1, "\x00POISON\x00")), Envelope(2, _up("b", 1))])
+    assert sorted(rig.run_until_idle()) == [0, 1, 2]
+    [(_, letter)] = rig.ledger.dead_letters(limit=10)
+    assert letter.attempts == 3
+    assert letter.reason == "embedding failed 3 times: embedder timed out on this input (injected poison)"
+    assert json.loads(letter.payload)["doc_id"] == "bad"
+
+
+def test_an_embedder_refusing_every_request_backs_off_at_the_cap_and_loses_nothing(rig: Rig) -> None:
+    """An embedding service that refuses the credentials is no document's fault: the batch goes
+    back in order, the shard waits the longest backoff and reports why, and nothing is dead-lettered."""
+    from coordinator.errors import EmbedServiceError
+
+    class Refusing:
+        model_id, dim = "refusing", 32
+
+        def embed(self, texts: list[str]) -> list[list[float]]:
+            raise EmbedServiceError("embedding service refused the API key")
+
+    healthy = rig.embedder.inner
+    rig.embedder.inner = Refusing()  # type: ignore[assignment]
+    rig.worker.offer([Envelope(i, _up(d, 1)) for i, d in enumerate("abc")])
+    assert rig.worker.step() == []
+    status = rig.worker.status()
+    assert status.waiting_docs == 3 and "refused the API key" in status.last_error
+    rig.clock.now_s += Backoff().max_s - 0.01
+    assert rig.worker.step() == [], "backs off for max_s"
+    rig.embedder.inner = healthy
+    rig.clock.now_s += 0.02
+    assert sorted(rig.worker.step()) == [0, 1, 2]
+    assert rig.ledger.dead_letters(limit=10) == []
