@@ -522,6 +522,16 @@ def test_redrives_take_the_budget_batch_by_batch_and_their_counts_add_up(
         rest = _reconcile(settings)
         assert (rest["ops"], len(rest["redrives"]), rest["skipped_for_budget"]) == (24, 4, 0)
         assert _audit(settings).clean
+        # Chunk 0 of two documents is lost from both indexes: the source's own text repairs both
+        # (and nothing the source holds is deleted on the way).
+        with runtime(settings) as rt:
+            lost = [ChunkDelete(chunk_id(d, 0), 9) for d in ("a0", "a1")]
+            rt.keyword.delete(lost)
+            rt.vector.delete(lost)
+        repaired = _reconcile(settings)
+        assert sorted(r["doc_id"] for r in repaired["repairs"]) == ["a0", "a1"]
+        assert repaired["unrepairable"] == [] and repaired["remaining_findings"] == 0
+        assert _audit(settings).clean
     finally:
         server_manager_instance.release_server(settings.vector.uri)
 

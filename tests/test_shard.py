@@ -503,3 +503,131 @@ def test_an_embedder_refusing_every_request_backs_off_at_the_cap_and_loses_nothi
     rig.clock.now_s += 0.02
     assert sorted(rig.worker.step()) == [0, 1, 2]
     assert rig.ledger.dead_letters(limit=10) == []
+
+
+def test_a_fresh_shard_reports_no_error_and_backs_off_from_the_base_delay_doubling(rig: Rig) -> None:
+    """Each failure in a row waits twice as long as the one before (0.2 s, 0.4 s, 0.8 s), counts
+    an attempt and reports the store's words; the step before the delay is up does not try."""
+    fresh = rig.worker.status()
+    assert (fresh.retry_attempt, fresh.last_error) == (0, "")
+    rig.clock.now_s = 1000.0
+    rig.vector.down = True
+    rig.worker.offer([Envelope(0, _up("a", 1))])
+    with capture_logs() as logs:
+        assert rig.worker.step() == []
+        for attempt, delay_s in ((1, 0.2), (2, 0.4), (3, 0.8)):
+            status = rig.worker.status()
+            assert status.retry_attempt == attempt
+            assert status.last_error == "lockstep_chunks unavailable (injected)"
+            writes = rig.vector.injected["upsert_while_down"]
+            rig.clock.now_s += delay_s - 0.01
+            assert rig.worker.step() == [] and rig.vector.injected["upsert_while_down"] == writes, "too early"
+            rig.clock.now_s += 0.02
+            assert rig.worker.step() == [] and rig.vector.injected["upsert_while_down"] == writes + 1
+    backoffs = [e for e in logs if e["event"] == "shard backing off"]
+    assert [(e["attempt"], e["delay_s"]) for e in backoffs] == [(1, 0.2), (2, 0.4), (3, 0.8), (4, 1.6)]
+    assert all(e["error"] == "lockstep_chunks unavailable (injected)" and e["shard"] == 0 for e in backoffs)
+    rig.vector.down = False
+    rig.clock.now_s += 1.6
+    assert rig.worker.step() == [0]
+    assert (rig.worker.status().retry_attempt, rig.worker.status().last_error) == (0, "")
+
+
+def test_a_repeated_event_or_a_late_older_one_is_no_conflict(rig: Rig) -> None:
+    """The same event twice, or an older version with other text arriving after a newer one, is
+    a redelivery: nothing goes to the DLQ and the newest version lands."""
+    rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("a", 1)), Envelope(2, _up("b", 2)),
+                      Envelope(3, _up("b", 1, "an older text"))])  # fmt: skip
+    assert sorted(rig.run_until_idle()) == [0, 1, 2, 3]
+    assert rig.ledger.dead_letters(limit=10) == []
+    assert {d: s.version for d, s in rig.ledger.get_docs(["a", "b"]).items()} == {"a": 1, "b": 2}
+
+
+def _held_by_another_writer(rig: Rig, doc_id: str, version: int) -> None:
+    from coordinator.planner import plan
+
+    rig.ledger.prepare([plan(_up(doc_id, version), None, ChunkingSettings(100)).to_intent()])
+
+
+def test_a_held_document_waits_its_retry_delay_and_is_adopted_after_its_own_wait(rig: Rig) -> None:
+    """Another writer holds "b", then later "c". A held document is not even prepared again until
+    INTENT_CONFLICT_RETRY_S passed; each is adopted INTENT_ADOPT_AFTER_S after its own first hold
+    (not after the first hold the shard ever saw), with a warning naming it; adoptions add up."""
+    from coordinator.shard import INTENT_ADOPT_AFTER_S, INTENT_CONFLICT_RETRY_S
+
+    spy = _FenceSpy(rig.worker.engine)  # type: ignore[arg-type]
+    worker = ShardWorker(0, spy, fence=None, mailbox_docs_max=10, batch_docs_max=10,  # type: ignore[arg-type]
+                         backoff=Backoff(), clock=rig.clock)  # fmt: skip
+    rig.clock.now_s = 1000.0
+    _held_by_another_writer(rig, "b", 1)
+    worker.offer([Envelope(0, _up("b", 2))])
+    assert worker.step() == [] and len(spy.calls) == 1
+    rig.clock.now_s += INTENT_CONFLICT_RETRY_S / 2
+    assert worker.step() == [] and len(spy.calls) == 1, "not prepared again before the retry delay"
+    rig.clock.now_s += INTENT_CONFLICT_RETRY_S
+    with capture_logs() as logs:
+        while worker.adopted_intents == 0:
+            assert worker.step() == []
+            assert rig.clock.now_s < 1000.0 + INTENT_ADOPT_AFTER_S + 1.0, "adopted in time"
+            rig.clock.now_s += 1.0
+        assert rig.clock.now_s >= 1000.0 + INTENT_ADOPT_AFTER_S, "not adopted early"
+        assert worker.step() == [0]
+    [adopted] = [e for e in logs if e["event"] == "drove an intent another writer left prepared"]
+    assert (adopted["shard"], adopted["doc_id"], adopted["version"], adopted["phase"]) == (0, "b", 1, "adopt")
+    # Later, "c" is held: its wait starts now, and "b" held again starts over too.
+    _held_by_another_writer(rig, "c", 1)
+    _held_by_another_writer(rig, "b", 3)
+    worker.offer([Envelope(1, _up("c", 2)), Envelope(2, _up("b", 4))])
+    started = rig.clock.now_s
+    while worker.adopted_intents == 1:
+        assert worker.step() == []
+        rig.clock.now_s += 1.0
+    assert rig.clock.now_s - started >= INTENT_ADOPT_AFTER_S
+    assert worker.adopted_intents == 3
+    assert sorted(worker.step()) == [1, 2]
+    assert {d: s.version for d, s in rig.ledger.get_docs(["b", "c"]).items()} == {"b": 4, "c": 2}
+    assert worker._held_until == {} and worker._held_since == {}, "nothing is kept for documents gone by"
+
+
+def test_an_adoption_that_fails_on_a_store_backs_off_and_adopts_later(rig: Rig) -> None:
+    from coordinator.shard import INTENT_ADOPT_AFTER_S
+
+    _held_by_another_writer(rig, "b", 1)
+    rig.worker.offer([Envelope(0, _up("b", 2))])
+    assert rig.worker.step() == []
+    rig.clock.now_s += INTENT_ADOPT_AFTER_S
+    rig.vector.down = True
+    assert rig.worker.step() == []
+    assert rig.worker.status().last_error == "lockstep_chunks unavailable (injected)" and rig.worker.adopted_intents == 0
+    rig.vector.down = False
+    assert rig.run_until_idle() == [0]
+    assert rig.worker.adopted_intents == 1 and rig.ledger.get_docs(["b"])["b"].version == 2
+
+
+def test_close_waits_for_the_batch_being_prepared_ahead(tmp_path: Path) -> None:
+    """A shard closing while its helper thread prepares the next batch waits for that prepare:
+    its intent is durably prepared when ``close`` returns (the next start drives it)."""
+    import threading
+
+    built = _rig(tmp_path, batch_docs_max=1, prepare_ahead=1)
+    rig = next(built)
+    try:
+        rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
+        release = threading.Event()
+
+        class Slow:
+            model_id, dim = rig.embedder.inner.model_id, rig.embedder.inner.dim
+
+            def embed(self, texts: list[str]) -> list[list[float]]:
+                if any(t.startswith("b ") for t in texts):
+                    release.wait(10.0)
+                return HashingEmbedder(dim=32).embed(texts)
+
+        rig.embedder.inner = Slow()  # type: ignore[assignment]
+        assert rig.worker.step() == [0]
+        threading.Timer(0.5, release.set).start()
+        rig.worker.close()
+        assert [i.doc_id for i in rig.ledger.pending()] == ["b"]
+    finally:
+        release.set()
+        next(built, None)

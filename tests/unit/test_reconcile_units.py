@@ -83,8 +83,10 @@ def test_a_stale_copy_above_the_ledger_is_overwritten_at_its_own_version_then_on
 
 
 def test_a_chunk_missing_from_one_index_is_written_there_only_at_the_ledgers_version() -> None:
-    state = DocState("d", 3, deleted=False, chunks=(ChunkState("d:chunk-0", 0, HASH, 3),))
-    view = DocView("d", ledger=state, vector={"d:chunk-0": Observed("d:chunk-0", 3, HASH)})
+    other = content_hash("chunk one text")
+    state = DocState("d", 3, deleted=False, chunks=(ChunkState("d:chunk-0", 0, HASH, 3), ChunkState("d:chunk-1", 1, other, 2)))
+    chunk_1 = {"d:chunk-1": Observed("d:chunk-1", 2, other)}
+    view = DocView("d", ledger=state, keyword=dict(chunk_1), vector={"d:chunk-0": Observed("d:chunk-0", 3, HASH), **chunk_1})
     repair, missing = plan_repair(view, {"d:chunk-0": _copy("d:chunk-0")})
     assert missing == [] and repair is not None
     assert [(c.chunk_id, c.version) for c in repair.upserts] == [("d:chunk-0", 3)]
