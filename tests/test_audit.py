@@ -483,6 +483,7 @@ def test_repairs_take_the_budget_batch_by_batch_and_their_counts_add_up(
         rt.vector.delete([ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(7)])
     capped = _reconcile(embedded, max_ops=3)
     assert (capped["ops"], len(capped["repairs"]), capped["skipped_for_budget"]) == (3, 3, 4)
+    assert capped["audit"]["clean"] is False and capped["audit"]["counts"]["vector"]["missing"] == 7
     assert _counts(_audit(embedded)) == {"vector": {"missing": 4}, "cross_index": 4}
     rest = _reconcile(embedded)
     assert (rest["ops"], len(rest["repairs"]), rest["skipped_for_budget"]) == (4, 4, 0)
@@ -537,17 +538,22 @@ def test_redrives_take_the_budget_batch_by_batch_and_their_counts_add_up(
 
 
 
-def test_a_repair_the_gated_keyword_index_refuses_is_escalated_up_to_its_limit(embedded: Settings) -> None:
+def test_a_repair_the_gated_keyword_index_refuses_is_escalated_up_to_its_limit(
+    embedded: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Tombstones above the ledger's version (d1's chunk 0 deleted at v4, d2's at v5, behind
     lockstep's back) make the gated keyword index take the repair as superseded. Each round that
     did not stick is escalated one version above the ledger (which the repair raises, with a
     warning): the fourth write, at v4, passes d1's tombstone; d2's needs v5, past
-    REPAIR_ESCALATIONS_MAX, so it is left as a finding for the next run."""
+    REPAIR_ESCALATIONS_MAX, so it is left as a finding for the next run. Repairs go one document
+    a batch, so every round spans two batches."""
     from structlog.testing import capture_logs
 
+    import coordinator.reconcile
     from coordinator.reconcile import REPAIR_ESCALATIONS_MAX
 
     assert REPAIR_ESCALATIONS_MAX == 3
+    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 1)
     _loaded(embedded)
     with runtime(embedded) as rt:
         rt.keyword.delete([ChunkDelete(chunk_id("d1", 0), 4), ChunkDelete(chunk_id("d2", 0), 5)])
@@ -599,6 +605,29 @@ def test_an_orphan_beside_ledger_drift_is_still_seen_after_the_redrive(tmp_path:
         assert summary["remaining_findings"] == 0 and _audit(settings).clean
     finally:
         server_manager_instance.release_server(settings.vector.uri)
+
+
+
+def test_chunks_without_any_copy_are_listed_for_every_batch_in_a_run_and_a_dry_run(
+    embedded: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk 0 of d0, d1 and d2 is gone from both indexes and the source (a JSONL stream) cannot
+    list it: nothing is left to repair it from. With one document a batch, the dry run and the run
+    both name all three, not only the last batch's."""
+    import coordinator.reconcile
+
+    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 1)
+    _loaded(embedded)
+    lost = [ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(3)]
+    with runtime(embedded) as rt:
+        rt.keyword.delete(lost)
+        rt.vector.delete(lost)
+    want = [{"chunk_id": chunk_id(f"d{i}", 0), "reason": "no copy of its text with the document's metadata"}
+            for i in range(3)]  # fmt: skip
+    plan = _reconcile(embedded, dry_run=True)
+    assert sorted(plan["unrepairable"], key=lambda u: u["chunk_id"]) == want
+    summary = _reconcile(embedded)
+    assert sorted(summary["unrepairable"], key=lambda u: u["chunk_id"]) == want
 
 
 # --- the CLI, as a real process ----------------------------------------------------------------
