@@ -442,8 +442,11 @@ class Reconciler:
         planned = self._plan(views, escalate=escalate)
         done: list[DocRepair] = []
         for batch in batched(planned, REPAIR_BATCH_DOCS):
-            for _, missing in batch:
-                summary.unrepairable += _unrepairable_json(missing)
+            # The first round names what cannot be repaired; an escalated round plans the same
+            # documents again and would name the same chunks once more.
+            if not escalate:
+                for _, missing in batch:
+                    summary.unrepairable += _unrepairable_json(missing)
             repairs = [r for r, _ in batch if r is not None]
             if not repairs:
                 continue

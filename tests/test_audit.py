@@ -483,6 +483,7 @@ def test_repairs_take_the_budget_batch_by_batch_and_their_counts_add_up(
         rt.vector.delete([ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(7)])
     capped = _reconcile(embedded, max_ops=3)
     assert (capped["ops"], len(capped["repairs"]), capped["skipped_for_budget"]) == (3, 3, 4)
+    assert capped["audit"]["clean"] is False and capped["audit"]["counts"]["vector"]["missing"] == 7
     assert _counts(_audit(embedded)) == {"vector": {"missing": 4}, "cross_index": 4}
     rest = _reconcile(embedded)
     assert (rest["ops"], len(rest["repairs"]), rest["skipped_for_budget"]) == (4, 4, 0)
@@ -534,6 +535,99 @@ def test_redrives_take_the_budget_batch_by_batch_and_their_counts_add_up(
         assert _audit(settings).clean
     finally:
         server_manager_instance.release_server(settings.vector.uri)
+
+
+
+def test_a_repair_the_gated_keyword_index_refuses_is_escalated_up_to_its_limit(
+    embedded: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tombstones above the ledger's version (d1's chunk 0 deleted at v4, d2's at v5, behind
+    lockstep's back) make the gated keyword index take the repair as superseded. Each round that
+    did not stick is escalated one version above the ledger (which the repair raises, with a
+    warning): the fourth write, at v4, passes d1's tombstone; d2's needs v5, past
+    REPAIR_ESCALATIONS_MAX, so it is left as a finding for the next run. Repairs go one document
+    a batch, so every round spans two batches."""
+    from structlog.testing import capture_logs
+
+    import coordinator.reconcile
+    from coordinator.reconcile import REPAIR_ESCALATIONS_MAX
+
+    assert REPAIR_ESCALATIONS_MAX == 3
+    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 1)
+    _loaded(embedded)
+    with runtime(embedded) as rt:
+        rt.keyword.delete([ChunkDelete(chunk_id("d1", 0), 4), ChunkDelete(chunk_id("d2", 0), 5)])
+    with capture_logs() as logs:
+        summary = _reconcile(embedded)
+    assert summary["escalations"] == 4
+    assert summary["remaining_findings"] == _total(_audit(embedded)) > 0
+    with runtime(embedded) as rt:
+        assert {d: s.version for d, s in rt.ledger.get_docs(["d1", "d2"]).items()} == {"d1": 4, "d2": 4}
+        assert rt.keyword.get([chunk_id("d1", 0)]) and not rt.keyword.get([chunk_id("d2", 0)])
+    escalating = [e for e in logs if e["event"] == "repairs did not stick, escalating"]
+    assert [(e["documents"], e["attempt"]) for e in escalating] == [(2, 1), (2, 2), (2, 3), (1, 4)]
+    raised = [e for e in logs if e["event"] == "repair raises the ledger version"]
+    assert [(e["doc_id"], e["version"]) for e in raised] == [("d1", 2), ("d2", 2), ("d1", 3), ("d2", 3), ("d1", 4), ("d2", 4)]
+    assert all(e["reason"] == "an index holds this document's chunks at or above the ledger's version" for e in raised)
+    again = _reconcile(embedded)
+    assert again["remaining_findings"] == 0 and _audit(embedded).clean
+
+
+
+def test_an_orphan_beside_ledger_drift_is_still_seen_after_the_redrive(tmp_path: Path) -> None:
+    """A row edited at the source without a sync (ledger drift) whose document also has a chunk
+    beyond its count in the keyword index: the redrive brings the new text, and the re-read after
+    it must still see the orphan (read by ID) so that the repair round removes it."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'kb.sqlite'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as db:
+        db.exec_driver_sql("CREATE TABLE a (id TEXT PRIMARY KEY, text TEXT, updated_at TIMESTAMP)")
+        db.exec_driver_sql("INSERT INTO a VALUES (?, ?, ?)", ("a0", _text("a0", 1), "2026-01-01 00:00:00"))
+    settings = _settings(
+        tmp_path, {"kind": "tantivy", "path": str(tmp_path / "t")}, str(tmp_path / "m.db"),
+        {"kind": "sql", "url": url, "table": "a"},
+    )  # fmt: skip
+    try:
+        _sync(settings)
+        with runtime(settings) as rt:
+            orphan = _copy(rt, chunk_id("a0", 0), chunk_id=chunk_id("a0", 7), chunk_index=7)
+            rt.keyword.upsert([orphan])
+        with engine.begin() as db:
+            db.exec_driver_sql("UPDATE a SET text = ?, updated_at = ? WHERE id = 'a0'",
+                               (_text("a0", 2), "2026-01-02 00:00:00"))  # fmt: skip
+        summary = _reconcile(settings)
+        assert [r["doc_id"] for r in summary["redrives"]] == ["a0"]
+        [repair] = summary["repairs"]
+        assert repair["deletes"] == [{"chunk_id": "a0:chunk-7", "version": repair["deletes"][0]["version"]}]
+        assert repair["sides"] == ["keyword"]
+        assert summary["remaining_findings"] == 0 and _audit(settings).clean
+    finally:
+        server_manager_instance.release_server(settings.vector.uri)
+
+
+
+def test_chunks_without_any_copy_are_listed_for_every_batch_in_a_run_and_a_dry_run(
+    embedded: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk 0 of d0, d1 and d2 is gone from both indexes and the source (a JSONL stream) cannot
+    list it: nothing is left to repair it from. With one document a batch, the dry run and the run
+    both name all three, not only the last batch's."""
+    import coordinator.reconcile
+
+    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 1)
+    _loaded(embedded)
+    lost = [ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(3)]
+    with runtime(embedded) as rt:
+        rt.keyword.delete(lost)
+        rt.vector.delete(lost)
+    want = [{"chunk_id": chunk_id(f"d{i}", 0), "reason": "no copy of its text with the document's metadata"}
+            for i in range(3)]  # fmt: skip
+    plan = _reconcile(embedded, dry_run=True)
+    assert sorted(plan["unrepairable"], key=lambda u: u["chunk_id"]) == want
+    summary = _reconcile(embedded)
+    assert sorted(summary["unrepairable"], key=lambda u: u["chunk_id"]) == want
 
 
 # --- the CLI, as a real process ----------------------------------------------------------------

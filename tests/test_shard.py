@@ -631,3 +631,28 @@ def test_close_waits_for_the_batch_being_prepared_ahead(tmp_path: Path) -> None:
     finally:
         release.set()
         next(built, None)
+
+
+def test_a_poison_document_first_in_the_mailbox_rotates_behind_the_others(rig: Rig) -> None:
+    """When the batch fails on the embedder, its documents go to the back of the mailbox and are
+    taken one at a time: the poison document first in line must not be taken again and again
+    ahead of the others (nothing else would ever be prepared, and it would never be given up)."""
+    rig.worker.offer([Envelope(0, _up("bad", 1, "\x00POISON\x00")), Envelope(1, _up("a", 1)), Envelope(2, _up("b", 1))])
+    assert sorted(rig.run_until_idle(steps_max=30)) == [0, 1, 2]
+    [(_, letter)] = rig.ledger.dead_letters(limit=10)
+    assert letter.doc_id == "bad" and letter.attempts == 3
+    assert sorted(rig.ledger.get_docs(["a", "b", "bad"])) == ["a", "b"]
+
+
+def test_the_status_carries_the_engines_counters_and_per_index_figures(rig: Rig) -> None:
+    """/readyz and the metrics read the shard's status: the engine's counters and, per index, its
+    retries, apply seconds and writes."""
+    rig.vector.arm("down", 1)
+    rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
+    rig.run_until_idle()
+    status = rig.worker.status()
+    assert status.stats == rig.worker.engine.stats.as_dict()
+    assert (status.stats["applied_events"], status.stats["upserted_chunks"]) == (2, 2)
+    assert status.retries == {"vector": 1}
+    assert status.apply_writes == {"keyword": 1, "vector": 1}, "a write that failed is a retry, not a write"
+    assert set(status.apply_seconds) == {"keyword", "vector"}

@@ -3,13 +3,14 @@ reconcile prints, the rate limiter and the budget. Found untested by the mutatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
-from coordinator.audit import DocView, Observed
+from coordinator.audit import DocView, Observed, RefChunk
 from coordinator.chunking import ChunkingSettings, content_hash
 from coordinator.events import ChangeEvent, Op
+from coordinator.invariants import metadata_digest
 from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk, StoredChunk
 from coordinator.ports import Intent
 from coordinator.reconcile import (
@@ -18,6 +19,7 @@ from coordinator.reconcile import (
     ReconcileSummary,
     _Budget,
     _event_ops,
+    _verified,
     plan_repair,
     redrive_event,
     source_copies,
@@ -196,3 +198,15 @@ def test_the_budget_takes_whole_batches_while_they_fit() -> None:
     assert budget.used == 10
     unlimited = _Budget(None)
     assert unlimited.take(10**9) and unlimited.used == 10**9
+
+
+def test_a_copy_is_fit_to_repair_from_only_if_lockstep_wrote_it_with_the_references_text_and_metadata() -> None:
+    ref = RefChunk("d:chunk-0", 0, HASH, 1, metadata_digest({"lang": "en"}))
+    good = _copy("d:chunk-0")
+    assert _verified(good, ref)
+    assert not _verified(replace(good, foreign="no version field"), ref), "another writer's copy"
+    assert not _verified(replace(good, text=None), ref)
+    assert not _verified(replace(good, text="another text"), ref)
+    assert not _verified(replace(good, metadata={"lang": "de"}), ref), "the index whose metadata was edited"
+    unrecorded = RefChunk("d:chunk-0", 0, HASH, 1, None)
+    assert _verified(replace(good, metadata={"lang": "de"}), unrecorded), "no metadata to compare"
