@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from adapters.vector.settings import VectorSettings
 from chaos.faults import FaultyEmbedder, FaultyIndex
 from coordinator.apply import ApplyEngine
 from coordinator.chunking import ChunkingSettings
+from coordinator.crashpoints import no_crash
 from coordinator.errors import TransientEmbedError
 from coordinator.events import ChangeEvent, Op
 from coordinator.shard import Backoff, Envelope, ShardWorker
@@ -61,8 +62,11 @@ def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Rig]:
     yield from _rig(tmp_path, batch_docs_max=10, prepare_ahead=request.param)
 
 
-def _rig(tmp_path: Path, *, batch_docs_max: int, prepare_ahead: int, mailbox_docs_max: int = 4) -> Iterator[Rig]:
-    ledger = SqliteLedger(tmp_path / "ledger.db")
+def _rig(
+    tmp_path: Path, *, batch_docs_max: int, prepare_ahead: int, mailbox_docs_max: int = 4,
+    crash_hook: Callable[[str], None] = no_crash,
+) -> Iterator[Rig]:
+    ledger = SqliteLedger(tmp_path / "ledger.db", crash_hook=crash_hook)
     embedder = FaultyEmbedder(HashingEmbedder(dim=32))
     vector = FaultyIndex(build_vector(VectorSettings(uri=str(tmp_path / "m.db")), dim=32))
     keyword = TantivyKeywordIndex(str(tmp_path / "tantivy"), "kw")
@@ -656,3 +660,30 @@ def test_the_status_carries_the_engines_counters_and_per_index_figures(rig: Rig)
     assert status.retries == {"vector": 1}
     assert status.apply_writes == {"keyword": 1, "vector": 1}, "a write that failed is a retry, not a write"
     assert set(status.apply_seconds) == {"keyword", "vector"}
+
+
+def test_a_ledger_failing_while_a_batch_is_prepared_puts_the_batch_back_and_backs_off(tmp_path: Path) -> None:
+    """The ledger fails (a transient store error) inside the transaction that records a batch's
+    intents: nothing is prepared, the documents go back to the mailbox, the shard reports the
+    error and backs off, and the next try prepares and commits them all."""
+    from coordinator.errors import TransientStoreError
+
+    failures = [1]
+
+    def flaky(point: str) -> None:
+        if point == "ledger.prepare.between_statements" and failures[0]:
+            failures[0] -= 1
+            raise TransientStoreError("ledger busy (the test's)", store="sqlite")
+
+    built = _rig(tmp_path, batch_docs_max=10, prepare_ahead=0, crash_hook=flaky)
+    rig = next(built)
+    try:
+        rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
+        assert rig.worker.step() == []
+        status = rig.worker.status()
+        assert (status.waiting_docs, status.retry_attempt, status.last_error) == (2, 1, "ledger busy (the test's)")
+        assert rig.ledger.pending() == [] and rig.ledger.get_docs(["a", "b"]) == {}
+        assert sorted(rig.run_until_idle()) == [0, 1]
+        assert {d: s.version for d, s in rig.ledger.get_docs(["a", "b"]).items()} == {"a": 1, "b": 1}
+    finally:
+        next(built, None)
