@@ -17,6 +17,10 @@ def test_versions_never_go_back_names_each_step_back_and_accepts_version_zero() 
         Violation("I5", "keyword", "a", "version went back from 3 to 1"),
     ]
     assert versions_never_go_back("vector", [("c", 0), ("c", 0), ("d", 5)]) == []
+    # The newest version seen stays the reference after a step back.
+    assert [v.detail for v in versions_never_go_back("vector", [("e", 3), ("e", 1), ("e", 2)])] == [
+        "version went back from 3 to 1", "version went back from 3 to 2"
+    ]
 
 
 def test_a_wrong_hash_is_reported_with_both_hashes_cut_to_twelve_characters() -> None:
