@@ -687,3 +687,44 @@ def test_a_ledger_failing_while_a_batch_is_prepared_puts_the_batch_back_and_back
         assert {d: s.version for d, s in rig.ledger.get_docs(["a", "b"]).items()} == {"a": 1, "b": 1}
     finally:
         next(built, None)
+
+
+def test_after_an_embedder_hiccup_the_suspects_go_one_by_one_and_then_batches_resume(tmp_path: Path) -> None:
+    """One embedder timeout fails a batch of three: the shard isolates, preparing the suspects
+    one per step until each has been prepared, then takes whole batches again (a document that
+    was prepared is no longer a suspect)."""
+    built = _rig(tmp_path, batch_docs_max=10, prepare_ahead=0)
+    rig = next(built)
+    try:
+        rig.embedder.arm("embed_timeout", 1)
+        rig.worker.offer([Envelope(i, _up(d, 1)) for i, d in enumerate("abc")])
+        steps = []
+        for _ in range(4):
+            steps.append(sorted(rig.worker.step()))
+            rig.clock.now_s += 60.0
+        assert [len(s) for s in steps] == [0, 1, 1, 1] and sorted(sum(steps, [])) == [0, 1, 2]
+        rig.worker.offer([Envelope(3 + i, _up(d, 1)) for i, d in enumerate("def")])
+        assert sorted(rig.worker.step()) == [3, 4, 5], "whole batches again"
+    finally:
+        next(built, None)
+
+
+def test_a_document_released_by_another_writer_waits_the_full_delay_when_held_again(rig: Rig) -> None:
+    """"b" is held by another writer, which then finishes without the shard adopting anything;
+    "b" commits. When another writer holds "b" again much later, its wait starts over: no
+    adoption before INTENT_ADOPT_AFTER_S of the new hold."""
+    from coordinator.shard import INTENT_ADOPT_AFTER_S
+
+    rig.clock.now_s = 1000.0
+    _held_by_another_writer(rig, "b", 1)
+    rig.worker.offer([Envelope(0, _up("b", 2))])
+    assert rig.worker.step() == []
+    rig.ledger.abort([("b", 1)])
+    rig.clock.now_s += 1.0
+    assert rig.worker.step() == [0] and rig.worker.adopted_intents == 0
+    rig.clock.now_s += 10 * INTENT_ADOPT_AFTER_S
+    _held_by_another_writer(rig, "b", 3)
+    rig.worker.offer([Envelope(1, _up("b", 4))])
+    assert rig.worker.step() == []
+    rig.clock.now_s += INTENT_ADOPT_AFTER_S / 2
+    assert rig.worker.step() == [] and rig.worker.adopted_intents == 0, "adopted before its own wait"
