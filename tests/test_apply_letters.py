@@ -252,3 +252,14 @@ def test_a_refused_edit_is_restored_from_the_committed_copy_and_a_lost_copy_is_r
     assert lost["event"] == "no copy left of committed chunks of a refused document; run `lockstep reconcile`"
     assert (lost["doc_id"], lost["version"], lost["chunks"], lost["phase"]) == ("b", 2, ["b:chunk-0"], "restore")
     assert stores.ledger.pending() == []
+
+
+def test_the_bug_report_of_vanished_intents_names_at_most_ten(stores: Stores) -> None:
+    engine = stores.engine()
+    intents = engine.prepare([_up(f"z{n:02d}", 1, f"text {n}") for n in range(12)])
+    stores.ledger.abort([(i.doc_id, i.version) for i in intents])
+    with pytest.raises(AssertionError) as raised:
+        engine.drive(intents)
+    named = str(raised.value).split("neither committed nor superseded: ", 1)[1]
+    assert named == str([f"z{n:02d}@v1" for n in range(10)])
+    engine.close()
