@@ -702,7 +702,7 @@ def test_after_an_embedder_hiccup_the_suspects_go_one_by_one_and_then_batches_re
         for _ in range(4):
             steps.append(sorted(rig.worker.step()))
             rig.clock.now_s += 60.0
-        assert [len(s) for s in steps] == [0, 1, 1, 1] and sorted(sum(steps, [])) == [0, 1, 2]
+        assert [len(s) for s in steps] == [0, 1, 1, 1] and sorted(s for step in steps for s in step) == [0, 1, 2]
         rig.worker.offer([Envelope(3 + i, _up(d, 1)) for i, d in enumerate("def")])
         assert sorted(rig.worker.step()) == [3, 4, 5], "whole batches again"
     finally:
