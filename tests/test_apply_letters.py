@@ -263,3 +263,21 @@ def test_the_bug_report_of_vanished_intents_names_at_most_ten(stores: Stores) ->
     named = str(raised.value).split("neither committed nor superseded: ", 1)[1]
     assert named == str([f"z{n:02d}@v1" for n in range(10)])
     engine.close()
+
+
+def test_the_error_line_of_a_restore_without_copies_names_at_most_ten_chunks(stores: Stores) -> None:
+    """A document of twelve chunks, all lost from both indexes, then refused: the error line
+    names the first ten chunks it cannot restore (a line, not a dump)."""
+    engine = stores.engine()
+    text = "".join(f"{n:02d}" + "x" * (CHUNK_CHARS - 2) for n in range(12))
+    engine.apply([_up("big", 1, text)])
+    lost_ids = [f"big:chunk-{n}" for n in range(12)]
+    assert len(stores.keyword.get(lost_ids)) == 12
+    for index in (stores.keyword, stores.vector.inner):
+        index.delete([ChunkDelete(cid, 2) for cid in lost_ids])  # behind lockstep's back
+    stores.vector.refuse = "acl"
+    with capture_logs() as logs:
+        engine.apply([_up("big", 2, text, acl="x")])
+    engine.close()
+    [lost] = [e for e in logs if e["event"].startswith("no copy left of committed chunks")]
+    assert lost["chunks"] == lost_ids[:10]
