@@ -728,3 +728,46 @@ def test_a_document_released_by_another_writer_waits_the_full_delay_when_held_ag
     assert rig.worker.step() == []
     rig.clock.now_s += INTENT_ADOPT_AFTER_S / 2
     assert rig.worker.step() == [] and rig.worker.adopted_intents == 0, "adopted before its own wait"
+
+
+def test_a_batch_that_failed_on_the_ledger_is_tried_again_first(tmp_path: Path) -> None:
+    """The ledger fails while "a" (one document a batch) is prepared: "a" goes back in front of
+    "b", so the retry takes "a" again before anything that came after it."""
+    from coordinator.errors import TransientStoreError
+
+    failures = [1]
+
+    def flaky(point: str) -> None:
+        if point == "ledger.prepare.between_statements" and failures[0]:
+            failures[0] -= 1
+            raise TransientStoreError("ledger busy (the test's)", store="sqlite")
+
+    built = _rig(tmp_path, batch_docs_max=1, prepare_ahead=0, crash_hook=flaky)
+    rig = next(built)
+    try:
+        rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
+        assert rig.worker.step() == []
+        rig.clock.now_s += 60.0
+        assert rig.worker.step() == [0]
+        rig.clock.now_s += 60.0
+        assert rig.worker.step() == [1]
+    finally:
+        next(built, None)
+
+
+def test_nothing_is_prepared_ahead_while_a_poison_document_is_isolated(tmp_path: Path) -> None:
+    """Isolating goes one document a step; preparing the next one ahead meanwhile would embed
+    beside the suspects, which isolation exists to avoid."""
+    built = _rig(tmp_path, batch_docs_max=2, prepare_ahead=1, mailbox_docs_max=10)
+    rig = next(built)
+    try:
+        rig.worker.offer([Envelope(0, _up("bad", 1, "\x00POISON\x00")), Envelope(1, _up("a", 1))]
+                         + [Envelope(2 + i, _up(d, 1)) for i, d in enumerate("bcd")])  # fmt: skip
+        assert rig.worker.step() == [], "the first batch (bad, a) fails on the embedder"
+        rig.clock.now_s += 60.0
+        first = rig.worker.step()
+        assert len(first) == 1, "one document a step while isolating"
+        assert rig.worker.status().ahead_docs == 0 and len(rig.ledger.pending()) == 0
+        assert sorted(first + rig.run_until_idle()) == [0, 1, 2, 3, 4]
+    finally:
+        next(built, None)
