@@ -630,6 +630,32 @@ def test_chunks_without_any_copy_are_listed_for_every_batch_in_a_run_and_a_dry_r
     assert sorted(summary["unrepairable"], key=lambda u: u["chunk_id"]) == want
 
 
+
+def test_a_repair_of_one_index_goes_through_while_the_other_is_down(embedded: Settings) -> None:
+    """Six documents lack chunk 0 in the vector index only. The keyword index is down while
+    reconcile runs: the repairs touch only the vector side, so they commit all the same (and the
+    keyword index is not written to at all)."""
+    from chaos.faults import FaultyIndex
+    from coordinator.apply import ApplyEngine
+
+    _loaded(embedded)
+    with runtime(embedded) as rt:
+        rt.vector.delete([ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(6)])
+        keyword = FaultyIndex(rt.keyword, down=True, label="keyword")
+        engine = ApplyEngine(ledger=rt.ledger, keyword=keyword, vector=rt.vector, embedder=rt.embedder,
+                             chunking=embedded.chunking.to_domain(), source_name="test")  # fmt: skip
+        try:
+            summary = Reconciler(
+                auditor=_auditor(embedded, rt), engine=engine, ledger=rt.ledger, keyword=rt.keyword,
+                vector=rt.vector, chunking=embedded.chunking.to_domain(), limiter=RateLimiter(TEST_OPS_PER_S),
+            ).run(dry_run=False, max_ops=None).as_json()  # fmt: skip
+        finally:
+            engine.close()
+        assert summary["remaining_findings"] == 0 and len(summary["repairs"]) == 6
+        assert keyword.injected == {}, "nothing was sent to the keyword index"
+    assert _audit(embedded).clean
+
+
 # --- the CLI, as a real process ----------------------------------------------------------------
 
 
