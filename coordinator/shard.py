@@ -80,6 +80,15 @@ class _Waiting:
     def events(self) -> list[SourceRecord]:
         return [self.event, *self.conflicts]
 
+    def take(self, record: SourceRecord) -> None:
+        """Keep the newer of ``record`` and the waiting event; a copy of the same version with
+        other content is kept aside as a conflict."""
+        if _newer(record, self.event):
+            self.event = record
+        elif _conflicting(record, self.event):
+            assert isinstance(record, ChangeEvent), "only change events conflict"
+            self.conflicts.append(record)
+
 
 @dataclass
 class ShardStatus:
@@ -164,11 +173,7 @@ class ShardWorker:
             self._waiting[key] = _Waiting(envelope.record, [envelope.seq])
             return True
         slot.seqs.append(envelope.seq)
-        if _newer(envelope.record, slot.event):
-            slot.event = envelope.record
-        elif _conflicting(envelope.record, slot.event):
-            assert isinstance(envelope.record, ChangeEvent), "only change events conflict"
-            slot.conflicts.append(envelope.record)
+        slot.take(envelope.record)
         return True
 
     # --- the apply loop step ---------------------------------------------------------------
@@ -322,14 +327,10 @@ class ShardWorker:
                 if not to_back:
                     self._waiting.move_to_end(key, last=False)
                 if newer is not None:
+                    # What arrived while the batch was out, merged as if it had been offered.
                     slot.seqs += newer.seqs
                     slot.conflicts += newer.conflicts
-                    if _newer(newer.event, slot.event):
-                        slot.event = newer.event
-                    elif _conflicting(newer.event, slot.event):
-                        # Arrived while the batch was out: refused like any other reused version.
-                        assert isinstance(newer.event, ChangeEvent), "only change events conflict"
-                        slot.conflicts.append(newer.event)
+                    slot.take(newer.event)
 
     def _drive(self, batch: dict[str, _Waiting], intents: list[Intent]) -> list[int]:
         prepared = {i.doc_id: i for i in intents}
