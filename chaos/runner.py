@@ -222,7 +222,7 @@ class WorkerStores:
     directory (cheap to create; Tantivy keeps deletes as tombstones, which emptying would leave)
     and its own ledger, both removed when it ends. Nothing a schedule wrote is left for the next
     one, so a schedule gives the same result first in a worker or after thousands of others. The
-collection itself is created anew every ``WORKER_COLLECTION_USES_MAX`` schedules."""
+    collection itself is created anew every ``WORKER_COLLECTION_USES_MAX`` schedules."""
 
     def __init__(self) -> None:
         self._vector: MilvusVectorIndex | None = None

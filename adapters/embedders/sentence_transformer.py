@@ -69,8 +69,7 @@ class SentenceTransformerEmbedder:
         with self._load_lock:
             if self._model is None:
                 model = _load(self.model_path, self.max_seq_length_tokens)
-                if _checked_dim(model) != self.dim:
-                    raise ConfigError(f"{self.model_path} declares {self.dim} dimensions, its model has another")
+                _checked_dim(model)  # the weights must agree with the declared (checked) dimension
                 self._model = model
                 log.info("embedder_loaded", model_id=self.model_id, path=str(self.model_path), dim=self.dim,
                          batch_size=self.batch_size, max_seq_length_tokens=self.max_seq_length_tokens)
@@ -83,7 +82,7 @@ class SentenceTransformerEmbedder:
         model = self._loaded()
         try:
             matrix = model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-                                        normalize_embeddings=True, show_progress_bar=False)
+                                  normalize_embeddings=True, show_progress_bar=False)
         except Exception as exc:
             # Whatever fails inside a local forward pass (bad input, broken weights) fails again.
             raise PermanentEmbedError(f"local model failed on a batch of {len(texts)} texts: {exc}") from exc
@@ -101,9 +100,8 @@ def bundled_model_path() -> Path:
 
 
 def _load(path: Path, max_seq_length_tokens: int) -> Any:
-    """A SentenceTransformer read from ``path`` only, with the hub switched off."""
-    if not (path / "modules.json").is_file():
-        raise ConfigError(f"no sentence-transformers model at {path} (modules.json missing)")
+    """A SentenceTransformer read from ``path`` (checked by ``_declared_dim``) only, with the hub
+    switched off."""
     # huggingface_hub reads these once, at import: set them before the lazy import below so that
     # no code path can reach the network even if a file were missing.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
