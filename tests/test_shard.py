@@ -10,6 +10,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,9 +26,9 @@ from chaos.faults import FaultyEmbedder, FaultyIndex
 from coordinator.apply import ApplyEngine
 from coordinator.chunking import ChunkingSettings
 from coordinator.crashpoints import no_crash
-from coordinator.errors import TransientEmbedError
+from coordinator.errors import EmbedServiceError, FencedError, TransientEmbedError, TransientStoreError
 from coordinator.events import ChangeEvent, Op
-from coordinator.shard import Backoff, Envelope, ShardWorker
+from coordinator.shard import INTENT_ADOPT_AFTER_S, INTENT_CONFLICT_RETRY_S, Backoff, Envelope, ShardWorker
 from lockstep.bootstrap import build_vector
 
 
@@ -86,12 +87,18 @@ def _rig(
         clock=clock,
         prepare_ahead=prepare_ahead,
     )  # fmt: skip
-    yield Rig(worker, ledger, embedder, vector, clock)
-    worker.close()
-    engine.close()
-    keyword.close()
-    vector.inner.close()
-    ledger.close()
+    try:
+        yield Rig(worker, ledger, embedder, vector, clock)
+    finally:
+        worker.close()
+        engine.close()
+        keyword.close()
+        vector.inner.close()
+        ledger.close()
+
+
+# A rig with other arguments than the fixture's, for a ``with`` block.
+_rig_for = contextmanager(_rig)
 
 
 def _up(doc_id: str, version: int, text: str = "") -> ChangeEvent:
@@ -305,9 +312,7 @@ def test_reordered_and_repeated_histories_end_at_the_newest_versions_and_never_g
 def test_only_full_batches_go_ahead_and_they_are_driven_in_order(tmp_path: Path) -> None:
     """Batches of two, two ahead: while a,b is driven, c,d and e,f are prepared; g alone is not
     a full batch, so it keeps waiting (gathering newer events) until the shard gets to it."""
-    built = _rig(tmp_path, batch_docs_max=2, prepare_ahead=2, mailbox_docs_max=10)
-    rig = next(built)
-    try:
+    with _rig_for(tmp_path, batch_docs_max=2, prepare_ahead=2, mailbox_docs_max=10) as rig:
         rig.worker.offer([Envelope(i, _up(d, 1)) for i, d in enumerate("abcdefg")])
         assert sorted(rig.worker.step()) == [0, 1]
         _pending_soon(rig, list("cdef"))
@@ -318,8 +323,6 @@ def test_only_full_batches_go_ahead_and_they_are_driven_in_order(tmp_path: Path)
         assert sorted(rig.worker.step()) == [6, 7]
         assert rig.worker.idle and rig.ledger.pending() == []
         assert {d: s.version for d, s in rig.ledger.get_docs("abcdefg").items()} == dict.fromkeys("abcdef", 1) | {"g": 2}
-    finally:
-        next(built, None)  # the rig's teardown
 
 
 class _OffersWhileEmbedding:
@@ -396,15 +399,12 @@ def test_every_prepare_and_drive_carries_the_shards_fence(rig: Rig) -> None:
     """The fence is what keeps an owner that lost its shard from writing: the shard must hand it
     to every write it makes, the first drive, a retry of an in-flight batch, a batch prepared
     ahead and the adoption of another writer's intent alike."""
-    from coordinator.planner import plan
-    from coordinator.shard import INTENT_ADOPT_AFTER_S
-
     fence = rig.ledger.claim_shard(0, "me#1", 3600.0)
     spy = _FenceSpy(rig.worker.engine)  # type: ignore[arg-type]
     worker = ShardWorker(0, spy, fence=fence, mailbox_docs_max=10, batch_docs_max=1,  # type: ignore[arg-type]
                          backoff=Backoff(), clock=rig.clock, prepare_ahead=1)
     try:
-        rig.ledger.prepare([plan(_up("held", 1), None, ChunkingSettings(100)).to_intent()])  # another writer's
+        _held_by_another_writer(rig, "held", 1)
         rig.vector.arm("down", 1)
         worker.offer([Envelope(i, _up(d, 1)) for i, d in enumerate(["a", "b", "c"])])
         worker.offer([Envelope(3, _up("held", 2))])
@@ -429,8 +429,6 @@ def test_every_prepare_and_drive_carries_the_shards_fence(rig: Rig) -> None:
 def test_a_shard_whose_owner_was_replaced_commits_nothing_more(rig: Rig) -> None:
     """The vector index fails, so "a" stays in flight; meanwhile a restarted process claims the
     shard (a new epoch). The old worker's retry is refused with FencedError and commits nothing."""
-    from coordinator.errors import FencedError
-
     fence = rig.ledger.claim_shard(0, "me#1", 3600.0)
     worker = ShardWorker(0, rig.worker.engine, fence=fence, mailbox_docs_max=10, batch_docs_max=10,
                          backoff=Backoff(), clock=rig.clock)
@@ -487,8 +485,6 @@ def test_a_poison_document_is_given_up_after_exactly_three_failures_of_its_own(r
 def test_an_embedder_refusing_every_request_backs_off_at_the_cap_and_loses_nothing(rig: Rig) -> None:
     """An embedding service that refuses the credentials is no document's fault: the batch goes
     back in order, the shard waits the longest backoff and reports why, and nothing is dead-lettered."""
-    from coordinator.errors import EmbedServiceError
-
     class Refusing:
         model_id, dim = "refusing", 32
 
@@ -557,8 +553,6 @@ def test_a_held_document_waits_its_retry_delay_and_is_adopted_after_its_own_wait
     """Another writer holds "b", then later "c". A held document is not even prepared again until
     INTENT_CONFLICT_RETRY_S passed; each is adopted INTENT_ADOPT_AFTER_S after its own first hold
     (not after the first hold the shard ever saw), with a warning naming it; adoptions add up."""
-    from coordinator.shard import INTENT_ADOPT_AFTER_S, INTENT_CONFLICT_RETRY_S
-
     spy = _FenceSpy(rig.worker.engine)  # type: ignore[arg-type]
     worker = ShardWorker(0, spy, fence=None, mailbox_docs_max=10, batch_docs_max=10,  # type: ignore[arg-type]
                          backoff=Backoff(), clock=rig.clock)  # fmt: skip
@@ -594,8 +588,6 @@ def test_a_held_document_waits_its_retry_delay_and_is_adopted_after_its_own_wait
 
 
 def test_an_adoption_that_fails_on_a_store_backs_off_and_adopts_later(rig: Rig) -> None:
-    from coordinator.shard import INTENT_ADOPT_AFTER_S
-
     _held_by_another_writer(rig, "b", 1)
     rig.worker.offer([Envelope(0, _up("b", 2))])
     assert rig.worker.step() == []
@@ -613,28 +605,26 @@ def test_close_waits_for_the_batch_being_prepared_ahead(tmp_path: Path) -> None:
     its intent is durably prepared when ``close`` returns (the next start drives it)."""
     import threading
 
-    built = _rig(tmp_path, batch_docs_max=1, prepare_ahead=1)
-    rig = next(built)
-    try:
-        rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
-        release = threading.Event()
+    release = threading.Event()
+    with _rig_for(tmp_path, batch_docs_max=1, prepare_ahead=1) as rig:
+        try:
+            rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
 
-        class Slow:
-            model_id, dim = rig.embedder.inner.model_id, rig.embedder.inner.dim
+            class Slow:
+                model_id, dim = rig.embedder.inner.model_id, rig.embedder.inner.dim
 
-            def embed(self, texts: list[str]) -> list[list[float]]:
-                if any(t.startswith("b ") for t in texts):
-                    release.wait(10.0)
-                return HashingEmbedder(dim=32).embed(texts)
+                def embed(self, texts: list[str]) -> list[list[float]]:
+                    if any(t.startswith("b ") for t in texts):
+                        release.wait(10.0)
+                    return HashingEmbedder(dim=32).embed(texts)
 
-        rig.embedder.inner = Slow()  # type: ignore[assignment]
-        assert rig.worker.step() == [0]
-        threading.Timer(0.5, release.set).start()
-        rig.worker.close()
-        assert [i.doc_id for i in rig.ledger.pending()] == ["b"]
-    finally:
-        release.set()
-        next(built, None)
+            rig.embedder.inner = Slow()  # type: ignore[assignment]
+            assert rig.worker.step() == [0]
+            threading.Timer(0.5, release.set).start()
+            rig.worker.close()
+            assert [i.doc_id for i in rig.ledger.pending()] == ["b"]
+        finally:
+            release.set()
 
 
 def test_a_poison_document_first_in_the_mailbox_rotates_behind_the_others(rig: Rig) -> None:
@@ -662,12 +652,8 @@ def test_the_status_carries_the_engines_counters_and_per_index_figures(rig: Rig)
     assert set(status.apply_seconds) == {"keyword", "vector"}
 
 
-def test_a_ledger_failing_while_a_batch_is_prepared_puts_the_batch_back_and_backs_off(tmp_path: Path) -> None:
-    """The ledger fails (a transient store error) inside the transaction that records a batch's
-    intents: nothing is prepared, the documents go back to the mailbox, the shard reports the
-    error and backs off, and the next try prepares and commits them all."""
-    from coordinator.errors import TransientStoreError
-
+def _ledger_fails_once_while_preparing() -> Callable[[str], None]:
+    """A ledger crash hook that fails the first prepare transaction with a transient error."""
     failures = [1]
 
     def flaky(point: str) -> None:
@@ -675,9 +661,14 @@ def test_a_ledger_failing_while_a_batch_is_prepared_puts_the_batch_back_and_back
             failures[0] -= 1
             raise TransientStoreError("ledger busy (the test's)", store="sqlite")
 
-    built = _rig(tmp_path, batch_docs_max=10, prepare_ahead=0, crash_hook=flaky)
-    rig = next(built)
-    try:
+    return flaky
+
+
+def test_a_ledger_failing_while_a_batch_is_prepared_puts_the_batch_back_and_backs_off(tmp_path: Path) -> None:
+    """The ledger fails (a transient store error) inside the transaction that records a batch's
+    intents: nothing is prepared, the documents go back to the mailbox, the shard reports the
+    error and backs off, and the next try prepares and commits them all."""
+    with _rig_for(tmp_path, batch_docs_max=10, prepare_ahead=0, crash_hook=_ledger_fails_once_while_preparing()) as rig:
         rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
         assert rig.worker.step() == []
         status = rig.worker.status()
@@ -685,17 +676,13 @@ def test_a_ledger_failing_while_a_batch_is_prepared_puts_the_batch_back_and_back
         assert rig.ledger.pending() == [] and rig.ledger.get_docs(["a", "b"]) == {}
         assert sorted(rig.run_until_idle()) == [0, 1]
         assert {d: s.version for d, s in rig.ledger.get_docs(["a", "b"]).items()} == {"a": 1, "b": 1}
-    finally:
-        next(built, None)
 
 
 def test_after_an_embedder_hiccup_the_suspects_go_one_by_one_and_then_batches_resume(tmp_path: Path) -> None:
     """One embedder timeout fails a batch of three: the shard isolates, preparing the suspects
     one per step until each has been prepared, then takes whole batches again (a document that
     was prepared is no longer a suspect)."""
-    built = _rig(tmp_path, batch_docs_max=10, prepare_ahead=0)
-    rig = next(built)
-    try:
+    with _rig_for(tmp_path, batch_docs_max=10, prepare_ahead=0) as rig:
         rig.embedder.arm("embed_timeout", 1)
         rig.worker.offer([Envelope(i, _up(d, 1)) for i, d in enumerate("abc")])
         steps = []
@@ -705,16 +692,12 @@ def test_after_an_embedder_hiccup_the_suspects_go_one_by_one_and_then_batches_re
         assert [len(s) for s in steps] == [0, 1, 1, 1] and sorted(s for step in steps for s in step) == [0, 1, 2]
         rig.worker.offer([Envelope(3 + i, _up(d, 1)) for i, d in enumerate("def")])
         assert sorted(rig.worker.step()) == [3, 4, 5], "whole batches again"
-    finally:
-        next(built, None)
 
 
 def test_a_document_released_by_another_writer_waits_the_full_delay_when_held_again(rig: Rig) -> None:
     """"b" is held by another writer, which then finishes without the shard adopting anything;
     "b" commits. When another writer holds "b" again much later, its wait starts over: no
     adoption before INTENT_ADOPT_AFTER_S of the new hold."""
-    from coordinator.shard import INTENT_ADOPT_AFTER_S
-
     rig.clock.now_s = 1000.0
     _held_by_another_writer(rig, "b", 1)
     rig.worker.offer([Envelope(0, _up("b", 2))])
@@ -733,34 +716,19 @@ def test_a_document_released_by_another_writer_waits_the_full_delay_when_held_ag
 def test_a_batch_that_failed_on_the_ledger_is_tried_again_first(tmp_path: Path) -> None:
     """The ledger fails while "a" (one document a batch) is prepared: "a" goes back in front of
     "b", so the retry takes "a" again before anything that came after it."""
-    from coordinator.errors import TransientStoreError
-
-    failures = [1]
-
-    def flaky(point: str) -> None:
-        if point == "ledger.prepare.between_statements" and failures[0]:
-            failures[0] -= 1
-            raise TransientStoreError("ledger busy (the test's)", store="sqlite")
-
-    built = _rig(tmp_path, batch_docs_max=1, prepare_ahead=0, crash_hook=flaky)
-    rig = next(built)
-    try:
+    with _rig_for(tmp_path, batch_docs_max=1, prepare_ahead=0, crash_hook=_ledger_fails_once_while_preparing()) as rig:
         rig.worker.offer([Envelope(0, _up("a", 1)), Envelope(1, _up("b", 1))])
         assert rig.worker.step() == []
         rig.clock.now_s += 60.0
         assert rig.worker.step() == [0]
         rig.clock.now_s += 60.0
         assert rig.worker.step() == [1]
-    finally:
-        next(built, None)
 
 
 def test_nothing_is_prepared_ahead_while_a_poison_document_is_isolated(tmp_path: Path) -> None:
     """Isolating goes one document a step; preparing the next one ahead meanwhile would embed
     beside the suspects, which isolation exists to avoid."""
-    built = _rig(tmp_path, batch_docs_max=2, prepare_ahead=1, mailbox_docs_max=10)
-    rig = next(built)
-    try:
+    with _rig_for(tmp_path, batch_docs_max=2, prepare_ahead=1, mailbox_docs_max=10) as rig:
         rig.worker.offer([Envelope(0, _up("bad", 1, "\x00POISON\x00")), Envelope(1, _up("a", 1))]
                          + [Envelope(2 + i, _up(d, 1)) for i, d in enumerate("bcd")])  # fmt: skip
         assert rig.worker.step() == [], "the first batch (bad, a) fails on the embedder"
@@ -769,5 +737,3 @@ def test_nothing_is_prepared_ahead_while_a_poison_document_is_isolated(tmp_path:
         assert len(first) == 1, "one document a step while isolating"
         assert rig.worker.status().ahead_docs == 0 and len(rig.ledger.pending()) == 0
         assert sorted(first + rig.run_until_idle()) == [0, 1, 2, 3, 4]
-    finally:
-        next(built, None)
