@@ -26,6 +26,7 @@ import yaml
 from milvus_lite.server_manager import server_manager_instance
 from opensearchpy import OpenSearch
 from pymilvus import MilvusClient
+from structlog.testing import capture_logs
 
 from adapters.keyword.es_compat_proxy import EsCompatProxy
 from adapters.keyword.settings import KeywordSettings
@@ -50,7 +51,7 @@ from coordinator.audit import (
 from coordinator.chunking import ChunkingSettings, chunk_id, chunk_text, content_hash
 from coordinator.continuous_audit import ContinuousAudit
 from coordinator.model import NO_VERSION, ChunkDelete, ChunkState, DocState, IndexedChunk, StoredChunk
-from coordinator.reconcile import NO_ID, RateLimiter, Reconciler, plan_repair
+from coordinator.reconcile import NO_ID, REPAIR_ESCALATIONS_MAX, RateLimiter, Reconciler, plan_repair
 from coordinator.sync import run_sync
 from lockstep.bootstrap import build_source
 from lockstep.runtime import Runtime, runtime
@@ -334,28 +335,42 @@ def embedded(tmp_path: Path) -> Iterator[Settings]:
     server_manager_instance.release_server(settings.vector.uri)
 
 
-def test_a_sql_source_is_compared_with_the_ledger_and_redriven(tmp_path: Path) -> None:
-    """Rows changed or hard-deleted without a sync are ledger drift (and stale / ghost in both
-    indexes against the source); reconcile re-drives them and deletes nothing the source has."""
+@dataclass
+class SqlTable:
+    """Table ``a`` of a SQLite database, the source of ``settings`` (a listable source)."""
+
+    db: Any  # a SQLAlchemy engine
+    settings: Settings
+
+    def write(self, sql: str, *params: Any) -> None:
+        with self.db.begin() as db:
+            db.exec_driver_sql(sql, params)
+
+
+@pytest.fixture
+def sql_table(tmp_path: Path) -> Iterator[SqlTable]:
     import sqlalchemy as sa
 
     url = f"sqlite:///{tmp_path / 'kb.sqlite'}"
-    engine = sa.create_engine(url)
-    with engine.begin() as db:
-        db.exec_driver_sql("CREATE TABLE a (id TEXT PRIMARY KEY, text TEXT, updated_at TIMESTAMP)")
-        for i in range(5):
-            db.exec_driver_sql(
-                "INSERT INTO a VALUES (?, ?, ?)", (f"a{i}", _text(f"a{i}", 1), f"2026-01-01 00:00:0{i}")
-            )
-    source = {"kind": "sql", "url": url, "table": "a"}
-    settings = _settings(
-        tmp_path, {"kind": "tantivy", "path": str(tmp_path / "t")}, str(tmp_path / "m.db"), source
-    )
+    table = SqlTable(sa.create_engine(url), _settings(
+        tmp_path, {"kind": "tantivy", "path": str(tmp_path / "t")}, str(tmp_path / "m.db"),
+        {"kind": "sql", "url": url, "table": "a"},
+    ))  # fmt: skip
+    table.write("CREATE TABLE a (id TEXT PRIMARY KEY, text TEXT, updated_at TIMESTAMP)")
+    yield table
+    server_manager_instance.release_server(table.settings.vector.uri)
+
+
+def test_a_sql_source_is_compared_with_the_ledger_and_redriven(sql_table: SqlTable) -> None:
+    """Rows changed or hard-deleted without a sync are ledger drift (and stale / ghost in both
+    indexes against the source); reconcile re-drives them and deletes nothing the source has."""
+    settings = sql_table.settings
+    for i in range(5):
+        sql_table.write("INSERT INTO a VALUES (?, ?, ?)", f"a{i}", _text(f"a{i}", 1), f"2026-01-01 00:00:0{i}")
     _sync(settings)
     assert _audit(settings).clean
-    with engine.begin() as db:
-        db.exec_driver_sql("UPDATE a SET text = 'rewritten at the source' WHERE id = 'a1'")
-        db.exec_driver_sql("DELETE FROM a WHERE id = 'a2'")
+    sql_table.write("UPDATE a SET text = 'rewritten at the source' WHERE id = 'a1'")
+    sql_table.write("DELETE FROM a WHERE id = 'a2'")
     report = _audit(settings)
     assert _counts(report) == {
         "keyword": {"stale": 1, "orphan": 2, "ghost": 3},
@@ -372,7 +387,6 @@ def test_a_sql_source_is_compared_with_the_ledger_and_redriven(tmp_path: Path) -
     assert _audit(settings).clean
     with runtime(settings) as rt:
         assert len(rt.keyword.get([chunk_id(f"a{i}", 0) for i in range(5)])) == 4
-    server_manager_instance.release_server(settings.vector.uri)
 
 
 def test_sample_and_since_probe_documents_by_id(embedded: Settings) -> None:
@@ -468,16 +482,13 @@ def test_max_ops_caps_the_work_and_dry_run_changes_nothing(embedded: Settings) -
     assert done["ops"] == plan["ops"] and done["repairs"] == plan["repairs"], "the dry run plans what the run does"
 
 
-
 def test_repairs_take_the_budget_batch_by_batch_and_their_counts_add_up(
     embedded: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Seven documents lack chunk 0 in the vector index; repairs go in batches of two (one op
     each). With a budget of 3 the first batch fits, the next two do not, the last (one repair)
     does: every count is the sum over the batches that ran, and what did not fit is still found."""
-    import coordinator.reconcile
-
-    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 2)
+    monkeypatch.setattr("coordinator.reconcile.REPAIR_BATCH_DOCS", 2)
     _loaded(embedded)
     with runtime(embedded) as rt:
         rt.vector.delete([ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(7)])
@@ -492,50 +503,32 @@ def test_repairs_take_the_budget_batch_by_batch_and_their_counts_add_up(
 
 
 def test_redrives_take_the_budget_batch_by_batch_and_their_counts_add_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sql_table: SqlTable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Seven rows added at the source without a sync are ledger drift, redriven in batches of two
     documents (three chunks each, so six ops a document). A budget of 18 takes the first batch,
     skips the next two and takes the last: three redrives, four skipped, 18 ops."""
-    import sqlalchemy as sa
-
-    import coordinator.reconcile
-
-    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 2)
-    url = f"sqlite:///{tmp_path / 'kb.sqlite'}"
-    engine = sa.create_engine(url)
-    with engine.begin() as db:
-        db.exec_driver_sql("CREATE TABLE a (id TEXT PRIMARY KEY, text TEXT, updated_at TIMESTAMP)")
-    settings = _settings(
-        tmp_path, {"kind": "tantivy", "path": str(tmp_path / "t")}, str(tmp_path / "m.db"),
-        {"kind": "sql", "url": url, "table": "a"},
-    )  # fmt: skip
-    try:
-        _sync(settings)
-        with engine.begin() as db:
-            for i in range(7):
-                db.exec_driver_sql(
-                    "INSERT INTO a VALUES (?, ?, ?)", (f"a{i}", _text(f"a{i}", 1), f"2026-01-01 00:00:0{i}")
-                )
-        capped = _reconcile(settings, max_ops=18)
-        assert (capped["ops"], len(capped["redrives"]), capped["skipped_for_budget"]) == (18, 3, 4), capped
-        assert _counts(_audit(settings))["ledger_drift"] == 4
-        rest = _reconcile(settings)
-        assert (rest["ops"], len(rest["redrives"]), rest["skipped_for_budget"]) == (24, 4, 0)
-        assert _audit(settings).clean
-        # Chunk 0 of two documents is lost from both indexes: the source's own text repairs both
-        # (and nothing the source holds is deleted on the way).
-        with runtime(settings) as rt:
-            lost = [ChunkDelete(chunk_id(d, 0), 9) for d in ("a0", "a1")]
-            rt.keyword.delete(lost)
-            rt.vector.delete(lost)
-        repaired = _reconcile(settings)
-        assert sorted(r["doc_id"] for r in repaired["repairs"]) == ["a0", "a1"]
-        assert repaired["unrepairable"] == [] and repaired["remaining_findings"] == 0
-        assert _audit(settings).clean
-    finally:
-        server_manager_instance.release_server(settings.vector.uri)
-
+    monkeypatch.setattr("coordinator.reconcile.REPAIR_BATCH_DOCS", 2)
+    settings = sql_table.settings
+    _sync(settings)
+    for i in range(7):
+        sql_table.write("INSERT INTO a VALUES (?, ?, ?)", f"a{i}", _text(f"a{i}", 1), f"2026-01-01 00:00:0{i}")
+    capped = _reconcile(settings, max_ops=18)
+    assert (capped["ops"], len(capped["redrives"]), capped["skipped_for_budget"]) == (18, 3, 4), capped
+    assert _counts(_audit(settings))["ledger_drift"] == 4
+    rest = _reconcile(settings)
+    assert (rest["ops"], len(rest["redrives"]), rest["skipped_for_budget"]) == (24, 4, 0)
+    assert _audit(settings).clean
+    # Chunk 0 of two documents is lost from both indexes: the source's own text repairs both
+    # (and nothing the source holds is deleted on the way).
+    with runtime(settings) as rt:
+        lost = [ChunkDelete(chunk_id(d, 0), 9) for d in ("a0", "a1")]
+        rt.keyword.delete(lost)
+        rt.vector.delete(lost)
+    repaired = _reconcile(settings)
+    assert sorted(r["doc_id"] for r in repaired["repairs"]) == ["a0", "a1"]
+    assert repaired["unrepairable"] == [] and repaired["remaining_findings"] == 0
+    assert _audit(settings).clean
 
 
 def test_a_repair_the_gated_keyword_index_refuses_is_escalated_up_to_its_limit(
@@ -547,13 +540,8 @@ def test_a_repair_the_gated_keyword_index_refuses_is_escalated_up_to_its_limit(
     warning): the fourth write, at v4, passes d1's tombstone; d2's needs v5, past
     REPAIR_ESCALATIONS_MAX, so it is left as a finding for the next run. Repairs go one document
     a batch, so every round spans two batches."""
-    from structlog.testing import capture_logs
-
-    import coordinator.reconcile
-    from coordinator.reconcile import REPAIR_ESCALATIONS_MAX
-
     assert REPAIR_ESCALATIONS_MAX == 3
-    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 1)
+    monkeypatch.setattr("coordinator.reconcile.REPAIR_BATCH_DOCS", 1)
     _loaded(embedded)
     with runtime(embedded) as rt:
         rt.keyword.delete([ChunkDelete(chunk_id("d1", 0), 4), ChunkDelete(chunk_id("d2", 0), 5)])
@@ -573,39 +561,23 @@ def test_a_repair_the_gated_keyword_index_refuses_is_escalated_up_to_its_limit(
     assert again["remaining_findings"] == 0 and _audit(embedded).clean
 
 
-
-def test_an_orphan_beside_ledger_drift_is_still_seen_after_the_redrive(tmp_path: Path) -> None:
+def test_an_orphan_beside_ledger_drift_is_still_seen_after_the_redrive(sql_table: SqlTable) -> None:
     """A row edited at the source without a sync (ledger drift) whose document also has a chunk
     beyond its count in the keyword index: the redrive brings the new text, and the re-read after
     it must still see the orphan (read by ID) so that the repair round removes it."""
-    import sqlalchemy as sa
-
-    url = f"sqlite:///{tmp_path / 'kb.sqlite'}"
-    engine = sa.create_engine(url)
-    with engine.begin() as db:
-        db.exec_driver_sql("CREATE TABLE a (id TEXT PRIMARY KEY, text TEXT, updated_at TIMESTAMP)")
-        db.exec_driver_sql("INSERT INTO a VALUES (?, ?, ?)", ("a0", _text("a0", 1), "2026-01-01 00:00:00"))
-    settings = _settings(
-        tmp_path, {"kind": "tantivy", "path": str(tmp_path / "t")}, str(tmp_path / "m.db"),
-        {"kind": "sql", "url": url, "table": "a"},
-    )  # fmt: skip
-    try:
-        _sync(settings)
-        with runtime(settings) as rt:
-            orphan = _copy(rt, chunk_id("a0", 0), chunk_id=chunk_id("a0", 7), chunk_index=7)
-            rt.keyword.upsert([orphan])
-        with engine.begin() as db:
-            db.exec_driver_sql("UPDATE a SET text = ?, updated_at = ? WHERE id = 'a0'",
-                               (_text("a0", 2), "2026-01-02 00:00:00"))  # fmt: skip
-        summary = _reconcile(settings)
-        assert [r["doc_id"] for r in summary["redrives"]] == ["a0"]
-        [repair] = summary["repairs"]
-        assert repair["deletes"] == [{"chunk_id": "a0:chunk-7", "version": repair["deletes"][0]["version"]}]
-        assert repair["sides"] == ["keyword"]
-        assert summary["remaining_findings"] == 0 and _audit(settings).clean
-    finally:
-        server_manager_instance.release_server(settings.vector.uri)
-
+    settings = sql_table.settings
+    sql_table.write("INSERT INTO a VALUES (?, ?, ?)", "a0", _text("a0", 1), "2026-01-01 00:00:00")
+    _sync(settings)
+    with runtime(settings) as rt:
+        orphan = _copy(rt, chunk_id("a0", 0), chunk_id=chunk_id("a0", 7), chunk_index=7)
+        rt.keyword.upsert([orphan])
+    sql_table.write("UPDATE a SET text = ?, updated_at = ? WHERE id = 'a0'", _text("a0", 2), "2026-01-02 00:00:00")
+    summary = _reconcile(settings)
+    assert [r["doc_id"] for r in summary["redrives"]] == ["a0"]
+    [repair] = summary["repairs"]
+    assert repair["deletes"] == [{"chunk_id": "a0:chunk-7", "version": repair["deletes"][0]["version"]}]
+    assert repair["sides"] == ["keyword"]
+    assert summary["remaining_findings"] == 0 and _audit(settings).clean
 
 
 def test_chunks_without_any_copy_are_listed_for_every_batch_in_a_run_and_a_dry_run(
@@ -614,9 +586,7 @@ def test_chunks_without_any_copy_are_listed_for_every_batch_in_a_run_and_a_dry_r
     """Chunk 0 of d0, d1 and d2 is gone from both indexes and the source (a JSONL stream) cannot
     list it: nothing is left to repair it from. With one document a batch, the dry run and the run
     both name all three, not only the last batch's."""
-    import coordinator.reconcile
-
-    monkeypatch.setattr(coordinator.reconcile, "REPAIR_BATCH_DOCS", 1)
+    monkeypatch.setattr("coordinator.reconcile.REPAIR_BATCH_DOCS", 1)
     _loaded(embedded)
     lost = [ChunkDelete(chunk_id(f"d{i}", 0), 9) for i in range(3)]
     with runtime(embedded) as rt:
@@ -628,7 +598,6 @@ def test_chunks_without_any_copy_are_listed_for_every_batch_in_a_run_and_a_dry_r
     assert sorted(plan["unrepairable"], key=lambda u: u["chunk_id"]) == want
     summary = _reconcile(embedded)
     assert sorted(summary["unrepairable"], key=lambda u: u["chunk_id"]) == want
-
 
 
 def test_a_repair_of_one_index_goes_through_while_the_other_is_down(embedded: Settings) -> None:
