@@ -3,7 +3,7 @@ reconcile prints, the rate limiter and the budget. Found untested by the mutatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +13,7 @@ from coordinator.events import ChangeEvent, Op
 from coordinator.invariants import metadata_digest
 from coordinator.model import ChunkDelete, ChunkState, DocState, IndexedChunk, StoredChunk
 from coordinator.ports import Intent
+from coordinator.rebuild.snapshot import SnapshotDoc
 from coordinator.reconcile import (
     DocRepair,
     RateLimiter,
@@ -27,14 +28,6 @@ from coordinator.reconcile import (
 
 TEXT = "chunk zero text"
 HASH = content_hash(TEXT)
-
-
-@dataclass(frozen=True)
-class Source:
-    doc_id: str
-    version: int
-    text: str
-    metadata: dict[str, str]
 
 
 def _copy(chunk_id: str, text: str = TEXT) -> StoredChunk:
@@ -121,7 +114,7 @@ def test_a_chunk_without_any_copy_of_its_text_is_unrepairable_and_named() -> Non
 
 
 def test_the_redrive_event_goes_above_the_ledger_and_deletes_what_the_source_lost() -> None:
-    source = Source("d", 2, "the source text", {"acl": "a"})
+    source = SnapshotDoc("d", 2, "the source text", {"acl": "a"})
     assert redrive_event(DocView("d", source=source)) == ChangeEvent(Op.UPSERT, "d", 2, "the source text", {"acl": "a"})
     behind = DocView("d", ledger=DocState("d", 7, deleted=False), source=source)
     assert redrive_event(behind) == ChangeEvent(Op.UPSERT, "d", 8, "the source text", {"acl": "a"})
@@ -131,7 +124,7 @@ def test_the_redrive_event_goes_above_the_ledger_and_deletes_what_the_source_los
 
 def test_source_copies_are_the_sources_chunks_with_its_metadata() -> None:
     text = "a" * 10 + "b" * 10 + "c" * 5
-    source = Source("d", 1, text, {"lang": "fr"})
+    source = SnapshotDoc("d", 1, text, {"lang": "fr"})
     copies = source_copies(DocView("d", source=source), ChunkingSettings(10))
     assert copies == {
         f"d:chunk-{i}": StoredChunk(f"d:chunk-{i}", "d", i, content_hash(t), 0, t, {"lang": "fr"})
