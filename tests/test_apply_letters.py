@@ -28,7 +28,7 @@ from coordinator.chunking import ChunkingSettings
 from coordinator.codec import decode_intent
 from coordinator.errors import FencedError, IntentConflict, PermanentEmbedError
 from coordinator.events import ChangeEvent, Op
-from coordinator.model import ChunkDelete
+from coordinator.model import ChunkDelete, DeadLetter
 from coordinator.planner import plan
 from lockstep.bootstrap import build_vector
 
@@ -59,7 +59,6 @@ class RejectsMarked:
 
 @dataclass
 class Stores:
-    path: Path
     ledger: SqliteLedger
     keyword: TantivyKeywordIndex
     vector: FaultyIndex
@@ -74,7 +73,7 @@ class Stores:
             source_name="events",
         )
 
-    def letters(self) -> list[object]:
+    def letters(self) -> list[DeadLetter]:
         return [letter for _, letter in self.ledger.dead_letters(limit=100)]
 
 
@@ -85,7 +84,7 @@ def stores(tmp_path: Path) -> Iterator[Stores]:
     vector = FaultyIndex(build_vector(VectorSettings(uri=str(tmp_path / "m.db")), dim=DIM), label="vector")
     keyword.ensure()
     vector.inner.ensure()
-    yield Stores(tmp_path, ledger, keyword, vector)
+    yield Stores(ledger, keyword, vector)
     keyword.close()
     vector.inner.close()
     ledger.close()
